@@ -1,0 +1,64 @@
+"""Shared measuring tools for the benchmarks: peak memory of a call and copy bandwidth.
+
+Speed figures are medians and ratios against a reference measured in the same run (machines
+here are shared and noisy); see benchmarks/RESULTS.md for the recorded figures.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes allocated by torch during one call of ``fn``, above what was live before.
+
+    CUDA uses the caching allocator's counters. CPU replays the profiler's allocation events
+    (``profile_memory=True``) in time order and keeps the running maximum.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name == "[memory]"]
+    events.sort(key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def copy_seconds(nbytes: int, repeats: int = 20, device: str = "cpu") -> float:
+    """Median seconds of a plain tensor copy of ``nbytes`` bytes (read + write of nbytes each)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bandwidth_fraction(bytes_moved: int, seconds: float, device: str = "cpu") -> float:
+    """Bytes moved per second as a fraction of a plain copy moving the same bytes.
+
+    A copy of b bytes reads b and writes b; an op that reads b bytes and writes little moves b,
+    so it is compared with a copy of b/2 bytes (which also moves b).
+    """
+    ref = copy_seconds(max(bytes_moved // 2, 1), device=device)
+    return ref / seconds if seconds > 0 else float("nan")
