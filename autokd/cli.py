@@ -1,0 +1,238 @@
+"""autokd-cli: train-teacher, cache, search, distill, report.
+
+User mistakes end with a one-line message (exit code 2); ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from autokd.pipeline import PipelineError
+
+DEFAULT_OUT = "runs/digits"
+
+
+class _Ctx:
+    debug = False
+
+
+def _fail(e: Exception):
+    if _Ctx.debug:
+        raise e
+    raise click.ClickException(f"{type(e).__name__}: {e}" if not isinstance(e, (PipelineError, ValueError, KeyError, FileNotFoundError)) else str(e).strip("'\""))
+
+
+def _taps(value: Optional[str]):
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _proxy_options(f):
+    opts = [
+        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="Epochs of the full schedule (early stop trains a fraction of them)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _common_options(f):
+    opts = [
+        click.option("--data", default="digits", show_default=True,
+                     help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
+        click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME or package.module:factory "
+                     "[default: digits_teacher on digits, resnet56 otherwise]."),
+        click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Teacher weights (from train-teacher or torch.save of a state_dict). "
+                     "Default: <out>/teacher.pt, trained on the first run."),
+        click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="Epochs when the teacher has to be trained."),
+        click.option("--student", default=None, help="Student model [default: digits_student on digits, resnet20 otherwise]."),
+        click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher [default: the zoo's]."),
+        click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
+                     help="Output folder (journal, spec, report, teacher, store)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="autokd")
+def main(debug):
+    """autokd: search for the best knowledge-distillation design for a teacher/student pair
+    (Auto-KD), then train the student with it.
+
+    \b
+    Typical use:
+      autokd-cli search                      # everything on the embedded digits data
+      autokd-cli distill --spec runs/digits/best.yaml
+    """
+    _Ctx.debug = debug
+
+
+def _load(data, seed, val_fraction=0.1):
+    from autokd.data import load_data
+
+    return load_data(data, val_fraction=val_fraction, seed=seed)
+
+
+@main.command("train-teacher")
+@_common_options
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint path [default: <out>/teacher.pt].")
+@click.option("--device", default="cpu", show_default=True)
+def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device):
+    """Train a teacher on the training split and save its checkpoint."""
+    from autokd.pipeline import default_models, load_or_train_teacher
+
+    try:
+        bundle = _load(data, seed)
+        name = teacher or default_models(data)[0]
+        path = output or os.path.join(out, "teacher.pt")
+        if os.path.exists(path):
+            raise PipelineError(f"{path} exists; remove it or pass another --output")
+        info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
+        click.echo(f"teacher saved to {info.checkpoint} (test accuracy {info.test_accuracy:.4f})")
+    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@main.command("cache")
+@_common_options
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True, help="Augmented views per sample.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--store", type=click.Path(dir_okay=False), default=None, help="Store path [default: <out>/teacher_features.akds].")
+@click.option("--device", default="cpu", show_default=True)
+def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, views, dtype, store, device):
+    """Run the teacher once over the augmented training split and store its features."""
+    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store
+
+    try:
+        bundle = _load(data, seed)
+        info = load_or_train_teacher(bundle, teacher or default_models(data)[0], teacher_checkpoint,
+                                     os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
+                                     _taps(teacher_taps), log=click.echo)
+        path = store or os.path.join(out, "teacher_features.akds")
+        s = open_or_build_store(path, info, bundle, make_augment(bundle, seed), views, dtype, device=device, log=click.echo)
+        click.echo(f"store {path}: {s.num_samples} samples x {s.num_views} views")
+    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@main.command("search")
+@_common_options
+@_proxy_options
+@click.option("--space", default="autokd", show_default=True, help="autokd | extended | path to a space YAML.")
+@click.option("--strategy", type=click.Choice(["mcts", "random"]), default="mcts", show_default=True)
+@click.option("--budget", type=click.IntRange(min=0), default=100, show_default=True, help="Total trials (a resumed search counts its finished trials).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
+@click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Fraction of the training split per trial.")
+@click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Early stop: fraction of --epochs trained per trial.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="Fraction of student weights pruned during trials (0: dense).")
+@click.option("--online", is_flag=True, help="Run the teacher in every trial instead of reading the feature store.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
+               epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
+               sparsity, online, views, exploration, quiet):
+    """Search the best distiller design (MCTS over the space, proxy trial per design).
+
+    With no options: the whole pipeline on the embedded digits data (teacher trained and cached
+    on the first run). Running the same command again resumes the search from its journal.
+    """
+    from autokd.search.driver import SearchConfig, run_search
+    from autokd.train.loop import TrainConfig
+
+    try:
+        proxy = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, subset=subset, stop_fraction=stop_fraction,
+                            sparsity=sparsity, offline=not online, seed=seed, device=device)
+        cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                           teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
+                           student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
+                           time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
+                           proxy=proxy)
+        res = run_search(cfg, log=click.echo, progress=not quiet)
+    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"{len(res.trials)} trials ({res.new_trials} new) in {res.seconds:.0f} s")
+    if res.best_spec_path:
+        click.echo(f"best spec:  {res.best_spec_path}  (reward {res.best.reward:.4f})")
+    click.echo(f"report:     {res.report_path}")
+    click.echo(f"next:       autokd-cli distill --data {data} --out {out} --spec {res.best_spec_path or 'kd'}")
+
+
+@main.command("distill")
+@_common_options
+@_proxy_options
+@click.option("--spec", required=True, help="A spec YAML (e.g. best.yaml of a search), a classic distiller "
+              "(kd, at, sp, cwd, dist, ickd, mgd, fitnet, ...) or none.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--offline", is_flag=True, help="Read teacher features from the feature store instead of running the teacher.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Checkpoints and results [default: <out>/distill-<spec>-<seed>].")
+@click.option("--quiet", is_flag=True)
+def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
+                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, quiet):
+    """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy."""
+    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
+    from autokd.train.final import resolve_spec, run_distill
+    from autokd.train.loop import TrainConfig
+
+    try:
+        bundle = _load(data, seed)
+        t_name, s_name = default_models(data)
+        s_name = student or s_name
+        info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
+                                     teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
+        the_spec = resolve_spec(spec)
+        augment = make_augment(bundle, seed)
+        store = None
+        if offline:
+            store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment, views,
+                                        "fp16", device=device, log=click.echo)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparsity=sparsity, offline=offline,
+                          seed=seed, device=device)
+        name = os.path.splitext(os.path.basename(spec))[0]
+        res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
+                          run_dir or os.path.join(out, f"distill-{name}-{seed}"), store=store, augment=augment,
+                          log=click.echo, progress=not quiet)
+    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"test accuracy {res.test_accuracy:.4f} (CE {res.test_ce:.4f}) after {res.epochs} epochs; "
+               f"checkpoint {res.checkpoint}")
+
+
+@main.command("report")
+@click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True, help="A search's output folder.")
+@click.option("--space", default=None, help="Space of the search [default: the one in the journal].")
+def report_cmd(out, space):
+    """Rebuild best.yaml, top.yaml and report.html from a search's journal."""
+    from autokd.search.journal import Journal
+    from autokd.search.report import write_outputs
+    from autokd.space import load_space
+
+    try:
+        path = os.path.join(out, "journal.sqlite")
+        if not os.path.exists(path):
+            raise PipelineError(f"{path} does not exist: is {out} the --out folder of a search?")
+        with Journal(path) as j:
+            trials, config = j.trials(), j.stored_config
+        sp = load_space(space or config.get("space", "autokd"))
+        res = write_outputs(out, trials, sp, log=click.echo, config=config)
+    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(f"report: {res['report']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

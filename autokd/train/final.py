@@ -1,0 +1,122 @@
+"""Full training of a student with a distiller spec (``autokd-cli distill``).
+
+Checkpoints after every epoch (student, adapters, optimizer, sparsity masks, epoch) to
+``<out>/checkpoint.pt``, written atomically; running the same command again resumes from the
+last finished epoch. Ends with the test accuracy, also written to ``<out>/result.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from autokd.pipeline import PipelineError
+
+
+def resolve_spec(spec: str):
+    """A DistillerSpec from a YAML path, a classic distiller's name (configs/distillers), or
+    ``none`` (the student alone)."""
+    from autokd.space import DistillerSpec
+
+    if os.path.exists(spec):
+        return DistillerSpec.from_yaml(spec)
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "distillers")
+    path = os.path.join(here, f"{spec}.yaml")
+    if os.path.exists(path):
+        return DistillerSpec.from_yaml(path)
+    known = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml"))
+    raise PipelineError(f"--spec {spec!r}: no such file, and not a known distiller (known: {', '.join(known)})")
+
+
+@dataclass
+class DistillResult:
+    test_accuracy: float
+    test_ce: float
+    epochs: int
+    seconds: float
+    checkpoint: str
+
+
+def run_distill(
+    spec,
+    data,
+    teacher,
+    student_name: str,
+    student_taps,
+    cfg,
+    out: str,
+    store=None,
+    augment=None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> DistillResult:
+    from autokd.distill import Distiller
+    from autokd.models import build_model
+    from autokd.train.loop import forward_all, train_student
+    from autokd.train.teacher import evaluate
+
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    torch.manual_seed(cfg.seed)
+    student = build_model(student_name, num_classes=data.num_classes, in_channels=data.channels)
+    _, tfeats = forward_all(teacher.model, data.train.images[:2], teacher.taps)
+    shapes = {t: tuple(f.shape[1:]) for t, f in tfeats.items()}
+    shapes["logits"] = (data.num_classes,)
+    offline = cfg.offline and store is not None
+    distiller = Distiller(
+        spec, student, student_taps=student_taps, teacher_taps=teacher.taps,
+        teacher=None if offline else teacher.model, example_input=data.train.images[:2], teacher_shapes=shapes,
+    ).to(cfg.device)
+    start_epoch, opt_state, elapsed = 0, None, 0.0
+    pinned = {"spec": spec.to_dict(), "student": student_name, "teacher_hash": teacher.hash,
+              "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
+    if os.path.exists(ckpt_path):
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn or foreign file: say which and stop, never guess
+            raise PipelineError(f"{ckpt_path}: unreadable checkpoint ({e}); remove it to start afresh") from e
+        if ck.get("pinned") != json.loads(json.dumps(pinned)):
+            raise PipelineError(f"{ckpt_path}: checkpoint of another distill run (spec, models, data or "
+                                "settings differ); use another --out folder")
+        distiller.load_state_dict(ck["distiller"])
+        start_epoch, opt_state, elapsed = ck["epoch"] + 1, ck["optim"], ck.get("seconds", 0.0)
+        log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run_epochs, initial=start_epoch, desc="distill", unit="epoch")
+
+    def on_epoch_end(epoch, optimizer, sparsity):
+        state = {
+            "pinned": json.loads(json.dumps(pinned)),
+            "epoch": epoch,
+            "distiller": distiller.state_dict(),
+            "optim": {"optimizer": optimizer.state_dict(),
+                      "sparsity": sparsity.state_dict() if sparsity is not None else None},
+        }
+        tmp = ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)
+
+    def show(done, total, loss):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    res = train_student(distiller, student, data, cfg, store=store if offline else None, augment=augment,
+                        progress=show, start_epoch=start_epoch, optimizer_state=opt_state,
+                        on_epoch_end=on_epoch_end)
+    if bar is not None:
+        bar.close()
+    acc, ce = evaluate(student, data.test, device=cfg.device)
+    result = DistillResult(acc, ce, cfg.run_epochs, elapsed + res.seconds, ckpt_path)
+    torch.save(student.state_dict(), os.path.join(out, "student.pt"))
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump({**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name}, f, indent=2)
+    return result

@@ -1,0 +1,227 @@
+"""Student training with a distiller spec: the one loop behind proxy trials and `distill`.
+
+A proxy trial is this loop with the paper's accelerations switched on (offline teacher
+features, sparse student, data subset, early stop); `autokd-cli distill` is the same loop with
+them off (or on, where asked). Keeping one loop means a proxy ranks designs by the same
+training that later uses them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # the full schedule; early stop trains a fraction of it
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    subset: float = 1.0  # fraction of the training split used (stratified, fixed per seed)
+    stop_fraction: float = 1.0  # early stop: train ceil(epochs * stop_fraction) epochs
+    sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
+    offline: bool = True  # teacher features from the feature store instead of the teacher
+    seed: int = 0  # initialisation, batch order, sparsity masks
+    subset_seed: Optional[int] = None  # which subset; None: `seed`. A search fixes it for all trials
+    device: str = "cpu"
+
+    def __post_init__(self):
+        checks = [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "> 0"),
+            ("subset", 0 < self.subset <= 1, "in (0, 1]"),
+            ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
+            ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"train config: expected {name} {want}, got {getattr(self, name)!r}")
+
+    @property
+    def run_epochs(self) -> int:
+        return max(1, math.ceil(self.epochs * self.stop_fraction))
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a class-stratified random subset (at least one sample per class present)."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    g = np.random.default_rng(seed)
+    y = labels.cpu().numpy()
+    keep: List[np.ndarray] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        n = max(1, int(round(len(idx) * fraction)))
+        keep.append(g.choice(idx, size=n, replace=False))
+    return torch.from_numpy(np.sort(np.concatenate(keep))).long()
+
+
+class FeatureTaps:
+    """Forward hooks that record the outputs of named modules (``taps``) of ``model``."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[str]):
+        modules = dict(model.named_modules())
+        missing = [t for t in taps if t not in modules]
+        if missing:
+            raise ValueError(f"feature taps {missing} are not modules of {type(model).__name__}")
+        self.outputs: Dict[str, torch.Tensor] = {}
+        self._handles = [modules[t].register_forward_hook(self._hook(t)) for t in taps]
+
+    def _hook(self, name):
+        def fn(_module, _inputs, output):
+            self.outputs[name] = output
+
+        return fn
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = (), batch_size: int = 512,
+                device: str = "cpu"):
+    """Logits [N, K] and tap features {tap: [N, ...]} of ``model`` on ``images`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    hooks = FeatureTaps(model, taps) if taps else None
+    logits, feats = [], {t: [] for t in taps}
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            logits.append(model(x).float().cpu())
+            for t in taps:
+                feats[t].append(hooks.outputs[t].float().cpu())
+    finally:
+        if hooks:
+            hooks.remove()
+        model.train(was_training)
+    return torch.cat(logits), {t: torch.cat(v) for t, v in feats.items()}
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    steps: int
+    seconds: float
+    final_loss: float
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment):
+    """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch."""
+    if cfg.offline and store is not None:
+        for imgs, labels, teacher in store.batches(
+            data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
+            shuffle=True, seed=cfg.seed,
+        ):
+            logits = teacher.get("logits")
+            feats = {k: v for k, v in teacher.items() if k != "logits"}
+            yield imgs, labels, feats, logits
+        return
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = indices[torch.randperm(len(indices), generator=g)]
+    images, labels = data.train.images, data.train.labels
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        x = images[idx]
+        if augment is not None:
+            x = augment.apply_batch(x, idx, torch.full_like(idx, epoch))
+        yield x, labels[idx], None, None
+
+
+def train_student(
+    distiller,
+    student: nn.Module,
+    data,
+    cfg: TrainConfig,
+    store=None,
+    augment=None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+    start_epoch: int = 0,
+    optimizer_state=None,
+    on_epoch_end: Optional[Callable[[int, object, object], None]] = None,
+) -> TrainResult:
+    """Train ``student`` (inside ``distiller``) with CE + the distiller's KD loss.
+
+    ``distiller`` is an ``autokd.distill.Distiller`` over ``student``; its adapters are trained
+    too. Offline (``cfg.offline`` and a ``store``), teacher features come from the store with
+    exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
+    when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
+    ``distill`` writes checkpoints.
+    """
+    from autokd.train.sparse import make_optimizer
+
+    device = torch.device(cfg.device)
+    student_params = list(student.parameters())
+    seen = {id(p) for p in student_params}
+    extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
+    optimizer, sparsity = make_optimizer(
+        student, extra_params=extra, kind="sgd", lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, nesterov=True, sparsity=cfg.sparsity, seed=cfg.seed,
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        if sparsity is not None and optimizer_state.get("sparsity") is not None:
+            sparsity.load_state_dict(optimizer_state["sparsity"])
+    indices = stratified_subset(
+        data.train.labels, cfg.subset, cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    )
+    steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
+    total_steps = cfg.run_epochs * steps_per_epoch
+    step = start_epoch * steps_per_epoch
+    history: List[Dict[str, float]] = []
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    distiller.train()
+    for epoch in range(start_epoch, cfg.run_epochs):
+        total, count = 0.0, 0
+        for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment):
+            lr = cosine_lr(cfg.lr, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            distiller.set_progress(step / max(total_steps, 1))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if tf is not None:
+                tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
+                tl = tl.to(device, non_blocking=True).float() if tl is not None else None
+            out = distiller(x, teacher_features=tf, teacher_logits=tl)
+            loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if sparsity is not None:
+                sparsity.step(step)
+            step += 1
+            total += loss_value * len(y)
+            count += len(y)
+        history.append({"epoch": epoch, "loss": total / max(count, 1), "lr": lr})
+        if progress is not None:
+            progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, optimizer, sparsity)
+    return TrainResult(cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history)
