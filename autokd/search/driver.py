@@ -111,11 +111,13 @@ class TrialRunner:
         self.teacher_shapes = {t: tuple(f.shape[1:]) for t, f in self.teacher_val_features.items()}
         self.teacher_shapes["logits"] = (data.num_classes,)
 
-    def run(self, spec, seed: int) -> Dict[str, Any]:
+    def run(self, spec, seed: int, proxy: Optional[TrainConfig] = None) -> Dict[str, Any]:
+        """One proxy trial of ``spec``; ``proxy`` overrides the search's proxy settings (studies
+        of the accelerations use it)."""
         from autokd.distill import Distiller
         from autokd.models import build_model
 
-        cfg = dataclasses.replace(self.cfg.proxy, seed=seed, subset_seed=self.cfg.seed)
+        cfg = dataclasses.replace(proxy or self.cfg.proxy, seed=seed, subset_seed=self.cfg.seed)
         torch.manual_seed(seed)
         student = build_model(self.cfg.student, num_classes=self.data.num_classes, in_channels=self.data.channels)
         offline = cfg.offline and self.store is not None
