@@ -20,9 +20,11 @@ class _Ctx:
 
 
 def _fail(e: Exception):
+    """A user mistake: one line (a KeyError's str() would add quotes, so use its message)."""
     if _Ctx.debug:
         raise e
-    raise click.ClickException(f"{type(e).__name__}: {e}" if not isinstance(e, (PipelineError, ValueError, KeyError, FileNotFoundError)) else str(e).strip("'\""))
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise click.ClickException(str(msg))
 
 
 def _taps(value: Optional[str]):
