@@ -177,19 +177,23 @@ def train_student(
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
     extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
-    optimizer, sparsity = make_optimizer(
-        student, extra_params=extra, kind="sgd", lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, nesterov=True, sparsity=cfg.sparsity, seed=cfg.seed,
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        if sparsity is not None and optimizer_state.get("sparsity") is not None:
-            sparsity.load_state_dict(optimizer_state["sparsity"])
     indices = stratified_subset(
         data.train.labels, cfg.subset, cfg.seed if cfg.subset_seed is None else cfg.subset_seed
     )
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total_steps = cfg.run_epochs * steps_per_epoch
+    # Sparsity applies to the student's weights; the distiller's adapters stay dense (they are
+    # not part of the student that is kept).
+    optimizer, sparsity = make_optimizer(
+        student, kind="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        nesterov=True, sparsity=cfg.sparsity, sparsity_kwargs={"seed": cfg.seed}, total_steps=total_steps,
+    )
+    if extra:
+        optimizer.add_param_group({"params": extra})
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        if sparsity is not None and optimizer_state.get("sparsity") is not None:
+            sparsity.load_state_dict(optimizer_state["sparsity"])
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
     t0 = time.perf_counter()
