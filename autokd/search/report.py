@@ -119,7 +119,7 @@ def plot_tree(trials: Sequence[Trial], level_names: Sequence[str], depth: int = 
         return _png(fig)
     means = [m for p, (n, m, b) in counts.items() if p]
     norm = colors.Normalize(vmin=min(means, default=0), vmax=max(means, default=1))
-    cmap = cm.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
 
     def draw(prefix, x0, width, d):
         if d >= depth:
