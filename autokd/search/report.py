@@ -223,7 +223,7 @@ def write_outputs(out: str, trials: Sequence[Trial], space, engine=None, log: Ca
 def summary_table(trials: Sequence[Trial], level_names: Sequence[str]) -> str:
     lines = [f"{'trial':>5}  {'reward':>8}  {'acc':>6}  {'CKA':>6}  design"]
     for t in trials:
-        design = ", ".join(f"{k}={v}" for k, v in t.design.items())
+        design = ", ".join(f"{k}={t.design[k]}" for k in level_names if k in t.design)
         lines.append(f"{t.id:>5}  {t.reward:>8.4f}  {t.metrics.get('val_acc', float('nan')):>6.3f}  "
                      f"{t.metrics.get('val_cka', float('nan')):>6.3f}  {design}")
     return "\n".join(lines)
