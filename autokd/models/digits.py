@@ -29,7 +29,7 @@ class DigitsTeacher(nn.Module):
 
 
 class DigitsStudent(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 4):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8):
         super().__init__()
         self.stem = _conv_bn(in_channels, width, 3)
         self.down = nn.MaxPool2d(2)
