@@ -89,7 +89,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
 def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
     """Module paths whose outputs are the distilled features by default.
 
-    For ``tv:`` models the taps are found by running a 224x224 input through ``model`` (built
+    For ``tv:`` models the taps are found by running a 112x112 input through ``model`` (built
     with 10 classes and 3 channels when not given) and keeping the last direct child that
     outputs a [N, C, H, W] map before global pooling.
     """
@@ -169,7 +169,7 @@ def _last_spatial_child(name: str, model: nn.Module) -> str:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, channels, 224, 224))
+            model(torch.zeros(1, channels, 112, 112))
     finally:
         model.train(was_training)
         for h in hooks:

@@ -228,6 +228,27 @@ def _summarise(keys: List[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[str, Any],
+               path: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k}: checkpoint {list(state[k].shape)}, model {list(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        saved = f" (saved from model {meta['model']!r})" if meta.get("model") else ""
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_summarise(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_summarise(unexpected)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({_summarise(mismatched, 3)})")
+        raise ValueError(f"checkpoint {path!r}{saved} does not fit the given "
+                         f"{type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
 def load_checkpoint(path: str, model: Optional[nn.Module] = None,
                     map_location: Any = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint with ``torch.load(weights_only=True)``; returns (state_dict, meta).
@@ -246,23 +267,7 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None,
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     if model is not None:
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = sorted(f"{k}: checkpoint {list(state[k].shape)}, model {list(own[k].shape)}"
-                            for k in set(own) & set(state) if state[k].shape != own[k].shape)
-        if missing or unexpected or mismatched:
-            saved = f" (saved from model {meta['model']!r})" if meta.get("model") else ""
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing keys ({_summarise(missing)})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys ({_summarise(unexpected)})")
-            if mismatched:
-                parts.append(f"{len(mismatched)} shape mismatches ({_summarise(mismatched, 3)})")
-            raise ValueError(f"checkpoint {path!r}{saved} does not fit the given "
-                             f"{type(model).__name__}: {'; '.join(parts)}")
-        model.load_state_dict(state)
+        _load_into(model, state, meta, path)
     return state, meta
 
 
@@ -278,5 +283,5 @@ def load_model(path: str, map_location: Any = "cpu") -> Tuple[nn.Module, Dict[st
                          f"model yourself and call load_checkpoint(path, model)")
     model = build_model(meta["model"], num_classes=int(meta["num_classes"]),
                         in_channels=int(meta["in_channels"]))
-    load_checkpoint(path, model, map_location=map_location)
+    _load_into(model, state, meta, path)
     return model.eval(), meta
