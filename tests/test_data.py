@@ -100,7 +100,8 @@ def test_cifar10_reads_the_python_format(tmp_path):
     assert d.train.labels[0] == labels[0]
     test_data, test_labels = arrays[-1]
     assert torch.allclose(_denorm(d, d.test.images[3]),
-                          torch.from_numpy(test_data[3].reshape(3, 32, 32) / 255).float(), atol=1e-5)
+                          torch.from_numpy(test_data[3].reshape(3, 32, 32) / 255).float(),
+                          atol=1e-5)
     assert torch.equal(d.test.labels, torch.from_numpy(test_labels))
 
 

@@ -103,7 +103,8 @@ def _image_size(image_size) -> Optional[Tuple[int, int]]:
         image_size = (image_size, image_size)
     size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"data: expected image_size as an int or (H, W) of positive ints, got {image_size!r}")
+        raise ValueError(f"data: expected image_size as an int or (H, W) of positive ints, "
+                         f"got {image_size!r}")
     return size  # type: ignore[return-value]
 
 
@@ -119,8 +120,8 @@ def _check(raw: formats.RawData, spec: str) -> None:
             raise ValueError(f"data {spec!r}: {len(x)} {split} images but {len(y)} labels")
         bad = (y < 0) | (y >= raw.num_classes)
         if bad.any():
-            raise ValueError(f"data {spec!r}: {split} label {int(y[bad][0])} out of range; expected "
-                             f"labels in [0, {raw.num_classes - 1}]")
+            raise ValueError(f"data {spec!r}: {split} label {int(y[bad][0])} out of range; "
+                             f"expected labels in [0, {raw.num_classes - 1}]")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise ValueError(f"data {spec!r}: {split} images contain NaN or Inf")
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:

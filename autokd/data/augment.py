@@ -18,8 +18,8 @@ def default_padding(image_size: Tuple[int, int]) -> int:
     return max(1, min(image_size) // 8)
 
 
-def sample_augmentation(n: int, pad: int, flip: bool,
-                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sample_augmentation(n: int, pad: int, flip: bool, generator: Optional[torch.Generator] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw crop offsets [n, 2] (row, col in 0..2*pad) and flips [n] (bool) on the CPU."""
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
     flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)

@@ -37,7 +37,8 @@ def read_digits() -> RawData:
                    num_classes=10, allow_flip=False)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, fraction: float,
+                     seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Split indices into (kept, held out) with about ``fraction`` of every class held out.
 
     Every class keeps at least one sample on the kept side; both sides are in ascending order.
@@ -235,7 +236,8 @@ def read_npz(file: str) -> RawData:
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"npz {file!r}: expected x_{split} of uint8 or float, got {x.dtype}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"npz {file!r}: expected integer class labels in y_{split}, got {y.dtype}")
+            raise ValueError(f"npz {file!r}: expected integer class labels in y_{split}, "
+                             f"got {y.dtype}")
         y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"npz {file!r}: expected y_{split} of shape [{len(x)}], got "

@@ -159,7 +159,8 @@ def _last_spatial_child(name: str, model: nn.Module) -> str:
             continue
 
         def hook(_m, _inp, out, key=child_name):
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
+            spatial = isinstance(out, torch.Tensor) and out.dim() == 4
+            if spatial and out.shape[-1] * out.shape[-2] > 1:
                 outputs[key] = len(outputs)
 
         hooks.append(child.register_forward_hook(hook))
@@ -235,5 +236,6 @@ def _build_user(name: str, num_classes: int, in_channels: int) -> nn.Module:
         pass
     model = factory(num_classes=num_classes, in_channels=in_channels)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model {name!r}: the factory returned {type(model).__name__}, expected an nn.Module")
+        raise TypeError(f"model {name!r}: the factory returned {type(model).__name__}, "
+                        f"expected an nn.Module")
     return model

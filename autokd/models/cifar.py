@@ -133,7 +133,8 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         w = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
-        self.layer1 = nn.Sequential(*[WideBlock(w[0] if i == 0 else w[1], w[1], 1) for i in range(n)])
+        self.layer1 = nn.Sequential(*[WideBlock(w[0] if i == 0 else w[1], w[1], 1)
+                                      for i in range(n)])
         self.layer2 = nn.Sequential(*[WideBlock(w[1] if i == 0 else w[2], w[2], 2 if i == 0 else 1)
                                       for i in range(n)])
         self.layer3 = nn.Sequential(*[WideBlock(w[2] if i == 0 else w[3], w[3], 2 if i == 0 else 1)

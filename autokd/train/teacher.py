@@ -82,7 +82,9 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
                      log: Optional[Callable[[str], None]] = None) -> List[Dict[str, float]]:
     """Train ``model`` on ``data.train`` (a ``DataBundle``); returns one dict per epoch with
     ``epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds`` (val_* are NaN when the
-    bundle has no validation split). ``seed`` fixes the batch order and the augmentation."""
+    bundle has no validation split). ``seed`` fixes the batch order and the augmentation (not
+    the initial weights: seed torch before building the model). The model is left on ``device``
+    in eval mode."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"train_classifier: expected epochs >= 1, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -148,7 +150,8 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
                 row["val_acc"] = row["val_loss"] = float("nan")
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
-            msg = (f"epoch {epoch}/{epochs}  loss {train_loss:.4f}  train acc {row['train_acc']:.4f}"
+            msg = (f"epoch {epoch}/{epochs}  loss {train_loss:.4f}  "
+                   f"train acc {row['train_acc']:.4f}"
                    f"  val acc {row['val_acc']:.4f}  {row['seconds']:.1f}s")
             if bar is not None:
                 bar.set_postfix_str(f"loss {train_loss:.3f} val {row['val_acc']:.3f}")
@@ -220,7 +223,8 @@ def _extract_state(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], Dict[s
             return dict(obj), {}
     raise ValueError(f"checkpoint {path!r}: expected a state dict (or a dict holding one under "
                      f"'state_dict' or 'model'), got {type(obj).__name__}"
-                     + (f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else ""))
+                     + (f" with keys {sorted(map(str, obj))[:8]}"
+                        if isinstance(obj, Mapping) else ""))
 
 
 def _summarise(keys: List[str], limit: int = 5) -> str:
@@ -261,8 +265,9 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None,
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
+        first_line = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"checkpoint {path!r}: cannot be read with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"({type(e).__name__}: {first_line})") from None
     state, meta = _extract_state(obj, path)
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
