@@ -7,7 +7,7 @@ from torch import nn
 from autokd.data import load_data
 from autokd.models import build_model
 from autokd.train.teacher import (evaluate, load_checkpoint, load_model, save_checkpoint,
-                                  train_classifier)
+                                  train_and_save, train_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,13 @@ def test_foreign_and_bad_checkpoints(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(TypeError, match="meta"):
         save_checkpoint(str(tmp_path / "x.pt"), model, {"model": object()})
+
+
+def test_train_and_save(tmp_path, digits):
+    path = str(tmp_path / "student.pt")
+    model, meta = train_and_save("digits_student", digits, 1, path, seed=2, progress=False)
+    assert meta["model"] == "digits_student" and meta["data"] == digits.identity
+    assert meta["accuracy"] == pytest.approx(evaluate(model, digits.test)[0])
+    rebuilt, meta2 = load_model(path)
+    assert meta2 == meta
+    assert torch.equal(rebuilt(digits.test.images[:4]), model(digits.test.images[:4]))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from autokd.data.augment import apply_augmentation, default_padding, sample_augmentation
 
 __all__ = ["train_classifier", "evaluate", "save_checkpoint", "load_checkpoint",
-           "load_model", "resolve_device"]
+           "load_model", "train_and_save", "resolve_device"]
 
 CHECKPOINT_VERSION = 1
 
@@ -290,3 +290,27 @@ def load_model(path: str, map_location: Any = "cpu") -> Tuple[nn.Module, Dict[st
                         in_channels=int(meta["in_channels"]))
     _load_into(model, state, meta, path)
     return model.eval(), meta
+
+
+def train_and_save(model_name: str, data, epochs: int, path: str, seed: int = 0,
+                   device: Optional[Any] = None, progress: bool = True,
+                   log: Optional[Callable[[str], None]] = None,
+                   **train_kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build ``model_name`` for ``data`` (seeded), train it with ``train_classifier``, measure
+    it on the test split and save a checkpoint whose meta ``load_model`` can rebuild from.
+    Returns (model in eval mode, meta)."""
+    from autokd.models import build_model
+
+    torch.manual_seed(int(seed))
+    model = build_model(model_name, num_classes=data.num_classes, in_channels=data.channels)
+    t0 = time.perf_counter()
+    history = train_classifier(model, data, epochs, seed=seed, device=device, progress=progress,
+                               log=log, **train_kwargs)
+    seconds = time.perf_counter() - t0
+    test_acc, test_ce = evaluate(model, data.test)
+    meta = {"model": model_name, "num_classes": int(data.num_classes),
+            "in_channels": int(data.channels), "data": data.identity, "accuracy": test_acc,
+            "test_ce": test_ce, "val_accuracy": history[-1]["val_acc"], "epochs": int(epochs),
+            "seed": int(seed), "train_seconds": seconds}
+    save_checkpoint(path, model, meta)
+    return model, meta
