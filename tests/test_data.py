@@ -88,10 +88,13 @@ def _cifar10(root, rng, per_batch=6, bad_label=False):
 def test_cifar10_reads_the_python_format(tmp_path):
     rng = np.random.default_rng(0)
     folder, arrays = _cifar10(tmp_path, rng)
+    identities = set()
     for path in (tmp_path, folder):  # the folder itself or its parent
         d = load_data(f"cifar10:{path}", val_fraction=0.0)
         assert (d.num_classes, d.channels, d.image_size, d.allow_flip) == (10, 3, (32, 32), True)
         assert len(d.train) == 30 and len(d.test) == 6
+        identities.add(d.identity)
+    assert len(identities) == 1  # the identity names the content, not where it was read from
     # Row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major 32x32.
     data, labels = arrays[0]
     img = _denorm(d, d.train.images[0])

@@ -74,7 +74,7 @@ class DataBundle:
     train: ImageTensorDataset
     val: ImageTensorDataset
     test: ImageTensorDataset
-    identity: str  # spec + split settings + content hash: names this exact data for caches
+    identity: str  # kind + split settings + content hash: names this exact data for caches
     allow_flip: bool  # horizontal flips are label-preserving (not for digits)
     classes: Optional[List[str]] = field(default=None)
 
@@ -174,7 +174,8 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
     test = ImageTensorDataset(x_test.contiguous(), y_test.contiguous(),
                               torch.arange(len(y_test), dtype=torch.int64))
     h, w = x_train.shape[-2:]
-    identity = (f"{spec}|val={float(val_fraction):g}|seed={int(seed)}|size={h}x{w}|"
+    # The kind, not the path: the same files moved elsewhere are the same data for a cache.
+    identity = (f"{kind}|val={float(val_fraction):g}|seed={int(seed)}|size={h}x{w}|"
                 f"sha256={_content_hash(raw)}")
     return DataBundle(
         name=kind, spec=spec, num_classes=int(raw.num_classes), channels=int(x_train.shape[1]),
