@@ -254,7 +254,7 @@ class ShuffleV1Unit(nn.Module):
         super().__init__()
         self.stride = stride
         branch_out = cout - cin if stride == 2 else cout
-        mid = cout // 4
+        mid = branch_out // 4  # the bottleneck is a quarter of what the branch outputs
         # The first unit after the 24-channel stem has too few input channels to group.
         g1 = 1 if cin == 24 else groups
         self.groups = g1
