@@ -4,9 +4,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from autokd.data import apply_augmentation, augment, load_data, sample_augmentation
+from autokd.data.formats import stratified_split
 
 
 def _denorm(bundle, x):
@@ -272,3 +274,22 @@ def test_augmentation_replays_from_its_parameters():
     assert torch.equal(a, apply_augmentation(x, offsets, flips, 1))
     _, no_flips = sample_augmentation(16, 1, False)
     assert not no_flips.any()
+
+
+# --------------------------------------------------------------------------- stratification
+
+
+@settings(max_examples=25, deadline=None)
+@given(labels=st.lists(st.integers(0, 5), min_size=1, max_size=200),
+       fraction=st.floats(0.0, 0.9), seed=st.integers(0, 2**31 - 1))
+def test_stratified_split_properties(labels, fraction, seed):
+    y = np.array(labels)
+    keep, held = stratified_split(y, fraction, seed)
+    assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(len(y)))
+    assert (np.diff(keep) > 0).all() and (np.diff(held) > 0).all()
+    for c in np.unique(y):
+        n_c, h_c = int((y == c).sum()), int((y[held] == c).sum())
+        assert h_c <= n_c - 1  # every class keeps a training sample
+        assert h_c == min(int(round(n_c * fraction)), n_c - 1)
+    again = stratified_split(y, fraction, seed)
+    assert np.array_equal(again[1], held)
