@@ -171,6 +171,12 @@ def _last_spatial_child(name: str, model: nn.Module) -> str:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, channels, 112, 112))
+    except Exception as e:  # e.g. models that accept one input size only
+        raise ValueError(
+            f"model {name!r}: cannot find its default feature taps by running a 112x112 input "
+            f"({type(e).__name__}: {e}); give the taps explicitly as module paths from "
+            f"named_modules()"
+        ) from None
     finally:
         model.train(was_training)
         for h in hooks:
