@@ -3,7 +3,7 @@
 Every model takes ``num_classes`` and ``in_channels`` and ends with adaptive average pooling,
 so any input of at least 8x8 works (32x32 is the design size). Stage names are stable because
 feature taps address them by module path: ResNets and WRNs name their stages ``layer1..3``
-(``layer4`` for none), VGG ``block0..4``, MobileNetV2 ``stages`` + ``conv2``, ShuffleNets
+(WRNs end with the BN ``bn``), VGG ``block0..4``, MobileNetV2 ``stages`` + ``conv2``, ShuffleNets
 ``layer1..3`` (+ ``conv2`` for V2).
 
 Published parameter counts (10 classes for ResNet, 100 for the others as in CRD tables):
