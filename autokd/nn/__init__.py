@@ -1,1 +1,19 @@
-"""nn.Module losses on top of torch.ops.autokd, for use in other codebases."""
+"""nn.Module losses on top of torch.ops.autokd, for use in other codebases.
+
+``DistillLoss(spec, channels=[(c_s, c_t), ...])`` is a whole distiller design on any features
+(e.g. one pair per FPN level); the transforms, distances and schedules are modules of their own.
+"""
+from autokd.nn.blocks import (Adapter, AttentionMap, ChannelWise, DistillLoss, FeatureLoss,
+                              GlobalOriginal, GramL2Distance, GramL2Embedding, InterOriginal,
+                              IntraOriginal, KLDistance, L2Distance, LocalPatches, LogitKL, LogitLoss,
+                              LogitPearson, LogitStandardKL, LossOutput, MultiScale, RandomMask,
+                              RenyiDistance, SampleWise, SpatialAttention, feature_entropy,
+                              train_free_factors)
+
+__all__ = [
+    "Adapter", "AttentionMap", "ChannelWise", "DistillLoss", "FeatureLoss", "GlobalOriginal",
+    "GramL2Distance", "GramL2Embedding", "InterOriginal", "IntraOriginal", "KLDistance",
+    "L2Distance", "LocalPatches", "LogitKL", "LogitLoss", "LogitPearson", "LogitStandardKL",
+    "LossOutput", "MultiScale", "RandomMask", "RenyiDistance", "SampleWise", "SpatialAttention",
+    "feature_entropy", "train_free_factors",
+]
