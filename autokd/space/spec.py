@@ -81,7 +81,22 @@ def _factory(field_name: str, key: str):
     return reg.get(key)
 
 
+_PLAIN_CACHE: Dict[tuple, OpChoice] = {}
+
+
 def _parse_op(field_name: str, value: Any) -> OpChoice:
+    # plain names are validated once per (field, name, registry size): specs are built by the
+    # thousand during a search
+    if isinstance(value, str):
+        ck = (field_name, value, len(TRANSFORMS), len(FEATURE_DISTANCES), len(LOGIT_DISTANCES), len(SCHEDULES))
+        hit = _PLAIN_CACHE.get(ck)
+        if hit is None:
+            hit = _PLAIN_CACHE[ck] = _parse_op_uncached(field_name, value)
+        return hit
+    return _parse_op_uncached(field_name, value)
+
+
+def _parse_op_uncached(field_name: str, value: Any) -> OpChoice:
     if isinstance(value, OpChoice):
         key, kwargs = value.key, dict(value.kwargs)
     elif isinstance(value, str):
