@@ -88,8 +88,8 @@ class Distiller(nn.Module):
             paths); one list for every teacher or one list per teacher.
         teacher: None (offline), a module, or a list of modules (multi-teacher).
         example_input: a small batch (two samples suffice) for the dry run.
-        teacher_shapes: offline only: {tap: (C, H, W), "logits": (K,)}, or a list of them
-            for several teachers.
+        teacher_shapes: offline: {tap: (C, H, W), "logits": (K,)}, or a list of them for
+            several teachers (ignored when ``teacher`` is given).
 
     Feature pairs are (student tap i, teacher j tap i) for every teacher j; several pairs are
     combined by ``spec.layer_weighting`` (train-free mu_q by default).
@@ -113,9 +113,8 @@ class Distiller(nn.Module):
             t.eval()
             for p in t.parameters():
                 p.requires_grad_(False)
-        if teacher_shapes is not None and teachers:
-            raise ValueError("Distiller: give either teacher (online) or teacher_shapes (offline), not both")
-        shapes_list = [] if teacher_shapes is None else (
+        # with a teacher at hand its own dry run gives the shapes; teacher_shapes is then unused
+        shapes_list = [] if teacher_shapes is None or teachers else (
             [teacher_shapes] if isinstance(teacher_shapes, Mapping) else list(teacher_shapes))
         self.num_teachers = len(teachers) or len(shapes_list) or 1
         if teacher_taps is None:
