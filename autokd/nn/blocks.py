@@ -620,10 +620,9 @@ class DistillLoss(nn.Module):
     def forward(self, student_features=None, teacher_features=None, student_logits=None,
                 teacher_logits=None) -> LossOutput:
         factor = self.weight_factor()
-        ref = student_logits if student_features is None else student_features
-        if isinstance(ref, (list, tuple)):
-            ref = ref[0] if ref else None
-        device = ref.device if isinstance(ref, Tensor) else None
+        candidates = [student_features] if isinstance(student_features, Tensor) else list(student_features or [])
+        ref = next((x for x in candidates + [student_logits] if isinstance(x, Tensor)), None)
+        device = ref.device if ref is not None else None
         zero = torch.zeros((), device=device)
         loss_f, mu, pair_losses = zero, torch.ones(0, device=device), []
         if self.has_feature:
