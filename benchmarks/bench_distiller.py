@@ -5,8 +5,15 @@ Offline teacher (features and logits given, as in the search): the overhead is t
 loss, adapters and hooks, not teacher inference. Teacher tap: layer3 [N, 64, 8, 8] (a
 ResNet-56/110 teacher) or [N, 256, 8, 8] (a ResNet32x4 teacher, so an adapter is built).
 
-    pytest benchmarks/bench_distiller.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+    pytest benchmarks/bench_distiller.py -s --benchmark-columns=median,iqr,rounds
+
+Each design's test also times the student's own step interleaved with the distiller step
+(ROUNDS pairs) and prints the median of the per-pair ratios (also in the JSON's extra_info):
+the figure to quote, since a shared machine drifts between separate runs.
 """
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +23,7 @@ from autokd.distill import Distiller
 from autokd.space import DistillerSpec
 
 BATCH = 64
+ROUNDS = 11
 
 
 class Block(nn.Module):
@@ -93,6 +101,21 @@ def test_student_alone(benchmark):
     benchmark.pedantic(step, rounds=7, warmup_rounds=1)
 
 
+def _paired(step_a, step_b, rounds):
+    """Interleaved timings (a, b, a, b, ...): on a loaded machine, per-round ratios cancel most
+    of the drift that separate runs would see."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step_a()
+        t1 = time.perf_counter()
+        step_b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return ta, tb
+
+
 @pytest.mark.benchmark(group="distiller-step")
 @pytest.mark.parametrize("name", list(SPECS))
 def test_distiller(benchmark, name):
@@ -105,9 +128,25 @@ def test_distiller(benchmark, name):
     d = Distiller(spec, model, ["layer3"], teacher_shapes={"layer3": (tc, 8, 8), "logits": (100,)},
                   example_input=x[:2])
 
+    def student_step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
     def step():
         d.zero_grad(set_to_none=True)
         out = d(x, teacher_features=tf, teacher_logits=tl)
         (F.cross_entropy(out.student_logits, y) + out.loss_kd).backward()
 
-    benchmark.pedantic(step, rounds=7, warmup_rounds=1)
+    step()
+    student_step()
+    ts, td = _paired(student_step, step, ROUNDS)
+    ratios = sorted(b / a for a, b in zip(ts, td))
+    info = {"student_median_ms": 1e3 * statistics.median(ts),
+            "distiller_median_ms": 1e3 * statistics.median(td),
+            "paired_ratio_median": statistics.median(ratios),
+            "paired_ratio_iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
+    benchmark.extra_info.update(info)
+    print(f"\n{name}: student {info['student_median_ms']:.1f} ms, distiller "
+          f"{info['distiller_median_ms']:.1f} ms, paired ratio {info['paired_ratio_median']:.3f} "
+          f"(IQR {info['paired_ratio_iqr'][0]:.3f}-{info['paired_ratio_iqr'][1]:.3f})")
+    benchmark.pedantic(step, rounds=3, warmup_rounds=0)
