@@ -534,7 +534,7 @@ class LogitLoss(nn.Module):
 @dataclass
 class LossOutput:
     """Weighted terms: loss_kd = loss_feature + loss_logit; ``mu`` holds the per-pair factors
-    used for the feature term (sum 1)."""
+    of the feature term (see ``DistillLoss``); ``pair_losses`` the unweighted D_f per pair."""
 
     loss_kd: Tensor
     loss_feature: Tensor
