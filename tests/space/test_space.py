@@ -247,3 +247,20 @@ def test_space_from_yaml_path(tmp_path):
     space = load_space(path)
     assert space.name == "mini" and space.num_designs() == 3
     assert space.spec_from_design({"logit_distance": "kl", "temperature": "4"}).temperature == 4.0
+
+
+def test_distill_loss_on_several_feature_levels_like_fpn():
+    import autokd.nn
+
+    spec = load_distiller("cwd")
+    loss = autokd.nn.DistillLoss(spec, channels=[(8, 16)] * 3)
+    assert sum(p.adapter is not None for p in loss.pairs) == 3
+    fs = [torch.randn(2, 8, s, s, requires_grad=True) for s in (16, 8, 4)]
+    ft = [torch.randn(2, 16, s, s) for s in (16, 8, 4)]
+    out = loss(fs, ft)
+    assert torch.isfinite(out.loss_kd) and out.mu.shape == (3,)
+    assert torch.allclose(out.mu.sum(), torch.tensor(1.0))
+    out.loss_kd.backward()
+    assert all(torch.isfinite(f.grad).all() for f in fs)
+    with pytest.raises(ValueError, match="expected 3 student and teacher feature tensors, got 2 and 3"):
+        loss(fs[:2], ft)
