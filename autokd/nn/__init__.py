@@ -18,15 +18,7 @@ __all__ = [
     "feature_entropy", "train_free_factors",
 ]
 
-# The kernels' own thin modules (autokd/nn/losses.py: SoftmaxKL, DIST, GramL2, CKALoss,
-# MultiScalePool) are re-exported when that module is part of the build.
-import importlib.util as _ilu  # noqa: E402
+# The kernels' own thin modules.
+from autokd.nn.losses import DIST, CKALoss, GramL2, MultiScalePool, SoftmaxKL  # noqa: E402
 
-if _ilu.find_spec("autokd.nn.losses") is not None:
-    from autokd.nn import losses as _losses  # noqa: E402
-
-    _kernel_modules = getattr(_losses, "__all__", None) or [
-        n for n, v in vars(_losses).items()
-        if isinstance(v, type) and v.__module__ == _losses.__name__ and not n.startswith("_")]
-    globals().update({n: getattr(_losses, n) for n in _kernel_modules})
-    __all__ += list(_kernel_modules)
+__all__ += ["CKALoss", "DIST", "GramL2", "MultiScalePool", "SoftmaxKL"]
