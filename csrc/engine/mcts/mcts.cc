@@ -143,7 +143,7 @@ struct Reader {
 MCTS::MCTS(Options options) : opt_(std::move(options)) {
   validate_and_index();
   rng_state_ = opt_.seed;
-  nodes_.push_back(Node{-1, -1, -1, -1, 0, 0, 0, 0.0, -kInf});
+  nodes_.push_back(Node{-1, -1, -1, -1, 0, 0, 0, 0, 0.0, -kInf});
 }
 
 MCTS::MCTS(MCTS&& o) noexcept
@@ -313,14 +313,16 @@ uint64_t MCTS::below(uint64_t n) {
   }
 }
 
-double MCTS::ucb_pick(const Node& parent, int32_t* best_child) const {
+int32_t MCTS::ucb_pick(const Node& parent, bool any_open) const {
   const double vl = opt_.virtual_loss;
   const double np = double(parent.visits) + vl * double(parent.pending);
   const double lnp = std::log(np > 1.0 ? np : 1.0);
   const bool spread = opt_.normalize_rewards && hi_ > lo_;
   double best = 0.0;
+  int32_t pick = -1;
   for (uint32_t i = 0; i < parent.num_children; ++i) {
     const Node& c = nodes_[size_t(parent.first_child) + i];
+    if (any_open && c.closed) continue;
     const double n = double(c.visits) + vl * double(c.pending);
     double score;
     if (n == 0.0) {
@@ -332,15 +334,15 @@ double MCTS::ucb_pick(const Node& parent, int32_t* best_child) const {
       else s = 0.0;
       score = s / n + opt_.exploration * std::sqrt(2.0 * lnp / n);
     }
-    if (i == 0 || score > best) {
+    if (pick < 0 || score > best) {
       best = score;
-      *best_child = parent.first_child + int32_t(i);
+      pick = parent.first_child + int32_t(i);
     }
   }
-  return best;
+  return pick;
 }
 
-void MCTS::descend(std::vector<int32_t>* path, Design* design) {
+bool MCTS::descend(std::vector<int32_t>* path, Design* design) {
   design->assign(opt_.levels.size(), -1);
   path->assign(1, 0);
   int32_t node = 0, after = -1;
@@ -353,26 +355,28 @@ void MCTS::descend(std::vector<int32_t>* path, Design* design) {
       nodes_[size_t(node)].first_child = int32_t(nodes_.size());
       nodes_[size_t(node)].num_children = uint32_t(n);
       for (size_t o = 0; o < n; ++o)
-        nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0.0, -kInf});
+        nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0, 0.0, -kInf});
     }
     const Node& nd = nodes_[size_t(node)];
+    bool any_open = false;
+    for (uint32_t i = 0; i < nd.num_children; ++i) any_open |= !nodes_[size_t(nd.first_child) + i].closed;
     uint32_t unvisited = 0;
     for (uint32_t i = 0; i < nd.num_children; ++i) {
       const Node& c = nodes_[size_t(nd.first_child) + i];
-      unvisited += (c.visits == 0 && c.pending == 0);
+      unvisited += (c.visits == 0 && c.pending == 0 && !(any_open && c.closed));
     }
     int32_t child = -1;
     if (unvisited > 0) {
       uint64_t j = below(unvisited);
       for (uint32_t i = 0; i < nd.num_children; ++i) {
         const Node& c = nodes_[size_t(nd.first_child) + i];
-        if (c.visits == 0 && c.pending == 0 && j-- == 0) {
+        if (c.visits == 0 && c.pending == 0 && !(any_open && c.closed) && j-- == 0) {
           child = nd.first_child + int32_t(i);
           break;
         }
       }
     } else {
-      ucb_pick(nd, &child);
+      child = ucb_pick(nd, any_open);
     }
     path->push_back(child);
     (*design)[size_t(lvl)] = nodes_[size_t(child)].option;
@@ -380,8 +384,21 @@ void MCTS::descend(std::vector<int32_t>* path, Design* design) {
     if (unvisited > 0) break;  // expansion ends the walk in the tree
     node = child;
   }
+  const bool leaf = next_level(after, *design) < 0;
   for (int32_t l = after + 1; l < int32_t(opt_.levels.size()); ++l)
     if (level_exists(l, *design)) (*design)[size_t(l)] = int32_t(below(opt_.levels[size_t(l)].options.size()));
+  return leaf;
+}
+
+void MCTS::close(int32_t node) {
+  for (int32_t i = node; i >= 0;) {
+    Node& nd = nodes_[size_t(i)];
+    if (nd.first_child >= 0)
+      for (uint32_t k = 0; k < nd.num_children; ++k)
+        if (!nodes_[size_t(nd.first_child) + k].closed) return;
+    nd.closed = 1;
+    i = nd.parent;
+  }
 }
 
 void MCTS::add_pending(const std::vector<int32_t>& path, int delta) {
@@ -439,7 +456,8 @@ Trial MCTS::ask_one() {
   Design design;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
   for (uint32_t attempt = 0;; ++attempt) {
-    descend(&path, &design);
+    const bool leaf = descend(&path, &design);
+    if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path.back());
     auto it = entry_by_key_.find(key_of(design));
     if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
         attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
@@ -504,7 +522,7 @@ void MCTS::tell_design(const Design& design, double reward) {
       nodes_[size_t(node)].first_child = int32_t(nodes_.size());
       nodes_[size_t(node)].num_children = uint32_t(n);
       for (size_t o = 0; o < n; ++o)
-        nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0.0, -kInf});
+        nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0, 0.0, -kInf});
     }
     const int32_t child = nodes_[size_t(node)].first_child + design[size_t(lvl)];
     path.push_back(child);
@@ -512,6 +530,7 @@ void MCTS::tell_design(const Design& design, double reward) {
     if (nodes_[size_t(child)].visits == 0 && nodes_[size_t(child)].pending == 0) break;
     node = child;
   }
+  if (opt_.on_repeat == OnRepeat::kReuse && next_level(after, design) < 0) close(path.back());
   backprop(path, reward);
   record_tell(entry_for(design), reward);
   ++next_id_;
@@ -637,6 +656,7 @@ std::string MCTS::serialize() const {
     w.put(n.option);
     w.put(n.num_children);
     w.put(n.pending);
+    w.put(n.closed);
     w.put(n.visits);
     w.put(n.sum);
     w.put(n.best);
@@ -740,6 +760,8 @@ MCTS MCTS::deserialize(const std::string& blob) {
     n.option = r.get<int32_t>();
     n.num_children = r.get<uint32_t>();
     n.pending = r.get<uint32_t>();
+    n.closed = r.get<uint32_t>();
+    if (n.closed > 1) fail(pre + "bad node flag");
     n.visits = r.get<uint64_t>();
     n.sum = r.get<double>();
     n.best = r.get<double>();

@@ -162,6 +162,7 @@ class MCTS {
     int32_t option;
     uint32_t num_children;
     uint32_t pending;
+    uint32_t closed;  // kReuse: every design below is told or pending
     uint64_t visits;
     double sum;
     double best;
@@ -189,8 +190,9 @@ class MCTS {
   int32_t next_level(int32_t after, const Design& design) const;
   uint64_t below(uint64_t n);
   uint64_t next_u64();
-  double ucb_pick(const Node& parent, int32_t* best_child) const;
-  void descend(std::vector<int32_t>* path, Design* design);
+  int32_t ucb_pick(const Node& parent, bool any_open) const;
+  bool descend(std::vector<int32_t>* path, Design* design);  // true when the path ends at a complete design
+  void close(int32_t node);
   void add_pending(const std::vector<int32_t>& path, int delta);
   void backprop(const std::vector<int32_t>& path, double reward);
   std::string key_of(const Design& design) const;
