@@ -27,7 +27,7 @@ The engine is thread-safe and releases the GIL inside ``ask``, ``tell`` and the 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from autokd import _engine
 
@@ -88,7 +88,7 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
-class MCTS:
+class MCTS(_engine.MCTS):
     """MCTS engine over a tree of levels. See the module docstring and mcts.h.
 
     Args:
@@ -97,15 +97,21 @@ class MCTS:
         seed: seed of the engine's splitmix64 stream (0 <= seed < 2**64).
         normalize_rewards: min-max normalise rewards by their running range before UCB.
         on_repeat: ``"reuse"`` feeds a known design's reward back and proposes another design
-            (up to ``max_retries`` retries; a repeat is returned once every design is told or
-            pending); ``"average"`` returns the repeat to be evaluated again and averages.
+            (subtrees whose designs are all told or pending are skipped; after ``max_retries``
+            retries, or once every design is told or pending, a repeat is returned);
+            ``"average"`` returns the repeat to be evaluated again and averages its rewards.
         max_nodes: node budget of the tree (root included); when reached, the tree stops
             growing and walks roll out from the deepest existing node.
         virtual_loss: virtual visits (of normalised reward 0) per pending ask on its path.
         max_retries: ``"reuse"`` only: retries of a repeated proposal per ask.
-    """
 
-    __slots__ = ("_e", "_levels")
+    Inherited from the C++ engine (no Python layer in the loop):
+        ask(k=1) -> [(trial_id, {level: option})], pending until told.
+        tell(trial_id, reward): any order; NaN/Inf or an unknown/already told id -> ValueError.
+        num_told, num_pending, num_reused (known rewards fed back by "reuse"; root visits ==
+        num_told + num_reused), num_nodes, best() -> (design, mean reward) or None,
+        num_designs() -> exact size of the dependent space, tree(), level_stats(), serialize().
+    """
 
     def __init__(
         self,
@@ -126,7 +132,7 @@ class MCTS:
                 raise ValueError(f"MCTS: expected {name} a number, got {v!r}")
         if not isinstance(normalize_rewards, bool):
             raise ValueError(f"MCTS: expected normalize_rewards a bool, got {normalize_rewards!r}")
-        self._e = _engine.MCTS(
+        super().__init__(
             parsed,
             float(exploration),
             _check_int("seed", seed, 0, 2**64 - 1),
@@ -136,78 +142,26 @@ class MCTS:
             float(virtual_loss),
             _check_int("max_retries", max_retries, 0, 2**32 - 1),
         )
-        self._levels = self._e.levels()
-
-    @classmethod
-    def _wrap(cls, engine) -> "MCTS":
-        self = cls.__new__(cls)
-        self._e = engine
-        self._levels = engine.levels()
-        return self
-
-    # -- the search loop -------------------------------------------------------------------
-    def ask(self, k: int = 1) -> List[Tuple[int, Design]]:
-        """k proposals ``(trial_id, design)``, pending until told."""
-        return self._e.ask(k)
-
-    def tell(self, trial_id: int, reward: float) -> None:
-        """Reward of a pending trial; NaN/Inf or an unknown or already told id -> ValueError."""
-        self._e.tell(trial_id, reward)
-
-    @property
-    def num_told(self) -> int:
-        return self._e.num_told
-
-    @property
-    def num_pending(self) -> int:
-        return self._e.num_pending
-
-    @property
-    def num_reused(self) -> int:
-        """Known rewards fed back by ``on_repeat="reuse"`` (root visits = num_told + num_reused)."""
-        return self._e.num_reused
-
-    @property
-    def num_nodes(self) -> int:
-        return self._e.num_nodes
-
-    def best(self) -> Optional[Tuple[Design, float]]:
-        """The told design of highest mean reward (first told wins ties), or None."""
-        return self._e.best()
-
-    def num_designs(self) -> int:
-        """Exact number of complete designs in the (dependent) space."""
-        return self._e.num_designs()
-
-    # -- introspection ---------------------------------------------------------------------
-    def tree(self) -> List[Dict[str, Any]]:
-        """Nodes in creation order: id, parent, level, option, visits, pending, mean_reward,
-        best_reward (raw rewards; None while unvisited). The root has parent/level/option None."""
-        return self._e.tree()
-
-    def level_stats(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
-        """{level: {option: {"visits", "mean", "best"}}} over the told designs."""
-        return self._e.level_stats()
 
     @property
     def levels(self) -> List[Dict[str, Any]]:
-        return [dict(lv) for lv in self._levels]
+        """The space, in the constructor's format."""
+        return self._levels_list()
 
     @property
     def options(self) -> Dict[str, Any]:
         """The engine's options (exploration, seed, ...), as accepted by the constructor."""
-        return self._e.options()
-
-    # -- persistence -----------------------------------------------------------------------
-    def serialize(self) -> bytes:
-        """The whole engine as bytes (checksummed); ``deserialize`` restores an identical one."""
-        return self._e.serialize()
+        return self._options_dict()
 
     @classmethod
     def deserialize(cls, blob: bytes) -> "MCTS":
+        """An engine identical to the serialised one (same state, same future proposals).
+        A corrupt blob (magic, version, length, checksum or content) -> ValueError."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise ValueError(f"MCTS.deserialize: expected bytes, got {type(blob).__name__}")
-        return cls._wrap(_engine.MCTS.deserialize(bytes(blob)))
+        self = cls.__new__(cls)
+        _engine.MCTS.__init__(self, bytes(blob))
+        return self
 
     @classmethod
     def from_history(
@@ -216,9 +170,11 @@ class MCTS:
         """An engine with the given (design, reward) pairs told in order, e.g. from a journal.
 
         Each design walks down the tree with the same rule as a proposal, so a sequential
-        search replayed from its journal gets the same tree statistics, best design and level
-        statistics. The random stream restarts from ``seed``: to continue a search with the same
-        future proposals, use ``serialize``/``deserialize``.
+        search replayed from its journal gets the same tree, best design and level statistics
+        (under on_repeat="reuse", rewards the engine fed back itself are not in a journal, so
+        visit counts can differ). The random stream restarts from ``seed``: to continue a
+        search with the same future proposals, use ``serialize``/``deserialize``. Trial ids
+        continue after the history (the first ask gets id ``len(history)``).
         """
         eng = cls(levels, **options)
         items = []
@@ -229,20 +185,20 @@ class MCTS:
             if isinstance(reward, bool) or not isinstance(reward, (int, float)):
                 raise ValueError(f"MCTS.from_history: entry {i}: expected a numeric reward, got {reward!r}")
             items.append((dict(design) if isinstance(design, Mapping) else design, float(reward)))
-        eng._e.tell_history(items)
+        eng._tell_history(items)
         return eng
 
-    def __getstate__(self):
-        return self.serialize()
-
-    def __setstate__(self, blob):
-        other = MCTS.deserialize(blob)
-        self._e, self._levels = other._e, other._levels
+    def __reduce__(self):
+        return (_restore, (type(self), self.serialize()))
 
     def __repr__(self) -> str:
         o = self.options
         return (
-            f"MCTS(levels={len(self._levels)}, designs={self.num_designs()}, told={self.num_told}, "
+            f"MCTS(levels={len(self.levels)}, designs={self.num_designs()}, told={self.num_told}, "
             f"pending={self.num_pending}, nodes={self.num_nodes}, exploration={o['exploration']:.4g}, "
             f"on_repeat={o['on_repeat']!r})"
         )
+
+
+def _restore(cls, blob):
+    return cls.deserialize(blob)
