@@ -30,7 +30,8 @@ class PyMCTS {
   }
 
   py::dict design_dict(const Design& d) const {
-    py::dict out;
+    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(d.size())));
+    if (!out) throw py::error_already_set();
     for (size_t l = 0; l < d.size(); ++l)
       if (d[l] >= 0 && PyDict_SetItem(out.ptr(), names_[l].ptr(), options_[l][size_t(d[l])].ptr()) != 0)
         throw py::error_already_set();

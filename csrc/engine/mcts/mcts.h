@@ -1,4 +1,7 @@
 // Monte Carlo tree search over a tree-structured space of designs (the Auto-KD search engine).
+// References: Kocsis & Szepesvari, "Bandit based Monte-Carlo planning" (ECML 2006); Browne et
+// al., "A survey of Monte Carlo tree search methods" (IEEE TCIAIG 2012); Chaslot et al.,
+// "Parallel Monte-Carlo tree search" (virtual loss, CG 2008); Auto-KD paper (seed text).
 //
 // Space
 //   Ordered levels, each a list of named options. A level may carry requirements on earlier
@@ -16,7 +19,7 @@
 // One proposal (ask), four phases of UCT [Kocsis & Szepesvari 2006; Browne et al. 2012]:
 //   1. Selection: from the root, while the node has a next level, its children exist and every
 //      child has been visited (told or pending), move to the child of largest
-//        v_i = Q_i + C * sqrt(2 ln max(1, N_p) / N_i)            (Auto-KD paper, eq. of UCB)
+//        v_i = Q_i + C * sqrt(2 ln max(1, N_p) / N_i)            (the Auto-KD paper's UCB)
 //      with N_i = n_i + L * p_i (n_i tells through the child, p_i pending asks through it, L the
 //      virtual loss), Q_i = (sum of the child's normalised rewards) / N_i, N_p the same count
 //      for the parent. A pending ask counts as L visits of normalised reward 0, so concurrent
@@ -38,10 +41,17 @@
 // Repeats (on_repeat), when a proposal is a design already told or pending:
 //   kReuse:   a told design's mean reward is fed back along the new path (counted in
 //             num_reused, not in num_told) and the proposal is retried; a pending design gets a
-//             temporary virtual loss on its path and is retried. After max_retries retries, or
-//             at once when every design of the space is told or pending, the repeat is returned.
+//             temporary virtual loss on its path and is retried. A walk that ends at a complete
+//             design in the tree closes that node (its design is now told or pending); a node
+//             whose children are all closed is closed too, and selection and expansion skip
+//             closed children (unless all are closed). So the tree steers away from evaluated
+//             designs instead of exploiting them again: UCT alone keeps re-selecting the best
+//             leaf, which a deterministic design search must not evaluate twice. After
+//             max_retries retries, or at once when every design of the space is told or pending,
+//             the repeat is returned. When max_nodes stops the tree before complete designs,
+//             nothing is closed and repeats are only bounded by max_retries.
 //   kAverage: the repeat is returned to be evaluated again; designs keep the mean of their
-//             rewards (best() ranks by that mean).
+//             rewards (best() ranks by that mean). Nothing is closed.
 //   Invariant: root visits == num_told + num_reused (num_reused is 0 under kAverage).
 //
 // Randomness: one splitmix64 stream [Steele et al. 2014] seeded with `seed`. below(n) draws
@@ -54,10 +64,16 @@
 //   multiply-add (mcts.cc turns contraction off), so the Python reference reproduces it bit for
 //   bit.
 //
+// Node budget (max_nodes, root included): child blocks are created whole; a block that would
+//   exceed the budget is not created and the walk rolls out from that node, so the tree stops
+//   growing and the search continues (max_nodes = 1 is a uniform random search).
+//
 // Limits: at most 65,535 levels and 65,535 options per level; max_nodes >= 1 nodes (about 56
 //   bytes each); num_designs() is exact (big integer) and computed by dynamic programming over
 //   the options of levels that later levels depend on, so its cost grows with the product of
-//   those option counts. Thread-safe: every public call takes one mutex.
+//   those option counts. Thread-safe: every public call takes one mutex (the Python binding
+//   releases the GIL for ask(k >= 8), serialisation, deserialisation, history replay and tree
+//   export; a short call is cheaper than a GIL release). Serialised blobs are little-endian.
 #pragma once
 
 #include <cstdint>
