@@ -98,8 +98,9 @@ class ReferenceMCTS:
     def _ucb_child(self, parent, open_only):
         vl = self.vl
         np_ = float(parent.visits) + vl * float(parent.pending)
-        lnp = math.log(np_ if np_ > 1.0 else 1.0)
+        two_ln = 2.0 * math.log(np_ if np_ > 1.0 else 1.0)
         spread = self.normalize and self.hi > self.lo
+        inv_range = 1.0 / (self.hi - self.lo) if spread else 0.0
         best, pick = 0.0, -1
         for cid in parent.children:
             c = self.nodes[cid]
@@ -109,13 +110,14 @@ class ReferenceMCTS:
             if n == 0.0:
                 score = math.inf
             else:
+                inv_n = 1.0 / n
                 if not self.normalize:
                     s = c.sum
                 elif spread:
-                    s = (c.sum - float(c.visits) * self.lo) / (self.hi - self.lo)
+                    s = (c.sum - float(c.visits) * self.lo) * inv_range
                 else:
                     s = 0.0
-                score = s / n + self.c * math.sqrt(2.0 * lnp / n)
+                score = s * inv_n + self.c * math.sqrt(two_ln * inv_n)
             if pick < 0 or score > best:
                 best, pick = score, cid
         return pick

@@ -316,8 +316,9 @@ uint64_t MCTS::below(uint64_t n) {
 int32_t MCTS::ucb_pick(const Node& parent, bool any_open) const {
   const double vl = opt_.virtual_loss;
   const double np = double(parent.visits) + vl * double(parent.pending);
-  const double lnp = std::log(np > 1.0 ? np : 1.0);
+  const double two_ln = 2.0 * std::log(np > 1.0 ? np : 1.0);
   const bool spread = opt_.normalize_rewards && hi_ > lo_;
+  const double inv_range = spread ? 1.0 / (hi_ - lo_) : 0.0;
   double best = 0.0;
   int32_t pick = -1;
   for (uint32_t i = 0; i < parent.num_children; ++i) {
@@ -328,11 +329,12 @@ int32_t MCTS::ucb_pick(const Node& parent, bool any_open) const {
     if (n == 0.0) {
       score = kInf;
     } else {
+      const double inv_n = 1.0 / n;
       double s;
       if (!opt_.normalize_rewards) s = c.sum;
-      else if (spread) s = (c.sum - double(c.visits) * lo_) / (hi_ - lo_);
+      else if (spread) s = (c.sum - double(c.visits) * lo_) * inv_range;
       else s = 0.0;
-      score = s / n + opt_.exploration * std::sqrt(2.0 * lnp / n);
+      score = s * inv_n + opt_.exploration * std::sqrt(two_ln * inv_n);
     }
     if (pick < 0 || score > best) {
       best = score;
@@ -424,8 +426,9 @@ std::string MCTS::key_of(const Design& design) const {
   return key;
 }
 
-uint32_t MCTS::entry_for(const Design& design) {
-  auto [it, fresh] = entry_by_key_.emplace(key_of(design), uint32_t(entries_.size()));
+uint32_t MCTS::entry_for(const Design& design, std::string key) {
+  if (key.empty()) key = key_of(design);
+  auto [it, fresh] = entry_by_key_.emplace(std::move(key), uint32_t(entries_.size()));
   if (fresh) entries_.push_back(Entry{design, 0, 0, 0.0});
   return it->second;
 }
@@ -454,11 +457,13 @@ void MCTS::record_tell(uint32_t entry, double reward) {
 Trial MCTS::ask_one() {
   std::vector<int32_t> path;
   Design design;
+  std::string key;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
   for (uint32_t attempt = 0;; ++attempt) {
     const bool leaf = descend(&path, &design);
     if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path.back());
-    auto it = entry_by_key_.find(key_of(design));
+    key = key_of(design);
+    auto it = entry_by_key_.find(key);
     if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
         attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
       break;
@@ -473,10 +478,10 @@ Trial MCTS::ask_one() {
   }
   for (const auto& p : held) add_pending(p, -1);
   add_pending(path, +1);
-  const uint32_t entry = entry_for(design);
+  const uint32_t entry = entry_for(design, std::move(key));
   entries_[entry].pending += 1;
   const uint64_t id = next_id_++;
-  pending_.emplace(id, Pending{path, entry});
+  pending_.emplace(id, Pending{std::move(path), entry});
   ++num_pending_;
   return Trial{id, std::move(design)};
 }

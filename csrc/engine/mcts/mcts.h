@@ -212,7 +212,7 @@ class MCTS {
   void add_pending(const std::vector<int32_t>& path, int delta);
   void backprop(const std::vector<int32_t>& path, double reward);
   std::string key_of(const Design& design) const;
-  uint32_t entry_for(const Design& design);
+  uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
   void record_tell(uint32_t entry, double reward);
   Trial ask_one();
 
