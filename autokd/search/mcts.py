@@ -110,7 +110,8 @@ class MCTS(_engine.MCTS):
         tell(trial_id, reward): any order; NaN/Inf or an unknown/already told id -> ValueError.
         num_told, num_pending, num_reused (known rewards fed back by "reuse"; root visits ==
         num_told + num_reused), num_nodes, best() -> (design, mean reward) or None,
-        num_designs() -> exact size of the dependent space, tree(), level_stats(), serialize().
+        num_designs() -> exact size of the dependent space (ValueError in the rare space whose
+        dependencies are too entangled to count), tree(), level_stats(), serialize().
     """
 
     def __init__(
@@ -193,8 +194,12 @@ class MCTS(_engine.MCTS):
 
     def __repr__(self) -> str:
         o = self.options
+        try:
+            designs = self.num_designs()
+        except ValueError:  # too entangled to count
+            designs = "?"
         return (
-            f"MCTS(levels={len(self.levels)}, designs={self.num_designs()}, told={self.num_told}, "
+            f"MCTS(levels={len(self.levels)}, designs={designs}, told={self.num_told}, "
             f"pending={self.num_pending}, nodes={self.num_nodes}, exploration={o['exploration']:.4g}, "
             f"on_repeat={o['on_repeat']!r})"
         )

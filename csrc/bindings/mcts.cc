@@ -165,6 +165,10 @@ void bind(py::module_& m) {
       .def("num_designs",
            [](PyMCTS& s) {
              const std::string n = s.engine().num_designs();
+             if (n.empty())
+               throw std::invalid_argument(
+                   "MCTS.num_designs: the space's dependencies are too entangled to count exactly "
+                   "(more than 2^16 dependency states)");
              return py::reinterpret_steal<py::object>(PyLong_FromString(n.c_str(), nullptr, 10));
            })
       .def("best",

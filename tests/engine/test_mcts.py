@@ -169,6 +169,19 @@ def test_num_designs_is_exact_beyond_64_bits():
     assert MCTS(levels).num_designs() == 10**30 + 10**29
 
 
+def test_num_designs_of_long_dependency_chains_and_entangled_spaces():
+    chain = [{"name": "l0", "options": ["on", "off", "x"]}]
+    for i in range(1, 40):  # each level exists only when the previous one is "on"
+        chain.append({"name": f"l{i}", "options": ["on", "off", "x"], "requires": {f"l{i - 1}": ["on"]}})
+    assert MCTS(chain).num_designs() == len(enumerate_designs(chain)) == 2 * 39 + 3
+    knots = [{"name": f"b{i}", "options": ["a", "b"]} for i in range(17)]
+    knots.append({"name": "last", "options": ["z"], "requires": {f"b{i}": ["a"] for i in range(17)}})
+    eng = MCTS(knots)  # 2^17 dependency states: the size is unknown, the search still works
+    with pytest.raises(ValueError, match="too entangled"):
+        eng.num_designs()
+    assert len(eng.ask(3)) == 3 and "designs=?" in repr(eng)
+
+
 # -- search quality ---------------------------------------------------------------------------
 def evals_to_reach(propose_and_tell, target, budget):
     for i in range(1, budget + 1):

@@ -228,21 +228,41 @@ void MCTS::validate_and_index() {
     names.push_back(lv.name);
   }
 
-  // Size of the space: DP over the choices of levels that later levels depend on.
-  std::vector<uint8_t> referenced(L.size(), 0);
-  for (const auto& rs : reqs_)
-    for (const auto& r : rs) referenced[size_t(r.level)] = 1;
-  std::map<Design, Big> states{{Design(L.size(), -1), Big{1}}};
+  // Size of the space: DP over the choices of levels that later levels depend on. Options no
+  // requirement tells apart share one state, and a choice leaves the state after the last
+  // level that reads it, so realistic spaces keep a handful of states.
+  std::vector<int32_t> last_reader(L.size(), -1);
+  std::vector<std::vector<std::string>> sig(L.size());
+  for (size_t l = 0; l < L.size(); ++l) sig[l].assign(L[l].options.size(), std::string());
+  for (size_t l = 0; l < L.size(); ++l)
+    for (const Req& r : reqs_[l]) {
+      last_reader[size_t(r.level)] = int32_t(l);
+      for (size_t o = 0; o < r.allowed.size(); ++o) sig[size_t(r.level)][o].push_back(char(r.allowed[o]));
+    }
+  std::vector<std::vector<std::pair<int32_t, uint32_t>>> groups(L.size());  // (representative, size)
   for (size_t l = 0; l < L.size(); ++l) {
+    std::map<std::string, size_t> at;
+    for (size_t o = 0; o < L[l].options.size(); ++o) {
+      auto [it, fresh] = at.emplace(sig[l][o], groups[l].size());
+      if (fresh) groups[l].emplace_back(int32_t(o), 0);
+      groups[l][it->second].second += 1;
+    }
+  }
+  constexpr size_t kMaxStates = size_t(1) << 16;
+  bool counted = true;
+  std::map<Design, Big> states{{Design(L.size(), -1), Big{1}}};
+  for (size_t l = 0; l < L.size() && counted; ++l) {
     std::map<Design, Big> next;
     for (auto& [d, c] : states) {
       if (!level_exists(int32_t(l), d)) {
         big_add(&next[d], c);
-      } else if (referenced[l]) {
-        for (size_t o = 0; o < L[l].options.size(); ++o) {
+      } else if (last_reader[l] >= 0) {
+        for (const auto& [rep, size] : groups[l]) {
           Design d2 = d;
-          d2[l] = int32_t(o);
-          big_add(&next[d2], c);
+          d2[l] = rep;
+          Big c2 = c;
+          big_mul(&c2, size);
+          big_add(&next[d2], c2);
         }
       } else {
         Big c2 = c;
@@ -250,12 +270,20 @@ void MCTS::validate_and_index() {
         big_add(&next[d], c2);
       }
     }
-    states.swap(next);
+    std::map<Design, Big> kept;
+    for (auto& [d, c] : next) {
+      Design d2 = d;
+      for (size_t j = 0; j <= l; ++j)
+        if (last_reader[j] >= 0 && size_t(last_reader[j]) <= l) d2[j] = -1;
+      big_add(&kept[d2], c);
+    }
+    states.swap(kept);
+    counted = states.size() <= kMaxStates;
   }
   Big total;
   for (auto& [d, c] : states) big_add(&total, c);
-  num_designs_str_ = big_str(total);
-  num_designs_u64_ = big_u64(total);
+  num_designs_str_ = counted ? big_str(total) : std::string();
+  num_designs_u64_ = counted ? big_u64(total) : std::numeric_limits<uint64_t>::max();
 
   stats_.assign(L.size(), {});
   for (size_t l = 0; l < L.size(); ++l) stats_[l].assign(L[l].options.size(), OptionStats{});

@@ -69,9 +69,10 @@
 //   growing and the search continues (max_nodes = 1 is a uniform random search).
 //
 // Limits: at most 65,535 levels and 65,535 options per level; max_nodes >= 1 nodes (about 56
-//   bytes each); num_designs() is exact (big integer) and computed by dynamic programming over
-//   the options of levels that later levels depend on, so its cost grows with the product of
-//   those option counts. Thread-safe: every public call takes one mutex (the Python binding
+//   bytes each); num_designs() is exact (big integer), computed by dynamic programming over the
+//   choices that later levels depend on (options no requirement tells apart merged, choices
+//   dropped after their last reader); beyond 2^16 such states the size is reported unknown
+//   (and "every design told or pending" is never assumed). Thread-safe: every public call takes one mutex (the Python binding
 //   releases the GIL for ask(k >= 8), serialisation, deserialisation, history replay and tree
 //   export; a short call is cheaper than a GIL release). Serialised blobs are little-endian.
 #pragma once
@@ -147,7 +148,8 @@ class MCTS {
   std::vector<NodeInfo> tree() const;
   // [level][option]
   std::vector<std::vector<OptionStats>> level_stats() const;
-  // Exact size of the space as a decimal string; saturating 64-bit count below.
+  // Exact size of the space as a decimal string, empty when the dependencies are too entangled
+  // to count (over 2^16 DP states); saturating 64-bit count below (UINT64_MAX when unknown).
   std::string num_designs() const { return num_designs_str_; }
   uint64_t num_designs_u64() const { return num_designs_u64_; }
 
