@@ -122,6 +122,15 @@ def test_same_proposals_on_toy_until_exhausted():
         assert eng.num_told == ref.num_told
 
 
+def test_same_proposals_with_many_pending_repeats():
+    # Large batches on a small space: pending repeats, held virtual losses, closing, exhaustion.
+    for mode in ("reuse", "average"):
+        eng, ref = MCTS(TOY, seed=8, on_repeat=mode, max_retries=5), ReferenceMCTS(TOY, seed=8, on_repeat=mode, max_retries=5)
+        drive([eng, ref], 60, seed=1, max_k=16, max_lag=40)
+        assert eng.num_reused == ref.num_reused and eng.tree()[0]["visits"] == ref.nodes[0].visits
+        check_invariants(eng)
+
+
 @st.composite
 def spaces(draw):
     n = draw(st.integers(1, 5))

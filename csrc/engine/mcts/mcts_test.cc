@@ -71,6 +71,41 @@ AUTOKD_TEST(huge_space_is_exact) {
   AUTOKD_EXPECT(m.num_designs_u64() == std::numeric_limits<uint64_t>::max());
 }
 
+AUTOKD_TEST(entangled_space_has_unknown_size_but_searches) {
+  std::vector<Level> L;
+  std::vector<std::pair<std::string, std::vector<std::string>>> all_a;
+  for (int i = 0; i < 17; ++i) {
+    L.push_back({"b" + std::to_string(i), {"a", "b"}, {}});
+    all_a.push_back({"b" + std::to_string(i), {"a"}});
+  }
+  L.push_back({"last", {"z"}, all_a});
+  MCTS m(opts(L));
+  AUTOKD_EXPECT(m.num_designs().empty());
+  AUTOKD_EXPECT(m.ask(2).size() == 2);
+}
+
+AUTOKD_TEST(designs_from_names) {
+  MCTS m(opts(autokd_levels()));
+  std::vector<std::pair<std::string, std::string>> d = {
+      {"global_transform", "mask"}, {"intra_spatial", "local"}, {"inter_spatial", "original"},
+      {"feature_distance", "kl"},   {"feature_weight", "50"},   {"logit_distance", "none"}};
+  Design x = m.design_from_names(d);
+  AUTOKD_EXPECT(x[0] == 2 && x[4] == 3 && x[6] == -1 && x[7] == -1);
+  auto extra = d;
+  extra.push_back({"tau", "4"});  // tau does not exist without a logit distance
+  AUTOKD_EXPECT_THROWS(m.design_from_names(extra), std::invalid_argument);
+  auto missing = d;
+  missing.pop_back();
+  AUTOKD_EXPECT_THROWS(m.design_from_names(missing), std::invalid_argument);
+  auto bad = d;
+  bad[0].second = "rotate";
+  AUTOKD_EXPECT_THROWS(m.design_from_names(bad), std::invalid_argument);
+  AUTOKD_EXPECT_THROWS(m.tell_design(Design{0, 0}, 1.0), std::invalid_argument);
+  AUTOKD_EXPECT_THROWS(m.tell_design(x, std::nan("")), std::invalid_argument);
+  m.tell_design(x, 0.5);
+  AUTOKD_EXPECT(m.num_told() == 1 && m.ask(1)[0].id == 1);
+}
+
 AUTOKD_TEST(bad_spaces_throw) {
   AUTOKD_EXPECT_THROWS(MCTS(opts({})), std::invalid_argument);
   AUTOKD_EXPECT_THROWS(MCTS(opts({{"a", {}, {}}})), std::invalid_argument);
