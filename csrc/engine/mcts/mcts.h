@@ -1,0 +1,240 @@
+// Monte Carlo tree search over a tree-structured space of designs (the Auto-KD search engine).
+// References: Kocsis & Szepesvari, "Bandit based Monte-Carlo planning" (ECML 2006); Browne et
+// al., "A survey of Monte Carlo tree search methods" (IEEE TCIAIG 2012); Chaslot et al.,
+// "Parallel Monte-Carlo tree search" (virtual loss, CG 2008); Auto-KD paper (seed text).
+//
+// Space
+//   Ordered levels, each a list of named options. A level may carry requirements on earlier
+//   levels: {earlier level -> allowed options}, ANDed. The level exists in a design only when
+//   every named earlier level exists and was chosen with one of its allowed options; otherwise
+//   it is skipped (absent from the design). A requirement on a skipped level is not met. A
+//   design is one option for every existing level, so the tree is not a plain product (the
+//   Auto-KD temperature level exists only when a logit distance other than "none" is chosen).
+//
+// Tree
+//   The root is the empty design; a node's children are the options of the next existing level
+//   given the choices on the path to it. Children are created as one block (one node per
+//   option) the first time the search expands their parent.
+//
+// One proposal (ask), four phases of UCT [Kocsis & Szepesvari 2006; Browne et al. 2012]:
+//   1. Selection: from the root, while the node has a next level, its children exist and every
+//      child has been visited (told or pending), move to the child of largest
+//        v_i = Q_i + C * sqrt(2 ln max(1, N_p) / N_i)            (the Auto-KD paper's UCB)
+//      with N_i = n_i + L * p_i (n_i tells through the child, p_i pending asks through it, L the
+//      virtual loss), Q_i = (sum of the child's normalised rewards) / N_i, N_p the same count
+//      for the parent. A pending ask counts as L visits of normalised reward 0, so concurrent
+//      workers are steered to other branches; the virtual visits vanish at tell. A child with
+//      N_i = 0 (only possible when L = 0) scores +inf. Ties go to the lowest option index.
+//   2. Expansion: at the first node with an unvisited child (n_i + p_i = 0), create the child
+//      block if absent (when the node budget allows), pick one unvisited child uniformly at
+//      random and stop there. When the budget forbids creating the block, stop at the node.
+//   3. Simulation: every remaining level that exists given the choices so far gets a uniform
+//      random option (uniform per level, not per design). The reward comes later from tell.
+//   4. Backpropagation (tell): every node on the proposal's path gets n += 1, sum += r,
+//      best = max(best, r); the pending count added at ask is removed.
+//
+// Reward normalisation (normalize_rewards): rewards are kept raw in the tree and mapped by the
+//   running min-max of all told rewards at selection: r' = (r - lo) / (hi - lo), so the
+//   balance of Q and the exploration term does not depend on the reward's scale or offset.
+//   While hi == lo every Q is 0. Without normalisation Q is the raw mean.
+//
+// Repeats (on_repeat), when a proposal is a design already told or pending:
+//   kReuse:   a told design's mean reward is fed back along the new path (counted in
+//             num_reused, not in num_told) and the proposal is retried; a pending design gets a
+//             temporary virtual loss on its path and is retried. A walk that ends at a complete
+//             design in the tree closes that node (its design is now told or pending); a node
+//             whose children are all closed is closed too, and selection and expansion skip
+//             closed children (unless all are closed). So the tree steers away from evaluated
+//             designs instead of exploiting them again: UCT alone keeps re-selecting the best
+//             leaf, which a deterministic design search must not evaluate twice. After
+//             max_retries retries, or at once when every design of the space is told or pending,
+//             the repeat is returned. When max_nodes stops the tree before complete designs,
+//             nothing is closed and repeats are only bounded by max_retries.
+//   kAverage: the repeat is returned to be evaluated again; designs keep the mean of their
+//             rewards (best() ranks by that mean). Nothing is closed.
+//   Invariant: root visits == num_told + num_reused (num_reused is 0 under kAverage).
+//
+// Randomness: one splitmix64 stream [Steele et al. 2014] seeded with `seed`. below(n) draws
+//   nothing for n <= 1; otherwise it draws x until x >= (2^64 - n) mod n and returns x mod n
+//   (unbiased). Draw order: the unvisited-child pick, then the rollout levels in level order.
+//   tests/engine/mcts_reference.py implements the same algorithm in Python; both propose the
+//   identical sequence of designs for the same seed and the same sequence of calls.
+//
+// Floating point: every formula is evaluated in the order written above without fused
+//   multiply-add (mcts.cc turns contraction off), so the Python reference reproduces it bit for
+//   bit.
+//
+// Node budget (max_nodes, root included): child blocks are created whole; a block that would
+//   exceed the budget is not created and the walk rolls out from that node, so the tree stops
+//   growing and the search continues (max_nodes = 1 is a uniform random search).
+//
+// Limits: at most 65,535 levels and 65,535 options per level; max_nodes >= 1 nodes (about 56
+//   bytes each); num_designs() is exact (big integer), computed by dynamic programming over the
+//   choices that later levels depend on (options no requirement tells apart merged, choices
+//   dropped after their last reader); beyond 2^16 such states the size is reported unknown
+//   (and "every design told or pending" is never assumed). Thread-safe: every public call takes one mutex (the Python binding
+//   releases the GIL for ask(k >= 8), serialisation, deserialisation, history replay and tree
+//   export; a short call is cheaper than a GIL release). Serialised blobs are little-endian.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace autokd::mcts {
+
+struct Level {
+  std::string name;
+  std::vector<std::string> options;
+  // (earlier level name, allowed options of it); all must hold for this level to exist.
+  std::vector<std::pair<std::string, std::vector<std::string>>> requires_;
+};
+
+enum class OnRepeat : int { kReuse = 0, kAverage = 1 };
+
+// Every option of the engine; validated by MCTS's constructor (std::invalid_argument).
+struct Options {
+  std::vector<Level> levels;
+  double exploration = 0.7071067811865476;  // C; 1/sqrt(2) suits rewards in [0, 1]
+  uint64_t seed = 0;
+  bool normalize_rewards = true;
+  OnRepeat on_repeat = OnRepeat::kReuse;
+  uint64_t max_nodes = 1000000;  // root included; the tree stops growing at this size
+  double virtual_loss = 1.0;     // L: virtual visits per pending ask, >= 0
+  uint32_t max_retries = 100;    // kReuse: retries of a repeated proposal per ask
+};
+
+// A proposed (or told) design: the option index per level, -1 where the level is absent.
+using Design = std::vector<int32_t>;
+
+struct Trial {
+  uint64_t id;
+  Design design;
+};
+
+struct NodeInfo {
+  int64_t id, parent;  // parent -1 for the root
+  int32_t level, option;  // -1 for the root
+  uint64_t visits;
+  uint32_t pending;
+  double sum_reward, best_reward;  // raw rewards; best is -inf while unvisited
+};
+
+struct OptionStats {
+  uint64_t visits = 0;  // tells whose design chose this option
+  double sum = 0.0;
+  double best = -1.0 / 0.0;
+};
+
+class MCTS {
+ public:
+  explicit MCTS(Options options);
+
+  const Options& options() const { return opt_; }
+  // k proposals (k >= 0), each marked pending until told.
+  std::vector<Trial> ask(uint64_t k);
+  // Finite reward for a pending trial id; any order.
+  void tell(uint64_t trial_id, double reward);
+
+  uint64_t num_told() const;
+  uint64_t num_pending() const;
+  uint64_t num_reused() const;
+  uint64_t num_nodes() const;
+  // Design of highest mean reward (first told wins ties); false when nothing was told.
+  bool best(Design* design, double* reward) const;
+  std::vector<NodeInfo> tree() const;
+  // [level][option]
+  std::vector<std::vector<OptionStats>> level_stats() const;
+  // Exact size of the space as a decimal string, empty when the dependencies are too entangled
+  // to count (over 2^16 DP states); saturating 64-bit count below (UINT64_MAX when unknown).
+  std::string num_designs() const { return num_designs_str_; }
+  uint64_t num_designs_u64() const { return num_designs_u64_; }
+
+  // Whole state (options, tree, designs, pending trials, rng) as bytes: magic, format version,
+  // payload length, payload, FNV-1a 64 checksum. deserialize validates every field and index
+  // and throws std::invalid_argument on a corrupt blob.
+  std::string serialize() const;
+  static MCTS deserialize(const std::string& blob);
+
+  // Tells a design directly, as if it had been proposed and told: the path follows the design
+  // down the tree with the same stopping rule as ask (expansion included), so a sequential run
+  // replayed from its (design, reward) journal rebuilds the same tree and statistics.
+  void tell_design(const Design& design, double reward);
+
+  // Name-based conversions with validation (unknown level / option, missing or extra level).
+  Design design_from_names(const std::vector<std::pair<std::string, std::string>>& items) const;
+  int32_t level_index(const std::string& name) const;  // -1 when unknown
+
+  MCTS(MCTS&& other) noexcept;
+  MCTS& operator=(MCTS&&) = delete;
+  MCTS(const MCTS&) = delete;
+
+ private:
+  struct Node {
+    int32_t parent;
+    int32_t first_child;  // -1 until the child block exists
+    int32_t level;
+    int32_t option;
+    uint32_t num_children;
+    uint32_t pending;
+    uint32_t closed;  // kReuse: every design below is told or pending
+    uint64_t visits;
+    double sum;
+    double best;
+  };
+  struct Req {
+    int32_t level;
+    std::vector<uint8_t> allowed;  // per option of `level`
+  };
+  struct Entry {  // one distinct design seen (told or pending)
+    Design design;
+    uint64_t count = 0;
+    uint32_t pending = 0;
+    double sum = 0.0;
+  };
+  struct Pending {
+    std::vector<int32_t> path;
+    uint32_t entry;
+  };
+
+  struct Uninit {};
+  explicit MCTS(Uninit) {}
+  void validate_and_index();
+  bool level_exists(int32_t level, const Design& design) const;
+  void check_design(const Design& design, const std::string& who) const;
+  int32_t next_level(int32_t after, const Design& design) const;
+  uint64_t below(uint64_t n);
+  uint64_t next_u64();
+  int32_t ucb_pick(const Node& parent, bool any_open) const;
+  bool descend(std::vector<int32_t>* path, Design* design);  // true when the path ends at a complete design
+  void close(int32_t node);
+  void add_pending(const std::vector<int32_t>& path, int delta);
+  void backprop(const std::vector<int32_t>& path, double reward);
+  std::string key_of(const Design& design) const;
+  uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
+  void record_tell(uint32_t entry, double reward);
+  Trial ask_one();
+
+  Options opt_;
+  std::vector<std::vector<Req>> reqs_;  // per level
+  std::unordered_map<std::string, int32_t> level_by_name_;
+  std::string num_designs_str_;
+  uint64_t num_designs_u64_ = 0;
+  size_t key_width_ = 1;  // bytes per level in a design's hash key
+
+  mutable std::mutex mu_;
+  uint64_t rng_state_ = 0;
+  std::vector<Node> nodes_;
+  std::vector<Entry> entries_;  // in order of first sight
+  std::unordered_map<std::string, uint32_t> entry_by_key_;
+  std::unordered_map<uint64_t, Pending> pending_;
+  std::vector<std::vector<OptionStats>> stats_;
+  uint64_t next_id_ = 0, num_told_ = 0, num_reused_ = 0, num_pending_ = 0;
+  bool have_reward_ = false;
+  double lo_ = 0.0, hi_ = 0.0;
+};
+
+}  // namespace autokd::mcts
