@@ -20,11 +20,25 @@ struct PoolGeometry {
   std::vector<int64_t> grids, offset;  // offset[g]: first output index of grid g
   int64_t S = 0;
 
+  // Per output index k: its bin as elementary-segment ranges [r0, r1) x [c0, c1), and its area.
+  std::vector<int64_t> r0, r1, c0, c1, area;
+
   PoolGeometry(int64_t H, int64_t W, c10::IntArrayRef g)
       : rows(H, g), cols(W, g), grids(g.begin(), g.end()) {
+    int64_t base = 0;
     for (int64_t s : grids) {
       offset.push_back(S);
       S += s * s;
+      for (int64_t i = 0; i < s; ++i) {
+        for (int64_t j = 0; j < s; ++j) {
+          r0.push_back(rows.seg_lo[base + i]);
+          r1.push_back(rows.seg_hi[base + i]);
+          c0.push_back(cols.seg_lo[base + j]);
+          c1.push_back(cols.seg_hi[base + j]);
+          area.push_back(rows.bin_len[base + i] * cols.bin_len[base + j]);
+        }
+      }
+      base += s;
     }
   }
   int64_t ncells() const { return rows.nseg * cols.nseg; }
@@ -64,8 +78,13 @@ void bins_from_cells(const PoolGeometry& geo, const acc_t* cells, int64_t lanes,
   }
 }
 
-// Planes whose rows are contiguous (or any strides): rows of one row segment are summed
-// element-wise into a W-long buffer (vectorised), then the buffer is cut into column segments.
+// Planes are handled in blocks of kLanes. Each plane's rows of one row segment are summed
+// element-wise (vectorised along W), and the W-long sums are stored with the block's planes
+// innermost; from there the column segments and every bin are vector adds across the block, so
+// per-plane bookkeeping is amortised even for 8 x 8 planes.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kChunk = 8;
+
 template <typename scalar_t>
 void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -74,36 +93,67 @@ void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor
   const int64_t sW = W == 1 ? 1 : input.stride(3);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
-  const int64_t S = geo.S, Rh = geo.rows.nseg, Rw = geo.cols.nseg;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (H * W));
-  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rowbuf(W), cells(geo.ncells()), sum;
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* plane = x + (p / C) * sN + (p % C) * sC;
-      for (int64_t r = 0; r < Rh; ++r) {
-        const int64_t h0 = geo.rows.seg_begin[r], h1 = geo.rows.seg_begin[r + 1];
-        acc_t* buf = rowbuf.data();
-        if (sW == 1) {
-          const scalar_t* row = plane + h0 * sH;
-          for (int64_t w = 0; w < W; ++w) buf[w] = static_cast<acc_t>(row[w]);
-          for (int64_t h = h0 + 1; h < h1; ++h) {
-            row = plane + h * sH;
-            for (int64_t w = 0; w < W; ++w) buf[w] += static_cast<acc_t>(row[w]);
+  const int64_t S = geo.S, Rh = geo.rows.nseg, Rw = geo.cols.nseg, P = N * C;
+  const int64_t nblocks = (P + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W * kLanes));
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rowsT(Rh * W * kLanes), cellsT(Rh * Rw * kLanes);
+    std::vector<acc_t> inv(S);
+    for (int64_t k = 0; k < S; ++k) inv[k] = acc_t(1) / acc_t(geo.area[k]);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
+      if (nb < kLanes) std::fill(rowsT.begin(), rowsT.end(), acc_t(0));
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t p = p0 + b;
+        const scalar_t* plane = x + (p / C) * sN + (p % C) * sC;
+        for (int64_t r = 0; r < Rh; ++r) {
+          const int64_t h0 = geo.rows.seg_begin[r], h1 = geo.rows.seg_begin[r + 1];
+          acc_t* dst = rowsT.data() + r * W * kLanes + b;
+          int64_t w0 = 0;
+          if (sW == 1) {
+            // Chunks of kChunk columns summed over the segment's rows in registers.
+            for (; w0 + kChunk <= W; w0 += kChunk) {
+              acc_t a[kChunk];
+              const scalar_t* row = plane + h0 * sH + w0;
+              for (int64_t l = 0; l < kChunk; ++l) a[l] = static_cast<acc_t>(row[l]);
+              for (int64_t h = h0 + 1; h < h1; ++h) {
+                row = plane + h * sH + w0;
+                for (int64_t l = 0; l < kChunk; ++l) a[l] += static_cast<acc_t>(row[l]);
+              }
+              for (int64_t l = 0; l < kChunk; ++l) dst[(w0 + l) * kLanes] = a[l];
+            }
           }
-        } else {
-          std::fill(rowbuf.begin(), rowbuf.end(), acc_t(0));
-          for (int64_t h = h0; h < h1; ++h) {
-            const scalar_t* row = plane + h * sH;
-            for (int64_t w = 0; w < W; ++w) buf[w] += static_cast<acc_t>(row[w * sW]);
+          for (int64_t w = w0; w < W; ++w) {
+            acc_t a = 0;
+            for (int64_t h = h0; h < h1; ++h) a += static_cast<acc_t>(plane[h * sH + w * sW]);
+            dst[w * kLanes] = a;
           }
-        }
-        for (int64_t c = 0; c < Rw; ++c) {
-          acc_t s = 0;
-          for (int64_t w = geo.cols.seg_begin[c]; w < geo.cols.seg_begin[c + 1]; ++w) s += buf[w];
-          cells[r * Rw + c] = s;
         }
       }
-      bins_from_cells<scalar_t, acc_t>(geo, cells.data(), 1, y + p * S, 0, sum);
+      // Column segments: [Rh, W, lanes] -> [Rh, Rw, lanes].
+      for (int64_t r = 0; r < Rh; ++r) {
+        for (int64_t c = 0; c < Rw; ++c) {
+          acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+          const acc_t* src = rowsT.data() + (r * W + geo.cols.seg_begin[c]) * kLanes;
+          for (int64_t l = 0; l < kLanes; ++l) cell[l] = src[l];
+          for (int64_t w = geo.cols.seg_begin[c] + 1; w < geo.cols.seg_begin[c + 1]; ++w) {
+            src += kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) cell[l] += src[l];
+          }
+        }
+      }
+      // Bins: sums of their elementary cells.
+      for (int64_t k = 0; k < S; ++k) {
+        acc_t sum[kLanes] = {};
+        for (int64_t r = geo.r0[k]; r < geo.r1[k]; ++r) {
+          for (int64_t c = geo.c0[k]; c < geo.c1[k]; ++c) {
+            const acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) sum[l] += cell[l];
+          }
+        }
+        scalar_t* o = y + p0 * S + k;
+        for (int64_t b = 0; b < nb; ++b) o[b * S] = static_cast<scalar_t>(sum[b] * inv[k]);
+      }
     }
   });
 }
@@ -157,8 +207,9 @@ at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) 
   return out;
 }
 
-// Backward: the value every pixel of an elementary cell receives is summed per cell from the bins
-// covering it, expanded to one W-long row per row segment, and copied to each row of the segment.
+// Backward: the value every pixel of an elementary cell receives is summed per cell from the
+// bins covering it (vector adds across a block of planes), expanded to one W-long row per row
+// segment, and copied to each row of the segment.
 template <typename scalar_t>
 void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor& grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -167,42 +218,40 @@ void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor
   const int64_t gN = grad.stride(0), gC = grad.stride(1), gS = grad.stride(2);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-  const int64_t Rh = geo.rows.nseg, Rw = geo.cols.nseg;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (H * W));
-  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cells(geo.ncells());
+  const int64_t S = geo.S, Rh = geo.rows.nseg, Rw = geo.cols.nseg, P = N * C;
+  const int64_t nblocks = (P + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W * kLanes));
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cellsT(Rh * Rw * kLanes), inv(S);
     std::vector<scalar_t> rowbuf(W);
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* gp = g + (p / C) * gN + (p % C) * gC;
-      std::fill(cells.begin(), cells.end(), acc_t(0));
-      int64_t rbin = 0, cbin = 0;
-      for (size_t k = 0; k < geo.grids.size(); ++k) {
-        const int64_t s = geo.grids[k];
-        for (int64_t i = 0; i < s; ++i) {
-          const int64_t r0 = geo.rows.seg_lo[rbin + i], r1 = geo.rows.seg_hi[rbin + i];
-          for (int64_t j = 0; j < s; ++j) {
-            const int64_t c0 = geo.cols.seg_lo[cbin + j], c1 = geo.cols.seg_hi[cbin + j];
-            const acc_t v = static_cast<acc_t>(gp[(geo.offset[k] + i * s + j) * gS]) /
-                            acc_t(geo.rows.bin_len[rbin + i] * geo.cols.bin_len[cbin + j]);
-            for (int64_t r = r0; r < r1; ++r) {
-              for (int64_t c = c0; c < c1; ++c) cells[r * Rw + c] += v;
+    for (int64_t k = 0; k < S; ++k) inv[k] = acc_t(1) / acc_t(geo.area[k]);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
+      const scalar_t* gp[kLanes];
+      for (int64_t b = 0; b < nb; ++b) gp[b] = g + ((p0 + b) / C) * gN + ((p0 + b) % C) * gC;
+      std::fill(cellsT.begin(), cellsT.end(), acc_t(0));
+      for (int64_t k = 0; k < S; ++k) {
+        acc_t v[kLanes] = {};
+        for (int64_t b = 0; b < nb; ++b) v[b] = static_cast<acc_t>(gp[b][k * gS]) * inv[k];
+        for (int64_t r = geo.r0[k]; r < geo.r1[k]; ++r) {
+          for (int64_t c = geo.c0[k]; c < geo.c1[k]; ++c) {
+            acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) cell[l] += v[l];
+          }
+        }
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        scalar_t* out = gi + (p0 + b) * H * W;
+        for (int64_t r = 0; r < Rh; ++r) {
+          for (int64_t c = 0; c < Rw; ++c) {
+            const scalar_t v = static_cast<scalar_t>(cellsT[(r * Rw + c) * kLanes + b]);
+            for (int64_t w = geo.cols.seg_begin[c]; w < geo.cols.seg_begin[c + 1]; ++w) {
+              rowbuf[w] = v;
             }
           }
-        }
-        rbin += s;
-        cbin += s;
-      }
-      scalar_t* out = gi + p * H * W;
-      for (int64_t r = 0; r < Rh; ++r) {
-        const acc_t* cellrow = cells.data() + r * Rw;
-        for (int64_t c = 0; c < Rw; ++c) {
-          const scalar_t v = static_cast<scalar_t>(cellrow[c]);
-          for (int64_t w = geo.cols.seg_begin[c]; w < geo.cols.seg_begin[c + 1]; ++w) {
-            rowbuf[w] = v;
+          for (int64_t h = geo.rows.seg_begin[r]; h < geo.rows.seg_begin[r + 1]; ++h) {
+            std::memcpy(out + h * W, rowbuf.data(), W * sizeof(scalar_t));
           }
-        }
-        for (int64_t h = geo.rows.seg_begin[r]; h < geo.rows.seg_begin[r + 1]; ++h) {
-          std::memcpy(out + h * W, rowbuf.data(), W * sizeof(scalar_t));
         }
       }
     }
