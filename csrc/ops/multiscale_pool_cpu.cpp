@@ -103,9 +103,15 @@ void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
       if (nb < kLanes) std::fill(rowsT.begin(), rowsT.end(), acc_t(0));
+      // Plane offsets stepped through (n, c): a 64-bit division per plane costs as much as the
+      // arithmetic of an 8 x 8 plane.
+      int64_t pn = p0 / C, pc = p0 % C;
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t p = p0 + b;
-        const scalar_t* plane = x + (p / C) * sN + (p % C) * sC;
+        const scalar_t* plane = x + pn * sN + pc * sC;
+        if (++pc == C) {
+          pc = 0;
+          ++pn;
+        }
         for (int64_t r = 0; r < Rh; ++r) {
           const int64_t h0 = geo.rows.seg_begin[r], h1 = geo.rows.seg_begin[r + 1];
           acc_t* dst = rowsT.data() + r * W * kLanes + b;
@@ -228,7 +234,14 @@ void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
       const scalar_t* gp[kLanes];
-      for (int64_t b = 0; b < nb; ++b) gp[b] = g + ((p0 + b) / C) * gN + ((p0 + b) % C) * gC;
+      int64_t pn = p0 / C, pc = p0 % C;
+      for (int64_t b = 0; b < nb; ++b) {
+        gp[b] = g + pn * gN + pc * gC;
+        if (++pc == C) {
+          pc = 0;
+          ++pn;
+        }
+      }
       std::fill(cellsT.begin(), cellsT.end(), acc_t(0));
       for (int64_t k = 0; k < S; ++k) {
         acc_t v[kLanes] = {};
@@ -249,8 +262,14 @@ void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor
               rowbuf[w] = v;
             }
           }
+          // Short rows (8 x 8 planes) make a memcpy call per row the dominant cost.
           for (int64_t h = geo.rows.seg_begin[r]; h < geo.rows.seg_begin[r + 1]; ++h) {
-            std::memcpy(out + h * W, rowbuf.data(), W * sizeof(scalar_t));
+            scalar_t* dst = out + h * W;
+            int64_t w = 0;
+            for (; w + kChunk <= W; w += kChunk) {
+              for (int64_t l = 0; l < kChunk; ++l) dst[w + l] = rowbuf[w + l];
+            }
+            for (; w < W; ++w) dst[w] = rowbuf[w];
           }
         }
       }
