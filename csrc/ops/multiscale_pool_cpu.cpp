@@ -1,0 +1,298 @@
+// CPU kernels of multiscale_pool (algorithm in multiscale_pool.h): planes in parallel
+// (at::parallel_for, OpenMP), one pass over the input per plane, float accumulation (double for
+// float64).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "multiscale_pool.h"
+
+namespace autokd {
+namespace {
+
+// Per-call tables shared by all planes.
+struct PoolGeometry {
+  PoolAxis rows, cols;
+  std::vector<int64_t> grids, offset;  // offset[g]: first output index of grid g
+  int64_t S = 0;
+
+  // Per output index k: its bin as elementary-segment ranges [r0, r1) x [c0, c1), and its area.
+  std::vector<int64_t> r0, r1, c0, c1, area;
+
+  PoolGeometry(int64_t H, int64_t W, c10::IntArrayRef g)
+      : rows(H, g), cols(W, g), grids(g.begin(), g.end()) {
+    int64_t base = 0;
+    for (int64_t s : grids) {
+      offset.push_back(S);
+      S += s * s;
+      for (int64_t i = 0; i < s; ++i) {
+        for (int64_t j = 0; j < s; ++j) {
+          r0.push_back(rows.seg_lo[base + i]);
+          r1.push_back(rows.seg_hi[base + i]);
+          c0.push_back(cols.seg_lo[base + j]);
+          c1.push_back(cols.seg_hi[base + j]);
+          area.push_back(rows.bin_len[base + i] * cols.bin_len[base + j]);
+        }
+      }
+      base += s;
+    }
+  }
+  int64_t ncells() const { return rows.nseg * cols.nseg; }
+};
+
+// out[k] = mean of each bin from the elementary cell sums (cells[r * cstride * Rw + c * cstride],
+// `lanes` interleaved channels), written to out + lane * out_lane_stride + k.
+template <typename scalar_t, typename acc_t>
+void bins_from_cells(const PoolGeometry& geo, const acc_t* cells, int64_t lanes, scalar_t* out,
+                     int64_t out_lane_stride, std::vector<acc_t>& sum) {
+  const int64_t Rw = geo.cols.nseg;
+  sum.assign(lanes, acc_t(0));
+  int64_t rbin = 0, cbin = 0;
+  for (size_t g = 0; g < geo.grids.size(); ++g) {
+    const int64_t s = geo.grids[g];
+    for (int64_t i = 0; i < s; ++i) {
+      const int64_t r0 = geo.rows.seg_lo[rbin + i], r1 = geo.rows.seg_hi[rbin + i];
+      for (int64_t j = 0; j < s; ++j) {
+        const int64_t c0 = geo.cols.seg_lo[cbin + j], c1 = geo.cols.seg_hi[cbin + j];
+        const acc_t inv_area =
+            acc_t(1) / acc_t(geo.rows.bin_len[rbin + i] * geo.cols.bin_len[cbin + j]);
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t* cell = cells + (r * Rw + c) * lanes;
+            for (int64_t l = 0; l < lanes; ++l) sum[l] += cell[l];
+          }
+        }
+        const int64_t k = geo.offset[g] + i * s + j;
+        for (int64_t l = 0; l < lanes; ++l) {
+          out[l * out_lane_stride + k] = static_cast<scalar_t>(sum[l] * inv_area);
+        }
+      }
+    }
+    rbin += s;
+    cbin += s;
+  }
+}
+
+// Planes are handled in blocks of kLanes. Each plane's rows of one row segment are summed
+// element-wise (vectorised along W), and the W-long sums are stored with the block's planes
+// innermost; from there the column segments and every bin are vector adds across the block, so
+// per-plane bookkeeping is amortised even for 8 x 8 planes.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kChunk = 8;
+
+template <typename scalar_t>
+void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2);
+  const int64_t sW = W == 1 ? 1 : input.stride(3);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const int64_t S = geo.S, Rh = geo.rows.nseg, Rw = geo.cols.nseg, P = N * C;
+  const int64_t nblocks = (P + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W * kLanes));
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rowsT(Rh * W * kLanes), cellsT(Rh * Rw * kLanes);
+    std::vector<acc_t> inv(S);
+    for (int64_t k = 0; k < S; ++k) inv[k] = acc_t(1) / acc_t(geo.area[k]);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
+      if (nb < kLanes) std::fill(rowsT.begin(), rowsT.end(), acc_t(0));
+      // Plane offsets stepped through (n, c): a 64-bit division per plane costs as much as the
+      // arithmetic of an 8 x 8 plane.
+      int64_t pn = p0 / C, pc = p0 % C;
+      for (int64_t b = 0; b < nb; ++b) {
+        const scalar_t* plane = x + pn * sN + pc * sC;
+        if (++pc == C) {
+          pc = 0;
+          ++pn;
+        }
+        for (int64_t r = 0; r < Rh; ++r) {
+          const int64_t h0 = geo.rows.seg_begin[r], h1 = geo.rows.seg_begin[r + 1];
+          acc_t* dst = rowsT.data() + r * W * kLanes + b;
+          int64_t w0 = 0;
+          if (sW == 1) {
+            // Chunks of kChunk columns summed over the segment's rows in registers.
+            for (; w0 + kChunk <= W; w0 += kChunk) {
+              acc_t a[kChunk];
+              const scalar_t* row = plane + h0 * sH + w0;
+              for (int64_t l = 0; l < kChunk; ++l) a[l] = static_cast<acc_t>(row[l]);
+              for (int64_t h = h0 + 1; h < h1; ++h) {
+                row = plane + h * sH + w0;
+                for (int64_t l = 0; l < kChunk; ++l) a[l] += static_cast<acc_t>(row[l]);
+              }
+              for (int64_t l = 0; l < kChunk; ++l) dst[(w0 + l) * kLanes] = a[l];
+            }
+          }
+          for (int64_t w = w0; w < W; ++w) {
+            acc_t a = 0;
+            for (int64_t h = h0; h < h1; ++h) a += static_cast<acc_t>(plane[h * sH + w * sW]);
+            dst[w * kLanes] = a;
+          }
+        }
+      }
+      // Column segments: [Rh, W, lanes] -> [Rh, Rw, lanes].
+      for (int64_t r = 0; r < Rh; ++r) {
+        for (int64_t c = 0; c < Rw; ++c) {
+          acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+          const acc_t* src = rowsT.data() + (r * W + geo.cols.seg_begin[c]) * kLanes;
+          for (int64_t l = 0; l < kLanes; ++l) cell[l] = src[l];
+          for (int64_t w = geo.cols.seg_begin[c] + 1; w < geo.cols.seg_begin[c + 1]; ++w) {
+            src += kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) cell[l] += src[l];
+          }
+        }
+      }
+      // Bins: sums of their elementary cells.
+      for (int64_t k = 0; k < S; ++k) {
+        acc_t sum[kLanes] = {};
+        for (int64_t r = geo.r0[k]; r < geo.r1[k]; ++r) {
+          for (int64_t c = geo.c0[k]; c < geo.c1[k]; ++c) {
+            const acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) sum[l] += cell[l];
+          }
+        }
+        scalar_t* o = y + p0 * S + k;
+        for (int64_t b = 0; b < nb; ++b) o[b * S] = static_cast<scalar_t>(sum[b] * inv[k]);
+      }
+    }
+  });
+}
+
+// Channels-last inputs (stride of C is 1): each pixel's channels are contiguous, so a block of
+// channels is accumulated into its elementary cell as one vector add.
+template <typename scalar_t>
+void forward_channels_last(const at::Tensor& input, const PoolGeometry& geo, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t sN = input.stride(0), sH = input.stride(2), sW = input.stride(3);
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const int64_t S = geo.S, Rw = geo.cols.nseg;
+  constexpr int64_t kBlock = 64;
+  const int64_t nblk = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells(geo.ncells() * kBlock), sum;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nblk, c0 = (t % nblk) * kBlock;
+      const int64_t L = std::min(kBlock, C - c0);
+      std::fill(cells.begin(), cells.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* cellrow = cells.data() + geo.rows.seg_of[h] * Rw * L;
+        const scalar_t* row = x + n * sN + h * sH + c0;
+        for (int64_t w = 0; w < W; ++w) {
+          acc_t* cell = cellrow + geo.cols.seg_of[w] * L;
+          const scalar_t* px = row + w * sW;
+          for (int64_t l = 0; l < L; ++l) cell[l] += static_cast<acc_t>(px[l]);
+        }
+      }
+      bins_from_cells<scalar_t, acc_t>(geo, cells.data(), L, y + (n * C + c0) * S, S, sum);
+    }
+  });
+}
+
+at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) {
+  check_multiscale_pool_inputs(input, grids);
+  const PoolGeometry geo(input.size(2), input.size(3), grids);
+  at::Tensor out = at::empty({input.size(0), input.size(1), geo.S}, input.options());
+  const bool rows_contiguous = input.size(3) == 1 || input.stride(3) == 1;
+  const bool channels_inner = input.size(1) > 1 && input.stride(1) == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "multiscale_pool_cpu", [&] {
+                                    if (!rows_contiguous && channels_inner) {
+                                      forward_channels_last<scalar_t>(input, geo, out);
+                                    } else {
+                                      forward_planes<scalar_t>(input, geo, out);
+                                    }
+                                  });
+  return out;
+}
+
+// Backward: the value every pixel of an elementary cell receives is summed per cell from the
+// bins covering it (vector adds across a block of planes), expanded to one W-long row per row
+// segment, and copied to each row of the segment.
+template <typename scalar_t>
+void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor& grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = grad_input.size(0), C = grad_input.size(1);
+  const int64_t H = grad_input.size(2), W = grad_input.size(3);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gS = grad.stride(2);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+  const int64_t S = geo.S, Rh = geo.rows.nseg, Rw = geo.cols.nseg, P = N * C;
+  const int64_t nblocks = (P + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W * kLanes));
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cellsT(Rh * Rw * kLanes), inv(S);
+    std::vector<scalar_t> rowbuf(W);
+    for (int64_t k = 0; k < S; ++k) inv[k] = acc_t(1) / acc_t(geo.area[k]);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
+      const scalar_t* gp[kLanes];
+      int64_t pn = p0 / C, pc = p0 % C;
+      for (int64_t b = 0; b < nb; ++b) {
+        gp[b] = g + pn * gN + pc * gC;
+        if (++pc == C) {
+          pc = 0;
+          ++pn;
+        }
+      }
+      std::fill(cellsT.begin(), cellsT.end(), acc_t(0));
+      for (int64_t k = 0; k < S; ++k) {
+        acc_t v[kLanes] = {};
+        for (int64_t b = 0; b < nb; ++b) v[b] = static_cast<acc_t>(gp[b][k * gS]) * inv[k];
+        for (int64_t r = geo.r0[k]; r < geo.r1[k]; ++r) {
+          for (int64_t c = geo.c0[k]; c < geo.c1[k]; ++c) {
+            acc_t* cell = cellsT.data() + (r * Rw + c) * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) cell[l] += v[l];
+          }
+        }
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        scalar_t* out = gi + (p0 + b) * H * W;
+        for (int64_t r = 0; r < Rh; ++r) {
+          for (int64_t c = 0; c < Rw; ++c) {
+            const scalar_t v = static_cast<scalar_t>(cellsT[(r * Rw + c) * kLanes + b]);
+            for (int64_t w = geo.cols.seg_begin[c]; w < geo.cols.seg_begin[c + 1]; ++w) {
+              rowbuf[w] = v;
+            }
+          }
+          // Short rows (8 x 8 planes) make a memcpy call per row the dominant cost.
+          for (int64_t h = geo.rows.seg_begin[r]; h < geo.rows.seg_begin[r + 1]; ++h) {
+            scalar_t* dst = out + h * W;
+            int64_t w = 0;
+            for (; w + kChunk <= W; w += kChunk) {
+              for (int64_t l = 0; l < kChunk; ++l) dst[w + l] = rowbuf[w + l];
+            }
+            for (; w < W; ++w) dst[w] = rowbuf[w];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor multiscale_pool_backward_cpu(const at::Tensor& grad, c10::IntArrayRef input_size,
+                                        c10::IntArrayRef grids) {
+  check_multiscale_pool_backward_inputs(grad, input_size, grids);
+  const PoolGeometry geo(input_size[2], input_size[3], grids);
+  at::Tensor grad_input = at::empty(input_size, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "multiscale_pool_backward_cpu",
+                                  [&] { backward_planes<scalar_t>(grad, geo, grad_input); });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autokd, CPU, m) {
+  m.impl("multiscale_pool", &multiscale_pool_cpu);
+  m.impl("multiscale_pool_backward", &multiscale_pool_backward_cpu);
+}
+
+}  // namespace autokd
