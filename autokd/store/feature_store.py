@@ -79,7 +79,9 @@ class FeatureStore:
     """
 
     def __init__(self, path, *, expect_teacher_hash=None, expect_dataset_id=None, expect_schema=None,
-                 num_threads: int = 4):
+                 num_threads: Optional[int] = None):
+        if num_threads is None:
+            num_threads = min(4, os.cpu_count() or 1)
         self._open_args = dict(
             path=os.fspath(path),
             expect_teacher_hash=expect_teacher_hash or "",
@@ -93,7 +95,7 @@ class FeatureStore:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path, expect_teacher_hash: Optional[str] = None, expect_dataset_id: Optional[str] = None,
-             expect_schema: Optional[Sequence] = None, num_threads: int = 4) -> "FeatureStore":
+             expect_schema: Optional[Sequence] = None, num_threads: Optional[int] = None) -> "FeatureStore":
         """Map an existing store. Raises StoreError (a ValueError) naming path, check, expected
         and found when the file is damaged or does not match the given expectations."""
         path = os.fspath(path)
@@ -108,6 +110,7 @@ class FeatureStore:
     def _get_reader(self):
         if self._reader is None:
             self._reader = _engine.StoreReader(**self._open_args)
+            self._schema = [(n, d, list(s)) for n, d, s in self._reader.fields]
         return self._reader
 
     def __getstate__(self):
@@ -132,7 +135,9 @@ class FeatureStore:
 
     @property
     def schema(self) -> List[Tuple[str, str, List[int]]]:
-        return [(n, d, list(s)) for n, d, s in self._get_reader().fields]
+        """[(name, dtype, per-sample shape)], taps in build order, then ("logits", dtype, [K])."""
+        self._get_reader()
+        return [(n, d, list(s)) for n, d, s in self._schema]
 
     @property
     def taps(self) -> List[str]:
@@ -186,7 +191,7 @@ class FeatureStore:
             if v.size == 1 and n != 1:
                 v = np.full(n, int(v[0]), dtype=np.int64)
         result, bufs = {}, []
-        for name, dt, shape in self.schema:
+        for name, dt, shape in self._schema:
             want = _TORCH_DTYPES[dt]
             if out is None:
                 t = torch.empty((n, *shape), dtype=want, pin_memory=pin_memory)
@@ -235,7 +240,7 @@ class FeatureStore:
               dtype: str = "fp16", batch_size: int = 256, augment: Optional[ReplayAugment] = None,
               dataset_id: Optional[str] = None, progress: bool = True, device="cpu",
               logits_dtype: Optional[str] = None, chunk_bytes: int = 1 << 20,
-              num_threads: int = 4) -> "FeatureStore":
+              num_threads: Optional[int] = None) -> "FeatureStore":
         """Run `teacher` (eval mode, no_grad) over every sample of `dataset` in every view and
         store the outputs of the modules named in `taps` plus the logits (teacher output).
 
