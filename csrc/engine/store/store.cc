@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
+#include <functional>
 #include <cstring>
 #include <limits>
 #include <sstream>
@@ -127,26 +129,84 @@ T load(const unsigned char* p) {
   return v;
 }
 
-// Runs fn(begin, end) over [0, n) split in `threads` contiguous parts.
+}  // namespace
+
+struct Reader::Pool {
+  explicit Pool(unsigned workers) : owner(::getpid()) {
+    for (unsigned w = 0; w < workers; ++w) threads.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      stop = true;
+    }
+    wake.notify_all();
+    for (auto& t : threads) t.join();
+  }
+  // Runs job(p) for p in [0, parts): part 0 on the caller, the rest on whichever workers wake.
+  void run(unsigned parts, const std::function<void(unsigned)>& job) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      current = &job;
+      next = 1;
+      total = parts;
+      pending = parts - 1;
+      ++generation;
+    }
+    wake.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lk(mu);
+    done.wait(lk, [&] { return pending == 0; });
+    current = nullptr;
+  }
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu);
+    for (;;) {
+      wake.wait(lk, [&] { return stop || generation != seen; });
+      if (stop) return;
+      seen = generation;
+      while (current && next < total) {
+        unsigned p = next++;
+        const auto* job = current;
+        lk.unlock();
+        (*job)(p);
+        lk.lock();
+        if (--pending == 0) done.notify_one();
+      }
+    }
+  }
+
+  const pid_t owner;
+  std::vector<std::thread> threads;
+  std::mutex mu;
+  std::condition_variable wake, done;
+  const std::function<void(unsigned)>* current = nullptr;
+  unsigned next = 0, total = 0, pending = 0;
+  uint64_t generation = 0;
+  bool stop = false;
+};
+
 template <class Fn>
-void parallel_for(uint64_t n, unsigned threads, Fn fn) {
-  if (threads <= 1 || n <= 1) {
+void Reader::parallel_for(uint64_t n, unsigned parts, Fn fn) const {
+  parts = unsigned(std::min<uint64_t>(parts, n));
+  if (parts <= 1) {
     fn(uint64_t(0), n);
     return;
   }
-  threads = unsigned(std::min<uint64_t>(threads, n));
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  uint64_t step = (n + threads - 1) / threads;
-  for (unsigned t = 1; t < threads; ++t) {
-    uint64_t b = t * step, e = std::min(n, b + step);
-    if (b < e) pool.emplace_back(fn, b, e);
+  std::unique_lock<std::mutex> lk(pool_mu_, std::try_to_lock);
+  if (!lk.owns_lock()) {  // another thread's call has the workers (and the cores)
+    fn(uint64_t(0), n);
+    return;
   }
-  fn(uint64_t(0), std::min(n, step));
-  for (auto& th : pool) th.join();
+  if (pool_ && pool_->owner != ::getpid()) pool_ = nullptr;  // inherited via fork: no threads here
+  if (!pool_) pool_ = new Pool(options_.num_threads - 1);
+  const uint64_t step = (n + parts - 1) / parts;
+  pool_->run(parts, [&](unsigned p) {
+    uint64_t b = p * step, e = std::min(n, b + step);
+    if (b < e) fn(b, e);
+  });
 }
-
-}  // namespace
 
 size_t dtype_size(Dtype d) {
   switch (d) {
@@ -436,6 +496,7 @@ Reader::Reader(ReaderOptions options) : options_(std::move(options)) {
 }
 
 Reader::~Reader() {
+  if (pool_ && pool_->owner == ::getpid()) delete pool_;
   if (base_) ::munmap(const_cast<unsigned char*>(base_), mapped_bytes_);
 }
 
@@ -549,6 +610,7 @@ void Reader::check_expectations() const {
 unsigned Reader::threads_for(uint64_t bytes) const {
   return unsigned(std::max<uint64_t>(1, std::min<uint64_t>(options_.num_threads, bytes / kBytesPerThread)));
 }
+
 
 void Reader::gather(const int64_t* samples, const int64_t* views, uint64_t n,
                     const std::vector<void*>& outs) const {

@@ -39,9 +39,13 @@
 //   hash, data set id, schema). verify() additionally checksums every data chunk.
 // - Every failure is a StoreError naming the path, what was checked, what was expected and
 //   what was found; bad arguments (options, indices, buffers) are std::invalid_argument.
-// - Readers map the file read-only (MAP_SHARED) and hold no threads between calls: gather and
-//   verify start their threads per call, so a Reader stays usable in forked processes and is
-//   safe to share between threads (all methods are const).
+// - Readers map the file read-only (MAP_SHARED); all methods are const and safe to call from
+//   several threads. gather/verify split their work over a persistent pool of num_threads - 1
+//   workers plus the caller, started on first use (starting threads per call costs ~0.1 ms
+//   under some sandboxes, as much as a whole batch). A call that finds the pool busy with
+//   another thread's call runs on its own thread. After fork() the child sees the parent's
+//   pool is not its own (owner pid), abandons it without touching it and starts its own, so a
+//   Reader inherited by DataLoader workers keeps working.
 //
 // LIMITS: up to 64 fields of at most 8 dims, names up to 255 bytes, strings up to 64 KiB,
 // header up to 256 MiB; little-endian hosts only; N * K * R must fit in 63 bits.
@@ -49,6 +53,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -188,6 +193,13 @@ class Reader {
   void parse();
   void check_expectations() const;
   unsigned threads_for(uint64_t bytes) const;
+  // Runs fn(begin, end) over [0, n) split in up to `parts` contiguous ranges.
+  template <class Fn>
+  void parallel_for(uint64_t n, unsigned parts, Fn fn) const;
+
+  struct Pool;  // persistent workers, store.cc
+  mutable std::mutex pool_mu_;
+  mutable Pool* pool_ = nullptr;  // raw: a pool inherited through fork() is leaked, never joined
 
   ReaderOptions options_;
   const unsigned char* base_ = nullptr;

@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -198,6 +199,34 @@ AUTOKD_TEST(gather_random_with_threads) {
     });
   for (auto& th : pool) th.join();
   for (int v : ok) AUTOKD_EXPECT(v == 1);
+}
+
+AUTOKD_TEST(reader_works_after_fork) {
+  Spec s;
+  s.n = 200;
+  s.fields = {{"f", Dtype::fp32, {64, 8, 8}}, {"logits", Dtype::fp32, {10}}};
+  ReaderOptions o{build("fork.akd", s)};
+  o.num_threads = 3;
+  Reader r(o);
+  std::vector<int64_t> idx(150), views(150);
+  for (size_t b = 0; b < idx.size(); ++b) {
+    idx[b] = int64_t((b * 37) % s.n);
+    views[b] = int64_t(b % s.views);
+  }
+  AUTOKD_EXPECT(gathered_ok(r, idx, views));  // the parent's worker pool now exists
+  for (int child = 0; child < 2; ++child) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      std::vector<int64_t> ridx(idx.rbegin(), idx.rend());
+      bool ok = gathered_ok(r, idx, views) && gathered_ok(r, ridx, views);
+      r.verify();
+      ::_exit(ok ? 0 : 3);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    AUTOKD_EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  AUTOKD_EXPECT(gathered_ok(r, idx, views));
 }
 
 AUTOKD_TEST(gather_rejects_bad_indices) {
