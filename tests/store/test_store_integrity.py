@@ -160,6 +160,7 @@ def test_fuzz_random_and_mutated_headers(tmp_path, good_file, data):
         return
     s.verify()
     all_records(s)
+    assert all(isinstance(x, str) for x in (s.teacher_hash, s.dataset_id, s.augment_id))
 
 
 def test_concurrent_reader_threads(tmp_path, good_file):

@@ -54,6 +54,40 @@ std::string printable(const unsigned char* p, size_t n) {
   return s + "'";
 }
 
+// Strict UTF-8 (no overlong forms, surrogates or code points past U+10FFFF): names and ids
+// become Python str, so a header must not hold bytes that cannot decode.
+bool utf8_valid(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    unsigned c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t cp;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2, cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3, cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4, cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (len > n - i) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    if (len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) return false;
+    if (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
 std::string sys_error(const std::string& call) { return call + ": " + std::strerror(errno); }
 
 void write_all(int fd, const unsigned char* p, uint64_t n, uint64_t offset, const std::string& path) {
@@ -117,6 +151,9 @@ struct Cursor {
     }
     need(n, what);
     std::string s(reinterpret_cast<const char*>(base + pos), n);
+    if (!utf8_valid(s))
+      throw StoreError(path, std::string("text of ") + what + " at offset " + std::to_string(pos),
+                       "UTF-8", "invalid UTF-8 bytes");
     pos += n;
     return s;
   }
@@ -284,8 +321,8 @@ void WriterOptions::validate() const {
     bad("1 to 64 fields, got " + std::to_string(fields.size()));
   for (size_t i = 0; i < fields.size(); ++i) {
     const auto& f = fields[i];
-    if (f.name.empty() || f.name.size() > kMaxName)
-      bad("field name of 1 to 255 bytes, got '" + f.name + "'");
+    if (f.name.empty() || f.name.size() > kMaxName || !utf8_valid(f.name))
+      bad("field name of 1 to 255 bytes of UTF-8, got '" + f.name + "'");
     for (size_t j = 0; j < i; ++j)
       if (fields[j].name == f.name) bad("unique field names, got '" + f.name + "' twice");
     if (dtype_size(f.dtype) == 0) bad("field dtype fp16, bf16 or fp32 for '" + f.name + "'");
@@ -303,7 +340,7 @@ void WriterOptions::validate() const {
   if (bytes / chunk_bytes > (kMaxHeader >> 4))
     bad("at most " + std::to_string(kMaxHeader >> 4) + " chunks; raise chunk_bytes");
   for (const std::string* s : {&teacher_hash, &dataset_id, &augment_id})
-    if (s->size() > kMaxString) bad("identity strings of at most 64 KiB");
+    if (s->size() > kMaxString || !utf8_valid(*s)) bad("identity strings of at most 64 KiB of UTF-8");
 }
 
 Writer::Writer(WriterOptions options) : options_(std::move(options)) {
@@ -567,6 +604,8 @@ void Reader::parse() {
     if (f.elements() == 0 || f.bytes() > (kMaxBytes >> 8))
       throw StoreError(path, "shape of field '" + f.name + "'", "positive dims of sane size", f.describe());
     stored_offsets.push_back(c.get<uint64_t>("field offset"));
+    for (const Field& g : fields_)
+      if (g.name == f.name) throw StoreError(path, "field names", "distinct names", "'" + f.name + "' twice");
     fields_.push_back(std::move(f));
   }
   layout_ = Layout::of(fields_);

@@ -251,6 +251,8 @@ AUTOKD_TEST(options_validated) {
   AUTOKD_EXPECT_THROWS(Writer{o}, std::invalid_argument);  // empty shape
   o.fields = {{"x", Dtype::fp16, {2}}, {"x", Dtype::fp32, {2}}};
   AUTOKD_EXPECT_THROWS(Writer{o}, std::invalid_argument);  // duplicate
+  o.fields = {{"bad\xff", Dtype::fp16, {2}}};
+  AUTOKD_EXPECT_THROWS(Writer{o}, std::invalid_argument);  // not UTF-8
   o.fields = {{"x", Dtype::fp16, {2}}};
   o.num_views = 0;
   AUTOKD_EXPECT_THROWS(Writer{o}, std::invalid_argument);
@@ -337,6 +339,13 @@ AUTOKD_TEST(corruption_is_detected_and_named) {
     put64(b, 40, get64(good, 40) + 1);  // one more sample than the file holds
     reseal(b);
     AUTOKD_EXPECT(check(b) == "data region inside the file");
+  }
+  {  // a name that is not UTF-8 (it would not decode to a Python str)
+    auto b = good;
+    size_t at = 88 + 4;  // first byte of the teacher hash string
+    b[at] = 0xC0;
+    reseal(b);
+    AUTOKD_EXPECT(check(b).rfind("text of teacher_hash", 0) == 0);
   }
   {  // trailing bytes
     auto b = good;
