@@ -5,9 +5,16 @@ A FeatureStore holds a teacher's features (at chosen module paths) and logits fo
 store.h). ReplayAugment makes view v of sample i a pure function of (seed, i, v), so the student
 sees exactly the image the stored teacher features came from.
 """
+
 from autokd.store.augment import AugParams, ReplayAugment
 from autokd.store.dataset import OfflineDistillDataset
-from autokd.store.feature_store import FeatureStore, StoreBatches, StoreError, load_batch, teacher_hash
+from autokd.store.feature_store import (
+    FeatureStore,
+    StoreBatches,
+    StoreError,
+    load_batch,
+    teacher_hash,
+)
 
 __all__ = [
     "AugParams",

@@ -14,6 +14,7 @@ The image is zero-padded by p = crop_padding on each side and the H x W window s
 the standard CIFAR "pad 4, random crop, random flip". Every view, view 0 included, is augmented;
 a store with K views holds K independent augmentations of each sample.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -40,7 +41,9 @@ def _as_u64(x) -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.dtype.kind not in "iu":
-        raise ValueError(f"autokd.store.ReplayAugment: expected integer indices/views, got dtype {a.dtype}")
+        raise ValueError(
+            f"autokd.store.ReplayAugment: expected integer indices/views, got dtype {a.dtype}"
+        )
     if a.dtype.kind == "i" and a.size and a.min() < 0:
         raise ValueError("autokd.store.ReplayAugment: expected non-negative indices/views")
     return a.astype(np.uint64)
@@ -59,7 +62,9 @@ class ReplayAugment:
 
     def __init__(self, seed: int = 0, crop_padding: int = 4, flip: bool = True):
         if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
-            raise ValueError(f"autokd.store.ReplayAugment: expected seed an int in [0, 2^64), got {seed!r}")
+            raise ValueError(
+                f"autokd.store.ReplayAugment: expected seed an int in [0, 2^64), got {seed!r}"
+            )
         if not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:
             raise ValueError(
                 f"autokd.store.ReplayAugment: expected crop_padding an int >= 0, got {crop_padding!r}"
@@ -69,7 +74,9 @@ class ReplayAugment:
         self.flip = bool(flip)
 
     def __repr__(self):
-        return f"ReplayAugment(seed={self.seed}, crop_padding={self.crop_padding}, flip={self.flip})"
+        return (
+            f"ReplayAugment(seed={self.seed}, crop_padding={self.crop_padding}, flip={self.flip})"
+        )
 
     def identity(self) -> str:
         """Describes the augmentation completely; stored in the feature store's header."""
@@ -103,7 +110,9 @@ class ReplayAugment:
     def apply(self, img: torch.Tensor, params: AugParams) -> torch.Tensor:
         """img [C, H, W] -> augmented [C, H, W] (a new tensor)."""
         if img.dim() != 3:
-            raise ValueError(f"autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], got {list(img.shape)}")
+            raise ValueError(
+                f"autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], got {list(img.shape)}"
+            )
         _, h, w = img.shape
         p = self.crop_padding
         out = F.pad(img, (p, p, p, p))[:, params.dy : params.dy + h, params.dx : params.dx + w]

@@ -2,6 +2,7 @@
 csrc/engine/store/store.h). Building runs the teacher once over every (sample, view); reading
 gathers batches of stored features straight into torch tensors, with the GIL released.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -78,8 +79,15 @@ class FeatureStore:
     parent's read-only mapping.
     """
 
-    def __init__(self, path, *, expect_teacher_hash=None, expect_dataset_id=None, expect_schema=None,
-                 num_threads: Optional[int] = None):
+    def __init__(
+        self,
+        path,
+        *,
+        expect_teacher_hash=None,
+        expect_dataset_id=None,
+        expect_schema=None,
+        num_threads: Optional[int] = None,
+    ):
         if num_threads is None:
             num_threads = min(4, os.cpu_count() or 1)
         self._open_args = dict(
@@ -94,18 +102,31 @@ class FeatureStore:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, expect_teacher_hash: Optional[str] = None, expect_dataset_id: Optional[str] = None,
-             expect_schema: Optional[Sequence] = None, num_threads: Optional[int] = None) -> "FeatureStore":
+    def open(
+        cls,
+        path,
+        expect_teacher_hash: Optional[str] = None,
+        expect_dataset_id: Optional[str] = None,
+        expect_schema: Optional[Sequence] = None,
+        num_threads: Optional[int] = None,
+    ) -> "FeatureStore":
         """Map an existing store. Raises StoreError (a ValueError) naming path, check, expected
         and found when the file is damaged or does not match the given expectations."""
         path = os.fspath(path)
         if not os.path.exists(path):
             extra = ""
             if os.path.exists(path + ".partial"):
-                extra = f"; {path}.partial exists: a build was interrupted or is running, build again"
+                extra = (
+                    f"; {path}.partial exists: a build was interrupted or is running, build again"
+                )
             raise FileNotFoundError(f"autokd store {path}: no such file{extra}")
-        return cls(path, expect_teacher_hash=expect_teacher_hash, expect_dataset_id=expect_dataset_id,
-                   expect_schema=expect_schema, num_threads=num_threads)
+        return cls(
+            path,
+            expect_teacher_hash=expect_teacher_hash,
+            expect_dataset_id=expect_dataset_id,
+            expect_schema=expect_schema,
+            num_threads=num_threads,
+        )
 
     def _get_reader(self):
         if self._reader is None:
@@ -163,8 +184,10 @@ class FeatureStore:
         return self.num_samples
 
     def __repr__(self):
-        return (f"FeatureStore({self.path!r}, samples={self.num_samples}, views={self.num_views}, "
-                f"schema={self.schema})")
+        return (
+            f"FeatureStore({self.path!r}, samples={self.num_samples}, views={self.num_views}, "
+            f"schema={self.schema})"
+        )
 
     # -- reading ---------------------------------------------------------------------------
     def empty_batch(self, batch_size: int, pin_memory: bool = False) -> Dict[str, torch.Tensor]:
@@ -174,8 +197,13 @@ class FeatureStore:
             for name, dt, shape in self.schema
         }
 
-    def gather(self, indices, views, out: Optional[Dict[str, torch.Tensor]] = None,
-               pin_memory: bool = False) -> Dict[str, torch.Tensor]:
+    def gather(
+        self,
+        indices,
+        views,
+        out: Optional[Dict[str, torch.Tensor]] = None,
+        pin_memory: bool = False,
+    ) -> Dict[str, torch.Tensor]:
         """Records (indices[b], views[b]) -> {name: tensor [B, *shape]} in the stored dtype.
 
         views is one int for the whole batch or one per index. `out` tensors (CPU, contiguous,
@@ -197,10 +225,18 @@ class FeatureStore:
                 t = torch.empty((n, *shape), dtype=want, pin_memory=pin_memory)
             else:
                 if name not in out:
-                    raise ValueError(f"autokd store gather: expected out[{name!r}], got keys {sorted(out)}")
+                    raise ValueError(
+                        f"autokd store gather: expected out[{name!r}], got keys {sorted(out)}"
+                    )
                 t = out[name]
-                if (t.device.type != "cpu" or t.dtype != want or list(t.shape[1:]) != list(shape)
-                        or t.dim() == 0 or t.shape[0] < n or not t.is_contiguous()):
+                if (
+                    t.device.type != "cpu"
+                    or t.dtype != want
+                    or list(t.shape[1:]) != list(shape)
+                    or t.dim() == 0
+                    or t.shape[0] < n
+                    or not t.is_contiguous()
+                ):
                     raise ValueError(
                         f"autokd store gather: expected out[{name!r}] a contiguous CPU {want} tensor of shape "
                         f"[>={n}, {', '.join(map(str, shape))}], got {t.device} {t.dtype} {list(t.shape)}"
@@ -215,13 +251,32 @@ class FeatureStore:
         """Checksum every data chunk; raises StoreError naming the first damaged chunk."""
         self._get_reader().verify()
 
-    def batches(self, dataset, aug: ReplayAugment, batch_size: int = 128, indices=None, epoch: int = 0,
-                shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                pin_memory: bool = False) -> "StoreBatches":
+    def batches(
+        self,
+        dataset,
+        aug: ReplayAugment,
+        batch_size: int = 128,
+        indices=None,
+        epoch: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> "StoreBatches":
         """Iterable of (imgs_aug [B, C, H, W], labels [B], {name: feats [B, ...]}) for one epoch,
         view epoch % K, one gather per batch. See StoreBatches."""
-        return StoreBatches(self, dataset, aug, batch_size=batch_size, indices=indices, epoch=epoch,
-                            shuffle=shuffle, seed=seed, drop_last=drop_last, pin_memory=pin_memory)
+        return StoreBatches(
+            self,
+            dataset,
+            aug,
+            batch_size=batch_size,
+            indices=indices,
+            epoch=epoch,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+        )
 
     def check_compatible(self, dataset, aug: ReplayAugment) -> None:
         """The student must see the augmentation and samples the teacher saw."""
@@ -236,11 +291,23 @@ class FeatureStore:
 
     # -- building --------------------------------------------------------------------------
     @classmethod
-    def build(cls, path, teacher: torch.nn.Module, dataset, taps: Iterable[str] = (), views: int = 1,
-              dtype: str = "fp16", batch_size: int = 256, augment: Optional[ReplayAugment] = None,
-              dataset_id: Optional[str] = None, progress: bool = True, device="cpu",
-              logits_dtype: Optional[str] = None, chunk_bytes: int = 1 << 20,
-              num_threads: Optional[int] = None) -> "FeatureStore":
+    def build(
+        cls,
+        path,
+        teacher: torch.nn.Module,
+        dataset,
+        taps: Iterable[str] = (),
+        views: int = 1,
+        dtype: str = "fp16",
+        batch_size: int = 256,
+        augment: Optional[ReplayAugment] = None,
+        dataset_id: Optional[str] = None,
+        progress: bool = True,
+        device="cpu",
+        logits_dtype: Optional[str] = None,
+        chunk_bytes: int = 1 << 20,
+        num_threads: Optional[int] = None,
+    ) -> "FeatureStore":
         """Run `teacher` (eval mode, no_grad) over every sample of `dataset` in every view and
         store the outputs of the modules named in `taps` plus the logits (teacher output).
 
@@ -251,27 +318,37 @@ class FeatureStore:
         """
         path = os.fspath(path)
         taps = list(taps)
-        for name, value, ok in (("dtype", dtype, dtype in _TORCH_DTYPES),
-                                ("logits_dtype", logits_dtype, logits_dtype is None or logits_dtype in _TORCH_DTYPES),
-                                ("views", views, isinstance(views, int) and views >= 1),
-                                ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1)):
+        for name, value, ok in (
+            ("dtype", dtype, dtype in _TORCH_DTYPES),
+            ("logits_dtype", logits_dtype, logits_dtype is None or logits_dtype in _TORCH_DTYPES),
+            ("views", views, isinstance(views, int) and views >= 1),
+            ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+        ):
             if not ok:
-                raise ValueError(f"autokd store build: expected {name} "
-                                 f"{'fp16, bf16 or fp32' if 'dtype' in name else 'an int >= 1'}, got {value!r}")
+                raise ValueError(
+                    f"autokd store build: expected {name} "
+                    f"{'fp16, bf16 or fp32' if 'dtype' in name else 'an int >= 1'}, got {value!r}"
+                )
         n = len(dataset)
         if n == 0:
             raise ValueError("autokd store build: expected a non-empty data set, got 0 samples")
         modules = dict(teacher.named_modules())
         for tap in taps:
             if tap == LOGITS:
-                raise ValueError(f"autokd store build: tap name {LOGITS!r} is reserved for the teacher output")
+                raise ValueError(
+                    f"autokd store build: tap name {LOGITS!r} is reserved for the teacher output"
+                )
             if tap not in modules or tap == "":
                 close = difflib.get_close_matches(tap, [m for m in modules if m], n=5)
-                raise ValueError(f"autokd store build: expected taps to name modules of the teacher, got {tap!r}"
-                                 f" (close matches: {close})")
+                raise ValueError(
+                    f"autokd store build: expected taps to name modules of the teacher, got {tap!r}"
+                    f" (close matches: {close})"
+                )
         if len(set(taps)) != len(taps):
             raise ValueError(f"autokd store build: expected distinct taps, got {taps}")
-        augment = augment if augment is not None else ReplayAugment(seed=0, crop_padding=0, flip=False)
+        augment = (
+            augment if augment is not None else ReplayAugment(seed=0, crop_padding=0, flip=False)
+        )
         if dataset_id is None:
             dataset_id = _content_id(dataset, batch_size)
         t_hash = teacher_hash(teacher)
@@ -284,9 +361,12 @@ class FeatureStore:
         def hook_for(tap):
             def hook(_module, _inputs, output):
                 if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"autokd store build: expected tap {tap!r} to output a tensor, "
-                                    f"got {type(output).__name__}")
+                    raise TypeError(
+                        f"autokd store build: expected tap {tap!r} to output a tensor, "
+                        f"got {type(output).__name__}"
+                    )
                 captured[tap] = output
+
             return hook
 
         handles = [modules[t].register_forward_hook(hook_for(t)) for t in taps]
@@ -297,8 +377,12 @@ class FeatureStore:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n * views, unit="rec", desc=f"store {os.path.basename(path)}",
-                       disable=not progress)
+            bar = tqdm(
+                total=n * views,
+                unit="rec",
+                desc=f"store {os.path.basename(path)}",
+                disable=not progress,
+            )
             with torch.no_grad():
                 for v in range(views):
                     for s in range(0, n, batch_size):
@@ -308,16 +392,33 @@ class FeatureStore:
                         captured.clear()
                         logits = teacher(x)
                         if not isinstance(logits, torch.Tensor):
-                            raise TypeError("autokd store build: expected the teacher to return a logits "
-                                            f"tensor, got {type(logits).__name__}")
+                            raise TypeError(
+                                "autokd store build: expected the teacher to return a logits "
+                                f"tensor, got {type(logits).__name__}"
+                            )
                         outputs = {t: captured[t] for t in taps}
                         outputs[LOGITS] = logits
                         if writer is None:
-                            fields = [(name, store_dtypes[name], list(o.shape[1:])) for name, o in outputs.items()]
-                            writer = _engine.StoreWriter(path, fields, n, views, t_hash, dataset_id,
-                                                         augment.identity(), chunk_bytes)
-                        bufs = [_byte_view(o.detach().to(_TORCH_DTYPES[store_dtypes[name]]).cpu().contiguous())
-                                for name, o in outputs.items()]
+                            fields = [
+                                (name, store_dtypes[name], list(o.shape[1:]))
+                                for name, o in outputs.items()
+                            ]
+                            writer = _engine.StoreWriter(
+                                path,
+                                fields,
+                                n,
+                                views,
+                                t_hash,
+                                dataset_id,
+                                augment.identity(),
+                                chunk_bytes,
+                            )
+                        bufs = [
+                            _byte_view(
+                                o.detach().to(_TORCH_DTYPES[store_dtypes[name]]).cpu().contiguous()
+                            )
+                            for name, o in outputs.items()
+                        ]
                         writer.append(bufs, len(idx))
                         bar.update(len(idx))
             writer.finish()
@@ -331,7 +432,9 @@ class FeatureStore:
             for h in handles:
                 h.remove()
             teacher.train(was_training)
-        return cls.open(path, expect_teacher_hash=t_hash, expect_dataset_id=dataset_id, num_threads=num_threads)
+        return cls.open(
+            path, expect_teacher_hash=t_hash, expect_dataset_id=dataset_id, num_threads=num_threads
+        )
 
 
 def _normalise_schema(schema) -> list:
@@ -349,19 +452,43 @@ class StoreBatches:
     permutation drawn from numpy's PCG64 seeded with (seed, epoch) when shuffle, one gather per
     batch. Iterating twice gives the same batches."""
 
-    def __init__(self, store: FeatureStore, dataset, aug: ReplayAugment, batch_size: int = 128, indices=None,
-                 epoch: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        store: FeatureStore,
+        dataset,
+        aug: ReplayAugment,
+        batch_size: int = 128,
+        indices=None,
+        epoch: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ):
         store.check_compatible(dataset, aug)
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"autokd store batches: expected batch_size an int >= 1, got {batch_size!r}")
+            raise ValueError(
+                f"autokd store batches: expected batch_size an int >= 1, got {batch_size!r}"
+            )
         self.store, self.dataset, self.aug = store, dataset, aug
-        self.indices = (np.arange(store.num_samples, dtype=np.int64) if indices is None
-                        else _as_index_array(indices, "indices"))
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= store.num_samples):
-            raise ValueError(f"autokd store batches: expected indices in [0, {store.num_samples}), got "
-                             f"[{self.indices.min()}, {self.indices.max()}]")
-        self.batch_size, self.epoch, self.shuffle, self.seed = batch_size, int(epoch), shuffle, int(seed)
+        self.indices = (
+            np.arange(store.num_samples, dtype=np.int64)
+            if indices is None
+            else _as_index_array(indices, "indices")
+        )
+        if self.indices.size and (
+            self.indices.min() < 0 or self.indices.max() >= store.num_samples
+        ):
+            raise ValueError(
+                f"autokd store batches: expected indices in [0, {store.num_samples}), got "
+                f"[{self.indices.min()}, {self.indices.max()}]"
+            )
+        self.batch_size, self.epoch, self.shuffle, self.seed = (
+            batch_size,
+            int(epoch),
+            shuffle,
+            int(seed),
+        )
         self.drop_last, self.pin_memory = drop_last, pin_memory
 
     @property

@@ -14,7 +14,9 @@ def test_params_are_a_function_of_seed_index_view_only():
     np.random.seed(9)
     second = [b.params(i, v) for i in reversed(range(50)) for v in range(4)]
     assert first == [p for i in range(50) for p in second[(49 - i) * 4 : (50 - i) * 4]]
-    assert [ReplayAugment(seed=6).params(i, 0) for i in range(50)] != [a.params(i, 0) for i in range(50)]
+    assert [ReplayAugment(seed=6).params(i, 0) for i in range(50)] != [
+        a.params(i, 0) for i in range(50)
+    ]
 
 
 def test_params_cover_the_range_and_flip_both_ways():
@@ -39,8 +41,13 @@ def test_apply_known_params():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), pad=st.integers(0, 5), flip=st.booleans(),
-       idx=st.lists(st.integers(0, 10**9), min_size=1, max_size=6), view=st.integers(0, 100))
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    pad=st.integers(0, 5),
+    flip=st.booleans(),
+    idx=st.lists(st.integers(0, 10**9), min_size=1, max_size=6),
+    view=st.integers(0, 100),
+)
 def test_apply_batch_matches_apply(seed, pad, flip, idx, view):
     aug = ReplayAugment(seed=seed, crop_padding=pad, flip=flip)
     imgs = torch.randn(len(idx), 3, 6, 7)

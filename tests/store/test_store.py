@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from autokd.store import FeatureStore, OfflineDistillDataset, ReplayAugment, StoreError, load_batch, teacher_hash
+from autokd.store import (
+    FeatureStore,
+    OfflineDistillDataset,
+    ReplayAugment,
+    StoreError,
+    load_batch,
+    teacher_hash,
+)
 
 from conftest import TinyTeacher, all_records
 
@@ -15,7 +22,9 @@ def expected_outputs(teacher, dataset, aug, idx, views, taps, batch=None):
     """Teacher outputs for the replayed augmented images, computed as the build does (batched)."""
     captured = {}
     mods = dict(teacher.named_modules())
-    hooks = [mods[t].register_forward_hook(lambda m, i, o, t=t: captured.__setitem__(t, o)) for t in taps]
+    hooks = [
+        mods[t].register_forward_hook(lambda m, i, o, t=t: captured.__setitem__(t, o)) for t in taps
+    ]
     teacher.eval()
     with torch.no_grad():
         imgs, _ = load_batch(dataset, idx)
@@ -28,10 +37,23 @@ def expected_outputs(teacher, dataset, aug, idx, views, taps, batch=None):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_round_trip_every_dtype(tmp_path, teacher, dataset, dtype):
     aug = ReplayAugment(seed=3)
-    store = FeatureStore.build(tmp_path / "s.akd", teacher, dataset, taps=["layer1", "stem.2"], views=3,
-                               dtype=dtype, batch_size=5, augment=aug, progress=False)
+    store = FeatureStore.build(
+        tmp_path / "s.akd",
+        teacher,
+        dataset,
+        taps=["layer1", "stem.2"],
+        views=3,
+        dtype=dtype,
+        batch_size=5,
+        augment=aug,
+        progress=False,
+    )
     assert store.num_samples == len(dataset) and store.num_views == 3
-    assert store.schema == [("layer1", dtype, [16, 4, 4]), ("stem.2", dtype, [8, 8, 8]), ("logits", dtype, [10])]
+    assert store.schema == [
+        ("layer1", dtype, [16, 4, 4]),
+        ("stem.2", dtype, [8, 8, 8]),
+        ("logits", dtype, [10]),
+    ]
     assert store.teacher_hash == teacher_hash(teacher) and store.augment_id == aug.identity()
     assert store.dataset_id.startswith("content:")
     store.verify()
@@ -55,8 +77,17 @@ def test_alignment_stored_features_equal_teacher_on_replayed_image(tmp_path, tea
     a lone forward of the single image agrees to rounding, and another view's image does not."""
     aug = ReplayAugment(seed=11, crop_padding=2)
     bs = 8
-    store = FeatureStore.build(tmp_path / "a.akd", teacher, dataset, taps=["layer2"], views=4, dtype="fp32",
-                               batch_size=bs, augment=aug, progress=False)
+    store = FeatureStore.build(
+        tmp_path / "a.akd",
+        teacher,
+        dataset,
+        taps=["layer2"],
+        views=4,
+        dtype="fp32",
+        batch_size=bs,
+        augment=aug,
+        progress=False,
+    )
     ds = OfflineDistillDataset(store, dataset, aug)
     assert teacher.training  # build restores the mode it found
     teacher.eval()
@@ -71,8 +102,12 @@ def test_alignment_stored_features_equal_teacher_on_replayed_image(tmp_path, tea
         assert label == dataset.labels[i]
         assert torch.equal(img, aug.apply(dataset[i][0], aug.params(i, v)))
         first = i // bs * bs
-        batch = torch.stack([aug.apply(dataset[j][0], aug.params(j, v))
-                             for j in range(first, min(len(dataset), first + bs))])
+        batch = torch.stack(
+            [
+                aug.apply(dataset[j][0], aug.params(j, v))
+                for j in range(first, min(len(dataset), first + bs))
+            ]
+        )
         with torch.no_grad():
             logits = teacher(batch)
         assert torch.equal(feats["layer2"], captured["layer2"][i - first])
@@ -89,8 +124,16 @@ def test_alignment_stored_features_equal_teacher_on_replayed_image(tmp_path, tea
 
 
 def test_gather_outputs_and_argument_checks(tmp_path, teacher, tensor_dataset):
-    store = FeatureStore.build(tmp_path / "g.akd", teacher, tensor_dataset, taps=["layer1"], views=2,
-                               dtype="bf16", dataset_id="tiny:train:1", progress=False)
+    store = FeatureStore.build(
+        tmp_path / "g.akd",
+        teacher,
+        tensor_dataset,
+        taps=["layer1"],
+        views=2,
+        dtype="bf16",
+        dataset_id="tiny:train:1",
+        progress=False,
+    )
     idx, views, ref = all_records(store)
     out = store.empty_batch(64)
     got = store.gather(torch.from_numpy(idx), torch.from_numpy(views), out=out)
@@ -98,7 +141,9 @@ def test_gather_outputs_and_argument_checks(tmp_path, teacher, tensor_dataset):
     for name in ref:
         assert torch.equal(got[name], ref[name])
     one = store.gather([4, 4, 0], 1)
-    assert torch.equal(one["logits"], ref["logits"][[len(tensor_dataset) + 4] * 2 + [len(tensor_dataset)]])
+    assert torch.equal(
+        one["logits"], ref["logits"][[len(tensor_dataset) + 4] * 2 + [len(tensor_dataset)]]
+    )
     with pytest.raises(ValueError, match=r"indices\[1\] in \[0, 23\), got 23"):
         store.gather([0, 23], 0)
     with pytest.raises(ValueError, match=r"views\[0\] in \[0, 2\), got 2"):
@@ -113,20 +158,32 @@ def test_gather_outputs_and_argument_checks(tmp_path, teacher, tensor_dataset):
 
 def test_open_checks_expectations(tmp_path, teacher, dataset):
     path = tmp_path / "e.akd"
-    FeatureStore.build(path, teacher, dataset, taps=["layer1"], dataset_id="tiny:train:1", progress=False)
+    FeatureStore.build(
+        path, teacher, dataset, taps=["layer1"], dataset_id="tiny:train:1", progress=False
+    )
     schema = [("layer1", "fp16", [16, 4, 4]), ("logits", "fp16", [10])]
-    s = FeatureStore.open(path, expect_teacher_hash=teacher_hash(teacher), expect_dataset_id="tiny:train:1",
-                          expect_schema=schema)
+    s = FeatureStore.open(
+        path,
+        expect_teacher_hash=teacher_hash(teacher),
+        expect_dataset_id="tiny:train:1",
+        expect_schema=schema,
+    )
     assert s.schema == schema
     other = teacher_hash(TinyTeacher())
     with pytest.raises(StoreError, match="teacher hash") as e:
         FeatureStore.open(path, expect_teacher_hash=other)
     assert e.value.path == str(path) and e.value.check == "teacher hash"
     assert e.value.expected.strip("'") == other and e.value.found.strip("'") == s.teacher_hash
-    with pytest.raises(StoreError, match="data set id: expected 'cifar10:train', found 'tiny:train:1'"):
+    with pytest.raises(
+        StoreError, match="data set id: expected 'cifar10:train', found 'tiny:train:1'"
+    ):
         FeatureStore.open(path, expect_dataset_id="cifar10:train")
-    with pytest.raises(StoreError, match=r"schema: expected layer1:fp32\[16,4,4\] logits:fp16\[10\], found"):
-        FeatureStore.open(path, expect_schema=[("layer1", "fp32", [16, 4, 4]), ("logits", "fp16", [10])])
+    with pytest.raises(
+        StoreError, match=r"schema: expected layer1:fp32\[16,4,4\] logits:fp16\[10\], found"
+    ):
+        FeatureStore.open(
+            path, expect_schema=[("layer1", "fp32", [16, 4, 4]), ("logits", "fp16", [10])]
+        )
     assert isinstance(e.value, ValueError)
 
 
@@ -154,12 +211,21 @@ def test_build_argument_errors(tmp_path, teacher, dataset):
 
 def test_batches_one_gather_per_batch(tmp_path, teacher, dataset):
     aug = ReplayAugment(seed=2)
-    store = FeatureStore.build(tmp_path / "b.akd", teacher, dataset, taps=["layer2"], views=3, dtype="fp32",
-                               progress=False)  # default augment: none
+    store = FeatureStore.build(
+        tmp_path / "b.akd", teacher, dataset, taps=["layer2"], views=3, dtype="fp32", progress=False
+    )  # default augment: none
     with pytest.raises(ValueError, match="augmentation: expected"):
         store.batches(dataset, aug)
-    store = FeatureStore.build(tmp_path / "b.akd", teacher, dataset, taps=["layer2"], views=3, dtype="fp32",
-                               augment=aug, progress=False)
+    store = FeatureStore.build(
+        tmp_path / "b.akd",
+        teacher,
+        dataset,
+        taps=["layer2"],
+        views=3,
+        dtype="fp32",
+        augment=aug,
+        progress=False,
+    )
     subset = np.array([1, 3, 5, 7, 9, 11, 13, 2, 4])
     loader = store.batches(dataset, aug, batch_size=4, indices=subset, epoch=5, seed=1)
     assert len(loader) == 3 and loader.view == 2
@@ -173,9 +239,13 @@ def test_batches_one_gather_per_batch(tmp_path, teacher, dataset):
         assert torch.equal(labels, dataset.labels[idx])
         ref = store.gather(idx, 2)
         assert all(torch.equal(feats[k], ref[k]) for k in ref)
-    again = [b[1] for b in store.batches(dataset, aug, batch_size=4, indices=subset, epoch=5, seed=1)]
+    again = [
+        b[1] for b in store.batches(dataset, aug, batch_size=4, indices=subset, epoch=5, seed=1)
+    ]
     assert all(torch.equal(a, b[1]) for a, b in zip(again, seen))
-    other = [b[1] for b in store.batches(dataset, aug, batch_size=4, indices=subset, epoch=6, seed=1)]
+    other = [
+        b[1] for b in store.batches(dataset, aug, batch_size=4, indices=subset, epoch=6, seed=1)
+    ]
     assert any(not torch.equal(a, b[1]) for a, b in zip(other, seen))
     assert len(store.batches(dataset, aug, batch_size=4, indices=subset, drop_last=True)) == 2
     unshuffled = next(iter(store.batches(dataset, aug, batch_size=4, shuffle=False)))
@@ -196,7 +266,9 @@ def test_progress_bar_on_build(tmp_path, teacher, dataset, capsys):
 
 
 def test_pickles_by_path(tmp_path, teacher, dataset):
-    store = FeatureStore.build(tmp_path / "k.akd", teacher, dataset, taps=["layer1"], progress=False)
+    store = FeatureStore.build(
+        tmp_path / "k.akd", teacher, dataset, taps=["layer1"], progress=False
+    )
     clone = pickle.loads(pickle.dumps(store))
     assert clone._reader is None
     a, b = store.gather([3, 1], 0), clone.gather([3, 1], 0)

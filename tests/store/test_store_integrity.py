@@ -1,4 +1,5 @@
 """Corruption, fuzzing, concurrent readers and interrupted builds."""
+
 import multiprocessing as mp
 import os
 import signal
@@ -43,8 +44,16 @@ def good_file(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("good") / "good.akd"
-    FeatureStore.build(path, TinyTeacher(), ListDataset(), taps=["layer1"], views=2, dtype="fp16",
-                       progress=False, chunk_bytes=4096)
+    FeatureStore.build(
+        path,
+        TinyTeacher(),
+        ListDataset(),
+        taps=["layer1"],
+        views=2,
+        dtype="fp16",
+        progress=False,
+        chunk_bytes=4096,
+    )
     return path, path.read_bytes()
 
 
@@ -110,15 +119,18 @@ def test_unknown_version_and_magic(tmp_path, good_file):
     assert error_of(tmp_path, b).check == "magic"
 
 
-@pytest.mark.parametrize("field,value,check", [
-    (24, 1 << 40, "data region inside the file"),       # data offset far past the end
-    (24, 4096 * 1000, "data region inside the file"),
-    (40, 10**6, "data region inside the file"),         # more samples than the file holds
-    (48, 3, "data region inside the file"),             # more views
-    (16, 1 << 50, "header length inside the file"),     # header length past the end
-    (56, 64, "record layout"),                          # record stride disagrees with the schema
-    (72, 1, "chunk table"),
-])
+@pytest.mark.parametrize(
+    "field,value,check",
+    [
+        (24, 1 << 40, "data region inside the file"),  # data offset far past the end
+        (24, 4096 * 1000, "data region inside the file"),
+        (40, 10**6, "data region inside the file"),  # more samples than the file holds
+        (48, 3, "data region inside the file"),  # more views
+        (16, 1 << 50, "header length inside the file"),  # header length past the end
+        (56, 64, "record layout"),  # record stride disagrees with the schema
+        (72, 1, "chunk table"),
+    ],
+)
 def test_offsets_outside_the_file(tmp_path, good_file, field, value, check):
     b = bytearray(good_file[1])
     put_u64(b, field, value)
@@ -126,18 +138,22 @@ def test_offsets_outside_the_file(tmp_path, good_file, field, value, check):
     assert error_of(tmp_path, b).check == check
 
 
-def test_build_over_a_directory_name_and_missing_file(tmp_path):
+def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         FeatureStore.open(tmp_path / "missing.akd")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_random_and_mutated_headers(tmp_path, good_file, data):
     """Any header: StoreError or a store whose every record is readable; never a crash."""
     src = bytearray(good_file[1])
     h = u64(src, 16)
-    kind = data.draw(st.sampled_from(["noise", "mutate", "mutate+reseal", "mutate+reseal+truncate"]))
+    kind = data.draw(
+        st.sampled_from(["noise", "mutate", "mutate+reseal", "mutate+reseal+truncate"])
+    )
     if kind == "noise":
         b = bytearray(data.draw(st.binary(min_size=0, max_size=5000)))
         if data.draw(st.booleans()) and len(b) >= 16:
@@ -147,7 +163,9 @@ def test_fuzz_random_and_mutated_headers(tmp_path, good_file, data):
         for _ in range(data.draw(st.integers(1, 8))):
             pos = data.draw(st.integers(8, h - 9))
             if data.draw(st.booleans()):
-                put_u64(b, pos, data.draw(st.sampled_from([0, 1, 2**63, 2**64 - 1, h, len(b), 4096])))
+                put_u64(
+                    b, pos, data.draw(st.sampled_from([0, 1, 2**63, 2**64 - 1, h, len(b), 4096]))
+                )
             else:
                 b[pos] = data.draw(st.integers(0, 255))
         if "reseal" in kind:
@@ -209,11 +227,14 @@ def test_concurrent_reader_forked_processes(tmp_path, good_file, dataset):
 
 def test_dataloader_workers_read_the_right_records(tmp_path, teacher, dataset):
     aug = ReplayAugment(seed=4)
-    store = FeatureStore.build(tmp_path / "w.akd", teacher, dataset, taps=["layer2"], views=2, augment=aug,
-                               progress=False)
+    store = FeatureStore.build(
+        tmp_path / "w.akd", teacher, dataset, taps=["layer2"], views=2, augment=aug, progress=False
+    )
     ds = OfflineDistillDataset(store, dataset, aug, indices=np.arange(0, 23, 2))
     ds.set_epoch(3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, multiprocessing_context="fork"
+    )
     got = list(loader)
     idx = np.arange(0, 23, 2)
     ref = store.gather(idx, 1)
@@ -247,8 +268,13 @@ def _run_build(path, seed, kill_after_batches=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
     # A killed build runs slowly over many samples so that the kill lands mid-build.
     args = ["400", "0.05"] if kill_after_batches else ["40", "0"]
-    p = subprocess.Popen([sys.executable, "-c", script, str(path), str(seed), *args], stdout=subprocess.PIPE,
-                         text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-c", script, str(path), str(seed), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     if kill_after_batches is None:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0 and out.endswith("done\n")
