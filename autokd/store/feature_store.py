@@ -313,7 +313,9 @@ class FeatureStore:
 
         dataset items are (image float32 [C, H, W] un-augmented, label). View v of sample i is
         augment.apply_batch(image, i, v). The file appears atomically at `path` when complete; a
-        killed build leaves `<path>.partial`, which the next build truncates and restarts.
+        killed build leaves `<path>.partial`, which the next build truncates and restarts. A
+        complete store already at `path` is replaced atomically (readers that have it mapped keep
+        the old file).
         dataset_id defaults to a hash of the data set's contents.
         """
         path = os.fspath(path)

@@ -1,6 +1,7 @@
 // Feature store: one memory-mapped file holding a teacher's features and logits for every
 // (sample, augmentation view) of a data set, so distillation search never runs the teacher again.
-// Torch-free; bound to Python by csrc/bindings/store.cc, used through autokd.store.
+// Torch-free; bound to Python by csrc/bindings/store.cc, used through autokd.store (which also
+// defines the replayable augmentation whose identity string the header stores).
 //
 // FILE FORMAT (version 1; every integer little-endian; offsets are bytes from file start)
 //   0    char[8]  magic "AUTOKDFS"
@@ -13,7 +14,7 @@
 //   56   u64      R  record bytes (stride)
 //   64   u64      C  chunk bytes        72  u64  number of chunks = ceil(N * K * R / C)
 //   80   u32      F  fields             84  u32  reserved, 0
-//   88   strings  teacher hash, data set id, augmentation id: each u32 length + bytes
+//   88   strings  teacher hash, data set id, augmentation id: each u32 length + UTF-8 bytes
 //        fields   F times: u32 name length, name, u8 dtype (1 fp16, 2 bf16, 3 fp32), u8 ndim,
 //                 u16 reserved 0, u64 dims[ndim], u64 offset of the field inside a record
 //        u64      checksum of each chunk of the data region, in order
@@ -47,8 +48,9 @@
 //   pool is not its own (owner pid), abandons it without touching it and starts its own, so a
 //   Reader inherited by DataLoader workers keeps working.
 //
-// LIMITS: up to 64 fields of at most 8 dims, names up to 255 bytes, strings up to 64 KiB,
-// header up to 256 MiB; little-endian hosts only; N * K * R must fit in 63 bits.
+// LIMITS: up to 64 fields of at most 8 dims, distinct UTF-8 names of up to 255 bytes, UTF-8
+// strings up to 64 KiB, header up to 256 MiB; little-endian hosts only; N * K * R must fit in
+// 63 bits. Building restarts rather than resumes: a killed build's records are discarded.
 #pragma once
 
 #include <cstddef>
