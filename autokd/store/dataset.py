@@ -1,0 +1,53 @@
+"""Per-item dataset over a feature store, for torch DataLoader pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from autokd.store.augment import ReplayAugment
+from autokd.store.feature_store import FeatureStore, _as_index_array
+
+
+class OfflineDistillDataset(torch.utils.data.Dataset):
+    """Item j -> (student image augmented exactly as stored view, label, {name: teacher tensor}).
+
+    Sample i = indices[j]; epoch e (set_epoch) uses view e % K, so K views serve K epochs before
+    augmentations repeat. With persistent DataLoader workers, set the epoch before the workers
+    start (or use FeatureStore.batches, which takes the epoch per call).
+    """
+
+    def __init__(self, store: FeatureStore, dataset, aug: ReplayAugment, indices=None):
+        store.check_compatible(dataset, aug)
+        self.store, self.dataset, self.aug = store, dataset, aug
+        self.indices = (
+            np.arange(store.num_samples, dtype=np.int64)
+            if indices is None
+            else _as_index_array(indices, "indices")
+        )
+        if self.indices.size and (
+            self.indices.min() < 0 or self.indices.max() >= store.num_samples
+        ):
+            raise ValueError(
+                f"autokd OfflineDistillDataset: expected indices in [0, {store.num_samples})"
+            )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def view(self) -> int:
+        return self.epoch % self.store.num_views
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, j):
+        i = int(self.indices[j])
+        img, label = self.dataset[i]
+        img = self.aug.apply(
+            torch.as_tensor(img, dtype=torch.float32), self.aug.params(i, self.view)
+        )
+        feats = self.store.gather(np.array([i], dtype=np.int64), self.view)
+        return img, int(label), {k: t[0] for k, t in feats.items()}
