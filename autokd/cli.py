@@ -27,16 +27,26 @@ def _fail(e: Exception):
     raise click.ClickException(str(msg))
 
 
+def _schedule(data, epochs, batch_size, lr):
+    from autokd.pipeline import default_training
+
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    return {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
+
+
 def _taps(value: Optional[str]):
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
 def _proxy_options(f):
     opts = [
-        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
-                     help="Epochs of the full schedule (early stop trains a fraction of them)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Epochs of the full schedule; early stop trains a fraction of them "
+                     "[default: 60 on digits, 240 otherwise]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="[default: 32 on digits, 64 otherwise]"),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Initial SGD learning rate, cosine schedule [default: 0.1 on digits, 0.05 otherwise]."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -156,7 +166,8 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     from autokd.train.loop import TrainConfig
 
     try:
-        proxy = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, subset=subset, stop_fraction=stop_fraction,
+        sched = _schedule(data, epochs, batch_size, lr)
+        proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
                             sparsity=sparsity, offline=not online, seed=seed, device=device)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
@@ -202,7 +213,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         if offline:
             store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment, views,
                                         "fp16", device=device, log=click.echo)
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparsity=sparsity, offline=offline,
+        cfg = TrainConfig(**_schedule(data, epochs, batch_size, lr), sparsity=sparsity, offline=offline,
                           seed=seed, device=device)
         name = os.path.splitext(os.path.basename(spec))[0]
         res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
