@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from autokd.pipeline import (
     PipelineError,
     default_models,
+    default_training,
     load_or_train_teacher,
     make_augment,
     open_or_build_store,
@@ -54,9 +55,9 @@ class SearchConfig:
     store: Optional[str] = None  # None: <out>/teacher_features.akds
     exploration: Optional[float] = None  # None: the engine's default
     val_fraction: float = 0.1
-    proxy: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=30, subset=0.2, stop_fraction=0.2, sparsity=0.5, offline=True)
-    )
+    # None: the paper's accelerations (20% subset, 20% of the epochs, 50% sparse, offline) on the
+    # data set's default schedule (pipeline.default_training).
+    proxy: Optional[TrainConfig] = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -65,6 +66,9 @@ class SearchConfig:
             raise PipelineError(f"search: expected budget >= 0, got {self.budget}")
         if self.views < 1:
             raise PipelineError(f"search: expected views >= 1, got {self.views}")
+        if self.proxy is None:
+            self.proxy = TrainConfig(**default_training(self.data), subset=0.2, stop_fraction=0.2,
+                                     sparsity=0.5, offline=True)
         teacher, student = default_models(self.data)
         self.teacher = self.teacher or teacher
         self.student = self.student or student
