@@ -36,32 +36,6 @@ for _name in ("cache_size_limit", "recompile_limit"):
 _compiled = {}
 
 
-def cpu_peak_bytes_self(fn):
-    """Peak bytes of one CPU call from the profiler's per-event *self* memory.
-
-    common.peak_memory_bytes keeps only "[memory]" events, but in this torch an allocation made
-    inside an op is reported on that op's event (only frees and allocations outside ops are
-    "[memory]" events), so it reads 0 on CPU. Here allocations count from their event's start and
-    frees from its end (autograd's evaluate_function events carry frees that happen after the
-    next gradient is allocated), which bounds the peak from above; both figures are recorded.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = sorted(
-        (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
-         e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    live = peak = 0
-    for _, d in deltas:
-        live += d
-        peak = max(peak, live)
-    return peak
-
-
 def provider_fn(provider):
     if provider == "autokd":
         return multiscale_pool
@@ -112,8 +86,6 @@ def test_multiscale_pool(benchmark, provider, mode, shape, device):
     rounds = 200 if device == "cuda" else 12
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
     benchmark.extra_info["peak_bytes"] = peak_memory_bytes(call, device)
-    if device == "cpu":
-        benchmark.extra_info["peak_bytes_self"] = cpu_peak_bytes_self(call)
     benchmark.extra_info["input_bytes"] = x.numel() * x.element_size()
     if mode == "fwd":
         out_bytes = shape[0] * shape[1] * sum(s * s for s in GRIDS) * x.element_size()

@@ -14,7 +14,7 @@ import torch
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Peak bytes allocated by torch during one call of ``fn``, above what was live before.
 
-    CUDA uses the caching allocator's counters. CPU replays the profiler's allocation events
+    CUDA uses the caching allocator's counters. CPU replays the profiler's per-event memory
     (``profile_memory=True``) in time order and keeps the running maximum.
     """
     if device.startswith("cuda"):
@@ -26,13 +26,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
+    # In this torch an allocation made inside an op is reported as that op's *self* memory (only
+    # frees and allocations outside ops are "[memory]" events). Allocations count from their
+    # event's start and frees from its end, which bounds the true peak from above.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    deltas = sorted(
+        (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, d in deltas:
+        live += d
         peak = max(peak, live)
     return peak
 
