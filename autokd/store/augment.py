@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from autokd.data.augment import apply_augmentation
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -110,35 +111,22 @@ class ReplayAugment:
     def apply(self, img: torch.Tensor, params: AugParams) -> torch.Tensor:
         """img [C, H, W] -> augmented [C, H, W] (a new tensor)."""
         if img.dim() != 3:
-            raise ValueError(
-                f"autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], got {list(img.shape)}"
-            )
-        _, h, w = img.shape
-        p = self.crop_padding
-        out = F.pad(img, (p, p, p, p))[:, params.dy : params.dy + h, params.dx : params.dx + w]
-        if params.flip:
-            out = out.flip(-1)
-        return out.contiguous()
+            raise ValueError(f"autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], got {list(img.shape)}")
+        offsets = torch.tensor([[params.dy, params.dx]])
+        return apply_augmentation(img[None], offsets, torch.tensor([bool(params.flip)]), self.crop_padding)[0]
 
     def apply_batch(self, imgs: torch.Tensor, indices, views) -> torch.Tensor:
         """imgs [B, C, H, W] (sample indices[b]) -> the same images as apply() per item, in one
-        gather: pad once, then index rows and (possibly mirrored) columns per image."""
+        gather (autokd.data.augment.apply_augmentation: the crop-flip every trainer uses)."""
         if imgs.dim() != 4:
             raise ValueError(
                 f"autokd.store.ReplayAugment.apply_batch: expected imgs of shape [B, C, H, W], got {list(imgs.shape)}"
             )
-        b, c, h, w = imgs.shape
+        b = imgs.shape[0]
         dy, dx, flip = self.params_batch(indices, views)
         if dy.size != b:
             raise ValueError(
                 f"autokd.store.ReplayAugment.apply_batch: expected {b} indices (one per image), got {dy.size}"
             )
-        dev = imgs.device
-        p = self.crop_padding
-        padded = F.pad(imgs, (p, p, p, p))  # [B, C, H+2p, W+2p]
-        rows = torch.from_numpy(dy).to(dev)[:, None] + torch.arange(h, device=dev)  # [B, H]
-        cols = torch.from_numpy(dx).to(dev)[:, None] + torch.arange(w, device=dev)  # [B, W]
-        cols = torch.where(torch.from_numpy(flip).to(dev)[:, None], cols.flip(1), cols)
-        bi = torch.arange(b, device=dev)[:, None, None, None]
-        ci = torch.arange(c, device=dev)[None, :, None, None]
-        return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+        offsets = torch.from_numpy(np.stack([dy, dx], axis=1))
+        return apply_augmentation(imgs, offsets, torch.from_numpy(flip), self.crop_padding)
