@@ -12,7 +12,8 @@ namespace {
 
 constexpr int64_t kGrainElems = 16384;
 
-// K, L: contiguous N x N Grams. Writes gram_grad [2, N, N]; returns the CKA value.
+// K, L: contiguous N x N Grams. Writes gram_grad [2, N, N] (which may hold K and L: each pair
+// of entries is read before it is overwritten); returns the CKA value.
 template <typename T>
 double cka_reduce_cpu(const T* K, const T* L, T* gram_grad, int64_t n, bool debiased) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / n);
@@ -83,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor> cka_cpu(const at::Tensor& x, const at::Tensor
   check_cka_inputs(x, y, debiased);
   const auto acc = cka_acc_type(x.scalar_type());
   const at::Tensor xa = x.to(acc), ya = y.to(acc);
-  const at::Tensor K = at::mm(xa, xa.t()).contiguous();  // [N, N]
-  const at::Tensor L = at::mm(ya, ya.t()).contiguous();  // [N, N]
   const int64_t n = x.size(0);
-  at::Tensor gram_grad = at::empty({2, n, n}, K.options());
+  // K and L are formed in the buffer that then becomes gram_grad: no other N x N buffers.
+  at::Tensor gram_grad = at::empty({2, n, n}, xa.options());
+  at::Tensor K = gram_grad[0], L = gram_grad[1];  // [N, N] each
+  at::mm_out(K, xa, xa.t());
+  at::mm_out(L, ya, ya.t());
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES(acc, "cka_cpu", [&] {
     value = cka_reduce_cpu<scalar_t>(K.const_data_ptr<scalar_t>(), L.const_data_ptr<scalar_t>(),
@@ -100,11 +103,16 @@ std::tuple<at::Tensor, at::Tensor> cka_backward_cpu(const at::Tensor& grad,
                                                     const at::Tensor& x, const at::Tensor& y) {
   check_cka_backward_inputs(grad, gram_grad, x, y);
   const auto acc = gram_grad.scalar_type();
-  // [2, N, N]; scaling the Gram-sized factor instead of the results saves a pass over each.
-  const at::Tensor a = gram_grad * (grad.reshape({}).to(acc) * 2);
-  const at::Tensor gx = at::mm(a[0], x.to(acc)).to(x.scalar_type());
-  const at::Tensor gy = at::mm(a[1], y.to(acc)).to(y.scalar_type());
-  return {gx, gy};
+  // On the CPU reading the incoming gradient costs no synchronisation; as the GEMMs' alpha it
+  // needs neither a scaled copy of gram_grad nor a pass over the results.
+  const double alpha = 2.0 * grad.item<double>();
+  auto one = [&](const at::Tensor& g, const at::Tensor& f) {
+    const at::Tensor fa = f.to(acc);
+    at::Tensor out = at::empty(fa.sizes(), fa.options());
+    out.addmm_(g, fa, /*beta=*/0, alpha);  // beta = 0: out's contents are never read
+    return out.to(f.scalar_type());
+  };
+  return {one(gram_grad[0], x), one(gram_grad[1], y)};
 }
 
 }  // namespace

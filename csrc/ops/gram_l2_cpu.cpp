@@ -13,7 +13,8 @@ namespace {
 // Rows of this many Gram entries or more are worth a task of their own.
 constexpr int64_t kGrainElems = 16384;
 
-// Reduces B Grams of M x M (contiguous) and writes gram_grad; returns the loss.
+// Reduces B Grams of M x M (contiguous) and writes gram_grad; returns the loss. gram_grad may
+// alias gs: each entry is read before it is overwritten.
 template <typename T>
 double gram_l2_reduce_cpu(const T* gs, const T* gt, T* gram_grad, int64_t B, int64_t M) {
   const int64_t rows = B * M;
@@ -83,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> gram_l2_cpu(const at::Tensor& student,
   const at::Tensor gt = gram(teacher.to(acc), m).contiguous();
   const int64_t B = m == GramMode::kSample ? 1 : gs.size(0);
   const int64_t M = gs.size(-1);
-  at::Tensor gram_grad = at::empty_like(gs);
+  // gram_grad takes over G_S's buffer: one Gram-sized buffer less at the peak.
+  at::Tensor gram_grad = gs;
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(acc, "gram_l2_cpu", [&] {
     loss = gram_l2_reduce_cpu<scalar_t>(gs.const_data_ptr<scalar_t>(),
@@ -97,10 +99,16 @@ at::Tensor gram_l2_backward_cpu(const at::Tensor& grad, const at::Tensor& gram_g
                                 const at::Tensor& student) {
   check_gram_l2_backward_inputs(grad, gram_grad, student);
   const auto acc = gram_grad.scalar_type();
-  // Scaling the small Gram-sized factor instead of the [N, D] result saves a pass.
-  const at::Tensor a = gram_grad * (grad.reshape({}).to(acc) * 2);
+  // On the CPU reading the incoming gradient costs no synchronisation; as the GEMM's alpha it
+  // needs neither a scaled copy of gram_grad nor a pass over the result.
+  const double alpha = 2.0 * grad.item<double>();
   const at::Tensor f = student.to(acc);
-  const at::Tensor out = student.dim() == 2 ? at::mm(a, f) : at::bmm(a, f);
+  at::Tensor out = at::empty(f.sizes(), f.options());
+  if (student.dim() == 2) {
+    out.addmm_(gram_grad, f, /*beta=*/0, alpha);  // beta = 0: out's contents are never read
+  } else {
+    out.baddbmm_(gram_grad, f, /*beta=*/0, alpha);
+  }
   return out.to(student.scalar_type());
 }
 
