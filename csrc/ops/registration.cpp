@@ -18,13 +18,17 @@ TORCH_LIBRARY(autokd, m) {
       "float tau) -> Tensor");
 
   // gram_l2: || G_S/||G_S|| - G_T/||G_T|| ||^2 with G = F F^T; mode "sample" ([N, D] -> N x N)
-  // or "channel" ([N, C, L] -> one C x C Gram per sample, mean over samples).
-  m.def("gram_l2(Tensor student, Tensor teacher, str mode) -> Tensor");
-  m.def("gram_l2_backward(Tensor grad, Tensor student, Tensor teacher, str mode) -> Tensor");
+  // or "channel" ([N, C, L] -> one C x C Gram per sample, mean over samples). Returns the loss
+  // (0-dim) and gram_grad = dloss/dG_S, which the backward turns into the student's gradient
+  // with one GEMM (see csrc/ops/gram_l2.h). The teacher gets no gradient.
+  m.def("gram_l2(Tensor student, Tensor teacher, str mode) -> (Tensor, Tensor)");
+  m.def("gram_l2_backward(Tensor grad, Tensor gram_grad, Tensor student) -> Tensor");
 
-  // cka: linear CKA between [N, Dx] and [N, Dy]; biased or debiased HSIC.
-  m.def("cka(Tensor x, Tensor y, bool debiased) -> Tensor");
-  m.def("cka_backward(Tensor grad, Tensor x, Tensor y, bool debiased) -> (Tensor, Tensor)");
+  // cka: linear CKA between [N, Dx] and [N, Dy]; biased or debiased HSIC. Returns the value
+  // (0-dim) and gram_grad [2, N, N] = (dCKA/dK, dCKA/dL), which the backward turns into the
+  // gradients of x and y with one GEMM each (see csrc/ops/cka.h).
+  m.def("cka(Tensor x, Tensor y, bool debiased) -> (Tensor, Tensor)");
+  m.def("cka_backward(Tensor grad, Tensor gram_grad, Tensor x, Tensor y) -> (Tensor, Tensor)");
 
   // multiscale_pool: adaptive average pool [N, C, H, W] to each s x s grid in `grids`,
   // concatenated to [N, C, sum s^2].
