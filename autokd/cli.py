@@ -202,12 +202,12 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     from autokd.train.loop import TrainConfig
 
     try:
+        the_spec = resolve_spec(spec)
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)
         s_name = student or s_name
         info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
                                      teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
-        the_spec = resolve_spec(spec)
         augment = make_augment(bundle, seed)
         store = None
         if offline:

@@ -168,6 +168,11 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     log(f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} test, "
         f"{data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
+    # Fail on a wrong student name or tap now, not after the teacher has been trained.
+    from autokd.models import build_model
+
+    build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels)
+    resolve_taps(cfg.student, cfg.student_taps)
     teacher = load_or_train_teacher(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps, log=log,
