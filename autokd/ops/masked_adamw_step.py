@@ -32,6 +32,8 @@ def masked_adamw_step(
     parameters of the call. Equals ``torch.optim.AdamW`` (amsgrad=False) where masks are true;
     masked weights, exp_avg and exp_avg_sq become exactly zero and their gradients are ignored.
     """
+    if not any(len(x) for x in (params, grads, masks, exp_avgs, exp_avg_sqs)):
+        return  # nothing to update, and no tensor to pick a device kernel from
     torch.ops.autokd.masked_adamw_step.default(
         list(params), list(grads), list(masks), list(exp_avgs), list(exp_avg_sqs), int(step),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),

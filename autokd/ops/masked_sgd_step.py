@@ -34,6 +34,8 @@ def masked_sgd_step(
     is not read). ``momentum_buffers`` may be empty when ``momentum == 0``. All tensors share one
     device and floating dtype; ``params`` and ``momentum_buffers`` must be contiguous.
     """
+    if not any(len(x) for x in (params, grads, masks, momentum_buffers)):
+        return  # nothing to update, and no tensor to pick a device kernel from
     torch.ops.autokd.masked_sgd_step.default(
         list(params), list(grads), list(masks), list(momentum_buffers), float(lr),
         float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step),
