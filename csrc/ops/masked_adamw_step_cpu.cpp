@@ -25,7 +25,7 @@ struct AdamWCoef {
 };
 
 template <typename T, bool kMasked>
-void adamw_span(T* __restrict p, const T* __restrict g, const bool* __restrict m,
+void adamw_span(T* __restrict p, const T* __restrict g, const uint8_t* __restrict m,
                 T* __restrict m1, T* __restrict m2, int64_t n, const AdamWCoef<T> c) {
   using acc = at::opmath_type<T>;
   for (int64_t j = 0; j < n; ++j) {
@@ -37,10 +37,10 @@ void adamw_span(T* __restrict p, const T* __restrict g, const bool* __restrict m
     const acc denom = std::sqrt(e2) / c.bc2_sqrt + c.eps;
     const acc np = pj - c.step_size * e1 / denom;
     if constexpr (kMasked) {
-      const bool keep = m[j];
-      p[j] = static_cast<T>(keep ? np : acc(0));
-      m1[j] = static_cast<T>(keep ? e1 : acc(0));
-      m2[j] = static_cast<T>(keep ? e2 : acc(0));
+      const uint8_t keep = m[j];
+      p[j] = static_cast<T>(keep_or_zero(keep, np));
+      m1[j] = static_cast<T>(keep_or_zero(keep, e1));
+      m2[j] = static_cast<T>(keep_or_zero(keep, e2));
     } else {
       p[j] = static_cast<T>(np);
       m1[j] = static_cast<T>(e1);
@@ -85,13 +85,13 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads,
                                 static_cast<acc>(eps)};
     std::vector<scalar_t*> p(n), e1(n), e2(n);
     std::vector<const scalar_t*> g(n);
-    std::vector<const bool*> m(n, nullptr);
+    std::vector<const uint8_t*> m(n, nullptr);
     for (size_t i = 0; i < n; ++i) {
       p[i] = params[i].data_ptr<scalar_t>();
       g[i] = g_c[i].const_data_ptr<scalar_t>();
       e1[i] = exp_avgs[i].data_ptr<scalar_t>();
       e2[i] = exp_avg_sqs[i].data_ptr<scalar_t>();
-      if (m_c[i].defined()) m[i] = m_c[i].const_data_ptr<bool>();
+      if (m_c[i].defined()) m[i] = reinterpret_cast<const uint8_t*>(m_c[i].const_data_ptr<bool>());
     }
     for_each_span(spans, total, [&](const Span& s) {
       const int64_t i = s.tensor, o = s.begin, len = s.end - s.begin;

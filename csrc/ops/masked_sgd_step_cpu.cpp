@@ -12,10 +12,10 @@ namespace {
 
 enum class Momentum { kNone, kFirst, kRunning };
 
-// Template flags keep the inner loop branch-free so the compiler vectorises it; a select (not a
-// multiply by the mask) zeroes pruned entries so NaN/Inf gradients there cannot leak.
+// Template flags keep the inner loop branch-free so the compiler vectorises it; keep_or_zero (not
+// a multiply by the mask) zeroes pruned entries so NaN/Inf gradients there cannot leak.
 template <typename T, Momentum M, bool kNesterov, bool kMasked>
-void sgd_span(T* __restrict p, const T* __restrict g, const bool* __restrict m, T* __restrict b,
+void sgd_span(T* __restrict p, const T* __restrict g, const uint8_t* __restrict m, T* __restrict b,
               int64_t n, at::opmath_type<T> lr, at::opmath_type<T> momentum,
               at::opmath_type<T> damp1, at::opmath_type<T> wd) {
   using acc = at::opmath_type<T>;
@@ -32,9 +32,9 @@ void sgd_span(T* __restrict p, const T* __restrict g, const bool* __restrict m, 
     if constexpr (M != Momentum::kNone) u = kNesterov ? d + momentum * bj : bj;
     const acc np = pj - lr * u;
     if constexpr (kMasked) {
-      const bool keep = m[j];
-      p[j] = static_cast<T>(keep ? np : acc(0));
-      if constexpr (M != Momentum::kNone) b[j] = static_cast<T>(keep ? bj : acc(0));
+      const uint8_t keep = m[j];
+      p[j] = static_cast<T>(keep_or_zero(keep, np));
+      if constexpr (M != Momentum::kNone) b[j] = static_cast<T>(keep_or_zero(keep, bj));
     } else {
       p[j] = static_cast<T>(np);
       if constexpr (M != Momentum::kNone) b[j] = static_cast<T>(bj);
@@ -44,7 +44,7 @@ void sgd_span(T* __restrict p, const T* __restrict g, const bool* __restrict m, 
 
 template <typename T, Momentum M, bool kNesterov>
 void sgd_all(const std::vector<T*>& p, const std::vector<const T*>& g,
-             const std::vector<const bool*>& m, const std::vector<T*>& b,
+             const std::vector<const uint8_t*>& m, const std::vector<T*>& b,
              const std::vector<Span>& spans, int64_t total, double lr, double momentum,
              double dampening, double wd) {
   using acc = at::opmath_type<T>;
@@ -89,11 +89,11 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
                                   "masked_sgd_step_cpu", [&] {
     std::vector<scalar_t*> p(n), b(n, nullptr);
     std::vector<const scalar_t*> g(n);
-    std::vector<const bool*> m(n, nullptr);
+    std::vector<const uint8_t*> m(n, nullptr);
     for (size_t i = 0; i < n; ++i) {
       p[i] = params[i].data_ptr<scalar_t>();
       g[i] = g_c[i].const_data_ptr<scalar_t>();
-      if (m_c[i].defined()) m[i] = m_c[i].const_data_ptr<bool>();
+      if (m_c[i].defined()) m[i] = reinterpret_cast<const uint8_t*>(m_c[i].const_data_ptr<bool>());
       if (mode != Momentum::kNone) b[i] = momentum_buffers[i].data_ptr<scalar_t>();
     }
     auto run = [&](auto mode_c, auto nest_c) {
