@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 if __name__ == "__main__":  # run as a script: the repository root is not on sys.path
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -23,8 +22,8 @@ import torch  # noqa: E402
 
 import autokd  # noqa: E402
 from autokd.reference import masked_sgd_step as reference_step  # noqa: E402
-from cifar_resnet_params import make_step_inputs  # noqa: E402
 from common import bandwidth_fraction  # noqa: E402
+from sparse_bench import make_step_inputs, print_table  # noqa: E402
 
 HP = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True)
 DEPTHS = (20, 56)
@@ -75,20 +74,13 @@ def test_masked_sgd_step(benchmark, impl, depth):
     fn = build(impl, depth)
     fn()
     benchmark.group = f"masked_sgd_step resnet{depth}"
-    benchmark.extra_info["bytes_moved"] = bytes_moved(depth)
+    nbytes = bytes_moved(depth)
+    benchmark.extra_info["bytes_moved"] = nbytes
     benchmark(fn)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["GB/s"] = nbytes / median / 1e9
+        benchmark.extra_info["fraction_of_copy_bandwidth"] = bandwidth_fraction(nbytes, median)
 
 
 def main():
@@ -96,24 +88,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| params | impl | median us | vs foreach_then_mask | vs python_loop | "
-          "GB/s | of copy bw |")
+    print("| params | impl | median us | vs foreach_then_mask | vs python_loop | GB/s | "
+          "of copy bw |")
     print("|---|---|---|---|---|---|---|")
     for depth in DEPTHS:
-        # Interleaved rounds so that load from other processes hits every impl alike.
-        impls = ["fused", "foreach_then_mask", "python_loop"]
-        fns = {i: build(i, depth) for i in impls}
-        rounds = {i: [] for i in impls}
-        for _ in range(5):
-            for i in impls:
-                rounds[i].append(median_seconds(fns[i], args.repeats // 5))
-        med = {i: sorted(r)[len(r) // 2] for i, r in rounds.items()}
-        nbytes = bytes_moved(depth)
-        for i in impls:
-            frac = bandwidth_fraction(nbytes, med[i])
-            print(f"| ResNet-{depth} | {i} | {med[i] * 1e6:.0f} | "
-                  f"{med['foreach_then_mask'] / med[i]:.2f}x | {med['python_loop'] / med[i]:.2f}x | "
-                  f"{nbytes / med[i] / 1e9:.1f} | {frac:.2f} |")
+        fns = {i: build(i, depth) for i in ("fused", "foreach_then_mask", "python_loop")}
+        print_table(f"ResNet-{depth}", fns, bytes_moved(depth), "foreach_then_mask",
+                    "python_loop", args.repeats)
 
 
 if __name__ == "__main__":

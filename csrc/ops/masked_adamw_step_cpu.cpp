@@ -4,7 +4,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "masked_adamw_step.h"
 #include "multi_tensor_cpu.h"
@@ -24,27 +28,55 @@ struct AdamWCoef {
   acc eps;
 };
 
+// Square roots of a tile in place. A plain std::sqrt in the main loop keeps it scalar (sqrt may
+// set errno, so the compiler will not vectorise it); an explicit packed sqrt does not.
+inline void sqrt_tile(float* x, int64_t n) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j + 4 <= n; j += 4) _mm_storeu_ps(x + j, _mm_sqrt_ps(_mm_loadu_ps(x + j)));
+#endif
+  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
+}
+
+inline void sqrt_tile(double* x, int64_t n) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j + 2 <= n; j += 2) _mm_storeu_pd(x + j, _mm_sqrt_pd(_mm_loadu_pd(x + j)));
+#endif
+  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
+}
+
+constexpr int64_t kTile = 512;  // the second moments of a tile live in L1 between the passes
+
 template <typename T, bool kMasked>
 void adamw_span(T* __restrict p, const T* __restrict g, const uint8_t* __restrict m,
                 T* __restrict m1, T* __restrict m2, int64_t n, const AdamWCoef<T> c) {
   using acc = at::opmath_type<T>;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc gj = static_cast<acc>(g[j]);
-    const acc pj = static_cast<acc>(p[j]) * c.decay;
-    const acc a = static_cast<acc>(m1[j]);
-    const acc e1 = a + c.one_m_b1 * (gj - a);
-    const acc e2 = c.beta2 * static_cast<acc>(m2[j]) + c.one_m_b2 * gj * gj;
-    const acc denom = std::sqrt(e2) / c.bc2_sqrt + c.eps;
-    const acc np = pj - c.step_size * e1 / denom;
-    if constexpr (kMasked) {
-      const uint8_t keep = m[j];
-      p[j] = static_cast<T>(keep_or_zero(keep, np));
-      m1[j] = static_cast<T>(keep_or_zero(keep, e1));
-      m2[j] = static_cast<T>(keep_or_zero(keep, e2));
-    } else {
-      p[j] = static_cast<T>(np);
-      m1[j] = static_cast<T>(e1);
-      m2[j] = static_cast<T>(e2);
+  acc e1[kTile], e2[kTile], root[kTile];
+  for (int64_t o = 0; o < n; o += kTile) {
+    const int64_t len = std::min(kTile, n - o);
+    for (int64_t j = 0; j < len; ++j) {
+      const acc gj = static_cast<acc>(g[o + j]);
+      const acc a = static_cast<acc>(m1[o + j]);
+      e1[j] = a + c.one_m_b1 * (gj - a);
+      e2[j] = c.beta2 * static_cast<acc>(m2[o + j]) + c.one_m_b2 * gj * gj;
+      root[j] = e2[j];
+    }
+    sqrt_tile(root, len);
+    for (int64_t j = 0; j < len; ++j) {
+      const acc pj = static_cast<acc>(p[o + j]) * c.decay;
+      const acc denom = root[j] / c.bc2_sqrt + c.eps;
+      const acc np = pj - c.step_size * e1[j] / denom;
+      if constexpr (kMasked) {
+        const uint8_t keep = m[o + j];
+        p[o + j] = static_cast<T>(keep_or_zero(keep, np));
+        m1[o + j] = static_cast<T>(keep_or_zero(keep, e1[j]));
+        m2[o + j] = static_cast<T>(keep_or_zero(keep, e2[j]));
+      } else {
+        p[o + j] = static_cast<T>(np);
+        m1[o + j] = static_cast<T>(e1[j]);
+        m2[o + j] = static_cast<T>(e2[j]);
+      }
     }
   }
 }

@@ -1,5 +1,6 @@
-"""Parameter sets of the CIFAR ResNets (He et al. 2016, option-A shortcuts, no projection
-weights): shapes only, no model, for the optimizer-step benchmarks.
+"""Shared pieces of the masked optimizer-step benchmarks (bench_masked_sgd_step.py,
+bench_masked_adamw_step.py): parameter sets of the CIFAR ResNets (He et al. 2016, option-A
+shortcuts, no projection weights; shapes only, no model) and an interleaved timing table.
 
 ResNet-20 has 0.28 M parameters in 59 tensors, ResNet-56 0.86 M in 167 (100 classes). The
 masked ones follow SparsityManager's default exclusions: every conv weight but the first;
@@ -7,7 +8,8 @@ biases, BatchNorm and the last Linear stay dense.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -52,3 +54,51 @@ def make_step_inputs(depth: int, sparsity: float = 0.5, dtype=torch.float32, dev
         grads.append(gr.to(device))
         masks.append(None if m is None else m.to(device))
     return params, grads, masks
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int,
+                        rounds: int = 5) -> Dict[str, float]:
+    """Median seconds per call of each function, measured in alternating rounds so that load
+    from other processes on a shared machine hits every function alike."""
+    per = max(repeats // rounds, 1)
+    got = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            got[k].append(median_seconds(fn, per))
+    return {k: _median(v) for k, v in got.items()}
+
+
+def copy_fn(nbytes: int) -> Callable[[], object]:
+    """A plain copy moving ``nbytes`` in all (reads nbytes/2, writes nbytes/2): the bandwidth
+    yardstick, timed in the same rounds as the steps (see common.bandwidth_fraction)."""
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def print_table(title: str, fns: Dict[str, Callable[[], object]], nbytes: int, baseline: str,
+                loop: str, repeats: int) -> None:
+    fns = dict(fns, copy=copy_fn(nbytes))
+    med = interleaved_medians(fns, repeats)
+    for name in fns:
+        if name == "copy":
+            continue
+        t = med[name]
+        print(f"| {title} | {name} | {t * 1e6:.0f} | {med[baseline] / t:.2f}x | "
+              f"{med[loop] / t:.2f}x | {nbytes / t / 1e9:.1f} | {med['copy'] / t:.2f} |")
