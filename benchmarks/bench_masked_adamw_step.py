@@ -1,6 +1,7 @@
 """autokd::masked_adamw_step against ``torch.optim.AdamW(foreach=True)`` followed by mask
 multiplies of the weights and both moments, and against the per-parameter Python loop of the
-eager reference. Parameter sets of ResNet-20 and ResNet-56 (CIFAR-100) at 50% sparsity.
+eager reference; for scale, the dense AdamW(foreach=True) step without masks too. Parameter
+sets of ResNet-20 and ResNet-56 (CIFAR-100) at 50% sparsity.
 
 pytest (pytest-benchmark; bench_*.py are not collected by default):
     python -m pytest benchmarks/bench_masked_adamw_step.py -o python_files='bench_*.py'
@@ -58,6 +59,15 @@ def build(impl: str, depth: int, device: str = "cpu"):
                 torch._foreach_mul_(s2, sm)
 
         return step
+    if impl == "dense_foreach":
+        # The dense step that sparse training replaces: no masks at all.
+        leaves = [torch.nn.Parameter(p) for p in params]
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g
+        opt = torch.optim.AdamW(leaves, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                                foreach=True)
+        opt.step()
+        return opt.step
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -70,7 +80,7 @@ def bytes_moved(depth: int) -> int:
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("impl", ["fused", "foreach_then_mask", "python_loop"])
+@pytest.mark.parametrize("impl", ["fused", "foreach_then_mask", "python_loop", "dense_foreach"])
 def test_masked_adamw_step(benchmark, impl, depth):
     fn = build(impl, depth)
     fn()
@@ -93,7 +103,8 @@ def main():
           "of copy bw |")
     print("|---|---|---|---|---|---|---|")
     for depth in DEPTHS:
-        fns = {i: build(i, depth) for i in ("fused", "foreach_then_mask", "python_loop")}
+        fns = {i: build(i, depth)
+               for i in ("fused", "foreach_then_mask", "python_loop", "dense_foreach")}
         print_table(f"ResNet-{depth}", fns, bytes_moved(depth), "foreach_then_mask",
                     "python_loop", args.repeats)
 

@@ -1,6 +1,7 @@
 """autokd::masked_sgd_step against the two ways to get the same result from torch:
 ``torch.optim.SGD(foreach=True)`` followed by mask multiplies of the weights and momentum
-buffers, and the per-parameter Python loop of the eager reference. Parameter sets of ResNet-20
+buffers, and the per-parameter Python loop of the eager reference; for scale, the dense
+``torch.optim.SGD(foreach=True)`` step without masks too. Parameter sets of ResNet-20
 and ResNet-56 (CIFAR-100) at 50% sparsity, SGD with momentum 0.9, Nesterov, weight decay 5e-4.
 
 pytest (pytest-benchmark; bench_*.py are not collected by default):
@@ -58,6 +59,14 @@ def build(impl: str, depth: int, device: str = "cpu"):
                 torch._foreach_mul_(sb, sm)
 
         return step
+    if impl == "dense_foreach":
+        # The dense step that sparse training replaces: no masks at all.
+        leaves = [torch.nn.Parameter(p) for p in params]
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g
+        opt = torch.optim.SGD(leaves, foreach=True, **HP)
+        opt.step()
+        return opt.step
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -69,7 +78,7 @@ def bytes_moved(depth: int) -> int:
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("impl", ["fused", "foreach_then_mask", "python_loop"])
+@pytest.mark.parametrize("impl", ["fused", "foreach_then_mask", "python_loop", "dense_foreach"])
 def test_masked_sgd_step(benchmark, impl, depth):
     fn = build(impl, depth)
     fn()
@@ -92,7 +101,8 @@ def main():
           "of copy bw |")
     print("|---|---|---|---|---|---|---|")
     for depth in DEPTHS:
-        fns = {i: build(i, depth) for i in ("fused", "foreach_then_mask", "python_loop")}
+        fns = {i: build(i, depth)
+               for i in ("fused", "foreach_then_mask", "python_loop", "dense_foreach")}
         print_table(f"ResNet-{depth}", fns, bytes_moved(depth), "foreach_then_mask",
                     "python_loop", args.repeats)
 
