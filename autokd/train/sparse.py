@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -206,6 +207,12 @@ class SparsityManager:
     @classmethod
     def create(cls, model: nn.Module, sparsity: float = 0.0, **kwargs) -> Optional["SparsityManager"]:
         """A manager, or None when ``sparsity`` is 0 (dense training costs nothing extra)."""
+        valid = [k for k in inspect.signature(cls.__init__).parameters
+                 if k not in ("self", "model", "sparsity")]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown SparsityManager option(s) {unknown}; valid: "
+                             f"{', '.join(valid)}")
         if _check_sparsity(sparsity) == 0.0:
             # Still catch typos in the other options of a config that happens to be dense.
             for key, valid in (("distribution", DISTRIBUTIONS), ("regrow", REGROW),
@@ -594,6 +601,6 @@ def make_optimizer(
         return cls(model.parameters(), lr=lr, **optim_kwargs), None
     if total_steps is not None and kwargs.get("end_step") is None:
         kwargs["end_step"] = max(1, int(0.75 * total_steps))
-    manager = SparsityManager(model, sparsity, **kwargs)
+    manager = SparsityManager.create(model, sparsity, **kwargs)
     cls = MaskedSGD if kind == "sgd" else MaskedAdamW
     return cls(model.parameters(), masks=manager, lr=lr, **optim_kwargs), manager

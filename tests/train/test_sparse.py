@@ -289,6 +289,9 @@ def test_error_unknown_names_list_valid_ones():
         SparsityManager.create(small_net(), 0.0, regrow="grad")  # typos caught even when dense
     with pytest.raises(ValueError, match=r"unknown optimizer kind 'adam'"):
         make_optimizer(small_net(), "adam")
+    with pytest.raises(ValueError, match=r"unknown SparsityManager option\(s\) \['update_evry'\]; "
+                                         r"valid: distribution, exclude, update_every"):
+        make_optimizer(small_net(), sparsity=0.0, sparsity_kwargs=dict(update_evry=5))
     with pytest.raises(ValueError, match=r"exclude pattern 'head\.\*' matches no parameter"):
         SparsityManager(small_net(), exclude=("bias", "head.*"))
 
