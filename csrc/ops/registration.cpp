@@ -34,6 +34,23 @@ TORCH_LIBRARY(autokd, m) {
   // concatenated to [N, C, sum s^2].
   m.def("multiscale_pool(Tensor input, int[] grids) -> Tensor");
   m.def("multiscale_pool_backward(Tensor grad, SymInt[] input_size, int[] grids) -> Tensor");
+
+  // masked_sgd_step: in-place SGD (momentum, dampening, weight decay, Nesterov) over a list of
+  // parameters; masks[i] is None (dense) or a bool keep-mask of params[i]'s shape. Pruned
+  // weights and their momentum end exactly zero. momentum_buffers may be empty when momentum == 0;
+  // first_step makes the buffers start from the current update (torch.optim.SGD's first step).
+  m.def(
+      "masked_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor?[] masks, "
+      "Tensor(b!)[] momentum_buffers, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool first_step) -> ()");
+
+  // masked_adamw_step: in-place AdamW with bias correction for step count `step` (>= 1, after
+  // this step) over a list of parameters with optional bool keep-masks; pruned weights,
+  // exp_avg and exp_avg_sq end exactly zero.
+  m.def(
+      "masked_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor?[] masks, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int step, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay) -> ()");
 }
 
 // autokd._C is imported for its side effect (registering the ops above); it also tells Python
