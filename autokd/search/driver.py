@@ -29,7 +29,7 @@ from autokd.pipeline import (
     resolve_taps,
 )
 from autokd.search.journal import Journal, Trial
-from autokd.search.reward import diverged_reward, proxy_reward
+from autokd.search.reward import proxy_reward, reward_floor
 from autokd.train.loop import Diverged, TrainConfig, forward_all, train_student
 
 STRATEGIES = ("mcts", "random")
@@ -203,7 +203,6 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
     if done:
         log(f"resuming: {len(done)} finished trials replayed from {journal.path}")
     runner = TrialRunner(cfg, data, teacher, store, augment, student_taps, log)
-    worst = min((t.reward for t in done), default=math.inf)
     seen = {tuple(sorted(t.design.items())) for t in done}
     new = 0
     bar = None
@@ -232,8 +231,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
             res = runner.run(spec, seed)
             reward = res["reward"]
             if reward is None:
-                reward = diverged_reward(data.num_classes, worst)
-            worst = min(worst, reward)
+                reward = reward_floor(data.num_classes)
             if engine is not None:
                 engine.tell(trial_id, reward)
             trial = journal.add(design, reward, res["status"], res["metrics"], res["seconds"], seed, cfg.strategy)
