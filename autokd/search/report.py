@@ -131,7 +131,7 @@ def plot_tree(trials: Sequence[Trial], level_names: Sequence[str], depth: int = 
             n, m, _ = counts[child]
             w = width * n / counts[prefix][0]
             ax.add_patch(plt.Rectangle((x, -d - 1), w, 0.95, color=cmap(norm(m)), ec="white"))
-            if w > 0.035:
+            if w > 0.055:
                 ax.text(x + w / 2, -d - 0.52, f"{child[-1][1]}\n{n}", ha="center", va="center", fontsize=6.5,
                         color="white" if norm(m) < 0.6 else "black")
             draw(child, x, w, d + 1)

@@ -71,7 +71,7 @@ def run_distill(
         spec, student, student_taps=student_taps, teacher_taps=teacher.taps,
         teacher=None if offline else teacher.model, example_input=data.train.images[:2], teacher_shapes=shapes,
     ).to(cfg.device)
-    start_epoch, opt_state, elapsed = 0, None, 0.0
+    start_epoch, resume, elapsed = 0, None, 0.0
     pinned = {"spec": spec.to_dict(), "student": student_name, "teacher_hash": teacher.hash,
               "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
     if os.path.exists(ckpt_path):
@@ -82,8 +82,8 @@ def run_distill(
         if ck.get("pinned") != json.loads(json.dumps(pinned)):
             raise PipelineError(f"{ckpt_path}: checkpoint of another distill run (spec, models, data or "
                                 "settings differ); use another --out folder")
-        distiller.load_state_dict(ck["distiller"])
-        start_epoch, opt_state, elapsed = ck["epoch"] + 1, ck["optim"], ck.get("seconds", 0.0)
+        start_epoch, elapsed = ck["epoch"] + 1, ck.get("seconds", 0.0)
+        resume = {"distiller": ck["distiller"], **ck["optim"]}
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
 
     bar = None
@@ -110,7 +110,7 @@ def run_distill(
             bar.set_postfix(loss=f"{loss:.3f}")
 
     res = train_student(distiller, student, data, cfg, store=store if offline else None, augment=augment,
-                        progress=show, start_epoch=start_epoch, optimizer_state=opt_state,
+                        progress=show, start_epoch=start_epoch, resume=resume,
                         on_epoch_end=on_epoch_end)
     if bar is not None:
         bar.close()

@@ -160,13 +160,15 @@ def train_student(
     augment=None,
     progress: Optional[Callable[[int, int, float], None]] = None,
     start_epoch: int = 0,
-    optimizer_state=None,
+    resume: Optional[dict] = None,
     on_epoch_end: Optional[Callable[[int, object, object], None]] = None,
 ) -> TrainResult:
     """Train ``student`` (inside ``distiller``) with CE + the distiller's KD loss.
 
     ``distiller`` is an ``autokd.distill.Distiller`` over ``student``; its adapters are trained
-    too. Offline (``cfg.offline`` and a ``store``), teacher features come from the store with
+    too. ``resume`` ({"distiller", "optimizer", "sparsity"} state dicts, as ``on_epoch_end``'s
+    caller saved them) continues a run at ``start_epoch``. Offline (``cfg.offline`` and a
+    ``store``), teacher features come from the store with
     exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
     when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
     ``distill`` writes checkpoints.
@@ -190,10 +192,13 @@ def train_student(
     )
     if extra:
         optimizer.add_param_group({"params": extra})
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        if sparsity is not None and optimizer_state.get("sparsity") is not None:
-            sparsity.load_state_dict(optimizer_state["sparsity"])
+    if resume is not None:
+        # Order matters: creating the sparsity manager zeroed the weights under a fresh mask, so
+        # masks first, then the weights, then the optimizer's state.
+        if sparsity is not None and resume.get("sparsity") is not None:
+            sparsity.load_state_dict(resume["sparsity"])
+        distiller.load_state_dict(resume["distiller"])
+        optimizer.load_state_dict(resume["optimizer"])
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
     t0 = time.perf_counter()
