@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -92,8 +93,11 @@ def run_distill(
 
         bar = tqdm(total=cfg.run_epochs, initial=start_epoch, desc="distill", unit="epoch")
 
+    t_run = time.perf_counter()
+
     def on_epoch_end(epoch, optimizer, sparsity):
         state = {
+            "seconds": elapsed + time.perf_counter() - t_run,
             "pinned": json.loads(json.dumps(pinned)),
             "epoch": epoch,
             "distiller": distiller.state_dict(),
