@@ -20,7 +20,7 @@ import time
 import torch
 
 from autokd.data import load_data
-from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
+from autokd.pipeline import default_training, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
 from autokd.search.driver import SearchConfig, TrialRunner, random_design, run_search
 from autokd.space import load_space
 from autokd.train.final import resolve_spec, run_distill
@@ -28,7 +28,8 @@ from autokd.train.loop import TrainConfig
 
 OUT = "runs/study"
 TEACHER, STUDENT = "digits_teacher", "digits_student"
-CLASSICS = ["kd", "at", "sp", "cwd", "dist", "ickd", "mgd", "fitnet"]
+CLASSICS = ["kd", "fitnet", "at", "sp", "cwd", "ickd", "dist", "mgd", "ls_kd", "pkd"]
+SCHED = default_training("digits")  # batch size and learning rate of every run here
 
 
 def _setup(views=4):
@@ -59,7 +60,7 @@ def accuracy(args):
         spec = resolve_spec(searched if name == "searched" else name)
         accs = []
         for seed in args.seeds:
-            cfg = TrainConfig(epochs=args.epochs, seed=seed, offline=False)
+            cfg = TrainConfig(epochs=args.epochs, batch_size=SCHED["batch_size"], lr=SCHED["lr"], seed=seed, offline=False)
             res = run_distill(spec, data, teacher, STUDENT, taps, cfg, os.path.join(OUT, f"distill-{name}-{seed}"),
                               augment=augment, log=lambda m: None, progress=False)
             accs.append(res.test_accuracy)
@@ -102,7 +103,8 @@ def acceleration(args):
     cfg = SearchConfig(teacher_checkpoint=teacher.checkpoint)
     runner = TrialRunner(cfg, data, teacher, store, augment, resolve_taps(STUDENT, None), log=lambda m: None)
     spec = resolve_spec("kd")
-    base = TrainConfig(epochs=args.epochs, subset=1.0, stop_fraction=1.0, sparsity=0.0, offline=False)
+    base = TrainConfig(epochs=args.epochs, batch_size=SCHED["batch_size"], lr=SCHED["lr"], subset=1.0,
+                       stop_fraction=1.0, sparsity=0.0, offline=False)
     steps = [
         ("baseline: online teacher, full data, all epochs, dense", base),
         ("+ offline teacher features", dataclasses.replace(base, offline=True)),
@@ -137,7 +139,7 @@ def acceleration(args):
         spec = space.spec_from_design(d)
         res = runner.run(spec, seed=0, proxy=proxy_all)
         reward = res["reward"] if res["reward"] is not None else float("-inf")
-        full = run_distill(spec, data, teacher, STUDENT, taps, TrainConfig(epochs=args.epochs, offline=False),
+        full = run_distill(spec, data, teacher, STUDENT, taps, TrainConfig(epochs=args.epochs, batch_size=SCHED["batch_size"], lr=SCHED["lr"], offline=False),
                            os.path.join(OUT, f"fidelity-{i}"), augment=augment, log=lambda m: None, progress=False)
         pairs.append((reward, full.test_accuracy))
         print(i, d, reward, full.test_accuracy, file=sys.stderr)
@@ -156,8 +158,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", choices=["accuracy", "search", "acceleration"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--budget", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=SCHED["epochs"])
+    ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--designs", type=int, default=8)
     ap.add_argument("--spec", default=None, help="searched spec for `accuracy` [default: a search run here]")
