@@ -8,9 +8,9 @@
 // centred sums, not of standard deviations), the same in the reference and every kernel.
 // A constant vector (K = 1, N = 1) has norm 0: its correlation is 0 and its gradient 0.
 //
-// Moments come from one pass over (P, Q) per row: centred row sums use the exact softmax mean
-// 1/K as shift, column sums the same shift (shifted sums avoid the cancellation of raw ones),
-// corrected by the accumulated residual sums. With u = a - mean a, v = b - mean b,
+// Moments come from one pass over (P, Q) per row as shifted sums (which avoid the cancellation
+// of raw ones), corrected by the accumulated residual sums: rows shift by the exact softmax
+// mean 1/K, columns by row 0's (P[0, k], Q[0, k]), a value of the same column. With u = a - mean a, v = b - mean b,
 // D = ||u|| ||v|| + eps:  d corr / d a = v / D - (u.v) ||v|| / (D^2 ||u||) u   (already centred),
 // then through the softmax: d/ds = P (g - <g, P>) / tau. The teacher gets no gradient.
 #pragma once

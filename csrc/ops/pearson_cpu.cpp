@@ -18,9 +18,10 @@
 namespace autokd {
 namespace {
 
-// Column sums kept per range, shifted by c = 1/K: sum u, sum v, sum uv, sum uu, sum vv. They
-// are double even for float rows: a column's mean can sit far from 1/K (a confident class),
-// and float sums would then cancel in suu - su^2 / N.
+// Moment sums: sum u, sum v, sum uv, sum uu, sum vv. Rows shift by their exact mean 1/K;
+// columns by the first row's (P, Q), a value of the same column, so that columns of tiny
+// probabilities (a class nobody predicts) or of a confident class do not cancel in
+// suu - su^2 / N. Column sums are double even for float rows.
 enum { kSu = 0, kSv, kSuv, kSuu, kSvv, kMoments };
 
 template <typename acc_t>
@@ -40,11 +41,12 @@ __attribute__((always_inline)) inline void softmax_inplace_body(acc_t* b, int64_
   for (int64_t j = 0; j < n; ++j) b[j] *= iz;
 }
 
-// Row sums (su, sv, suv, suu, svv) of u = p - c, v = q - c, and the same terms added to the
-// per-column sums col[kMoments][n].
+// Row sums (su, sv, suv, suu, svv) of u = p - c, v = q - c, and those of u = p - cp[j],
+// v = q - cq[j] added to the per-column sums col[kMoments][n].
 template <typename acc_t>
 __attribute__((always_inline)) inline void moments_body(const acc_t* p, const acc_t* q,
-                                                        int64_t n, acc_t c, double* col,
+                                                        int64_t n, acc_t c, const acc_t* cp,
+                                                        const acc_t* cq, double* col,
                                                         acc_t* row) {
   acc_t su = 0, sv = 0, suv = 0, suu = 0, svv = 0;
   double* cu = col + kSu * n;
@@ -60,7 +62,7 @@ __attribute__((always_inline)) inline void moments_body(const acc_t* p, const ac
     suv += u * v;
     suu += u * u;
     svv += v * v;
-    const double ud = u, vd = v;
+    const double ud = p[j] - cp[j], vd = q[j] - cq[j];
     cu[j] += ud;
     cv[j] += vd;
     cuv[j] += ud * vd;
@@ -101,9 +103,9 @@ __attribute__((always_inline)) inline void grad_row_body(const acc_t* p, const a
 AUTOKD_CLONES void softmax_inplace_f32(float* b, int64_t n, float it) {
   softmax_inplace_body<float>(b, n, it);
 }
-AUTOKD_CLONES void moments_f32(const float* p, const float* q, int64_t n, float c, double* col,
-                               float* row) {
-  moments_body<float>(p, q, n, c, col, row);
+AUTOKD_CLONES void moments_f32(const float* p, const float* q, int64_t n, float c,
+                               const float* cp, const float* cq, double* col, float* row) {
+  moments_body<float>(p, q, n, c, cp, cq, col, row);
 }
 AUTOKD_CLONES void grad_row_f32(const float* p, const float* q, int64_t n, const float* cols,
                                 float a_row, float b_row, float mp, float mq, float itau,
@@ -120,12 +122,12 @@ inline void softmax_inplace(acc_t* b, int64_t n, acc_t it) {
   }
 }
 template <typename acc_t>
-inline void moments(const acc_t* p, const acc_t* q, int64_t n, acc_t c, double* col,
-                    acc_t* row) {
+inline void moments(const acc_t* p, const acc_t* q, int64_t n, acc_t c, const acc_t* cp,
+                    const acc_t* cq, double* col, acc_t* row) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    moments_f32(p, q, n, c, col, row);
+    moments_f32(p, q, n, c, cp, cq, col, row);
   } else {
-    moments_body<acc_t>(p, q, n, c, col, row);
+    moments_body<acc_t>(p, q, n, c, cp, cq, col, row);
   }
 }
 template <typename acc_t>
@@ -153,8 +155,9 @@ inline std::vector<int64_t> row_ranges(int64_t rows) {
 
 // Everything the gradient and the losses need from one pass over (P, Q).
 struct PearsonMoments {
-  std::vector<double> row;  // [N][kMoments], shifted by 1/K
-  std::vector<double> col;  // [kMoments][K], shifted by 1/K
+  std::vector<double> row;     // [N][kMoments], shifted by 1/K
+  std::vector<double> col;     // [kMoments][K], shifted by shift
+  std::vector<double> shift;   // [2][K]: P[0, :], Q[0, :]
 };
 
 template <typename scalar_t>
@@ -168,6 +171,16 @@ PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double 
   const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
   PearsonMoments m;
   m.row.assign(N * kMoments, 0.0);
+  std::vector<acc_t> cp(K), cq(K);
+  load_row(sp, s.stride(1), K, cp.data());
+  load_row(tp, t.stride(1), K, cq.data());
+  softmax_inplace(cp.data(), K, it);
+  softmax_inplace(cq.data(), K, it);
+  m.shift.resize(2 * K);
+  for (int64_t k = 0; k < K; ++k) {
+    m.shift[k] = cp[k];
+    m.shift[K + k] = cq[k];
+  }
   std::vector<std::vector<double>> cols(parts);
   at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> pb(K), qb(K);
@@ -179,7 +192,7 @@ PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double 
         softmax_inplace(pb.data(), K, it);
         softmax_inplace(qb.data(), K, it);
         acc_t row[kMoments];
-        moments(pb.data(), qb.data(), K, c, cols[i].data(), row);
+        moments(pb.data(), qb.data(), K, c, cp.data(), cq.data(), cols[i].data(), row);
         for (int j = 0; j < kMoments; ++j) m.row[n * kMoments + j] = row[j];
       }
     }
@@ -239,8 +252,8 @@ void pearson_backward_rows(double g_inter, double g_intra, const at::Tensor& s,
     const CorrTerms ct = col_terms(m, k, K, N);
     cols[k] = static_cast<acc_t>(-t2 * gc / K * ct.alpha);
     cols[K + k] = static_cast<acc_t>(t2 * gc / K * ct.beta);
-    cols[2 * K + k] = static_cast<acc_t>(c + m.col[kSu * K + k] / N);
-    cols[3 * K + k] = static_cast<acc_t>(c + m.col[kSv * K + k] / N);
+    cols[2 * K + k] = static_cast<acc_t>(m.shift[k] + m.col[kSu * K + k] / N);
+    cols[3 * K + k] = static_cast<acc_t>(m.shift[K + k] + m.col[kSv * K + k] / N);
   }
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();

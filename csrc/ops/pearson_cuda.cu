@@ -1,8 +1,9 @@
 // CUDA kernels of pearson (formulas in pearson.h).
 //   rows kernel (one block per row): online softmax normalisers of s/tau and t/tau, then the
 //     row's centred moments of (P, Q) and its correlation terms -> row info [N, kRowInfo].
-//   cols kernel (32 columns x 8 row stripes per block): shifted column moments in double
-//     (fp64 is cheap next to the loads), merged over the stripes -> column info [K, kColInfo].
+//   cols kernel (32 columns x 8 row stripes per block): column moments in double (fp64 is
+//     cheap next to the loads), shifted by row 0's (P, Q) as on the CPU, merged over the
+//     stripes -> column info [K, kColInfo].
 //   grad kernel (one block per row): d loss / d P from both terms, <g, P>, then the gradient.
 // The two losses are means of the [N] and [K] correlations on the device (no host sync).
 #include <ATen/ATen.h>
@@ -76,18 +77,24 @@ __global__ void pearson_cols_kernel(const scalar_t* __restrict__ s,
                                     const double* __restrict__ rows, double* __restrict__ info) {
   __shared__ double part[kRowStripes][kColTile][5];
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
-  const double c = 1.0 / static_cast<double>(K);
-  double m[5] = {0, 0, 0, 0, 0};  // shifted by 1/K, as on the CPU
+  double m[5] = {0, 0, 0, 0, 0};
+  // P[n, k], Q[n, k] from the row normalisers
+  auto pq = [&](int64_t n, double& p, double& q) {
+    const double* r = rows + n * kRowInfo;
+    p = static_cast<double>(dev_exp<acc_t>(static_cast<acc_t>(s[n * ss0 + k * ss1]) * it -
+                                           static_cast<acc_t>(r[kMx])) *
+                            static_cast<acc_t>(r[kIzx]));
+    q = static_cast<double>(dev_exp<acc_t>(static_cast<acc_t>(t[n * ts0 + k * ts1]) * it -
+                                           static_cast<acc_t>(r[kMy])) *
+                            static_cast<acc_t>(r[kIzy]));
+  };
+  double cp = 0, cq = 0;
   if (k < K) {
+    pq(0, cp, cq);
     for (int64_t n = threadIdx.y; n < N; n += kRowStripes) {
-      const double* r = rows + n * kRowInfo;
-      const acc_t p = dev_exp<acc_t>(static_cast<acc_t>(s[n * ss0 + k * ss1]) * it -
-                                     static_cast<acc_t>(r[kMx])) *
-                      static_cast<acc_t>(r[kIzx]);
-      const acc_t q = dev_exp<acc_t>(static_cast<acc_t>(t[n * ts0 + k * ts1]) * it -
-                                     static_cast<acc_t>(r[kMy])) *
-                      static_cast<acc_t>(r[kIzy]);
-      const double u = static_cast<double>(p) - c, v = static_cast<double>(q) - c;
+      double p, q;
+      pq(n, p, q);
+      const double u = p - cp, v = q - cq;
       m[0] += u;
       m[1] += v;
       m[2] += u * v;
@@ -110,8 +117,8 @@ __global__ void pearson_cols_kernel(const scalar_t* __restrict__ s,
     o[kColCorr] = ct.corr;
     o[kColAlpha] = ct.alpha;
     o[kColBeta] = ct.beta;
-    o[kMa] = c + m[0] / nd;
-    o[kMb] = c + m[1] / nd;
+    o[kMa] = cp + m[0] / nd;
+    o[kMb] = cq + m[1] / nd;
   }
 }
 
