@@ -160,8 +160,12 @@ struct PearsonMoments {
   std::vector<double> shift;   // [2][K]: P[0, :], Q[0, :]
 };
 
+// keep_p, keep_q: when given ([N, K] each), the rows of P and Q are left there for the
+// backward, which then skips recomputing both softmaxes.
 template <typename scalar_t>
-PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double tau) {
+PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double tau,
+                               at::opmath_type<scalar_t>* keep_p = nullptr,
+                               at::opmath_type<scalar_t>* keep_q = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.size(0), K = s.size(1);
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
@@ -187,12 +191,14 @@ PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double 
     for (int64_t i = i0; i < i1; ++i) {
       cols[i].assign(kMoments * K, 0.0);
       for (int64_t n = bounds[i]; n < bounds[i + 1]; ++n) {
-        load_row(sp + n * s.stride(0), s.stride(1), K, pb.data());
-        load_row(tp + n * t.stride(0), t.stride(1), K, qb.data());
-        softmax_inplace(pb.data(), K, it);
-        softmax_inplace(qb.data(), K, it);
+        acc_t* pr = keep_p != nullptr ? keep_p + n * K : pb.data();
+        acc_t* qr = keep_q != nullptr ? keep_q + n * K : qb.data();
+        load_row(sp + n * s.stride(0), s.stride(1), K, pr);
+        load_row(tp + n * t.stride(0), t.stride(1), K, qr);
+        softmax_inplace(pr, K, it);
+        softmax_inplace(qr, K, it);
         acc_t row[kMoments];
-        moments(pb.data(), qb.data(), K, c, cp.data(), cq.data(), cols[i].data(), row);
+        moments(pr, qr, K, c, cp.data(), cq.data(), cols[i].data(), row);
         for (int j = 0; j < kMoments; ++j) m.row[n * kMoments + j] = row[j];
       }
     }
@@ -241,7 +247,13 @@ void pearson_backward_rows(double g_inter, double g_intra, const at::Tensor& s,
                            const at::Tensor& t, double tau, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.size(0), K = s.size(1);
-  const PearsonMoments m = pearson_moments<scalar_t>(s, t, tau);
+  // P and Q, kept from the moments pass (allocated through torch so memory tools see them):
+  // recomputing both softmaxes in the gradient pass cost more than the moments pass itself.
+  const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  at::Tensor pq = at::empty({2, N, K}, s.options().dtype(acc_type));
+  acc_t* p_all = pq.mutable_data_ptr<acc_t>();
+  acc_t* q_all = p_all + N * K;
+  const PearsonMoments m = pearson_moments<scalar_t>(s, t, tau, p_all, q_all);
   const double t2 = tau * tau, c = 1.0 / K;
   // d loss / d P[n, k] per column: [ac | bc | ma | mb], see grad_row_body.
   // With one sample a column is its own mean: centring zeroes it and its gradient exactly;
@@ -255,17 +267,13 @@ void pearson_backward_rows(double g_inter, double g_intra, const at::Tensor& s,
     cols[2 * K + k] = static_cast<acc_t>(m.shift[k] + m.col[kSu * K + k] / N);
     cols[3 * K + k] = static_cast<acc_t>(m.shift[K + k] + m.col[kSv * K + k] / N);
   }
-  const scalar_t* sp = s.const_data_ptr<scalar_t>();
-  const scalar_t* tp = t.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const acc_t it = static_cast<acc_t>(1.0 / tau);
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> pb(K), qb(K), gb(K), ob(K);
+    std::vector<acc_t> gb(K), ob(K);
     for (int64_t n = n0; n < n1; ++n) {
-      load_row(sp + n * s.stride(0), s.stride(1), K, pb.data());
-      load_row(tp + n * t.stride(0), t.stride(1), K, qb.data());
-      softmax_inplace(pb.data(), K, it);
-      softmax_inplace(qb.data(), K, it);
+      const acc_t* pr = p_all + n * K;
+      const acc_t* qr = q_all + n * K;
       const CorrTerms rt = row_terms(m, n, K);
       const double* r = m.row.data() + n * kMoments;
       const acc_t a_row = static_cast<acc_t>(-t2 * g_inter / N * rt.alpha);
@@ -275,12 +283,11 @@ void pearson_backward_rows(double g_inter, double g_intra, const at::Tensor& s,
       const int64_t os = out.stride(1);
       if constexpr (std::is_same_v<acc_t, scalar_t>) {
         if (os == 1) {
-          grad_row(pb.data(), qb.data(), K, cols.data(), a_row, b_row, mp, mq, it, gb.data(), o);
+          grad_row(pr, qr, K, cols.data(), a_row, b_row, mp, mq, it, gb.data(), o);
           continue;
         }
       }
-      grad_row(pb.data(), qb.data(), K, cols.data(), a_row, b_row, mp, mq, it, gb.data(),
-               ob.data());
+      grad_row(pr, qr, K, cols.data(), a_row, b_row, mp, mq, it, gb.data(), ob.data());
       for (int64_t k = 0; k < K; ++k) o[k * os] = static_cast<scalar_t>(ob[k]);
     }
   });
