@@ -42,12 +42,18 @@ __attribute__((always_inline)) inline void kl_chunk_body(const acc_t* x, const a
   // it > 0, so max(x * it) == max(x) * it exactly (rounding is monotone).
   const double nmx = std::max(st.mx, static_cast<double>(chunk_max(x, n) * it));
   const double nmy = std::max(st.my, static_cast<double>(chunk_max(y, n) * it));
-  st.zx *= std::exp(st.mx - nmx);
-  const double ry = std::exp(st.my - nmy);
-  st.zy *= ry;
-  st.a *= ry;
-  st.mx = nmx;
-  st.my = nmy;
+  // Once a row's maxima are found, later chunks rarely move them: skip the rescaling exps,
+  // which cost as much as a short chunk's own (short segments, e.g. H*W = 64, are chunks).
+  if (nmx != st.mx) {
+    st.zx *= std::exp(st.mx - nmx);
+    st.mx = nmx;
+  }
+  if (nmy != st.my) {
+    const double ry = std::exp(st.my - nmy);
+    st.zy *= ry;
+    st.a *= ry;
+    st.my = nmy;
+  }
   const acc_t mx = static_cast<acc_t>(nmx), my = static_cast<acc_t>(nmy);
   acc_t sx = 0, sy = 0, sa = 0;
 #pragma omp simd reduction(+ : sx, sy, sa)
