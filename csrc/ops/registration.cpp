@@ -5,13 +5,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(autokd, m) {
-  // softmax_kl: tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student/tau)),
-  // rows of a 2-D [R, L] view (any strides).
+  // softmax_kl: tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student/tau)).
+  // Rows are dim 0 and the softmax runs over all remaining dims jointly: [R, L] or [R, A, B]
+  // (L = A*B), any strides, never copied (logits, N*C x H*W, N x C*H*W, and the channel view
+  // f.view(N, C, H*W).transpose(0, 1)). The backward returns the student's gradient only.
   m.def("softmax_kl(Tensor student, Tensor teacher, float tau) -> Tensor");
   m.def("softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, float tau) -> Tensor");
 
   // pearson: DIST-style (inter, intra) = mean 1 - Pearson of softmax(x/tau) per row and per
-  // column of [N, K], each times tau^2.
+  // column of [N, K] (any strides), each times tau^2; eps 1e-8 on the product of the norms.
+  // The backward returns the student's gradient only.
   m.def("pearson(Tensor student, Tensor teacher, float tau) -> (Tensor, Tensor)");
   m.def(
       "pearson_backward(Tensor grad_inter, Tensor grad_intra, Tensor student, Tensor teacher, "

@@ -1,0 +1,276 @@
+"""autokd::softmax_kl against its eager reference: values, gradients, views, errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import autokd
+from autokd.reference import softmax_kl as reference
+
+op = autokd.ops.softmax_kl
+
+
+def _feature(n, c, h, w, dtype, device="cpu"):
+    return (torch.randn(n, c, h, w, dtype=dtype, device=device) * 2).requires_grad_()
+
+
+# Each case: (leaf student, teacher source) -> (student view, teacher view). Gradients are
+# compared on the leaf, so views that copy would show up as wrong strides, not as wrong values.
+VIEWS = {
+    "logits": lambda f, g: (f, g),
+    "transposed": lambda f, g: (f.t(), g.t()),
+    "sliced": lambda f, g: (f[:, ::2], g[:, ::2]),
+}
+FEATURE_VIEWS = {
+    "channelwise": lambda f, g: (f.reshape(-1, f.shape[2] * f.shape[3]),
+                                 g.reshape(-1, g.shape[2] * g.shape[3])),
+    "samplewise": lambda f, g: (f.reshape(f.shape[0], -1), g.reshape(g.shape[0], -1)),
+    "channel_view": lambda f, g: (f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
+                                  g.view(g.shape[0], g.shape[1], -1).transpose(0, 1)),
+    "rank3": lambda f, g: (f.view(f.shape[0], f.shape[1], -1), g.view(g.shape[0], g.shape[1], -1)),
+    # student a view, teacher contiguous: the two inputs walk different strides
+    "mixed_strides": lambda f, g: (f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
+                                   g.view(g.shape[0], g.shape[1], -1).transpose(0, 1)
+                                   .contiguous()),
+}
+LOGIT_SHAPES = [(7, 13), (1, 1), (1, 9), (9, 1), (128, 100), (3, 1500)]
+FEATURE_SHAPES = [(4, 3, 5, 6), (1, 1, 1, 1), (2, 5, 1, 7), (3, 2, 23, 29)]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=1e-6)}
+
+
+def _check(f, g, view, tau, dtype):
+    s, t = view(f, g)
+    got = op(s, t, tau)
+    assert got.dtype == dtype and got.shape == ()
+    (grad,) = torch.autograd.grad(got, f)
+    f64 = f.detach().double().requires_grad_()
+    s64, t64 = view(f64, g.double())
+    want = reference(s64, t64, tau)
+    (want_grad,) = torch.autograd.grad(want, f64)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    scale = want_grad.abs().max().item() + 1e-30
+    torch.testing.assert_close(grad.double() / scale, want_grad / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("view", VIEWS, ids=list(VIEWS))
+@pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=str)
+def test_logits_match_reference(shape, view, dtype):
+    f = (torch.randn(shape, dtype=dtype) * 3).requires_grad_()
+    g = torch.randn(shape, dtype=dtype) * 3
+    _check(f, g, VIEWS[view], 2.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("view", FEATURE_VIEWS, ids=list(FEATURE_VIEWS))
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=str)
+def test_feature_views_match_reference(shape, view, dtype):
+    f = _feature(*shape, dtype)
+    g = torch.randn(shape, dtype=dtype) * 2
+    _check(f, g, FEATURE_VIEWS[view], 4.0, dtype)
+
+
+def test_channel_view_is_not_copied_and_grad_keeps_strides():
+    f = _feature(2, 3, 4, 5, torch.float32)
+    s = f.view(2, 3, 20).transpose(0, 1)
+    out = op(s, s.detach() + 1, 1.0)
+    grad = torch.ops.autokd.softmax_kl_backward(torch.ones(()), s.detach(), s.detach(), 1.0)
+    assert grad.stride() == s.stride()
+    out.backward()
+    assert f.grad.shape == f.shape
+
+
+def test_long_rows_and_large_logits():
+    # Rows longer than one chunk, with maxima in later chunks (the running max must rescale).
+    s = torch.linspace(-50, 50, 5000, dtype=torch.float64).repeat(3, 1)
+    t = torch.linspace(60, -40, 5000, dtype=torch.float64).repeat(3, 1)
+    torch.testing.assert_close(op(s.float(), t.float(), 1.0).double(), reference(s, t, 1.0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_identical_inputs_give_zero():
+    x = torch.randn(16, 40)
+    assert abs(op(x, x, 3.0).item()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cpu(dtype):
+    s32 = torch.randn(64, 300) * 3
+    t32 = torch.randn(64, 300) * 3
+    want = reference(s32.double(), t32.double(), 2.0)
+    got = op(s32.to(dtype), t32.to(dtype), 2.0)
+    ref_low = reference(s32.to(dtype), t32.to(dtype), 2.0)
+    err, ref_err = (got.double() - want).abs(), (ref_low.double() - want).abs()
+    assert got.dtype == dtype
+    assert err <= 2 * ref_err + torch.finfo(dtype).eps * want.abs()
+
+
+def test_teacher_gets_no_gradient():
+    s = torch.randn(5, 7, requires_grad=True)
+    t = torch.randn(5, 7, requires_grad=True)
+    op(s, t, 2.0).backward()
+    assert s.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
+                 torch.randn(6, 5, dtype=torch.float64)),
+        lambda: (torch.randn(4, 6, 5).transpose(0, 1).requires_grad_(),
+                 torch.randn(6, 4, 5)),
+    ],
+    ids=["logits", "channel_view"],
+)
+def test_opcheck(make):
+    s, t = make()
+    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0))
+
+
+def test_gradcheck():
+    s = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: op(x, t, 2.0), (s,))
+    view = torch.randn(3, 4, 6, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: op(x, t, 1.5), (view[:, :, :5],))
+
+
+def test_torch_compile_fullgraph():
+    f = _feature(4, 3, 5, 6, torch.float32)
+    g = torch.randn(4, 3, 5, 6)
+
+    @torch.compile(fullgraph=True)
+    def loss(f, g):
+        return op(f.view(4, 3, 30).transpose(0, 1), g.view(4, 3, 30).transpose(0, 1), 2.0)
+
+    out = loss(f, g)
+    out.backward()
+    f2 = f.detach().clone().requires_grad_()
+    want = reference(f2.view(4, 3, 30).transpose(0, 1), g.view(4, 3, 30).transpose(0, 1), 2.0)
+    want.backward()
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(f.grad, f2.grad, rtol=2e-5, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    a=st.integers(1, 7),
+    b=st.integers(1, 700),
+    rank3=st.booleans(),
+    transpose=st.booleans(),
+    tau=st.floats(0.25, 8.0),
+)
+def test_property_random_shapes(rows, a, b, rank3, transpose, tau):
+    shape = (a, rows, b) if transpose else (rows, a, b)
+    f = (torch.randn(shape, dtype=torch.float64) * 4).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64) * 4
+
+    def view(x, y):
+        if transpose:
+            x, y = x.transpose(0, 1), y.transpose(0, 1)
+        if not rank3:
+            x, y = x.reshape(rows, -1), y.reshape(rows, -1)
+        return x, y
+
+    _check(f, g, view, tau, torch.float64)
+    s, t = view(f.detach(), g)
+    assert op(s, t, tau).item() >= -1e-12  # KL is non-negative
+
+
+BAD = [
+    ("rank 1", lambda: (torch.randn(5), torch.randn(5), 1.0),
+     r"autokd::softmax_kl: expected student of shape \[R, L\] or \[R, A, B\], got \[5\]"),
+    ("rank 4", lambda: (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), 1.0),
+     r"expected student of shape \[R, L\] or \[R, A, B\], got \[2, 3, 4, 5\]"),
+    ("shapes", lambda: (torch.randn(4, 5), torch.randn(4, 6), 1.0),
+     r"autokd::softmax_kl: expected teacher of the same shape as student \[4, 5\], got \[4, 6\]"),
+    ("tau 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), 0.0),
+     r"autokd::softmax_kl: expected tau > 0 and finite, got 0"),
+    ("tau < 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), -2.0),
+     r"expected tau > 0 and finite, got -2"),
+    ("tau inf", lambda: (torch.randn(4, 5), torch.randn(4, 5), math.inf),
+     r"expected tau > 0 and finite, got inf"),
+    ("tau nan", lambda: (torch.randn(4, 5), torch.randn(4, 5), math.nan),
+     r"expected tau > 0 and finite, got nan"),
+    ("empty", lambda: (torch.randn(0, 5), torch.randn(0, 5), 1.0),
+     r"autokd::softmax_kl: expected student to be non-empty, got shape \[0, 5\]"),
+    ("dtypes", lambda: (torch.randn(4, 5), torch.randn(4, 5, dtype=torch.float64), 1.0),
+     r"autokd::softmax_kl: expected teacher of the same dtype as student \(Float\), got Double"),
+    ("integer", lambda: (torch.ones(4, 5, dtype=torch.int64),
+                         torch.ones(4, 5, dtype=torch.int64), 1.0),
+     r"autokd::softmax_kl: expected student to be a floating-point tensor .*, got Long"),
+]
+
+
+@pytest.mark.parametrize("args, message", [(b[1], b[2]) for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs(args, message):
+    with pytest.raises(ValueError, match=message):
+        op(*args())
+
+
+def test_bad_grad():
+    s = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"autokd::softmax_kl_backward: expected grad with one "
+                                         r"element, got shape \[2\]"):
+        torch.ops.autokd.softmax_kl_backward(torch.ones(2), s, s, 1.0)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _low_precision_close(got, want64, ref_low):
+    """Error of the kernel vs the float64 truth at most twice that of the reference run in the
+    same low precision (plus one unit of rounding of the result)."""
+    err = (got.double() - want64).abs().max()
+    ref_err = (ref_low.double() - want64).abs().max()
+    floor = torch.finfo(got.dtype).eps * want64.abs().max()
+    assert err <= 2 * ref_err + floor, (err.item(), ref_err.item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("view", ["logits", "channelwise", "samplewise", "channel_view"])
+def test_cuda_matches_reference(view, dtype):
+    if view == "logits":
+        f = torch.randn(256, 1000, device="cuda") * 3
+        g = torch.randn(256, 1000, device="cuda") * 3
+        make = VIEWS["logits"]
+    else:
+        f = torch.randn(8, 16, 12, 12, device="cuda") * 2
+        g = torch.randn(8, 16, 12, 12, device="cuda") * 2
+        make = FEATURE_VIEWS[view]
+    f64 = f.double().requires_grad_()
+    want = reference(*make(f64, g.double()), 2.0)
+    (want_grad,) = torch.autograd.grad(want, f64)
+    fl = f.to(dtype).requires_grad_()
+    got = op(*make(fl, g.to(dtype)), 2.0)
+    (grad,) = torch.autograd.grad(got, fl)
+    fr = f.to(dtype).requires_grad_()
+    ref_low = reference(*make(fr, g.to(dtype)), 2.0)
+    (ref_grad,) = torch.autograd.grad(ref_low, fr)
+    assert got.dtype == dtype and grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+    else:
+        _low_precision_close(got, want, ref_low)
+        _low_precision_close(grad, want_grad, ref_grad)
+
+
+@pytest.mark.cuda
+def test_cuda_float64_and_opcheck():
+    s = torch.randn(5, 4, 7, device="cuda", dtype=torch.float64).transpose(0, 1)
+    t = torch.randn(4, 5, 7, device="cuda", dtype=torch.float64)
+    s.requires_grad_()
+    torch.testing.assert_close(op(s, t, 2.0), reference(s, t, 2.0))
+    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0))
+
+
+@pytest.mark.cuda
+def test_cuda_mixed_devices():
+    with pytest.raises(ValueError, match=r"autokd::softmax_kl: expected teacher on the same "
+                                         r"device as student \(cuda:0\), got cpu"):
+        op(torch.randn(4, 5, device="cuda"), torch.randn(4, 5), 1.0)
