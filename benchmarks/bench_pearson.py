@@ -13,7 +13,7 @@ import torch
 import autokd
 from autokd.reference import pearson as reference
 from common import bandwidth_fraction
-from kd_bench import peak_bytes
+from common import peak_memory_bytes as peak_bytes
 
 TAU = 4.0
 HAS_CUDA = torch.cuda.is_available() and autokd.ops.WITH_CUDA
