@@ -29,7 +29,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(
@@ -44,53 +43,11 @@ BATCH = 128
 TAPS = {"layer1": [16, 32, 32], "layer2": [32, 16, 16], "layer3": [64, 8, 8], "logits": [100]}
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = (
-            nn.Sequential()
-            if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        )
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class ResNetCifar(nn.Module):
-    """CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64 channels; n=9 is ResNet-56."""
-
-    def __init__(self, n=9, num_classes=100):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
-        )
-        stages, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            stages.append(
-                nn.Sequential(
-                    *[
-                        BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1)
-                        for b in range(n)
-                    ]
-                )
-            )
-            cin = cout
-        self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(x.mean((2, 3)))
-
-
 def resnet56(num_classes=100):
-    return ResNetCifar(9, num_classes)
+    """The zoo's CIFAR ResNet-56: layer1-3 give the TAPS shapes on 32x32 inputs."""
+    from autokd.models import build_model
+
+    return build_model("resnet56", num_classes=num_classes, in_channels=3)
 
 
 def write_random_store(path, samples, views, seed=0, threads=4):

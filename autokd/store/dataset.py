@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from autokd.store.augment import ReplayAugment
-from autokd.store.feature_store import FeatureStore, _as_index_array
+from autokd.store.feature_store import FeatureStore, sample_indices
 
 
 class OfflineDistillDataset(torch.utils.data.Dataset):
@@ -20,17 +20,7 @@ class OfflineDistillDataset(torch.utils.data.Dataset):
     def __init__(self, store: FeatureStore, dataset, aug: ReplayAugment, indices=None):
         store.check_compatible(dataset, aug)
         self.store, self.dataset, self.aug = store, dataset, aug
-        self.indices = (
-            np.arange(store.num_samples, dtype=np.int64)
-            if indices is None
-            else _as_index_array(indices, "indices")
-        )
-        if self.indices.size and (
-            self.indices.min() < 0 or self.indices.max() >= store.num_samples
-        ):
-            raise ValueError(
-                f"autokd OfflineDistillDataset: expected indices in [0, {store.num_samples})"
-            )
+        self.indices = sample_indices(store, indices, "autokd OfflineDistillDataset")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

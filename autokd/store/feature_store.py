@@ -439,6 +439,18 @@ class FeatureStore:
         )
 
 
+def sample_indices(store: "FeatureStore", indices, who: str) -> np.ndarray:
+    """``indices`` as an int64 array checked against the store's samples (all when None)."""
+    if indices is None:
+        return np.arange(store.num_samples, dtype=np.int64)
+    out = _as_index_array(indices, "indices")
+    if out.size and (out.min() < 0 or out.max() >= store.num_samples):
+        raise ValueError(
+            f"{who}: expected indices in [0, {store.num_samples}), got [{out.min()}, {out.max()}]"
+        )
+    return out
+
+
 def _normalise_schema(schema) -> list:
     out = []
     for entry in schema:
@@ -473,18 +485,7 @@ class StoreBatches:
                 f"autokd store batches: expected batch_size an int >= 1, got {batch_size!r}"
             )
         self.store, self.dataset, self.aug = store, dataset, aug
-        self.indices = (
-            np.arange(store.num_samples, dtype=np.int64)
-            if indices is None
-            else _as_index_array(indices, "indices")
-        )
-        if self.indices.size and (
-            self.indices.min() < 0 or self.indices.max() >= store.num_samples
-        ):
-            raise ValueError(
-                f"autokd store batches: expected indices in [0, {store.num_samples}), got "
-                f"[{self.indices.min()}, {self.indices.max()}]"
-            )
+        self.indices = sample_indices(store, indices, "autokd store batches")
         self.batch_size, self.epoch, self.shuffle, self.seed = (
             batch_size,
             int(epoch),
