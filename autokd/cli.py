@@ -207,12 +207,13 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         t_name, s_name = default_models(data)
         s_name = student or s_name
         info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
-                                     teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
+                                     teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo,
+                                     progress=not quiet)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
             store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment, views,
-                                        "fp16", device=device, log=click.echo)
+                                        "fp16", device=device, log=click.echo, progress=not quiet)
         cfg = TrainConfig(**_schedule(data, epochs, batch_size, lr), sparsity=sparsity, offline=offline,
                           seed=seed, device=device)
         name = os.path.splitext(os.path.basename(spec))[0]

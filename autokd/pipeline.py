@@ -67,6 +67,7 @@ def load_or_train_teacher(
     device: str = "cpu",
     taps: Optional[Sequence[str]] = None,
     log: Log = print,
+    progress: bool = True,
 ) -> TeacherInfo:
     """The teacher of a run: from ``checkpoint`` when given; else from ``train_to`` when that file
     exists (an earlier run trained it); else trained now and saved to ``train_to``."""
@@ -88,7 +89,7 @@ def load_or_train_teacher(
             raise PipelineError("no teacher checkpoint given and nowhere to train one")
         log(f"teacher {name}: training for {epochs} epochs (first run; saved to {train_to})")
         torch.manual_seed(seed)
-        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=True)
+        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress)
         acc, _ = evaluate(model, data.test, device=device)
         os.makedirs(os.path.dirname(os.path.abspath(train_to)), exist_ok=True)
         save_checkpoint(
@@ -114,6 +115,7 @@ def open_or_build_store(
     batch_size: int = 256,
     device: str = "cpu",
     log: Log = print,
+    progress: bool = True,
 ):
     """The feature store of ``teacher`` on ``data``'s training split: opened and checked when it
     exists, built otherwise. A store made by another teacher or from other data is an error."""
@@ -132,7 +134,7 @@ def open_or_build_store(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return FeatureStore.build(
         path, teacher.model, data.train, taps=teacher.taps, views=views, dtype=dtype,
-        batch_size=batch_size, augment=augment, dataset_id=data.identity, progress=True, device=device,
+        batch_size=batch_size, augment=augment, dataset_id=data.identity, progress=progress, device=device,
     )
 
 

@@ -176,6 +176,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
     teacher = load_or_train_teacher(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps, log=log,
+        progress=progress,
     )
     student_taps = resolve_taps(cfg.student, cfg.student_taps)
     if len(student_taps) != len(teacher.taps):
@@ -187,7 +188,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
     if cfg.proxy.offline:
         store = open_or_build_store(
             cfg.store or os.path.join(cfg.out, "teacher_features.akds"), teacher, data, augment,
-            views=cfg.views, dtype=cfg.store_dtype, device=cfg.proxy.device, log=log,
+            views=cfg.views, dtype=cfg.store_dtype, device=cfg.proxy.device, log=log, progress=progress,
         )
     journal = Journal(os.path.join(cfg.out, "journal.sqlite"), cfg.pinned(data.identity, teacher.hash))
     done = journal.trials()

@@ -76,7 +76,9 @@ def test_report_renders_from_journal(searched):
 
 def test_search_killed_with_sigkill_resumes_losing_nothing(tmp_path):
     out = str(tmp_path / "s")
-    args = _cli("search", "--out", out, "--budget", "6", *TOY)
+    # A budget far above what runs before the kill: trials take ~0.1-1 s, the poll 0.05 s.
+    budget = 30
+    args = _cli("search", "--out", out, "--budget", str(budget), *TOY)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
@@ -89,18 +91,18 @@ def test_search_killed_with_sigkill_resumes_losing_nothing(tmp_path):
                     pass
             if proc.poll() is not None:
                 pytest.fail("search ended before it could be killed")
-            time.sleep(0.2)
+            time.sleep(0.05)
         else:
             pytest.fail("search made no progress")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     killed = _trials(out)
-    assert 2 <= len(killed) < 6
+    assert 2 <= len(killed) < budget
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     final = _trials(out)
-    assert len(final) == 6
+    assert len(final) == budget
     assert final[: len(killed)] == killed
 
 
