@@ -68,7 +68,8 @@ def _common_options(f):
         click.option("--student", default=None, help="Student model [default: digits_student on digits, resnet20 otherwise]."),
         click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds the split, the augmentation, the search and the initialisations."),
         click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
                      help="Output folder (journal, spec, report, teacher, store)."),
     ]
@@ -144,14 +145,16 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @_common_options
 @_proxy_options
 @click.option("--space", default="autokd", show_default=True, help="autokd | extended | path to a space YAML.")
-@click.option("--strategy", type=click.Choice(["mcts", "random"]), default="mcts", show_default=True)
+@click.option("--strategy", type=click.Choice(["mcts", "random"]), default="mcts", show_default=True,
+              help="MCTS, or uniform random search (for comparisons at the same budget).")
 @click.option("--budget", type=click.IntRange(min=0), default=100, show_default=True, help="Total trials (a resumed search counts its finished trials).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
 @click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Fraction of the training split per trial.")
 @click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Early stop: fraction of --epochs trained per trial.")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="Fraction of student weights pruned during trials (0: dense).")
 @click.option("--online", is_flag=True, help="Run the teacher in every trial instead of reading the feature store.")
-@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views cached per training sample; epoch e reads view e mod K.")
 @click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
@@ -191,7 +194,8 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
               "(kd, at, sp, cwd, dist, ickd, mgd, fitnet, ...) or none.")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--offline", is_flag=True, help="Read teacher features from the feature store instead of running the teacher.")
-@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views in the feature store (with --offline).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Checkpoints and results [default: <out>/distill-<spec>-<seed>].")
 @click.option("--quiet", is_flag=True)
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
