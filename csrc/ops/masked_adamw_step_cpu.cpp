@@ -90,16 +90,11 @@ void masked_adamw_step_cpu(at::TensorList params, at::TensorList grads,
                                  beta2, eps, weight_decay);
   const size_t n = params.size();
   if (n == 0) return;
-  std::vector<at::Tensor> g_c(n), m_c(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    g_c[i] = grads[i].contiguous();
-    const std::optional<at::Tensor> mi = masks[i];
-    if (mi.has_value() && mi->defined()) m_c[i] = mi->contiguous();
-    numels[i] = params[i].numel();
-  }
-  int64_t total = 0;
-  const std::vector<Span> spans = plan_spans(numels, &total);
+  const StepInputs in = prepare_step_inputs(params, grads, masks);
+  const std::vector<at::Tensor>& g_c = in.grads;
+  const std::vector<at::Tensor>& m_c = in.masks;
+  const std::vector<Span>& spans = in.spans;
+  const int64_t total = in.total;
   // Bias corrections in double, then rounded once, as torch does with Python floats.
   const double t = static_cast<double>(step);
   const double bc1 = 1.0 - std::pow(beta1, t);

@@ -71,17 +71,11 @@ void masked_sgd_step_cpu(at::TensorList params, at::TensorList grads,
                                weight_decay, nesterov);
   const size_t n = params.size();
   if (n == 0) return;
-  // Read-only inputs may have any layout: a contiguous copy (usually a no-op) is read.
-  std::vector<at::Tensor> g_c(n), m_c(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    g_c[i] = grads[i].contiguous();
-    const std::optional<at::Tensor> mi = masks[i];
-    if (mi.has_value() && mi->defined()) m_c[i] = mi->contiguous();
-    numels[i] = params[i].numel();
-  }
-  int64_t total = 0;
-  const std::vector<Span> spans = plan_spans(numels, &total);
+  const StepInputs in = prepare_step_inputs(params, grads, masks);
+  const std::vector<at::Tensor>& g_c = in.grads;
+  const std::vector<at::Tensor>& m_c = in.masks;
+  const std::vector<Span>& spans = in.spans;
+  const int64_t total = in.total;
   const Momentum mode =
       momentum == 0.0 ? Momentum::kNone : (first_step ? Momentum::kFirst : Momentum::kRunning);
 

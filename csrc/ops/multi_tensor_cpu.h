@@ -4,6 +4,7 @@
 // region per tensor.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -35,6 +36,32 @@ inline std::vector<Span> plan_spans(const std::vector<int64_t>& numels, int64_t*
     *total += numels[i];
   }
   return spans;
+}
+
+// What both fused steps read, prepared once: contiguous copies of the read-only inputs (usually
+// no-ops; any layout is accepted for grads and masks) and the span plan over all tensors.
+struct StepInputs {
+  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> masks;  // undefined where the parameter is dense
+  std::vector<Span> spans;
+  int64_t total = 0;
+};
+
+inline StepInputs prepare_step_inputs(at::TensorList params, at::TensorList grads,
+                                      const c10::List<std::optional<at::Tensor>>& masks) {
+  const size_t n = params.size();
+  StepInputs in;
+  in.grads.resize(n);
+  in.masks.resize(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    in.grads[i] = grads[i].contiguous();
+    const std::optional<at::Tensor> mi = masks[i];
+    if (mi.has_value() && mi->defined()) in.masks[i] = mi->contiguous();
+    numels[i] = params[i].numel();
+  }
+  in.spans = plan_spans(numels, &in.total);
+  return in;
 }
 
 // v where keep != 0, +0.0 elsewhere, as a bit mask: `keep ? v : 0` does not vectorise here
