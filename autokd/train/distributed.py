@@ -37,6 +37,7 @@ Semantics, chosen so that N processes train the model one process would train:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -109,7 +110,11 @@ class DistContext:
                                 timeout=datetime.timedelta(seconds=timeout_s))
 
     def close(self) -> None:
+        """Leave the process group together (a rank that tears it down while another still
+        talks to it aborts that one)."""
         if self.distributed and dist.is_initialized():
+            gc.collect()  # DDP reducers in reference cycles hold the group; free them first
+            dist.barrier()
             dist.destroy_process_group()
 
     def barrier(self) -> None:
