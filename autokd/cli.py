@@ -232,7 +232,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         if ctx.distributed:
             # one process prepares these, before the data-parallel run: a rank training a
             # teacher for hours would leave the others waiting past any collective's timeout
-            if not os.path.exists(t_path):
+            if not teacher_checkpoint and not os.path.exists(t_path):
                 raise PipelineError(f"{t_path} does not exist: under torchrun the teacher must exist; run "
                                     f"`autokd-cli train-teacher --data {data} --out {out}` first")
             if offline and not os.path.exists(store_path):

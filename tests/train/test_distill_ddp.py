@@ -19,13 +19,11 @@ import torch
 import torch.multiprocessing as mp
 
 from autokd.data import load_data
-from autokd.pipeline import load_or_train_teacher, make_augment, resolve_taps
+from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
 from autokd.train import final, sparse
 from autokd.train.distributed import DistContext, EpochShardSampler
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig, _epoch_source, stratified_subset
-
-pytestmark = pytest.mark.slow
 
 ATOL, RTOL = 1e-5, 1e-4
 # subset 0.15 of digits at seed 3 is 196 samples: 3 full batches of 64 and a tail of 4, which
@@ -67,10 +65,27 @@ def _distill(teacher_path, out, cfg, spec="fitnet", dist=None):
     data = load_data("digits", val_fraction=0.1, seed=0)
     teacher = load_or_train_teacher(data, "digits_teacher", teacher_path, None, epochs=1, log=lambda m: None,
                                     progress=False)
+    store = None
+    if cfg.offline:  # built by the fixture beside the teacher
+        store = open_or_build_store(os.path.join(os.path.dirname(teacher_path), "store.akds"), teacher, data,
+                                    make_augment(data, 0), views=2, dtype="fp32", log=lambda m: None,
+                                    progress=False)
     logs = []
     run_distill(resolve_spec(spec), data, teacher, "digits_student", resolve_taps("digits_student", None), cfg,
-                str(out), augment=make_augment(data, 0), log=logs.append, progress=False, dist=dist)
+                str(out), store=store, augment=make_augment(data, 0), log=logs.append, progress=False, dist=dist)
     return logs
+
+
+def _cli(out, teacher_path, *extra):
+    """``autokd-cli distill`` as torchrun would start rank RANK of it (the caller sets the
+    environment); its output."""
+    from click.testing import CliRunner
+
+    from autokd.cli import main
+
+    r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(out), "--teacher-checkpoint",
+                                  str(teacher_path), "--epochs", "1", "--batch-size", "64", "--quiet", *extra])
+    return r.exit_code, r.output
 
 
 def _worker(rank, port, teacher_path, jobs, report_dir):
@@ -96,6 +111,9 @@ def _worker(rank, port, teacher_path, jobs, report_dir):
             final.torch.save = real_save
         if cap.managers[0] is not None:
             report["masks"][name] = cap.masks()
+    # last: the command closes the process group when it ends
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    report["cli"] = _cli(os.path.join(report_dir, "cli"), teacher_path)
     ctx.close()
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -126,6 +144,7 @@ def runs(tmp_path_factory):
     assert len(stratified_subset(data.train.labels, BASE["subset"], BASE["seed"])) % 2 == 0
 
     _distill(teacher_path, root / "single", _config())
+    _distill(teacher_path, root / "single_offline", _config(offline=True))  # builds the store
     with _CaptureSparsity() as cap:
         _distill(teacher_path, root / "single_sparse", _config(sparsity=0.5), spec="kd")
     single_masks = cap.masks()
@@ -150,23 +169,29 @@ def runs(tmp_path_factory):
         ("resumed", str(root / "resumed"), {}, True, "fitnet"),
         ("sparse", str(root / "ddp_sparse"), {"sparsity": 0.5}, True, "kd"),
         ("per_rank_bn", str(root / "ddp_local_bn"), {}, False, "fitnet"),
+        ("offline", str(root / "ddp_offline"), {"offline": True}, True, "fitnet"),
     ]
     mp.spawn(_worker, args=(_free_port(), teacher_path, jobs, str(root)), nprocs=2)
     reports = [json.load(open(root / f"rank{r}.json")) for r in range(2)]
     return root, reports, single_masks
 
 
-def test_two_processes_train_the_single_process_student(runs):
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["", "_offline"])
+def test_two_processes_train_the_single_process_student(runs, run):
+    """Online (the teacher runs on each rank's share) and offline (each rank gathers its share of
+    the feature store)."""
     root, _, _ = runs
-    single, ddp = _weights(root / "single"), _weights(root / "ddp")
+    single, ddp = _weights(root / f"single{run}"), _weights(root / f"ddp{run}")
     assert single.keys() == ddp.keys()
     for k in single:  # BN running statistics included: synchronised BN saw the global batch
         torch.testing.assert_close(ddp[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
-    res = json.load(open(root / "ddp" / "result.json"))
+    res = json.load(open(root / f"ddp{run}" / "result.json"))
     assert res["processes"] == 2
-    assert res["test_accuracy"] == json.load(open(root / "single" / "result.json"))["test_accuracy"]
+    assert res["test_accuracy"] == json.load(open(root / f"single{run}" / "result.json"))["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_per_rank_batchnorm_is_not_the_single_process_student(runs):
     """The other BN choice: statistics over 32 samples per rank instead of 64 (the tolerance
     above would catch it)."""
@@ -174,6 +199,7 @@ def test_per_rank_batchnorm_is_not_the_single_process_student(runs):
     assert _max_diff(_weights(root / "single"), _weights(root / "ddp_local_bn")) > 100 * ATOL
 
 
+@pytest.mark.slow
 def test_rank_zero_alone_writes(runs):
     root, reports, _ = runs
     rank0, rank1 = reports
@@ -183,6 +209,7 @@ def test_rank_zero_alone_writes(runs):
     assert not any(p.endswith(".tmp") for p in os.listdir(root / "ddp"))
 
 
+@pytest.mark.slow
 def test_two_processes_resume_a_checkpoint(runs):
     """A single-process run cut after epoch 0; 2 processes continue it from epoch 1 to the
     student of the uninterrupted runs."""
@@ -196,6 +223,7 @@ def test_two_processes_resume_a_checkpoint(runs):
         torch.testing.assert_close(resumed[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
 
 
+@pytest.mark.slow
 def test_sparsity_masks_identical_on_every_rank(runs):
     root, reports, single_masks = runs
     assert reports[0]["masks"]["sparse"] == reports[1]["masks"]["sparse"]
@@ -203,6 +231,18 @@ def test_sparsity_masks_identical_on_every_rank(runs):
     single, ddp = _weights(root / "single_sparse"), _weights(root / "ddp_sparse")
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun(runs):
+    """The command itself in 2 ranks: one line of output, from rank 0; rank 0's files."""
+    root, reports, _ = runs
+    (code0, out0), (code1, out1) = reports[0]["cli"], reports[1]["cli"]
+    assert code0 == code1 == 0, out0 + out1
+    assert "data parallel: 2 processes (gloo), global batch 64 = 2 x 32, synchronised BatchNorm" in out0
+    assert "test accuracy" in out0
+    assert out1 == ""
+    assert json.load(open(root / "cli" / "distill-kd-0" / "result.json"))["processes"] == 2
 
 
 # -- no processes needed ----------------------------------------------------------------------
@@ -261,14 +301,20 @@ def test_torchrun_environment(monkeypatch):
     assert not DistContext.from_env("cpu").distributed
 
 
-def test_cli_says_the_batch_does_not_divide(monkeypatch, tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_cli_mistakes_under_torchrun(monkeypatch, tmp_path, rank):
+    """Found before any process group exists; every rank exits 1, rank 0 alone says why."""
+    for k, v in {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}.items():
+        monkeypatch.setenv(k, v)
+    code, out = _cli(tmp_path, tmp_path / "teacher.pt", "--batch-size", "33")
+    assert code == 1
+    if rank == 0:
+        assert "--batch-size 33 is the global batch and must divide by the 2 processes" in out
+        assert "use 32 or 34" in out
+    else:
+        assert out == ""
+    from autokd.cli import main
     from click.testing import CliRunner
 
-    from autokd.cli import main
-
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--batch-size", "33", "--out", str(tmp_path)])
-    assert r.exit_code == 1
-    assert "--batch-size 33 is the global batch and must divide by the 2 processes" in r.output
-    assert "use 32 or 34" in r.output
+    r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and ("under torchrun the teacher must exist" in r.output) == (rank == 0)
