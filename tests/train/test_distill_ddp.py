@@ -17,7 +17,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from click.testing import CliRunner
 
+from autokd.cli import main
 from autokd.data import load_data
 from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
 from autokd.train import final, sparse
@@ -79,10 +81,6 @@ def _distill(teacher_path, out, cfg, spec="fitnet", dist=None):
 def _cli(out, teacher_path, *extra):
     """``autokd-cli distill`` as torchrun would start rank RANK of it (the caller sets the
     environment); its output."""
-    from click.testing import CliRunner
-
-    from autokd.cli import main
-
     r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(out), "--teacher-checkpoint",
                                   str(teacher_path), "--epochs", "1", "--batch-size", "64", "--quiet", *extra])
     return r.exit_code, r.output
@@ -313,8 +311,5 @@ def test_cli_mistakes_under_torchrun(monkeypatch, tmp_path, rank):
         assert "use 32 or 34" in out
     else:
         assert out == ""
-    from autokd.cli import main
-    from click.testing import CliRunner
-
     r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(tmp_path)])
     assert r.exit_code == 1 and ("under torchrun the teacher must exist" in r.output) == (rank == 0)
