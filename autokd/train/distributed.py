@@ -156,6 +156,9 @@ class DistContext:
         """``module`` in DistributedDataParallel (itself when not distributed)."""
         if not self.distributed:
             return module
+        if not dist.is_initialized():
+            raise RuntimeError(f"rank {self.rank} of {self.world_size}: no process group; call "
+                               "DistContext.init() before training")
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [torch.device(self.device).index] if self.backend == "nccl" else None

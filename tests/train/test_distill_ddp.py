@@ -10,6 +10,7 @@ the largest difference measured is 4e-8. atol 1e-5 (rtol 1e-4) leaves two orders
 stays far below what a real difference gives: per-rank BatchNorm (also run below) moves the
 weights by more than 1e-3.
 """
+import copy
 import json
 import os
 import socket
@@ -23,7 +24,7 @@ from autokd.cli import main
 from autokd.data import load_data
 from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
 from autokd.train import final, sparse
-from autokd.train.distributed import DistContext, EpochShardSampler
+from autokd.train.distributed import DistContext, EpochShardSampler, GlooSyncBatchNorm, convert_sync_batchnorm
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig, _epoch_source, stratified_subset
 
@@ -313,3 +314,21 @@ def test_cli_mistakes_under_torchrun(monkeypatch, tmp_path, rank):
         assert out == ""
     r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(tmp_path)])
     assert r.exit_code == 1 and ("under torchrun the teacher must exist" in r.output) == (rank == 0)
+
+
+def test_cpu_sync_batchnorm_without_a_group_is_batchnorm():
+    """Conversion keeps parameters (the same tensors) and state-dict keys; with no process group
+    the layer is plain BN in training and eval."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    ref[1].weight.data.uniform_(0.5, 1.5)
+    conv = convert_sync_batchnorm(copy.deepcopy(ref), "cpu")
+    assert isinstance(conv[1], GlooSyncBatchNorm)
+    assert conv.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(conv(x), ref(x))
+    torch.testing.assert_close(conv[1].running_var, ref[1].running_var)
+    conv.eval(), ref.eval()
+    torch.testing.assert_close(conv(x), ref(x))
+    with pytest.raises(RuntimeError, match="call DistContext.init"):
+        DistContext(rank=0, world_size=2).wrap(conv)
