@@ -187,7 +187,10 @@ def test_two_processes_train_the_single_process_student(runs, run):
         torch.testing.assert_close(ddp[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
     res = json.load(open(root / f"ddp{run}" / "result.json"))
     assert res["processes"] == 2
-    assert res["test_accuracy"] == json.load(open(root / f"single{run}" / "result.json"))["test_accuracy"]
+    # not asserted equal: this barely trained student's logits nearly tie, and a 1e-7 change can
+    # move one argmax among the 359 test images
+    one = json.load(open(root / f"single{run}" / "result.json"))["test_accuracy"]
+    assert abs(res["test_accuracy"] - one) <= 2 / 359
 
 
 @pytest.mark.slow
