@@ -61,16 +61,18 @@ def run_distill(
     progress: bool = True,
     dist=None,
 ) -> DistillResult:
+    """Train ``student_name`` with ``spec`` to the end of ``cfg``'s schedule, resuming from
+    ``<out>/checkpoint.pt`` when it exists. ``dist``: this process's ``DistContext`` under
+    torchrun (its process group initialised; ``cfg.batch_size`` is then the global batch), None
+    for one process. Every rank returns rank 0's result."""
     from autokd.distill import Distiller
     from autokd.models import build_model
+    from autokd.train.distributed import DistContext, convert_sync_batchnorm
     from autokd.train.loop import forward_all, train_student
     from autokd.train.teacher import evaluate
 
-    from autokd.train.distributed import DistContext, convert_sync_batchnorm
-
     dist = dist or DistContext(device=cfg.device)
-    if dist.distributed:
-        dist.check_batch(cfg.batch_size)
+    dist.check_batch(cfg.batch_size)  # first: a mistake must surface before any collective
     main = dist.is_main
     if not main:
         log, progress = (lambda _m: None), False
