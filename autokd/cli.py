@@ -197,37 +197,75 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
               help="Augmented views in the feature store (with --offline).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Checkpoints and results [default: <out>/distill-<spec>-<seed>].")
+@click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
+              help="Under torchrun: BatchNorm statistics over the global batch (as one process), or per process.")
 @click.option("--quiet", is_flag=True)
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, quiet):
-    """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy."""
+                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet):
+    """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy.
+
+    \b
+    Data parallel: torchrun --nproc_per_node=N -m autokd.cli distill ...
+    --batch-size is then the global batch (each process takes batch/N; it must divide), rank 0
+    alone writes logs, checkpoints and results; the teacher (and, with --offline, the feature
+    store) must exist first: run train-teacher (and cache) in one process.
+    """
     from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
+    from autokd.train.distributed import DistContext
     from autokd.train.final import resolve_spec, run_distill
     from autokd.train.loop import TrainConfig
 
+    ctx = None
     try:
+        ctx = DistContext.from_env(device, sync_bn=sync_bn)
+        device = ctx.device
+        log = click.echo if ctx.is_main else (lambda _m: None)
+        quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
+        sched = _schedule(data, epochs, batch_size, lr)
+        ctx.check_batch(sched["batch_size"])
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)
         s_name = student or s_name
+        t_path = teacher_checkpoint or os.path.join(out, "teacher.pt")
+        store_path = os.path.join(out, "teacher_features.akds")
+        if ctx.distributed:
+            # one process prepares these, before the data-parallel run: a rank training a
+            # teacher for hours would leave the others waiting past any collective's timeout
+            if not teacher_checkpoint and not os.path.exists(t_path):
+                raise PipelineError(f"{t_path} does not exist: under torchrun the teacher must exist; run "
+                                    f"`autokd-cli train-teacher --data {data} --out {out}` first")
+            if offline and not os.path.exists(store_path):
+                raise PipelineError(f"{store_path} does not exist: under torchrun with --offline the feature "
+                                    f"store must exist; run `autokd-cli cache --data {data} --out {out}` first")
         info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
-                                     teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo,
+                                     teacher_epochs, seed, device, _taps(teacher_taps), log=log,
                                      progress=not quiet)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
-            store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment, views,
-                                        "fp16", device=device, log=click.echo, progress=not quiet)
-        cfg = TrainConfig(**_schedule(data, epochs, batch_size, lr), sparsity=sparsity, offline=offline,
-                          seed=seed, device=device)
+            store = open_or_build_store(store_path, info, bundle, augment, views,
+                                        "fp16", device=device, log=log, progress=not quiet)
+        cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device)
         name = os.path.splitext(os.path.basename(spec))[0]
+        ctx.init()
+        if ctx.distributed:
+            log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "
+                f"= {ctx.world_size} x {cfg.batch_size // ctx.world_size}, "
+                f"{'synchronised' if sync_bn else 'per-process'} BatchNorm")
         res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
                           run_dir or os.path.join(out, f"distill-{name}-{seed}"), store=store, augment=augment,
-                          log=click.echo, progress=not quiet)
+                          log=log, progress=not quiet, dist=ctx)
     except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+        if ctx is not None and not ctx.is_main:
+            # every rank meets the same mistake; one message is enough
+            raise click.exceptions.Exit(1)
         _fail(e)
-    click.echo(f"test accuracy {res.test_accuracy:.4f} (CE {res.test_ce:.4f}) after {res.epochs} epochs; "
-               f"checkpoint {res.checkpoint}")
+    finally:
+        if ctx is not None:
+            ctx.close()
+    log(f"test accuracy {res.test_accuracy:.4f} (CE {res.test_ce:.4f}) after {res.epochs} epochs; "
+        f"checkpoint {res.checkpoint}")
 
 
 @main.command("report")

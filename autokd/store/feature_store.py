@@ -502,13 +502,22 @@ class StoreBatches:
         m = self.indices.size
         return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
 
+    def order(self) -> np.ndarray:
+        """The sample ids of this epoch in the order the batches take them."""
+        if not self.shuffle:
+            return self.indices
+        return self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(self.indices.size)]
+
+    def batch(self, idx) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(imgs_aug, labels, feats) of the samples ``idx`` in this epoch's view (a data-parallel
+        rank builds its share of each batch with it)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        imgs, labels = load_batch(self.dataset, idx)
+        imgs = self.aug.apply_batch(imgs, idx, self.view)
+        feats = self.store.gather(idx, self.view, pin_memory=self.pin_memory)
+        return imgs, labels, feats
+
     def __iter__(self):
-        order = self.indices
-        if self.shuffle:
-            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(order.size)]
+        order = self.order()
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            imgs, labels = load_batch(self.dataset, idx)
-            imgs = self.aug.apply_batch(imgs, idx, self.view)
-            feats = self.store.gather(idx, self.view, pin_memory=self.pin_memory)
-            yield imgs, labels, feats
+            yield self.batch(order[b * self.batch_size : (b + 1) * self.batch_size])

@@ -3,6 +3,11 @@
 Checkpoints after every epoch (student, adapters, optimizer, sparsity masks, epoch) to
 ``<out>/checkpoint.pt``, written atomically; running the same command again resumes from the
 last finished epoch. Ends with the test accuracy, also written to ``<out>/result.json``.
+
+Under torchrun (``dist``, see autokd/train/distributed.py) every rank trains its share of each
+global batch and rank 0 alone writes the checkpoint, ``student.pt`` and ``result.json``. The
+checkpoint is the same file either way (no DDP prefixes): a run may be resumed with another
+number of processes, or without torchrun.
 """
 from __future__ import annotations
 
@@ -54,16 +59,31 @@ def run_distill(
     augment=None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    dist=None,
 ) -> DistillResult:
+    """Train ``student_name`` with ``spec`` to the end of ``cfg``'s schedule, resuming from
+    ``<out>/checkpoint.pt`` when it exists. ``dist``: this process's ``DistContext`` under
+    torchrun (its process group initialised; ``cfg.batch_size`` is then the global batch), None
+    for one process. Every rank returns rank 0's result."""
     from autokd.distill import Distiller
     from autokd.models import build_model
+    from autokd.train.distributed import DistContext, convert_sync_batchnorm
     from autokd.train.loop import forward_all, train_student
     from autokd.train.teacher import evaluate
 
-    os.makedirs(out, exist_ok=True)
+    dist = dist or DistContext(device=cfg.device)
+    dist.check_batch(cfg.batch_size)  # first: a mistake must surface before any collective
+    main = dist.is_main
+    if not main:
+        log, progress = (lambda _m: None), False
+    if main:
+        os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     student = build_model(student_name, num_classes=data.num_classes, in_channels=data.channels)
+    sync_bn = dist.distributed and dist.sync_bn
+    if sync_bn:  # before the distiller hooks its taps: conversion replaces BN modules
+        student = convert_sync_batchnorm(student, cfg.device)
     _, tfeats = forward_all(teacher.model, data.train.images[:2], teacher.taps)
     shapes = {t: tuple(f.shape[1:]) for t, f in tfeats.items()}
     shapes["logits"] = (data.num_classes,)
@@ -71,7 +91,10 @@ def run_distill(
     distiller = Distiller(
         spec, student, student_taps=student_taps, teacher_taps=teacher.taps,
         teacher=None if offline else teacher.model, example_input=data.train.images[:2], teacher_shapes=shapes,
-    ).to(cfg.device)
+    )
+    if sync_bn:  # the design's adapters (1x1 conv + BN)
+        distiller.loss = convert_sync_batchnorm(distiller.loss, cfg.device)
+    distiller = distiller.to(cfg.device)
     start_epoch, resume, elapsed = 0, None, 0.0
     pinned = {"spec": spec.to_dict(), "student": student_name, "teacher_hash": teacher.hash,
               "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
@@ -96,6 +119,8 @@ def run_distill(
     t_run = time.perf_counter()
 
     def on_epoch_end(epoch, optimizer, sparsity):
+        if not main:
+            return
         state = {
             "seconds": elapsed + time.perf_counter() - t_run,
             "pinned": json.loads(json.dumps(pinned)),
@@ -115,12 +140,16 @@ def run_distill(
 
     res = train_student(distiller, student, data, cfg, store=store if offline else None, augment=augment,
                         progress=show, start_epoch=start_epoch, resume=resume,
-                        on_epoch_end=on_epoch_end)
+                        on_epoch_end=on_epoch_end, dist=dist)
     if bar is not None:
         bar.close()
-    acc, ce = evaluate(student, data.test, device=cfg.device)
-    result = DistillResult(acc, ce, cfg.run_epochs, elapsed + res.seconds, ckpt_path)
-    torch.save(student.state_dict(), os.path.join(out, "student.pt"))
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name}, f, indent=2)
-    return result
+    result = None
+    if main:  # the weights are the same on every rank; one evaluates and writes
+        acc, ce = evaluate(student, data.test, device=cfg.device)
+        result = DistillResult(acc, ce, cfg.run_epochs, elapsed + res.seconds, ckpt_path)
+        torch.save(student.state_dict(), os.path.join(out, "student.pt"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name,
+                       "processes": dist.world_size}, f, indent=2)
+    # the other ranks wait here until rank 0 has written everything
+    return dist.broadcast(result)

@@ -129,26 +129,46 @@ class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
-def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment):
-    """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch."""
+def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment):
+    """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
+    turns ids into (images, labels, teacher_features or None, teacher_logits or None)."""
     if cfg.offline and store is not None:
-        for imgs, labels, teacher in store.batches(
-            data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
-            shuffle=True, seed=cfg.seed,
-        ):
+        sb = store.batches(data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
+                           shuffle=True, seed=cfg.seed)
+
+        def from_store(idx):
+            imgs, labels, teacher = sb.batch(idx)
             logits = teacher.get("logits")
-            feats = {k: v for k, v in teacher.items() if k != "logits"}
-            yield imgs, labels, feats, logits
-        return
+            return imgs, labels, {k: v for k, v in teacher.items() if k != "logits"}, logits
+
+        return torch.from_numpy(sb.order()), from_store
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = indices[torch.randperm(len(indices), generator=g)]
     images, labels = data.train.images, data.train.labels
-    for i in range(0, len(order), cfg.batch_size):
-        idx = order[i : i + cfg.batch_size]
+
+    def from_memory(idx):
         x = images[idx]
         if augment is not None:
             x = augment.apply_batch(x, idx, torch.full_like(idx, epoch))
-        yield x, labels[idx], None, None
+        return x, labels[idx], None, None
+
+    return order, from_memory
+
+
+def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment, sampler=None):
+    """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch:
+    batches of ``cfg.batch_size`` in the epoch's order, or, with a data-parallel ``sampler``
+    (``EpochShardSampler`` over that order), this rank's share of each of those batches."""
+    order, make_batch = _epoch_source(data, cfg, indices, epoch, store, augment)
+    if sampler is None:
+        for i in range(0, len(order), cfg.batch_size):
+            yield make_batch(order[i : i + cfg.batch_size])
+        return
+    sampler.set_epoch(epoch)
+    local = torch.as_tensor(list(sampler), dtype=torch.long)
+    per_rank = cfg.batch_size // sampler.num_replicas
+    for i in range(0, len(local), per_rank):
+        yield make_batch(local[i : i + per_rank])
 
 
 def train_student(
@@ -162,6 +182,7 @@ def train_student(
     start_epoch: int = 0,
     resume: Optional[dict] = None,
     on_epoch_end: Optional[Callable[[int, object, object], None]] = None,
+    dist=None,
 ) -> TrainResult:
     """Train ``student`` (inside ``distiller``) with CE + the distiller's KD loss.
 
@@ -172,6 +193,12 @@ def train_student(
     exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
     when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
     ``distill`` writes checkpoints.
+
+    ``dist`` (an ``autokd.train.distributed.DistContext`` with a process group) trains data
+    parallel: ``cfg.batch_size`` is the global batch, each rank takes its share of every batch
+    and the distiller runs in DistributedDataParallel; see autokd/train/distributed.py. The
+    caller converts BN layers (``convert_sync_batchnorm``) before building the distiller.
+    Losses reported (history, ``final_loss``) are global means.
     """
     from autokd.train.sparse import make_optimizer
 
@@ -199,6 +226,18 @@ def train_student(
             sparsity.load_state_dict(resume["sparsity"])
         distiller.load_state_dict(resume["distiller"])
         optimizer.load_state_dict(resume["optimizer"])
+    distributed = dist is not None and dist.distributed
+    sampler = None
+    model = distiller
+    if distributed:
+        from autokd.train.distributed import EpochShardSampler
+
+        dist.check_batch(cfg.batch_size)
+        sampler = EpochShardSampler(
+            lambda e: _epoch_source(data, cfg, indices, e, store, augment)[0], len(indices),
+            dist.world_size, dist.rank)
+        model = dist.wrap(distiller)
+        dist.reseed(cfg.seed)
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
     t0 = time.perf_counter()
@@ -206,7 +245,7 @@ def train_student(
     distiller.train()
     for epoch in range(start_epoch, cfg.run_epochs):
         total, count = 0.0, 0
-        for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment):
+        for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler):
             lr = cosine_lr(cfg.lr, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -215,9 +254,14 @@ def train_student(
             if tf is not None:
                 tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
                 tl = tl.to(device, non_blocking=True).float() if tl is not None else None
-            out = distiller(x, teacher_features=tf, teacher_logits=tl)
+            out = model(x, teacher_features=tf, teacher_logits=tl)
             loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
-            loss_value = float(loss.detach())
+            if distributed:
+                # equal shares, so the mean of the rank means is the global batch mean; every
+                # rank sees the same value and stops together when it is not finite
+                loss_value = dist.all_sum([float(loss.detach())])[0] / dist.world_size
+            else:
+                loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
             optimizer.zero_grad(set_to_none=True)
