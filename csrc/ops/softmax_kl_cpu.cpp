@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -56,14 +57,17 @@ __attribute__((always_inline)) inline void kl_chunk_body(const acc_t* x, const a
   const double nmx = std::max(st.mx, static_cast<double>(chunk_max(x, n) * it));
   const double nmy = std::max(st.my, static_cast<double>(chunk_max(y, n) * it));
   // Once a row's maxima are found, later chunks rarely move them: skip the rescaling exps.
+  // The first chunk has nothing to rescale (and no libm call is needed for it).
   if (nmx != st.mx) {
-    st.zx *= std::exp(st.mx - nmx);
+    if (st.zx != 0) st.zx *= std::exp(st.mx - nmx);
     st.mx = nmx;
   }
   if (nmy != st.my) {
-    const double ry = std::exp(st.my - nmy);
-    st.zy *= ry;
-    st.a *= ry;
+    if (st.zy != 0) {
+      const double ry = std::exp(st.my - nmy);
+      st.zy *= ry;
+      st.a *= ry;
+    }
     st.my = nmy;
   }
   const acc_t mx = static_cast<acc_t>(nmx), my = static_cast<acc_t>(nmy);
@@ -250,17 +254,18 @@ inline void row_store(const acc_t* v, scalar_t* row, const RowLayout& l, int64_t
 }
 
 // Copy rows r0 .. r0 + k - 1 (each A segments of B) between a tensor and k contiguous rows of
-// length A * B in buf, segment by segment across the rows: in the channel view the segments
-// of neighbouring rows are neighbours in memory (the H*W planes of one sample), so this walks
-// k * H*W contiguous elements at a time instead of jumping C*H*W elements every H*W.
+// length A * B, pitch elements apart, in buf, segment by segment across the rows: in the
+// channel view the segments of neighbouring rows are neighbours in memory (the H*W planes of
+// one sample), so this walks k * H*W contiguous elements at a time instead of jumping C*H*W
+// elements every H*W.
 template <typename acc_t, typename scalar_t>
 inline void load_rows(const scalar_t* base, const RowLayout& l, int64_t r0, int64_t k,
-                      acc_t* buf) {
-  const int64_t L = l.A * l.B, B = l.B, sb = l.sb;
+                      acc_t* buf, int64_t pitch) {
+  const int64_t B = l.B, sb = l.sb;
   for (int64_t a = 0; a < l.A; ++a) {
     for (int64_t i = 0; i < k; ++i) {
       const scalar_t* p = base + (r0 + i) * l.sr + a * l.sa;
-      acc_t* q = buf + i * L + a * B;
+      acc_t* q = buf + i * pitch + a * B;
       if (sb == 1) {
         for (int64_t j = 0; j < B; ++j) q[j] = static_cast<acc_t>(p[j]);
       } else {
@@ -271,13 +276,13 @@ inline void load_rows(const scalar_t* base, const RowLayout& l, int64_t r0, int6
 }
 
 template <typename acc_t, typename scalar_t>
-inline void store_rows(const acc_t* buf, scalar_t* base, const RowLayout& l, int64_t r0,
-                       int64_t k) {
-  const int64_t L = l.A * l.B, B = l.B, sb = l.sb;
+inline void store_rows(const acc_t* buf, int64_t pitch, scalar_t* base, const RowLayout& l,
+                       int64_t r0, int64_t k) {
+  const int64_t B = l.B, sb = l.sb;
   for (int64_t a = 0; a < l.A; ++a) {
     for (int64_t i = 0; i < k; ++i) {
       scalar_t* p = base + (r0 + i) * l.sr + a * l.sa;
-      const acc_t* q = buf + i * L + a * B;
+      const acc_t* q = buf + i * pitch + a * B;
       if (sb == 1) {
         for (int64_t j = 0; j < B; ++j) p[j] = static_cast<scalar_t>(q[j]);
       } else {
@@ -285,6 +290,19 @@ inline void store_rows(const acc_t* buf, scalar_t* base, const RowLayout& l, int
       }
     }
   }
+}
+
+// Per-thread scratch kept between calls, uninitialised: a fresh megabyte per call would be
+// zeroed and page-faulted in every time, which costs as much as gathering into it.
+template <typename T>
+T* thread_scratch(int64_t n) {
+  thread_local std::unique_ptr<T[]> buf;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buf.reset(new T[n]);
+    size = n;
+  }
+  return buf.get();
 }
 
 inline int64_t row_grain(int64_t row_len) {
@@ -321,24 +339,26 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   const bool buffered = L <= kRowCap && (gp != nullptr || !direct_in);
   // Rows gathered (or scattered) together per block; two scratch blocks stay within kRowCap.
   const int64_t block = buffered ? std::max<int64_t>(1, std::min<int64_t>(64, kRowCap / L)) : 1;
+  // Scratch rows 64 bytes more than a multiple of 64 apart: rows a power of two apart would
+  // share L1 sets, and a block's k rows are written side by side.
+  const int64_t pitch = (L + 15) / 16 * 16 + 16;
   at::parallel_for(0, rows, row_grain(L), [&](int64_t r0, int64_t r1) {
     const int64_t kmax = std::min(block, r1 - r0);
-    std::vector<acc_t> scratch(buffered ? 2 * kmax * L : 3 * kChunk);
-    acc_t* xb = scratch.data();
-    acc_t* yb = xb + (buffered ? kmax * L : kChunk);
+    acc_t* xb = thread_scratch<acc_t>(buffered ? 2 * kmax * pitch : 3 * kChunk);
+    acc_t* yb = xb + (buffered ? kmax * pitch : kChunk);
     acc_t* gb = yb + kChunk;  // streaming only
     if (buffered) {
       for (int64_t rb = r0; rb < r1; rb += kmax) {
         const int64_t k = std::min(kmax, r1 - rb);
         if (!direct_in) {
-          load_rows(sp, l[0], rb, k, xb);
-          load_rows(tp, l[1], rb, k, yb);
+          load_rows(sp, l[0], rb, k, xb, pitch);
+          load_rows(tp, l[1], rb, k, yb, pitch);
         }
         for (int64_t i = 0; i < k; ++i) {
           const int64_t r = rb + i;
           // [L] student and teacher of row r, contiguous; exps overwrite the scratch copies.
-          acc_t* xr = xb + i * L;
-          acc_t* yr = yb + i * L;
+          acc_t* xr = xb + i * pitch;
+          acc_t* yr = yb + i * pitch;
           const acc_t* x = xr;
           const acc_t* y = yr;
           if constexpr (same_type) {
@@ -365,7 +385,7 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
           }
           kl_diff<acc_t>(xr, yr, L, fx, fy, g);
         }
-        if (gp != nullptr && !direct_out) store_rows(xb, gp, l[2], rb, k);
+        if (gp != nullptr && !direct_out) store_rows(xb, pitch, gp, l[2], rb, k);
       }
       return;
     }
