@@ -265,6 +265,18 @@ def test_bad_inputs(args, message):
         op(*args())
 
 
+def test_backward_only_scales_the_saved_gradient():
+    # The kernel wrote the gradient in the forward: the backward neither recomputes it nor
+    # fills a zero gradient for the op's second (non-differentiable) output.
+    s = torch.randn(64, 300, requires_grad=True)
+    loss = op(s, torch.randn(64, 300), 2.0)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::mul" in names
+    assert not names & {"autokd::softmax_kl", "aten::zeros", "aten::zero_"}
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
