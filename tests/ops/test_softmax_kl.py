@@ -277,6 +277,24 @@ def test_backward_only_scales_the_saved_gradient():
     assert not names & {"autokd::softmax_kl", "aten::zeros", "aten::zero_"}
 
 
+def test_result_does_not_depend_on_thread_count():
+    # Rows are split across threads (each with its own scratch); loss and gradient must be
+    # bit-identical with one thread and with two.
+    f = torch.randn(64, 96, 48)
+    cases = [(torch.randn(256, 1000), torch.randn(256, 1000)),
+             (f.transpose(0, 1), f.flip(-1).transpose(0, 1))]
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = [torch.ops.autokd.softmax_kl(s, t, 2.0, True) for s, t in cases]
+    finally:
+        torch.set_num_threads(before)
+    for (l1, g1), (l2, g2) in zip(out[1], out[2]):
+        assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
