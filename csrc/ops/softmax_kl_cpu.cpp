@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -266,6 +267,12 @@ inline void load_rows(const scalar_t* base, const RowLayout& l, int64_t r0, int6
     for (int64_t i = 0; i < k; ++i) {
       const scalar_t* p = base + (r0 + i) * l.sr + a * l.sa;
       acc_t* q = buf + i * pitch + a * B;
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        if (sb == 1) {
+          std::memcpy(q, p, B * sizeof(acc_t));
+          continue;
+        }
+      }
       if (sb == 1) {
         for (int64_t j = 0; j < B; ++j) q[j] = static_cast<acc_t>(p[j]);
       } else {
@@ -283,6 +290,12 @@ inline void store_rows(const acc_t* buf, int64_t pitch, scalar_t* base, const Ro
     for (int64_t i = 0; i < k; ++i) {
       scalar_t* p = base + (r0 + i) * l.sr + a * l.sa;
       const acc_t* q = buf + i * pitch + a * B;
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        if (sb == 1) {
+          std::memcpy(p, q, B * sizeof(acc_t));
+          continue;
+        }
+      }
       if (sb == 1) {
         for (int64_t j = 0; j < B; ++j) p[j] = static_cast<scalar_t>(q[j]);
       } else {
