@@ -1,4 +1,11 @@
-"""``autokd.ops.softmax_kl``: fused temperature-KL distillation loss (CPU and CUDA kernels)."""
+"""``autokd.ops.softmax_kl``: fused temperature-KL distillation loss (CPU and CUDA kernels).
+
+The op ``torch.ops.autokd.softmax_kl(student, teacher, tau, with_grad)`` returns
+``(loss, student_grad)``: with ``with_grad`` the kernel also writes d loss / d student (for a
+unit upstream gradient) from the same exps as the loss, and the backward only scales it; else
+``student_grad`` is an empty ``[0]`` tensor. This wrapper returns the loss only. Math and
+layouts: csrc/ops/softmax_kl.h; eager spec: autokd.reference.softmax_kl.
+"""
 import torch
 from torch import Tensor
 
@@ -19,6 +26,9 @@ def softmax_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     Only the student receives a gradient: the teacher is the distillation target, a constant,
     so its gradient is ``None`` even when it requires grad (detach it or not, the result is the
     same). Accumulation is in float32 (float64 for float64 inputs).
+
+    When autograd is on and ``student`` requires grad, the forward also computes the student's
+    gradient and keeps it (one input-sized tensor) until the backward.
     """
     # The kernel writes the student's gradient in the same sweep as the loss when autograd
     # will want it; the backward then only scales it (see csrc/ops/softmax_kl.h).
