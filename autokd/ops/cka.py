@@ -37,10 +37,15 @@ def _setup_context(ctx, inputs, output):
     x, y, _debiased = inputs
     _value, gram_grad = output
     ctx.mark_non_differentiable(gram_grad)
+    # Nothing flows into gram_grad: without this autograd would allocate and fill a zero
+    # [2, N, N] tensor for it on every backward (as large as the saved gram_grad itself).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, y, gram_grad)
 
 
 def _backward(ctx, grad, _grad_gram_grad):
+    if grad is None:
+        return None, None, None
     x, y, gram_grad = ctx.saved_tensors
     gx, gy = torch.ops.autokd.cka_backward.default(grad, gram_grad, x, y)
     return (gx if ctx.needs_input_grad[0] else None,

@@ -55,13 +55,16 @@ def _setup_context(ctx, inputs, output):
     student, _teacher, _mode = inputs
     _loss, gram_grad = output
     ctx.mark_non_differentiable(gram_grad)
+    # Nothing flows into gram_grad: without this autograd would allocate and fill a zero
+    # tensor of gram_grad's size for it on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, gram_grad)
 
 
 def _backward(ctx, grad, _grad_gram_grad):
     student, gram_grad = ctx.saved_tensors
     grad_student = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad is not None:
         grad_student = torch.ops.autokd.gram_l2_backward.default(grad, gram_grad, student)
     # The teacher's Gram is a constant target (documented): no gradient for it.
     return grad_student, None, None

@@ -1,4 +1,11 @@
-"""``autokd.ops.softmax_kl``: fused temperature-KL distillation loss (CPU and CUDA kernels)."""
+"""``autokd.ops.softmax_kl``: fused temperature-KL distillation loss (CPU and CUDA kernels).
+
+The op ``torch.ops.autokd.softmax_kl(student, teacher, tau, with_grad)`` returns
+``(loss, student_grad)``: with ``with_grad`` the kernel also writes d loss / d student (for a
+unit upstream gradient) from the same exps as the loss, and the backward only scales it; else
+``student_grad`` is an empty ``[0]`` tensor. This wrapper returns the loss only. Math and
+layouts: csrc/ops/softmax_kl.h; eager spec: autokd.reference.softmax_kl.
+"""
 import torch
 from torch import Tensor
 
@@ -19,35 +26,48 @@ def softmax_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     Only the student receives a gradient: the teacher is the distillation target, a constant,
     so its gradient is ``None`` even when it requires grad (detach it or not, the result is the
     same). Accumulation is in float32 (float64 for float64 inputs).
+
+    When autograd is on and ``student`` requires grad, the forward also computes the student's
+    gradient and keeps it (one input-sized tensor) until the backward.
     """
-    return torch.ops.autokd.softmax_kl.default(student, teacher, float(tau))
+    # The kernel writes the student's gradient in the same sweep as the loss when autograd
+    # will want it; the backward then only scales it (see csrc/ops/softmax_kl.h).
+    with_grad = torch.is_grad_enabled() and student.requires_grad
+    return torch.ops.autokd.softmax_kl.default(student, teacher, float(tau), with_grad)[0]
 
 
 @torch.library.register_fake("autokd::softmax_kl")
-def _softmax_kl_fake(student, teacher, tau):
-    return student.new_empty(())
-
-
-@torch.library.register_fake("autokd::softmax_kl_backward")
-def _softmax_kl_backward_fake(grad, student, teacher, tau):
+def _softmax_kl_fake(student, teacher, tau, with_grad):
     # The kernel allocates with empty_like too: the student's strides where it is dense.
-    return torch.empty_like(student)
+    student_grad = torch.empty_like(student) if with_grad else student.new_empty((0,))
+    return student.new_empty(()), student_grad
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, tau = inputs
-    ctx.save_for_backward(student, teacher)
+    student, teacher, tau, with_grad = inputs
+    _, student_grad = output
+    ctx.mark_non_differentiable(student_grad)
+    # Nothing flows into student_grad: without this autograd would fill a zero tensor of the
+    # student's size for it on every backward.
+    ctx.set_materialize_grads(False)
+    ctx.with_grad = with_grad
     ctx.tau = tau
+    if with_grad:
+        ctx.save_for_backward(student_grad)
+    else:  # called without the gradient (not through softmax_kl above): recompute it then
+        ctx.save_for_backward(student, teacher)
 
 
-def _backward(ctx, grad):
-    student, teacher = ctx.saved_tensors
+def _backward(ctx, grad, _grad_student_grad):
     grad_student = None
-    if ctx.needs_input_grad[0]:
-        grad_student = torch.ops.autokd.softmax_kl_backward.default(
-            grad, student, teacher, ctx.tau
-        )
-    return grad_student, None, None
+    if ctx.needs_input_grad[0] and grad is not None:
+        if ctx.with_grad:
+            (student_grad,) = ctx.saved_tensors
+        else:
+            student, teacher = ctx.saved_tensors
+            student_grad = torch.ops.autokd.softmax_kl.default(student, teacher, ctx.tau, True)[1]
+        grad_student = grad * student_grad
+    return grad_student, None, None, None
 
 
 torch.library.register_autograd("autokd::softmax_kl", _backward, setup_context=_setup_context)

@@ -8,9 +8,12 @@ TORCH_LIBRARY(autokd, m) {
   // softmax_kl: tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student/tau)).
   // Rows are dim 0 and the softmax runs over all remaining dims jointly: [R, L] or [R, A, B]
   // (L = A*B), any strides, never copied (logits, N*C x H*W, N x C*H*W, and the channel view
-  // f.view(N, C, H*W).transpose(0, 1)). The backward returns the student's gradient only.
-  m.def("softmax_kl(Tensor student, Tensor teacher, float tau) -> Tensor");
-  m.def("softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, float tau) -> Tensor");
+  // f.view(N, C, H*W).transpose(0, 1)). Returns (loss, student_grad): with with_grad,
+  // student_grad = d loss / d student for a unit upstream gradient (the autograd backward
+  // scales it; the teacher gets none), else an empty [0] tensor.
+  m.def(
+      "softmax_kl(Tensor student, Tensor teacher, float tau, bool with_grad) -> "
+      "(Tensor, Tensor)");
 
   // pearson: DIST-style (inter, intra) = mean 1 - Pearson of softmax(x/tau) per row and per
   // column of [N, K] (any strides), each times tau^2; eps 1e-8 on the product of the norms.

@@ -8,9 +8,13 @@
 // Rows are dim 0; the softmax runs over all remaining dims jointly, so student and teacher are
 // [R, L] or [R, A, B] (L = A * B) with any strides. One kernel thus serves logit KD ([N, K]),
 // channel-wise KD ([N*C, H*W]), sample-wise ([N, C*H*W]) and the channel view
-// f.view(N, C, H*W).transpose(0, 1) = [C, N, H*W] without copying. The forward keeps an online
-// (max, sum) per row, so each input is read once; the backward reads them twice (normalisers,
-// then the gradient) and writes only the gradient.
+// f.view(N, C, H*W).transpose(0, 1) = [C, N, H*W] without copying.
+//
+// with_grad: the forward also returns d loss / d student (for a unit upstream gradient, in the
+// student's strides where it is dense), computed from the same exps as the loss; the autograd
+// backward only scales it. Loss and gradient then cost one read of each input, one write of
+// the gradient and 2 exps per element pair, where a separate backward would recompute the row
+// normalisers. Without with_grad the second result is an empty [0] tensor.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,15 +36,6 @@ inline void check_softmax_kl_inputs(const char* op, const at::Tensor& student,
   check_floating(op, "student", student);
   check_nonempty(op, "student", student);
   check_positive(op, "tau", tau);
-}
-
-inline void check_softmax_kl_grad(const char* op, const at::Tensor& grad,
-                                  const at::Tensor& student) {
-  check_defined(op, "grad", grad);
-  AUTOKD_CHECK(grad.numel() == 1, op, "expected grad with one element, got shape ",
-               shape_str(grad));
-  AUTOKD_CHECK(grad.device() == student.device(), op, "expected grad on the same device as ",
-               "student (", student.device(), "), got ", grad.device());
 }
 
 // Rows of an [R, L] or [R, A, B] tensor as A segments of B elements each (strides in

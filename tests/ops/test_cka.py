@@ -148,6 +148,18 @@ def test_cpu_half_computes_in_float32():
         torch.testing.assert_close(xh.grad.float(), x32.grad, rtol=2e-2, atol=1e-3)
 
 
+def test_backward_fills_no_zero_gram_grad():
+    # gram_grad is a non-differentiable output: autograd must not build a zero [2, N, N]
+    # gradient for it on every backward.
+    x = torch.randn(32, 8, requires_grad=True)
+    y = torch.randn(32, 5, requires_grad=True)
+    loss = cka(x, y)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    assert not {e.name for e in prof.events()} & {"aten::zeros", "aten::zero_"}
+    assert x.grad is not None and y.grad is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("debiased", [False, True])
 @pytest.mark.parametrize("contiguous", [True, False])

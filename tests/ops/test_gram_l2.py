@@ -151,6 +151,17 @@ def test_cpu_half_computes_in_float32():
         torch.testing.assert_close(sh.grad.float(), s32.grad, rtol=2e-2, atol=1e-3)
 
 
+def test_backward_fills_no_zero_gram_grad():
+    # gram_grad is a non-differentiable output: autograd must not build a zero gradient of its
+    # size on every backward.
+    s = torch.randn(16, 40, requires_grad=True)
+    loss = gram_l2(s, torch.randn(16, 40), "sample")
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    assert not {e.name for e in prof.events()} & {"aten::zeros", "aten::zero_"}
+    assert s.grad is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("mode,s_shape,t_shape", CASES)

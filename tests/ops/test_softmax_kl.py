@@ -76,10 +76,63 @@ def test_channel_view_is_not_copied_and_grad_keeps_strides():
     f = _feature(2, 3, 4, 5, torch.float32)
     s = f.view(2, 3, 20).transpose(0, 1)
     out = op(s, s.detach() + 1, 1.0)
-    grad = torch.ops.autokd.softmax_kl_backward(torch.ones(()), s.detach(), s.detach(), 1.0)
+    _, grad = torch.ops.autokd.softmax_kl(s.detach(), s.detach(), 1.0, True)
     assert grad.stride() == s.stride()
     out.backward()
     assert f.grad.shape == f.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("view", ["logits", "transposed", "channel_view", "long_channel_view"])
+def test_gradient_output_of_the_op(view, dtype):
+    # The op's second result is d loss / d student for a unit upstream gradient, written in the
+    # same sweep as the loss; without with_grad it is empty and the loss is unchanged.
+    if view == "long_channel_view":  # rows of 2 * 70000 elements: longer than one scratch row
+        f, g = torch.randn(2, 3, 70000) * 3, torch.randn(2, 3, 70000) * 3
+    else:
+        f, g = torch.randn(6, 4, 33) * 3, torch.randn(6, 4, 33) * 3
+    if view == "logits":
+        f, g = f.reshape(24, 33), g.reshape(24, 33)
+    elif view == "transposed":
+        f, g = f.reshape(24, 33).t(), g.reshape(24, 33).t()
+    else:
+        f, g = f.transpose(0, 1), g.transpose(0, 1)
+    s, t = f.to(dtype), g.to(dtype)
+    loss, grad = torch.ops.autokd.softmax_kl(s, t, 2.0, True)
+    loss_only, empty = torch.ops.autokd.softmax_kl(s, t, 2.0, False)
+    assert empty.shape == (0,) and grad.shape == s.shape and grad.stride() == s.stride()
+    assert loss.item() == loss_only.item()
+    s64 = s.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference(s64, t.double(), 2.0), s64)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-6)
+    if dtype == torch.bfloat16:
+        tol = dict(rtol=0, atol=want.abs().max().item() * 2 ** -7)
+    torch.testing.assert_close(grad.double(), want, **tol)
+
+
+def test_backward_without_saved_gradient_and_retain_graph():
+    # Calling the op without with_grad still differentiates (the backward recomputes the
+    # gradient), and a retained graph gives the same gradient twice.
+    s = torch.randn(5, 3, 7, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    t = torch.randn(3, 5, 7, dtype=torch.float64)
+    want = torch.autograd.grad(reference(s, t, 1.5), s)[0]
+    loss, empty = torch.ops.autokd.softmax_kl(s, t, 1.5, False)
+    assert empty.numel() == 0
+    torch.testing.assert_close(torch.autograd.grad(loss, s)[0], want)
+    loss = op(s, t, 1.5)
+    first = torch.autograd.grad(loss, s, retain_graph=True)[0]
+    second = torch.autograd.grad(loss * 3, s)[0]
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, 3 * want)
+
+
+def test_no_gradient_work_without_autograd():
+    s = torch.randn(4, 9, requires_grad=True)
+    t = torch.randn(4, 9)
+    with torch.no_grad():
+        out = op(s, t, 2.0)
+    assert not out.requires_grad
+    assert not op(s.detach(), t, 2.0).requires_grad
 
 
 def test_long_rows_and_large_logits():
@@ -124,9 +177,10 @@ def test_teacher_gets_no_gradient():
     ],
     ids=["logits", "channel_view"],
 )
-def test_opcheck(make):
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_opcheck(make, with_grad):
     s, t = make()
-    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0))
+    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0, with_grad))
 
 
 def test_gradcheck():
@@ -211,11 +265,34 @@ def test_bad_inputs(args, message):
         op(*args())
 
 
-def test_bad_grad():
-    s = torch.randn(4, 5)
-    with pytest.raises(ValueError, match=r"autokd::softmax_kl_backward: expected grad with one "
-                                         r"element, got shape \[2\]"):
-        torch.ops.autokd.softmax_kl_backward(torch.ones(2), s, s, 1.0)
+def test_backward_only_scales_the_saved_gradient():
+    # The kernel wrote the gradient in the forward: the backward neither recomputes it nor
+    # fills a zero gradient for the op's second (non-differentiable) output.
+    s = torch.randn(64, 300, requires_grad=True)
+    loss = op(s, torch.randn(64, 300), 2.0)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::mul" in names
+    assert not names & {"autokd::softmax_kl", "aten::zeros", "aten::zero_"}
+
+
+def test_result_does_not_depend_on_thread_count():
+    # Rows are split across threads (each with its own scratch); loss and gradient must be
+    # bit-identical with one thread and with two.
+    f = torch.randn(64, 96, 48)
+    cases = [(torch.randn(256, 1000), torch.randn(256, 1000)),
+             (f.transpose(0, 1), f.flip(-1).transpose(0, 1))]
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = [torch.ops.autokd.softmax_kl(s, t, 2.0, True) for s, t in cases]
+    finally:
+        torch.set_num_threads(before)
+    for (l1, g1), (l2, g2) in zip(out[1], out[2]):
+        assert torch.equal(l1, l2) and torch.equal(g1, g2)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -266,7 +343,8 @@ def test_cuda_float64_and_opcheck():
     t = torch.randn(4, 5, 7, device="cuda", dtype=torch.float64)
     s.requires_grad_()
     torch.testing.assert_close(op(s, t, 2.0), reference(s, t, 2.0))
-    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0))
+    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0, True))
+    torch.library.opcheck(torch.ops.autokd.softmax_kl.default, (s, t, 2.0, False))
 
 
 @pytest.mark.cuda
