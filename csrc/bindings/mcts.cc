@@ -1,5 +1,6 @@
 // autokd._engine.MCTS: the C++ MCTS engine (csrc/engine/mcts/mcts.h) seen from Python with
 // designs as {level: option} dicts. autokd/search/mcts.py is the public face.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -29,13 +30,31 @@ class PyMCTS {
     }
   }
 
-  py::dict design_dict(const Design& d) const {
-    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(d.size())));
+  py::dict design_dict(const int32_t* d) const {
+    const size_t L = names_.size();
+    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(L)));
     if (!out) throw py::error_already_set();
-    for (size_t l = 0; l < d.size(); ++l)
+    for (size_t l = 0; l < L; ++l)
       if (d[l] >= 0 && PyDict_SetItem(out.ptr(), names_[l].ptr(), options_[l][size_t(d[l])].ptr()) != 0)
         throw py::error_already_set();
     return out;
+  }
+  py::dict design_dict(const Design& d) const { return design_dict(d.data()); }
+
+  // A row of option indices from a caller: every entry an option of its level or -1 (the
+  // engine's check_design-like existence rules are not needed to name options).
+  py::dict decode_row(const int64_t* row, size_t i) const {
+    const size_t L = names_.size();
+    std::vector<int32_t> d(L);
+    for (size_t l = 0; l < L; ++l) {
+      const int64_t v = row[l];
+      if (v < -1 || v >= int64_t(options_[l].size()))
+        throw std::invalid_argument("MCTS.decode: design " + std::to_string(i) + " has option index " +
+                                    std::to_string(v) + " for level '" + std::string(py::str(names_[l])) +
+                                    "', expected -1 (absent) or 0.." + std::to_string(options_[l].size() - 1));
+      d[l] = int32_t(v);
+    }
+    return design_dict(d.data());
   }
 
   Design design_of(const py::handle& obj, const std::string& where) const {
@@ -57,6 +76,12 @@ class PyMCTS {
   }
 
   MCTS& engine() { return *e_; }
+  // ask(1)'s design row; a single-threaded call under the GIL, so one buffer per engine is safe
+  // only while the GIL is held (ask(k >= kReleaseGilFrom) uses its own buffer).
+  int32_t* row_scratch(size_t L) {
+    if (row_.size() < L) row_.resize(L);
+    return row_.data();
+  }
   const std::vector<py::str>& names() const { return names_; }
   const std::vector<std::vector<py::str>>& option_names() const { return options_; }
 
@@ -64,6 +89,7 @@ class PyMCTS {
   std::unique_ptr<MCTS> e_;
   std::vector<py::str> names_;
   std::vector<std::vector<py::str>> options_;
+  std::vector<int32_t> row_;
 };
 
 // A GIL release and re-acquire costs about as much as asking a few designs; short calls keep it
@@ -118,17 +144,37 @@ void bind(py::module_& m) {
       .def("ask",
            [](PyMCTS& self, int64_t k) {
              if (k < 0) throw std::invalid_argument("MCTS.ask: expected k >= 0, got " + std::to_string(k));
-             std::vector<autokd::mcts::Trial> trials;
+             const size_t L = self.engine().num_levels();
+             uint64_t id1;
+             std::vector<uint64_t> ids;
+             std::vector<int32_t> rows;
+             uint64_t* id_at = &id1;
+             int32_t* row_at = self.row_scratch(L);
+             if (k > 1) {
+               ids.resize(size_t(k));
+               rows.resize(size_t(k) * L);
+               id_at = ids.data();
+               row_at = rows.data();
+             }
              if (k < kReleaseGilFrom) {
-               trials = self.engine().ask(uint64_t(k));
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
              } else {
                py::gil_scoped_release nogil;
-               trials = self.engine().ask(uint64_t(k));
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
              }
-             py::list out(trials.size());
-             for (size_t i = 0; i < trials.size(); ++i)
-               out[i] = py::make_tuple(py::int_(trials[i].id), self.design_dict(trials[i].design));
-             return out;
+             PyObject* out = PyList_New(Py_ssize_t(k));
+             if (!out) throw py::error_already_set();
+             auto list = py::reinterpret_steal<py::list>(out);
+             for (int64_t i = 0; i < k; ++i) {
+               PyObject* t = PyTuple_New(2);
+               if (!t) throw py::error_already_set();
+               PyList_SET_ITEM(out, i, t);
+               PyObject* id = PyLong_FromUnsignedLongLong(id_at[i]);
+               if (!id) throw py::error_already_set();
+               PyTuple_SET_ITEM(t, 0, id);
+               PyTuple_SET_ITEM(t, 1, self.design_dict(row_at + size_t(i) * L).release().ptr());
+             }
+             return list;
            },
            py::arg("k") = 1,
            "k proposals [(trial_id, {level: option})], each pending until told.")
@@ -139,6 +185,90 @@ void bind(py::module_& m) {
            },
            py::arg("trial_id"), py::arg("reward"),
            "Reward of a pending trial, in any order; NaN/Inf or an unknown or already told id -> ValueError.")
+      .def("ask_many",
+           [](PyMCTS& self, int64_t k) {
+             if (k < 0) throw std::invalid_argument("MCTS.ask_many: expected k >= 0, got " + std::to_string(k));
+             const size_t L = self.engine().num_levels();
+             py::array_t<int64_t> ids(k);
+             py::array_t<int32_t> designs({size_t(k), L});
+             // int64 ids of a uint64 counter: 2^63 asks are out of reach.
+             auto* id_at = reinterpret_cast<uint64_t*>(ids.mutable_data());
+             int32_t* row_at = designs.mutable_data();
+             if (k < kReleaseGilFrom) {
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
+             } else {
+               py::gil_scoped_release nogil;
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
+             }
+             return py::make_tuple(std::move(ids), std::move(designs));
+           },
+           py::arg("k"),
+           "k proposals as (ids int64[k], designs int32[k, levels]): option index per level, -1 "
+           "where the level is absent. The same proposals as ask(k); each pending until told.")
+      .def("tell_many",
+           [](PyMCTS& self, const py::object& ids_obj, const py::object& rewards_obj) {
+             auto numpy = py::module_::import("numpy");
+             py::array ids_any = numpy.attr("asarray")(ids_obj);
+             py::array rewards_any = numpy.attr("asarray")(rewards_obj);
+             const char ik = ids_any.dtype().kind(), rk = rewards_any.dtype().kind();
+             if (ids_any.ndim() != 1 || (ik != 'i' && ik != 'u' && !(ik == 'f' && ids_any.size() == 0)))
+               throw std::invalid_argument("MCTS.tell_many: expected ids as a 1-D sequence of integers, got " +
+                                           std::string(py::str(ids_any.dtype())) + " of " +
+                                           std::to_string(ids_any.ndim()) + " dimension(s)");
+             if (rewards_any.ndim() != 1 || (rk != 'f' && rk != 'i' && rk != 'u'))
+               throw std::invalid_argument("MCTS.tell_many: expected rewards as a 1-D sequence of numbers, got " +
+                                           std::string(py::str(rewards_any.dtype())) + " of " +
+                                           std::to_string(rewards_any.ndim()) + " dimension(s)");
+             if (ids_any.size() != rewards_any.size())
+               throw std::invalid_argument("MCTS.tell_many: expected as many rewards as ids, got " +
+                                           std::to_string(ids_any.size()) + " ids and " +
+                                           std::to_string(rewards_any.size()) + " rewards; nothing was told");
+             const size_t n = size_t(ids_any.size());
+             std::vector<uint64_t> ids(n);
+             if (ik == 'u') {
+               auto a = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(ids_any);
+               std::copy(a.data(), a.data() + n, ids.begin());
+             } else {
+               auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(ids_any);
+               for (size_t i = 0; i < n; ++i) {
+                 if (a.data()[i] < 0)
+                   throw std::invalid_argument("MCTS.tell_many: unknown trial id " + std::to_string(a.data()[i]) +
+                                               " at index " + std::to_string(i) + " (never asked); nothing was told");
+                 ids[i] = uint64_t(a.data()[i]);
+               }
+             }
+             auto rewards = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(rewards_any);
+             if (!rewards) throw py::error_already_set();
+             if (n < size_t(kReleaseGilFrom)) {
+               self.engine().tell_many(ids.data(), rewards.data(), n);
+             } else {
+               py::gil_scoped_release nogil;
+               self.engine().tell_many(ids.data(), rewards.data(), n);
+             }
+           },
+           py::arg("ids"), py::arg("rewards"),
+           "Rewards of pending trials, in the given order; the whole batch is checked first (NaN/Inf, "
+           "unknown, already told or repeated ids, mismatched lengths -> ValueError, nothing told).")
+      .def("decode",
+           [](PyMCTS& self, const py::object& designs_obj) -> py::object {
+             py::array any = py::module_::import("numpy").attr("asarray")(designs_obj);
+             const size_t L = self.engine().num_levels();
+             const char kind = any.dtype().kind();
+             if ((kind != 'i' && kind != 'u') || (any.ndim() != 1 && any.ndim() != 2) ||
+                 size_t(any.shape(any.ndim() - 1)) != L)
+               throw std::invalid_argument("MCTS.decode: expected integer option indices of shape [" +
+                                           std::to_string(L) + "] or [k, " + std::to_string(L) + "], got " +
+                                           std::string(py::str(any.dtype())) + " " +
+                                           std::string(py::str(py::tuple(any.attr("shape")))));
+             auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(any);
+             if (any.ndim() == 1) return self.decode_row(a.data(), 0);
+             const size_t k = size_t(a.shape(0));
+             py::list out(k);
+             for (size_t i = 0; i < k; ++i) out[i] = self.decode_row(a.data() + i * L, i);
+             return out;
+           },
+           py::arg("designs"),
+           "{level: option} dict of one row of option indices, or a list of dicts of a [k, levels] array.")
       .def("_tell_history",
            [](PyMCTS& self, const py::list& history) {
              std::vector<std::pair<Design, double>> items;

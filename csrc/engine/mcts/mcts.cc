@@ -143,6 +143,9 @@ struct Reader {
 MCTS::MCTS(Options options) : opt_(std::move(options)) {
   validate_and_index();
   rng_state_ = opt_.seed;
+  stride_ = opt_.levels.size() + 1;
+  path_.reserve(stride_);
+  design_.reserve(opt_.levels.size());
   nodes_.push_back(Node{-1, -1, -1, -1, 0, 0, 0, 0, 0.0, -kInf});
 }
 
@@ -157,7 +160,14 @@ MCTS::MCTS(MCTS&& o) noexcept
       nodes_(std::move(o.nodes_)),
       entries_(std::move(o.entries_)),
       entry_by_key_(std::move(o.entry_by_key_)),
-      pending_(std::move(o.pending_)),
+      pend_(std::move(o.pend_)),
+      pend_paths_(std::move(o.pend_paths_)),
+      free_slots_(std::move(o.free_slots_)),
+      slot_of_(std::move(o.slot_of_)),
+      stride_(o.stride_),
+      path_(std::move(o.path_)),
+      design_(std::move(o.design_)),
+      two_ln_(std::move(o.two_ln_)),
       stats_(std::move(o.stats_)),
       next_id_(o.next_id_),
       num_told_(o.num_told_),
@@ -341,10 +351,27 @@ uint64_t MCTS::below(uint64_t n) {
   }
 }
 
-int32_t MCTS::ucb_pick(const Node& parent, bool any_open) const {
+double MCTS::two_ln(double np) {
+  constexpr double kTableSize = double(1 << 18);
+  if (np < kTableSize && np == double(uint32_t(np))) {
+    const size_t n = size_t(np);
+    if (n >= two_ln_.size()) {
+      size_t from = two_ln_.size();
+      two_ln_.resize(std::min<size_t>(std::max<size_t>(2 * n, 1024), size_t(1) << 18));
+      for (size_t i = from; i < two_ln_.size(); ++i) {
+        const double x = double(i);
+        two_ln_[i] = 2.0 * std::log(x > 1.0 ? x : 1.0);
+      }
+    }
+    return two_ln_[n];
+  }
+  return 2.0 * std::log(np > 1.0 ? np : 1.0);
+}
+
+int32_t MCTS::ucb_pick(const Node& parent, bool any_open) {
   const double vl = opt_.virtual_loss;
   const double np = double(parent.visits) + vl * double(parent.pending);
-  const double two_ln = 2.0 * std::log(np > 1.0 ? np : 1.0);
+  const double two_ln = this->two_ln(np);
   const bool spread = opt_.normalize_rewards && hi_ > lo_;
   const double inv_range = spread ? 1.0 / (hi_ - lo_) : 0.0;
   double best = 0.0;
@@ -431,13 +458,13 @@ void MCTS::close(int32_t node) {
   }
 }
 
-void MCTS::add_pending(const std::vector<int32_t>& path, int delta) {
-  for (int32_t i : path) nodes_[size_t(i)].pending += uint32_t(delta);
+void MCTS::add_pending(const int32_t* path, size_t len, int delta) {
+  for (size_t k = 0; k < len; ++k) nodes_[size_t(path[k])].pending += uint32_t(delta);
 }
 
-void MCTS::backprop(const std::vector<int32_t>& path, double reward) {
-  for (int32_t i : path) {
-    Node& nd = nodes_[size_t(i)];
+void MCTS::backprop(const int32_t* path, size_t len, double reward) {
+  for (size_t k = 0; k < len; ++k) {
+    Node& nd = nodes_[size_t(path[k])];
     nd.visits += 1;
     nd.sum += reward;
     if (reward > nd.best) nd.best = reward;
@@ -482,62 +509,115 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   ++num_told_;
 }
 
-Trial MCTS::ask_one() {
-  std::vector<int32_t> path;
-  Design design;
+uint64_t MCTS::ask_one(int32_t* design_out) {
   std::string key;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
   for (uint32_t attempt = 0;; ++attempt) {
-    const bool leaf = descend(&path, &design);
-    if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path.back());
-    key = key_of(design);
+    const bool leaf = descend(&path_, &design_);
+    if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path_.back());
+    key = key_of(design_);
     auto it = entry_by_key_.find(key);
     if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
         attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
       break;
     const Entry& e = entries_[it->second];
     if (e.count > 0) {
-      backprop(path, e.sum / double(e.count));
+      backprop(path_.data(), path_.size(), e.sum / double(e.count));
       ++num_reused_;
     } else {
-      add_pending(path, +1);
-      held.push_back(path);
+      add_pending(path_.data(), path_.size(), +1);
+      held.push_back(path_);
     }
   }
-  for (const auto& p : held) add_pending(p, -1);
-  add_pending(path, +1);
-  const uint32_t entry = entry_for(design, std::move(key));
+  for (const auto& p : held) add_pending(p.data(), p.size(), -1);
+  add_pending(path_.data(), path_.size(), +1);
+  const uint32_t entry = entry_for(design_, std::move(key));
   entries_[entry].pending += 1;
+  std::copy(design_.begin(), design_.end(), design_out);
+  return add_pending_trial(entry, path_.data(), path_.size());
+}
+
+uint64_t MCTS::add_pending_trial(uint32_t entry, const int32_t* path, size_t len) {
+  uint32_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+    free_slots_.pop_back();
+  } else {
+    slot = uint32_t(pend_.size());
+    pend_.emplace_back();
+    pend_paths_.resize(pend_paths_.size() + stride_);
+  }
   const uint64_t id = next_id_++;
-  pending_.emplace(id, Pending{std::move(path), entry});
+  pend_[slot] = Pending{id, entry, uint32_t(len)};
+  std::copy(path, path + len, pend_paths_.begin() + ptrdiff_t(size_t(slot) * stride_));
+  slot_of_.emplace(id, slot);
   ++num_pending_;
-  return Trial{id, std::move(design)};
+  return id;
 }
 
 std::vector<Trial> MCTS::ask(uint64_t k) {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<Trial> out;
   out.reserve(size_t(std::min<uint64_t>(k, 1u << 20)));
-  for (uint64_t i = 0; i < k; ++i) out.push_back(ask_one());
+  for (uint64_t i = 0; i < k; ++i) {
+    Design d(opt_.levels.size());
+    const uint64_t id = ask_one(d.data());
+    out.push_back(Trial{id, std::move(d)});
+  }
   return out;
+}
+
+void MCTS::ask_many(uint64_t k, uint64_t* ids, int32_t* designs) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t L = opt_.levels.size();
+  for (uint64_t i = 0; i < k; ++i) ids[i] = ask_one(designs + size_t(i) * L);
+}
+
+void MCTS::tell_locked(uint64_t id, double reward) {
+  auto it = slot_of_.find(id);
+  const uint32_t slot = it->second;
+  slot_of_.erase(it);
+  const Pending p = pend_[slot];
+  const int32_t* path = pend_paths_.data() + size_t(slot) * stride_;
+  add_pending(path, p.len, -1);
+  backprop(path, p.len, reward);
+  entries_[p.entry].pending -= 1;
+  record_tell(p.entry, reward);
+  free_slots_.push_back(slot);
+  --num_pending_;
 }
 
 void MCTS::tell(uint64_t trial_id, double reward) {
   if (!std::isfinite(reward))
-    fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " +
-         std::to_string(trial_id));
+    fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " + std::to_string(trial_id));
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = pending_.find(trial_id);
-  if (it == pending_.end())
+  if (!slot_of_.count(trial_id))
     fail("MCTS.tell: unknown trial id " + std::to_string(trial_id) +
          (trial_id < next_id_ ? " (already told)" : " (never asked)"));
-  Pending p = std::move(it->second);
-  pending_.erase(it);
-  add_pending(p.path, -1);
-  backprop(p.path, reward);
-  entries_[p.entry].pending -= 1;
-  record_tell(p.entry, reward);
-  --num_pending_;
+  tell_locked(trial_id, reward);
+}
+
+void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(rewards[i]))
+      fail("MCTS.tell_many: expected finite rewards, got " + num(rewards[i]) + " at index " +
+           std::to_string(i) + " (trial " + std::to_string(ids[i]) + "); nothing was told");
+  std::lock_guard<std::mutex> lock(mu_);
+  // An id twice in the batch: the second tell would find it told; checked before any tell.
+  std::unordered_map<uint64_t, size_t> first;
+  if (n > 1) first.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!slot_of_.count(ids[i]))
+      fail("MCTS.tell_many: unknown trial id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+           (ids[i] < next_id_ ? " (already told)" : " (never asked)") + "; nothing was told");
+    if (n > 1) {
+      auto [it, fresh] = first.emplace(ids[i], i);
+      if (!fresh)
+        fail("MCTS.tell_many: trial id " + std::to_string(ids[i]) + " appears twice (indices " +
+             std::to_string(it->second) + " and " + std::to_string(i) + "); nothing was told");
+    }
+  }
+  for (size_t i = 0; i < n; ++i) tell_locked(ids[i], rewards[i]);
 }
 
 void MCTS::tell_design(const Design& design, double reward) {
@@ -564,7 +644,7 @@ void MCTS::tell_design(const Design& design, double reward) {
     node = child;
   }
   if (opt_.on_repeat == OnRepeat::kReuse && next_level(after, design) < 0) close(path.back());
-  backprop(path, reward);
+  backprop(path.data(), path.size(), reward);
   record_tell(entry_for(design), reward);
   ++next_id_;
 }
@@ -703,15 +783,16 @@ std::string MCTS::serialize() const {
   }
   // Pending trials in id order so equal engines give equal bytes.
   std::vector<uint64_t> ids;
-  for (const auto& kv : pending_) ids.push_back(kv.first);
+  for (const auto& kv : slot_of_) ids.push_back(kv.first);
   std::sort(ids.begin(), ids.end());
   w.put<uint64_t>(ids.size());
   for (uint64_t id : ids) {
-    const Pending& p = pending_.at(id);
+    const uint32_t slot = slot_of_.at(id);
+    const Pending& p = pend_[slot];
     w.put(id);
     w.put(p.entry);
-    w.put<uint64_t>(p.path.size());
-    for (int32_t i : p.path) w.put(i);
+    w.put<uint64_t>(p.len);
+    for (uint32_t k = 0; k < p.len; ++k) w.put(pend_paths_[size_t(slot) * stride_ + k]);
   }
   for (const auto& lvl : stats_)
     for (const OptionStats& s : lvl) {
@@ -850,20 +931,24 @@ MCTS MCTS::deserialize(const std::string& blob) {
 
   const uint64_t np = r.count(cap, "pending trials");
   std::vector<uint32_t> node_pending(size_t(nn), 0), entry_pending(size_t(ne), 0);
+  std::vector<int32_t> path;
   for (uint64_t t = 0; t < np; ++t) {
     const uint64_t id = r.get<uint64_t>();
-    Pending p;
-    p.entry = r.get<uint32_t>();
-    p.path.resize(size_t(r.count(cap, "path nodes")));
-    for (auto& i : p.path) i = r.get<int32_t>();
-    if (id >= m.next_id_ || p.entry >= ne || p.path.empty() || p.path[0] != 0)
+    const uint32_t entry = r.get<uint32_t>();
+    path.resize(size_t(r.count(m.stride_, "path nodes")));
+    for (auto& i : path) i = r.get<int32_t>();
+    if (id >= m.next_id_ || entry >= ne || path.empty() || path[0] != 0)
       fail(pre + "bad pending trial");
-    for (size_t k = 1; k < p.path.size(); ++k)
-      if (p.path[k] <= 0 || uint64_t(p.path[k]) >= nn || m.nodes_[size_t(p.path[k])].parent != p.path[k - 1])
+    for (size_t k = 1; k < path.size(); ++k)
+      if (path[k] <= 0 || uint64_t(path[k]) >= nn || m.nodes_[size_t(path[k])].parent != path[k - 1])
         fail(pre + "bad pending trial path");
-    for (int32_t i : p.path) ++node_pending[size_t(i)];
-    ++entry_pending[p.entry];
-    if (!m.pending_.emplace(id, std::move(p)).second) fail(pre + "duplicate pending trial");
+    for (int32_t i : path) ++node_pending[size_t(i)];
+    ++entry_pending[entry];
+    const uint32_t slot = uint32_t(m.pend_.size());
+    if (!m.slot_of_.emplace(id, slot).second) fail(pre + "duplicate pending trial");
+    m.pend_.push_back(Pending{id, entry, uint32_t(path.size())});
+    m.pend_paths_.resize(m.pend_paths_.size() + m.stride_);
+    std::copy(path.begin(), path.end(), m.pend_paths_.end() - ptrdiff_t(m.stride_));
   }
   for (uint64_t i = 0; i < nn; ++i)
     if (node_pending[size_t(i)] != m.nodes_[size_t(i)].pending) fail(pre + "pending counts disagree");

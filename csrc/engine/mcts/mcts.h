@@ -75,6 +75,15 @@
 //   (and "every design told or pending" is never assumed). Thread-safe: every public call takes one mutex (the Python binding
 //   releases the GIL for ask(k >= 8), serialisation, deserialisation, history replay and tree
 //   export; a short call is cheaper than a GIL release). Serialised blobs are little-endian.
+//
+// Batches: ask_many(k) is ask(k) written into flat arrays (no per-design allocation);
+//   tell_many(ids, rewards) checks the whole batch (finite rewards, known ids, no id twice)
+//   before it changes anything, then tells in the given order, so it equals that sequence of
+//   tell calls. A run of ask_many(1)/tell_many of one trial is the serial algorithm exactly.
+//
+// Cost (Auto-KD space, 8 levels): one ask+tell is about 0.3 us of C++; the UCB score of each
+//   child needs one division and one square root; 2 ln N_p comes from a table for integral N_p
+//   (every N_p when L is an integer), filled with the same std::log expression.
 #pragma once
 
 #include <cstdint>
@@ -138,6 +147,12 @@ class MCTS {
   std::vector<Trial> ask(uint64_t k);
   // Finite reward for a pending trial id; any order.
   void tell(uint64_t trial_id, double reward);
+  // ask(k) into ids[k] and designs[k * num_levels] (row-major, -1 for an absent level).
+  void ask_many(uint64_t k, uint64_t* ids, int32_t* designs);
+  // tell(ids[i], rewards[i]) for i in order, after checking the whole batch: a bad reward, an
+  // unknown or already told id, or an id twice in the batch throws and tells nothing.
+  void tell_many(const uint64_t* ids, const double* rewards, size_t n);
+  size_t num_levels() const { return opt_.levels.size(); }
 
   uint64_t num_told() const;
   uint64_t num_pending() const;
@@ -195,9 +210,10 @@ class MCTS {
     uint32_t pending = 0;
     double sum = 0.0;
   };
-  struct Pending {
-    std::vector<int32_t> path;
+  struct Pending {  // one slot of the pending pool; its path is paths_[slot * stride_, + len)
+    uint64_t id;
     uint32_t entry;
+    uint32_t len;
   };
 
   struct Uninit {};
@@ -208,15 +224,19 @@ class MCTS {
   int32_t next_level(int32_t after, const Design& design) const;
   uint64_t below(uint64_t n);
   uint64_t next_u64();
-  int32_t ucb_pick(const Node& parent, bool any_open) const;
+  int32_t ucb_pick(const Node& parent, bool any_open);
   bool descend(std::vector<int32_t>* path, Design* design);  // true when the path ends at a complete design
   void close(int32_t node);
-  void add_pending(const std::vector<int32_t>& path, int delta);
-  void backprop(const std::vector<int32_t>& path, double reward);
+  void add_pending(const int32_t* path, size_t len, int delta);
+  void backprop(const int32_t* path, size_t len, double reward);
+  double two_ln(double np);  // 2 ln max(1, np)
   std::string key_of(const Design& design) const;
   uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
   void record_tell(uint32_t entry, double reward);
-  Trial ask_one();
+  uint64_t ask_one(int32_t* design_out);  // returns the trial id
+  // Pending pool: a slot per pending trial, reused after its tell (no allocation per ask).
+  uint64_t add_pending_trial(uint32_t entry, const int32_t* path, size_t len);  // the new id
+  void tell_locked(uint64_t id, double reward);
 
   Options opt_;
   std::vector<std::vector<Req>> reqs_;  // per level
@@ -230,7 +250,13 @@ class MCTS {
   std::vector<Node> nodes_;
   std::vector<Entry> entries_;  // in order of first sight
   std::unordered_map<std::string, uint32_t> entry_by_key_;
-  std::unordered_map<uint64_t, Pending> pending_;
+  std::vector<Pending> pend_;          // slots
+  std::vector<int32_t> pend_paths_;    // stride_ ints per slot
+  std::vector<uint32_t> free_slots_;
+  std::unordered_map<uint64_t, uint32_t> slot_of_;  // pending id -> slot
+  size_t stride_ = 1;                  // longest path: levels + 1 (root)
+  std::vector<int32_t> path_, design_;  // ask scratch
+  std::vector<double> two_ln_;         // two_ln_[n] = 2 ln max(1, n)
   std::vector<std::vector<OptionStats>> stats_;
   uint64_t next_id_ = 0, num_told_ = 0, num_reused_ = 0, num_pending_ = 0;
   bool have_reward_ = false;
