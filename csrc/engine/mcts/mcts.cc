@@ -3,6 +3,8 @@
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
+// sqrt never sees a negative argument here; without errno it stays one instruction.
+#pragma GCC optimize("no-math-errno")
 #endif
 
 #include "engine/mcts/mcts.h"
@@ -159,6 +161,7 @@ MCTS::MCTS(MCTS&& o) noexcept
       rng_state_(o.rng_state_),
       nodes_(std::move(o.nodes_)),
       entries_(std::move(o.entries_)),
+      entry_designs_(std::move(o.entry_designs_)),
       entry_by_key_(std::move(o.entry_by_key_)),
       pend_(std::move(o.pend_)),
       pend_paths_(std::move(o.pend_paths_)),
@@ -168,6 +171,7 @@ MCTS::MCTS(MCTS&& o) noexcept
       path_(std::move(o.path_)),
       design_(std::move(o.design_)),
       two_ln_(std::move(o.two_ln_)),
+      scores_(std::move(o.scores_)),
       stats_(std::move(o.stats_)),
       next_id_(o.next_id_),
       num_told_(o.num_told_),
@@ -357,7 +361,7 @@ double MCTS::two_ln(double np) {
     const size_t n = size_t(np);
     if (n >= two_ln_.size()) {
       size_t from = two_ln_.size();
-      two_ln_.resize(std::min<size_t>(std::max<size_t>(2 * n, 1024), size_t(1) << 18));
+      two_ln_.resize(n + 1);  // each entry computed once, when first needed
       for (size_t i = from; i < two_ln_.size(); ++i) {
         const double x = double(i);
         two_ln_[i] = 2.0 * std::log(x > 1.0 ? x : 1.0);
@@ -374,25 +378,31 @@ int32_t MCTS::ucb_pick(const Node& parent, bool any_open) {
   const double two_ln = this->two_ln(np);
   const bool spread = opt_.normalize_rewards && hi_ > lo_;
   const double inv_range = spread ? 1.0 / (hi_ - lo_) : 0.0;
+  const double lo = lo_, c_explore = opt_.exploration;
+  const uint32_t m = parent.num_children;
+  if (scores_.size() < m) scores_.resize(m);
+  double* score = scores_.data();
+  const Node* child = nodes_.data() + parent.first_child;
+  // Scores first, argmax after: no data-dependent branch between the divisions and square
+  // roots of different children, so they overlap. N_i = 0 makes inv_n infinite and the
+  // formula NaN; the select replaces it by +inf.
+  for (uint32_t i = 0; i < m; ++i) {
+    const Node& c = child[i];
+    const double n = double(c.visits) + vl * double(c.pending);
+    const double inv_n = 1.0 / n;
+    double s;
+    if (!opt_.normalize_rewards) s = c.sum;
+    else if (spread) s = (c.sum - double(c.visits) * lo) * inv_range;
+    else s = 0.0;
+    const double v = s * inv_n + c_explore * std::sqrt(two_ln * inv_n);
+    score[i] = n == 0.0 ? kInf : v;
+  }
   double best = 0.0;
   int32_t pick = -1;
-  for (uint32_t i = 0; i < parent.num_children; ++i) {
-    const Node& c = nodes_[size_t(parent.first_child) + i];
-    if (any_open && c.closed) continue;
-    const double n = double(c.visits) + vl * double(c.pending);
-    double score;
-    if (n == 0.0) {
-      score = kInf;
-    } else {
-      const double inv_n = 1.0 / n;
-      double s;
-      if (!opt_.normalize_rewards) s = c.sum;
-      else if (spread) s = (c.sum - double(c.visits) * lo_) * inv_range;
-      else s = 0.0;
-      score = s * inv_n + opt_.exploration * std::sqrt(two_ln * inv_n);
-    }
-    if (pick < 0 || score > best) {
-      best = score;
+  for (uint32_t i = 0; i < m; ++i) {
+    if (any_open && child[i].closed) continue;
+    if (pick < 0 || score[i] > best) {
+      best = score[i];
       pick = parent.first_child + int32_t(i);
     }
   }
@@ -415,13 +425,16 @@ bool MCTS::descend(std::vector<int32_t>* path, Design* design) {
         nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0, 0.0, -kInf});
     }
     const Node& nd = nodes_[size_t(node)];
-    bool any_open = false;
-    for (uint32_t i = 0; i < nd.num_children; ++i) any_open |= !nodes_[size_t(nd.first_child) + i].closed;
-    uint32_t unvisited = 0;
+    uint32_t open = 0, fresh = 0, fresh_open = 0;  // fresh: neither told nor pending
     for (uint32_t i = 0; i < nd.num_children; ++i) {
       const Node& c = nodes_[size_t(nd.first_child) + i];
-      unvisited += (c.visits == 0 && c.pending == 0 && !(any_open && c.closed));
+      const bool f = c.visits == 0 && c.pending == 0;
+      open += !c.closed;
+      fresh += f;
+      fresh_open += f && !c.closed;
     }
+    const bool any_open = open > 0;
+    const uint32_t unvisited = any_open ? fresh_open : fresh;
     int32_t child = -1;
     if (unvisited > 0) {
       uint64_t j = below(unvisited);
@@ -484,7 +497,10 @@ std::string MCTS::key_of(const Design& design) const {
 uint32_t MCTS::entry_for(const Design& design, std::string key) {
   if (key.empty()) key = key_of(design);
   auto [it, fresh] = entry_by_key_.emplace(std::move(key), uint32_t(entries_.size()));
-  if (fresh) entries_.push_back(Entry{design, 0, 0, 0.0});
+  if (fresh) {
+    entries_.push_back(Entry{0, 0, 0.0});
+    entry_designs_.insert(entry_designs_.end(), design.begin(), design.end());
+  }
   return it->second;
 }
 
@@ -499,9 +515,10 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   Entry& e = entries_[entry];
   e.count += 1;
   e.sum += reward;
-  for (size_t l = 0; l < e.design.size(); ++l) {
-    if (e.design[l] < 0) continue;
-    OptionStats& s = stats_[l][size_t(e.design[l])];
+  const int32_t* d = entry_design(entry);
+  for (size_t l = 0; l < opt_.levels.size(); ++l) {
+    if (d[l] < 0) continue;
+    OptionStats& s = stats_[l][size_t(d[l])];
     s.visits += 1;
     s.sum += reward;
     if (reward > s.best) s.best = reward;
@@ -573,11 +590,9 @@ void MCTS::ask_many(uint64_t k, uint64_t* ids, int32_t* designs) {
   for (uint64_t i = 0; i < k; ++i) ids[i] = ask_one(designs + size_t(i) * L);
 }
 
-void MCTS::tell_locked(uint64_t id, double reward) {
-  auto it = slot_of_.find(id);
-  const uint32_t slot = it->second;
-  slot_of_.erase(it);
+void MCTS::tell_slot(uint32_t slot, double reward) {
   const Pending p = pend_[slot];
+  slot_of_.erase(p.id);
   const int32_t* path = pend_paths_.data() + size_t(slot) * stride_;
   add_pending(path, p.len, -1);
   backprop(path, p.len, reward);
@@ -591,10 +606,11 @@ void MCTS::tell(uint64_t trial_id, double reward) {
   if (!std::isfinite(reward))
     fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " + std::to_string(trial_id));
   std::lock_guard<std::mutex> lock(mu_);
-  if (!slot_of_.count(trial_id))
+  auto it = slot_of_.find(trial_id);
+  if (it == slot_of_.end())
     fail("MCTS.tell: unknown trial id " + std::to_string(trial_id) +
          (trial_id < next_id_ ? " (already told)" : " (never asked)"));
-  tell_locked(trial_id, reward);
+  tell_slot(it->second, reward);
 }
 
 void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
@@ -603,21 +619,30 @@ void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
       fail("MCTS.tell_many: expected finite rewards, got " + num(rewards[i]) + " at index " +
            std::to_string(i) + " (trial " + std::to_string(ids[i]) + "); nothing was told");
   std::lock_guard<std::mutex> lock(mu_);
-  // An id twice in the batch: the second tell would find it told; checked before any tell.
-  std::unordered_map<uint64_t, size_t> first;
-  if (n > 1) first.reserve(n);
+  // Every id is looked up and its slot marked before the first tell, so an id twice in the
+  // batch is caught without telling anything.
+  batch_slots_.resize(n);
+  if (marked_.size() < pend_.size()) marked_.resize(pend_.size(), 0);
   for (size_t i = 0; i < n; ++i) {
-    if (!slot_of_.count(ids[i]))
-      fail("MCTS.tell_many: unknown trial id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
-           (ids[i] < next_id_ ? " (already told)" : " (never asked)") + "; nothing was told");
-    if (n > 1) {
-      auto [it, fresh] = first.emplace(ids[i], i);
-      if (!fresh)
-        fail("MCTS.tell_many: trial id " + std::to_string(ids[i]) + " appears twice (indices " +
-             std::to_string(it->second) + " and " + std::to_string(i) + "); nothing was told");
+    auto it = slot_of_.find(ids[i]);
+    std::string err;
+    if (it == slot_of_.end())
+      err = "MCTS.tell_many: unknown trial id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+            (ids[i] < next_id_ ? " (already told)" : " (never asked)") + "; nothing was told";
+    else if (marked_[it->second])
+      err = "MCTS.tell_many: trial id " + std::to_string(ids[i]) + " appears twice in the batch (index " +
+            std::to_string(i) + "); nothing was told";
+    if (!err.empty()) {
+      for (size_t k = 0; k < i; ++k) marked_[batch_slots_[k]] = 0;
+      fail(err);
     }
+    batch_slots_[i] = it->second;
+    marked_[it->second] = 1;
   }
-  for (size_t i = 0; i < n; ++i) tell_locked(ids[i], rewards[i]);
+  for (size_t i = 0; i < n; ++i) {
+    marked_[batch_slots_[i]] = 0;
+    tell_slot(batch_slots_[i], rewards[i]);
+  }
 }
 
 void MCTS::tell_design(const Design& design, double reward) {
@@ -700,18 +725,20 @@ uint64_t MCTS::num_nodes() const {
 
 bool MCTS::best(Design* design, double* reward) const {
   std::lock_guard<std::mutex> lock(mu_);
-  const Entry* top = nullptr;
+  int64_t top = -1;
   double top_mean = 0.0;
-  for (const Entry& e : entries_) {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
     if (e.count == 0) continue;
     const double m = e.sum / double(e.count);
-    if (!top || m > top_mean) {
-      top = &e;
+    if (top < 0 || m > top_mean) {
+      top = int64_t(i);
       top_mean = m;
     }
   }
-  if (!top) return false;
-  *design = top->design;
+  if (top < 0) return false;
+  const int32_t* d = entry_design(size_t(top));
+  design->assign(d, d + opt_.levels.size());
   *reward = top_mean;
   return true;
 }
@@ -775,8 +802,9 @@ std::string MCTS::serialize() const {
     w.put(n.best);
   }
   w.put<uint64_t>(entries_.size());
-  for (const Entry& e : entries_) {
-    for (int32_t o : e.design) w.put(o);
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    for (size_t l = 0; l < opt_.levels.size(); ++l) w.put(entry_design(i)[l]);
     w.put(e.count);
     w.put(e.pending);
     w.put(e.sum);
@@ -917,16 +945,17 @@ MCTS MCTS::deserialize(const std::string& blob) {
 
   const uint64_t ne = r.count(cap, "designs");
   for (uint64_t e = 0; e < ne; ++e) {
+    Design d(L);
+    for (auto& v : d) v = r.get<int32_t>();
     Entry en;
-    en.design.resize(L);
-    for (auto& v : en.design) v = r.get<int32_t>();
     en.count = r.get<uint64_t>();
     en.pending = r.get<uint32_t>();
     en.sum = r.get<double>();
-    m.check_design(en.design, pre + "design " + std::to_string(e));
-    if (!m.entry_by_key_.emplace(m.key_of(en.design), uint32_t(e)).second)
+    m.check_design(d, pre + "design " + std::to_string(e));
+    if (!m.entry_by_key_.emplace(m.key_of(d), uint32_t(e)).second)
       fail(pre + "duplicate design " + std::to_string(e));
-    m.entries_.push_back(std::move(en));
+    m.entries_.push_back(en);
+    m.entry_designs_.insert(m.entry_designs_.end(), d.begin(), d.end());
   }
 
   const uint64_t np = r.count(cap, "pending trials");

@@ -204,8 +204,7 @@ class MCTS {
     int32_t level;
     std::vector<uint8_t> allowed;  // per option of `level`
   };
-  struct Entry {  // one distinct design seen (told or pending)
-    Design design;
+  struct Entry {  // one distinct design seen (told or pending); design in entry_designs_
     uint64_t count = 0;
     uint32_t pending = 0;
     double sum = 0.0;
@@ -236,7 +235,7 @@ class MCTS {
   uint64_t ask_one(int32_t* design_out);  // returns the trial id
   // Pending pool: a slot per pending trial, reused after its tell (no allocation per ask).
   uint64_t add_pending_trial(uint32_t entry, const int32_t* path, size_t len);  // the new id
-  void tell_locked(uint64_t id, double reward);
+  void tell_slot(uint32_t slot, double reward);
 
   Options opt_;
   std::vector<std::vector<Req>> reqs_;  // per level
@@ -249,6 +248,8 @@ class MCTS {
   uint64_t rng_state_ = 0;
   std::vector<Node> nodes_;
   std::vector<Entry> entries_;  // in order of first sight
+  std::vector<int32_t> entry_designs_;  // [entries, levels]
+  const int32_t* entry_design(size_t e) const { return entry_designs_.data() + e * opt_.levels.size(); }
   std::unordered_map<std::string, uint32_t> entry_by_key_;
   std::vector<Pending> pend_;          // slots
   std::vector<int32_t> pend_paths_;    // stride_ ints per slot
@@ -257,6 +258,9 @@ class MCTS {
   size_t stride_ = 1;                  // longest path: levels + 1 (root)
   std::vector<int32_t> path_, design_;  // ask scratch
   std::vector<double> two_ln_;         // two_ln_[n] = 2 ln max(1, n)
+  std::vector<double> scores_;         // ucb_pick scratch
+  std::vector<uint32_t> batch_slots_;  // tell_many scratch
+  std::vector<uint8_t> marked_;        // tell_many: slot already in the batch
   std::vector<std::vector<OptionStats>> stats_;
   uint64_t next_id_ = 0, num_told_ = 0, num_reused_ = 0, num_pending_ = 0;
   bool have_reward_ = false;
