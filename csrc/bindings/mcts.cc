@@ -96,6 +96,12 @@ class PyMCTS {
 // (no deadlock: the engine's mutex is never held while the GIL is awaited).
 constexpr int64_t kReleaseGilFrom = 8;
 
+// numpy.asarray(obj), without the import and call when obj is an array already.
+py::array as_array(const py::object& obj) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+  return py::module_::import("numpy").attr("asarray")(obj);
+}
+
 py::object maybe(bool ok, double v) { return ok ? py::object(py::float_(v)) : py::object(py::none()); }
 
 std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_t seed, bool normalize,
@@ -311,9 +317,7 @@ void bind(py::module_& m) {
            "where the level is absent. The same proposals as ask(k); each pending until told.")
       .def("tell_many",
            [](PyMCTS& self, const py::object& ids_obj, const py::object& rewards_obj) {
-             auto numpy = py::module_::import("numpy");
-             py::array ids_any = numpy.attr("asarray")(ids_obj);
-             py::array rewards_any = numpy.attr("asarray")(rewards_obj);
+             py::array ids_any = as_array(ids_obj), rewards_any = as_array(rewards_obj);
              const char ik = ids_any.dtype().kind(), rk = rewards_any.dtype().kind();
              if (ids_any.ndim() != 1 || (ik != 'i' && ik != 'u' && !(ik == 'f' && ids_any.size() == 0)))
                throw std::invalid_argument("MCTS.tell_many: expected ids as a 1-D sequence of integers, got " +
@@ -355,7 +359,7 @@ void bind(py::module_& m) {
            "unknown, already told or repeated ids, mismatched lengths -> ValueError, nothing told).")
       .def("decode",
            [](PyMCTS& self, const py::object& designs_obj) -> py::object {
-             py::array any = py::module_::import("numpy").attr("asarray")(designs_obj);
+             py::array any = as_array(designs_obj);
              const size_t L = self.engine().num_levels();
              const char kind = any.dtype().kind();
              if ((kind != 'i' && kind != 'u') || (any.ndim() != 1 && any.ndim() != 2) ||

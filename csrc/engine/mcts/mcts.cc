@@ -496,7 +496,7 @@ std::string MCTS::key_of(const Design& design) const {
 
 uint32_t MCTS::entry_for(const Design& design, std::string key) {
   if (key.empty()) key = key_of(design);
-  auto [it, fresh] = entry_by_key_.emplace(std::move(key), uint32_t(entries_.size()));
+  auto [it, fresh] = entry_by_key_.try_emplace(std::move(key), uint32_t(entries_.size()));
   if (fresh) {
     entries_.push_back(Entry{0, 0, 0.0});
     entry_designs_.insert(entry_designs_.end(), design.begin(), design.end());
@@ -529,11 +529,13 @@ void MCTS::record_tell(uint32_t entry, double reward) {
 uint64_t MCTS::ask_one(int32_t* design_out) {
   std::string key;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
+  int64_t known = -1;                      // entry of the final proposal when already seen
   for (uint32_t attempt = 0;; ++attempt) {
     const bool leaf = descend(&path_, &design_);
     if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path_.back());
     key = key_of(design_);
     auto it = entry_by_key_.find(key);
+    known = it == entry_by_key_.end() ? -1 : int64_t(it->second);
     if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
         attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
       break;
@@ -548,7 +550,7 @@ uint64_t MCTS::ask_one(int32_t* design_out) {
   }
   for (const auto& p : held) add_pending(p.data(), p.size(), -1);
   add_pending(path_.data(), path_.size(), +1);
-  const uint32_t entry = entry_for(design_, std::move(key));
+  const uint32_t entry = known >= 0 ? uint32_t(known) : entry_for(design_, std::move(key));
   entries_[entry].pending += 1;
   std::copy(design_.begin(), design_.end(), design_out);
   return add_pending_trial(entry, path_.data(), path_.size());
