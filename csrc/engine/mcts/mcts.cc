@@ -592,9 +592,8 @@ void MCTS::ask_many(uint64_t k, uint64_t* ids, int32_t* designs) {
   for (uint64_t i = 0; i < k; ++i) ids[i] = ask_one(designs + size_t(i) * L);
 }
 
-void MCTS::tell_slot(uint32_t slot, double reward) {
+void MCTS::tell_slot(uint32_t slot, double reward) {  // the caller removed its id from slot_of_
   const Pending p = pend_[slot];
-  slot_of_.erase(p.id);
   const int32_t* path = pend_paths_.data() + size_t(slot) * stride_;
   add_pending(path, p.len, -1);
   backprop(path, p.len, reward);
@@ -612,7 +611,9 @@ void MCTS::tell(uint64_t trial_id, double reward) {
   if (it == slot_of_.end())
     fail("MCTS.tell: unknown trial id " + std::to_string(trial_id) +
          (trial_id < next_id_ ? " (already told)" : " (never asked)"));
-  tell_slot(it->second, reward);
+  const uint32_t slot = it->second;
+  slot_of_.erase(it);
+  tell_slot(slot, reward);
 }
 
 void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
@@ -643,6 +644,7 @@ void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
   }
   for (size_t i = 0; i < n; ++i) {
     marked_[batch_slots_[i]] = 0;
+    slot_of_.erase(ids[i]);
     tell_slot(batch_slots_[i], rewards[i]);
   }
 }
