@@ -1,5 +1,6 @@
-// autokd._engine.MCTS: the C++ MCTS engine (csrc/engine/mcts/mcts.h) seen from Python with
-// designs as {level: option} dicts. autokd/search/mcts.py is the public face.
+// autokd._engine.MCTS: the C++ MCTS engine (csrc/engine/mcts/mcts.h) seen from Python, with
+// designs as {level: option} dicts (ask, tell) or as numpy rows of option indices (ask_many,
+// tell_many, decode). autokd/search/mcts.py is the public face.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
