@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <stdexcept>
@@ -42,8 +43,8 @@ class PyMCTS {
   }
   py::dict design_dict(const Design& d) const { return design_dict(d.data()); }
 
-  // A row of option indices from a caller: every entry an option of its level or -1 (the
-  // engine's check_design-like existence rules are not needed to name options).
+  // Names of a caller's row of option indices: each an option of its level or -1; the levels'
+  // requirements are not checked (rows from ask_many always meet them).
   py::dict decode_row(const int64_t* row, size_t i) const {
     const size_t L = names_.size();
     std::vector<int32_t> d(L);
@@ -77,12 +78,6 @@ class PyMCTS {
   }
 
   MCTS& engine() { return *e_; }
-  // ask(1)'s design row; a single-threaded call under the GIL, so one buffer per engine is safe
-  // only while the GIL is held (ask(k >= kReleaseGilFrom) uses its own buffer).
-  int32_t* row_scratch(size_t L) {
-    if (row_.size() < L) row_.resize(L);
-    return row_.data();
-  }
   const std::vector<py::str>& names() const { return names_; }
   const std::vector<std::vector<py::str>>& option_names() const { return options_; }
 
@@ -90,7 +85,6 @@ class PyMCTS {
   std::unique_ptr<MCTS> e_;
   std::vector<py::str> names_;
   std::vector<std::vector<py::str>> options_;
-  std::vector<int32_t> row_;
 };
 
 // A GIL release and re-acquire costs about as much as asking a few designs; short calls keep it
@@ -136,14 +130,18 @@ std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_
 py::list ask_list(PyMCTS& self, int64_t k) {
   if (k < 0) throw std::invalid_argument("MCTS.ask: expected k >= 0, got " + std::to_string(k));
   const size_t L = self.engine().num_levels();
+  // One design on the stack: building the Python objects can run arbitrary Python code (a
+  // collection's finalizers), which may ask again on this engine, from this or another thread.
+  constexpr size_t kStackLevels = 64;
   uint64_t id1;
+  int32_t row1[kStackLevels];
   std::vector<uint64_t> ids;
   std::vector<int32_t> rows;
   uint64_t* id_at = &id1;
-  int32_t* row_at = self.row_scratch(L);
-  if (k > 1) {
-    ids.resize(size_t(k));
-    rows.resize(size_t(k) * L);
+  int32_t* row_at = row1;
+  if (k > 1 || L > kStackLevels) {
+    ids.resize(size_t(std::max<int64_t>(k, 1)));
+    rows.resize(size_t(std::max<int64_t>(k, 1)) * L);
     id_at = ids.data();
     row_at = rows.data();
   }
