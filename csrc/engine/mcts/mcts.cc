@@ -146,6 +146,9 @@ MCTS::MCTS(Options options) : opt_(std::move(options)) {
   validate_and_index();
   rng_state_ = opt_.seed;
   stride_ = opt_.levels.size() + 1;
+  // A search of a few thousand iterations grows a few thousand nodes: no reallocation (and
+  // copy) of the node array below 4,096 nodes.
+  nodes_.reserve(size_t(std::min<uint64_t>(opt_.max_nodes, 4096)));
   path_.reserve(stride_);
   design_.reserve(opt_.levels.size());
   nodes_.push_back(Node{-1, -1, -1, -1, 0, 0, 0, 0, 0.0, -kInf});
@@ -595,8 +598,13 @@ void MCTS::ask_many(uint64_t k, uint64_t* ids, int32_t* designs) {
 void MCTS::tell_slot(uint32_t slot, double reward) {  // the caller removed its id from slot_of_
   const Pending p = pend_[slot];
   const int32_t* path = pend_paths_.data() + size_t(slot) * stride_;
-  add_pending(path, p.len, -1);
-  backprop(path, p.len, reward);
+  for (uint32_t k = 0; k < p.len; ++k) {  // the pending mark goes, the reward comes
+    Node& nd = nodes_[size_t(path[k])];
+    nd.pending -= 1;
+    nd.visits += 1;
+    nd.sum += reward;
+    if (reward > nd.best) nd.best = reward;
+  }
   entries_[p.entry].pending -= 1;
   record_tell(p.entry, reward);
   free_slots_.push_back(slot);

@@ -82,7 +82,7 @@
 //   tell calls. A run of ask_many(1)/tell_many of one trial is the serial algorithm exactly.
 //
 // Cost (Auto-KD space, 8 levels, 2,048 iterations from an empty tree): one ask+tell is about
-//   0.35 us of C++ under kAverage, 0.55 us under kReuse (its retries walk the tree again). No
+//   0.35 us of C++ under kAverage, 0.5 us under kReuse (its retries walk the tree again). No
 //   allocation per ask beyond new tree nodes and new designs: pending trials live in a slot pool
 //   reused after tell. The UCB score of each child needs one division and one square root, all
 //   children's scores are computed before the argmax so they overlap; 2 ln N_p comes from a
