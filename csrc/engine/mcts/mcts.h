@@ -82,9 +82,9 @@
 //   tell calls. A run of ask_many(1)/tell_many of one trial is the serial algorithm exactly.
 //
 // Cost (Auto-KD space, 8 levels, 2,048 iterations from an empty tree): one ask+tell is about
-//   0.35 us of C++ under kAverage, 0.5 us under kReuse (its retries walk the tree again). No
-//   allocation per ask beyond new tree nodes and new designs: pending trials live in a slot pool
-//   reused after tell. The UCB score of each child needs one division and one square root, all
+//   0.35 us of C++ under kAverage, 0.5 us under kReuse (its retries walk the tree again). Per
+//   ask the only allocations are new tree nodes, a new design's record and one hash node
+//   (pending id -> slot); a pending trial's path lives in a slot pool reused after its tell. The UCB score of each child needs one division and one square root, all
 //   children's scores are computed before the argmax so they overlap; 2 ln N_p comes from a
 //   table for integral N_p (every N_p when L is an integer), filled with the same expression.
 #pragma once
@@ -212,7 +212,7 @@ class MCTS {
     uint32_t pending = 0;
     double sum = 0.0;
   };
-  struct Pending {  // one slot of the pending pool; its path is paths_[slot * stride_, + len)
+  struct Pending {  // a slot of the pending pool; path: pend_paths_[slot * stride_ + (0 .. len)]
     uint64_t id;
     uint32_t entry;
     uint32_t len;
@@ -236,7 +236,7 @@ class MCTS {
   uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
   void record_tell(uint32_t entry, double reward);
   uint64_t ask_one(int32_t* design_out);  // returns the trial id
-  // Pending pool: a slot per pending trial, reused after its tell (no allocation per ask).
+  // Pending pool: a slot per pending trial, reused after its tell.
   uint64_t add_pending_trial(uint32_t entry, const int32_t* path, size_t len);  // the new id
   void tell_slot(uint32_t slot, double reward);
 
