@@ -104,6 +104,12 @@ def threaded(threads, k, api="many", total=ITERS):
     return eng
 
 
+def test_batched_reward_is_the_trivial_reward():
+    eng = MCTS(AUTOKD_LEVELS, seed=0)
+    _, rows = eng.ask_many(300)
+    assert trivial_rewards(rows).tolist() == [trivial_reward(d) for d in eng.decode(rows)]
+
+
 # -- pytest-benchmark -------------------------------------------------------------------------
 @pytest.mark.parametrize("on_repeat", ["reuse", "average"])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
