@@ -529,6 +529,70 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   ++num_told_;
 }
 
+int64_t MCTS::IdSlots::find(uint64_t id) const {
+  const uint64_t key = id + 1;
+  if (key == 0 || keys_.empty()) return -1;  // id 2^64 - 1 is never given
+  const size_t mask = keys_.size() - 1;
+  for (size_t i = size_t(id) & mask;; i = (i + 1) & mask) {
+    if (keys_[i] == key) return slots_[i];
+    if (keys_[i] == 0) return -1;
+  }
+}
+
+bool MCTS::IdSlots::insert(uint64_t id, uint32_t slot) {
+  if ((size_ + 1) * 2 > keys_.size()) grow();
+  const size_t mask = keys_.size() - 1;
+  for (size_t i = size_t(id) & mask;; i = (i + 1) & mask) {
+    if (keys_[i] == id + 1) return false;
+    if (keys_[i] == 0) {
+      keys_[i] = id + 1;
+      slots_[i] = slot;
+      ++size_;
+      return true;
+    }
+  }
+}
+
+void MCTS::IdSlots::erase(uint64_t id) {
+  const size_t mask = keys_.size() - 1;
+  size_t i = size_t(id) & mask;
+  while (keys_[i] != id + 1) i = (i + 1) & mask;
+  // Backward shift: later entries of the probe run move into the hole unless their home lies
+  // cyclically in (hole, their position], so every entry stays reachable from its home.
+  for (size_t j = i;;) {
+    j = (j + 1) & mask;
+    if (keys_[j] == 0) break;
+    const size_t home = size_t(keys_[j] - 1) & mask;
+    const bool stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+    if (!stays) {
+      keys_[i] = keys_[j];
+      slots_[i] = slots_[j];
+      i = j;
+    }
+  }
+  keys_[i] = 0;
+  --size_;
+}
+
+std::vector<uint64_t> MCTS::IdSlots::ids() const {
+  std::vector<uint64_t> out;
+  out.reserve(size_);
+  for (uint64_t k : keys_)
+    if (k) out.push_back(k - 1);
+  return out;
+}
+
+void MCTS::IdSlots::grow() {
+  std::vector<uint64_t> keys = std::move(keys_);
+  std::vector<uint32_t> slots = std::move(slots_);
+  const size_t cap = std::max<size_t>(16, 2 * keys.size());
+  keys_.assign(cap, 0);
+  slots_.assign(cap, 0);
+  size_ = 0;
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (keys[i]) insert(keys[i] - 1, slots[i]);
+}
+
 uint64_t MCTS::ask_one(int32_t* design_out) {
   std::string key;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
@@ -572,7 +636,7 @@ uint64_t MCTS::add_pending_trial(uint32_t entry, const int32_t* path, size_t len
   const uint64_t id = next_id_++;
   pend_[slot] = Pending{id, entry, uint32_t(len)};
   std::copy(path, path + len, pend_paths_.begin() + ptrdiff_t(size_t(slot) * stride_));
-  slot_of_.emplace(id, slot);
+  slot_of_.insert(id, slot);
   ++num_pending_;
   return id;
 }
@@ -615,13 +679,12 @@ void MCTS::tell(uint64_t trial_id, double reward) {
   if (!std::isfinite(reward))
     fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " + std::to_string(trial_id));
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = slot_of_.find(trial_id);
-  if (it == slot_of_.end())
+  const int64_t slot = slot_of_.find(trial_id);
+  if (slot < 0)
     fail("MCTS.tell: unknown trial id " + std::to_string(trial_id) +
          (trial_id < next_id_ ? " (already told)" : " (never asked)"));
-  const uint32_t slot = it->second;
-  slot_of_.erase(it);
-  tell_slot(slot, reward);
+  slot_of_.erase(trial_id);
+  tell_slot(uint32_t(slot), reward);
 }
 
 void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
@@ -635,20 +698,20 @@ void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
   batch_slots_.resize(n);
   if (marked_.size() < pend_.size()) marked_.resize(pend_.size(), 0);
   for (size_t i = 0; i < n; ++i) {
-    auto it = slot_of_.find(ids[i]);
+    const int64_t slot = slot_of_.find(ids[i]);
     std::string err;
-    if (it == slot_of_.end())
+    if (slot < 0)
       err = "MCTS.tell_many: unknown trial id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
             (ids[i] < next_id_ ? " (already told)" : " (never asked)") + "; nothing was told";
-    else if (marked_[it->second])
+    else if (marked_[size_t(slot)])
       err = "MCTS.tell_many: trial id " + std::to_string(ids[i]) + " appears twice in the batch (index " +
             std::to_string(i) + "); nothing was told";
     if (!err.empty()) {
       for (size_t k = 0; k < i; ++k) marked_[batch_slots_[k]] = 0;
       fail(err);
     }
-    batch_slots_[i] = it->second;
-    marked_[it->second] = 1;
+    batch_slots_[i] = uint32_t(slot);
+    marked_[size_t(slot)] = 1;
   }
   for (size_t i = 0; i < n; ++i) {
     marked_[batch_slots_[i]] = 0;
@@ -822,12 +885,11 @@ std::string MCTS::serialize() const {
     w.put(e.sum);
   }
   // Pending trials in id order so equal engines give equal bytes.
-  std::vector<uint64_t> ids;
-  for (const auto& kv : slot_of_) ids.push_back(kv.first);
+  std::vector<uint64_t> ids = slot_of_.ids();
   std::sort(ids.begin(), ids.end());
   w.put<uint64_t>(ids.size());
   for (uint64_t id : ids) {
-    const uint32_t slot = slot_of_.at(id);
+    const uint32_t slot = uint32_t(slot_of_.find(id));
     const Pending& p = pend_[slot];
     w.put(id);
     w.put(p.entry);
@@ -986,7 +1048,7 @@ MCTS MCTS::deserialize(const std::string& blob) {
     for (int32_t i : path) ++node_pending[size_t(i)];
     ++entry_pending[entry];
     const uint32_t slot = uint32_t(m.pend_.size());
-    if (!m.slot_of_.emplace(id, slot).second) fail(pre + "duplicate pending trial");
+    if (!m.slot_of_.insert(id, slot)) fail(pre + "duplicate pending trial");
     m.pend_.push_back(Pending{id, entry, uint32_t(path.size())});
     m.pend_paths_.resize(m.pend_paths_.size() + m.stride_);
     std::copy(path.begin(), path.end(), m.pend_paths_.end() - ptrdiff_t(m.stride_));

@@ -83,8 +83,8 @@
 //
 // Cost (Auto-KD space, 8 levels, 2,048 iterations from an empty tree): one ask+tell is about
 //   0.35 us of C++ under kAverage, 0.5 us under kReuse (its retries walk the tree again). Per
-//   ask the only allocations are new tree nodes, a new design's record and one hash node
-//   (pending id -> slot); a pending trial's path lives in a slot pool reused after its tell. The UCB score of each child needs one division and one square root, all
+//   ask the only allocations are new tree nodes and a new design's record: a pending trial's
+//   path lives in a slot pool reused after its tell, found by id in a flat hash table. The UCB score of each child needs one division and one square root, all
 //   children's scores are computed before the argmax so they overlap; 2 ln N_p comes from a
 //   table for integral N_p (every N_p when L is an integer), filled with the same expression.
 #pragma once
@@ -218,6 +218,24 @@ class MCTS {
     uint32_t len;
   };
 
+  // Pending id -> pool slot. Open addressing with linear probing from id & mask (ids are
+  // consecutive, so pending ids seldom collide), load at most 1/2, backward-shift deletion; it
+  // allocates only when it grows.
+  class IdSlots {
+   public:
+    int64_t find(uint64_t id) const;          // the slot, -1 when absent
+    bool insert(uint64_t id, uint32_t slot);  // false when present
+    void erase(uint64_t id);                  // id must be present
+    size_t size() const { return size_; }
+    std::vector<uint64_t> ids() const;        // in table order
+
+   private:
+    void grow();
+    std::vector<uint64_t> keys_;  // id + 1; 0 = empty
+    std::vector<uint32_t> slots_;
+    size_t size_ = 0;
+  };
+
   struct Uninit {};
   explicit MCTS(Uninit) {}
   void validate_and_index();
@@ -257,7 +275,7 @@ class MCTS {
   std::vector<Pending> pend_;          // slots
   std::vector<int32_t> pend_paths_;    // stride_ ints per slot
   std::vector<uint32_t> free_slots_;
-  std::unordered_map<uint64_t, uint32_t> slot_of_;  // pending id -> slot
+  IdSlots slot_of_;
   size_t stride_ = 1;                  // longest path: levels + 1 (root)
   std::vector<int32_t> path_, design_;  // ask scratch
   std::vector<double> two_ln_;         // two_ln_[n] = 2 ln max(1, n)

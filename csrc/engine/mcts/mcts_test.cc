@@ -360,3 +360,41 @@ AUTOKD_TEST(pending_slots_are_reused_and_serialised_in_id_order) {
   AUTOKD_EXPECT(b.serialize() == blob);
   AUTOKD_EXPECT(a.num_pending() == 40 - 14 + 10 && b.num_pending() == a.num_pending());
 }
+
+AUTOKD_TEST(pending_ids_found_under_any_tell_order) {
+  // Thousands of pending ids told in a shuffled order while more are asked: every pending id
+  // stays findable (the id table grows, wraps and shifts entries back on erase), told ids are
+  // rejected, and a round trip keeps the pending set.
+  MCTS m(opts(autokd_levels(), 4));
+  const size_t L = m.num_levels();
+  std::vector<uint64_t> pending;
+  uint64_t rng = 12345;
+  auto next = [&rng]() {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return rng >> 33;
+  };
+  std::vector<uint64_t> told;
+  for (int round = 0; round < 40; ++round) {
+    const uint64_t k = 1 + next() % 200;
+    std::vector<uint64_t> ids(k);
+    std::vector<int32_t> rows(k * L);
+    m.ask_many(k, ids.data(), rows.data());
+    pending.insert(pending.end(), ids.begin(), ids.end());
+    for (size_t i = pending.size(); i > 1; --i) std::swap(pending[i - 1], pending[next() % i]);
+    const size_t n = next() % (pending.size() + 1);
+    std::vector<double> r(n, 0.5);
+    m.tell_many(pending.data() + pending.size() - n, r.data(), n);
+    told.insert(told.end(), pending.end() - ptrdiff_t(n), pending.end());
+    pending.resize(pending.size() - n);
+    AUTOKD_EXPECT(m.num_pending() == pending.size());
+  }
+  for (size_t i = 0; i < told.size(); i += 97) AUTOKD_EXPECT_THROWS(m.tell(told[i], 1.0), std::invalid_argument);
+  AUTOKD_EXPECT_THROWS(m.tell(~uint64_t(0), 1.0), std::invalid_argument);
+  MCTS b = MCTS::deserialize(m.serialize());
+  for (uint64_t id : pending) {
+    m.tell(id, 1.0);
+    b.tell(id, 1.0);
+  }
+  AUTOKD_EXPECT(m.num_pending() == 0 && m.serialize() == b.serialize());
+  for (const auto& nd : m.tree()) AUTOKD_EXPECT(nd.pending == 0);
+}
