@@ -160,12 +160,12 @@ MCTS::MCTS(MCTS&& o) noexcept
       level_by_name_(std::move(o.level_by_name_)),
       num_designs_str_(std::move(o.num_designs_str_)),
       num_designs_u64_(o.num_designs_u64_),
-      key_width_(o.key_width_),
       rng_state_(o.rng_state_),
       nodes_(std::move(o.nodes_)),
       entries_(std::move(o.entries_)),
       entry_designs_(std::move(o.entry_designs_)),
-      entry_by_key_(std::move(o.entry_by_key_)),
+      index_hash_(std::move(o.index_hash_)),
+      index_entry_(std::move(o.index_entry_)),
       pend_(std::move(o.pend_)),
       pend_paths_(std::move(o.pend_paths_)),
       free_slots_(std::move(o.free_slots_)),
@@ -199,7 +199,6 @@ void MCTS::validate_and_index() {
 
   level_by_name_.clear();
   reqs_.assign(L.size(), {});
-  key_width_ = 1;
   std::vector<std::string> names;
   for (size_t l = 0; l < L.size(); ++l) {
     const Level& lv = L[l];
@@ -208,7 +207,6 @@ void MCTS::validate_and_index() {
     if (lv.options.empty()) fail("MCTS: level " + quoted(lv.name) + " has no options");
     if (lv.options.size() > 65535)
       fail("MCTS: level " + quoted(lv.name) + " has more than 65535 options");
-    if (lv.options.size() >= 255) key_width_ = 2;
     for (size_t i = 0; i < lv.options.size(); ++i)
       for (size_t j = 0; j < i; ++j)
         if (lv.options[i] == lv.options[j])
@@ -487,24 +485,52 @@ void MCTS::backprop(const int32_t* path, size_t len, double reward) {
   }
 }
 
-std::string MCTS::key_of(const Design& design) const {
-  std::string key(design.size() * key_width_, '\0');
-  for (size_t l = 0; l < design.size(); ++l) {
-    const uint32_t v = uint32_t(design[l] + 1);
-    key[l * key_width_] = char(v & 0xff);
-    if (key_width_ == 2) key[l * 2 + 1] = char(v >> 8);
-  }
-  return key;
+uint64_t MCTS::hash_of(const int32_t* design, size_t levels) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (size_t l = 0; l < levels; ++l) h = (h ^ uint64_t(uint32_t(design[l]))) * 0xBF58476D1CE4E5B9ull;
+  return h ^ (h >> 31);
 }
 
-uint32_t MCTS::entry_for(const Design& design, std::string key) {
-  if (key.empty()) key = key_of(design);
-  auto [it, fresh] = entry_by_key_.try_emplace(std::move(key), uint32_t(entries_.size()));
-  if (fresh) {
-    entries_.push_back(Entry{0, 0, 0.0});
-    entry_designs_.insert(entry_designs_.end(), design.begin(), design.end());
+int64_t MCTS::find_entry(const int32_t* design, uint64_t hash) const {
+  if (index_entry_.empty()) return -1;
+  const size_t L = opt_.levels.size(), mask = index_entry_.size() - 1;
+  for (size_t i = size_t(hash) & mask;; i = (i + 1) & mask) {
+    const uint32_t e = index_entry_[i];
+    if (e == 0) return -1;
+    if (index_hash_[i] == hash && std::equal(design, design + L, entry_design(e - 1))) return int64_t(e - 1);
   }
-  return it->second;
+}
+
+uint32_t MCTS::add_entry(const int32_t* design, uint64_t hash) {
+  const uint32_t e = uint32_t(entries_.size());
+  if ((size_t(e) + 1) * 2 > index_entry_.size()) {
+    std::vector<uint64_t> hashes = std::move(index_hash_);
+    std::vector<uint32_t> ents = std::move(index_entry_);
+    const size_t cap = std::max<size_t>(64, 2 * ents.size());
+    index_hash_.assign(cap, 0);
+    index_entry_.assign(cap, 0);
+    for (size_t k = 0; k < ents.size(); ++k) {
+      if (!ents[k]) continue;
+      size_t i = size_t(hashes[k]) & (cap - 1);
+      while (index_entry_[i]) i = (i + 1) & (cap - 1);
+      index_hash_[i] = hashes[k];
+      index_entry_[i] = ents[k];
+    }
+  }
+  const size_t mask = index_entry_.size() - 1;
+  size_t i = size_t(hash) & mask;
+  while (index_entry_[i]) i = (i + 1) & mask;
+  index_hash_[i] = hash;
+  index_entry_[i] = e + 1;
+  entries_.push_back(Entry{0, 0, 0.0});
+  entry_designs_.insert(entry_designs_.end(), design, design + opt_.levels.size());
+  return e;
+}
+
+uint32_t MCTS::entry_for(const Design& design) {
+  const uint64_t h = hash_of(design.data(), design.size());
+  const int64_t e = find_entry(design.data(), h);
+  return e >= 0 ? uint32_t(e) : add_entry(design.data(), h);
 }
 
 void MCTS::record_tell(uint32_t entry, double reward) {
@@ -594,19 +620,18 @@ void MCTS::IdSlots::grow() {
 }
 
 uint64_t MCTS::ask_one(int32_t* design_out) {
-  std::string key;
+  uint64_t hash = 0;
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
   int64_t known = -1;                      // entry of the final proposal when already seen
   for (uint32_t attempt = 0;; ++attempt) {
     const bool leaf = descend(&path_, &design_);
     if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path_.back());
-    key = key_of(design_);
-    auto it = entry_by_key_.find(key);
-    known = it == entry_by_key_.end() ? -1 : int64_t(it->second);
-    if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
+    hash = hash_of(design_.data(), design_.size());
+    known = find_entry(design_.data(), hash);
+    if (known < 0 || opt_.on_repeat == OnRepeat::kAverage ||
         attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
       break;
-    const Entry& e = entries_[it->second];
+    const Entry& e = entries_[size_t(known)];
     if (e.count > 0) {
       backprop(path_.data(), path_.size(), e.sum / double(e.count));
       ++num_reused_;
@@ -617,7 +642,7 @@ uint64_t MCTS::ask_one(int32_t* design_out) {
   }
   for (const auto& p : held) add_pending(p.data(), p.size(), -1);
   add_pending(path_.data(), path_.size(), +1);
-  const uint32_t entry = known >= 0 ? uint32_t(known) : entry_for(design_, std::move(key));
+  const uint32_t entry = known >= 0 ? uint32_t(known) : add_entry(design_.data(), hash);
   entries_[entry].pending += 1;
   std::copy(design_.begin(), design_.end(), design_out);
   return add_pending_trial(entry, path_.data(), path_.size());
@@ -1026,10 +1051,9 @@ MCTS MCTS::deserialize(const std::string& blob) {
     en.pending = r.get<uint32_t>();
     en.sum = r.get<double>();
     m.check_design(d, pre + "design " + std::to_string(e));
-    if (!m.entry_by_key_.emplace(m.key_of(d), uint32_t(e)).second)
-      fail(pre + "duplicate design " + std::to_string(e));
-    m.entries_.push_back(en);
-    m.entry_designs_.insert(m.entry_designs_.end(), d.begin(), d.end());
+    const uint64_t h = hash_of(d.data(), L);
+    if (m.find_entry(d.data(), h) >= 0) fail(pre + "duplicate design " + std::to_string(e));
+    m.entries_[m.add_entry(d.data(), h)] = en;
   }
 
   const uint64_t np = r.count(cap, "pending trials");

@@ -250,8 +250,12 @@ class MCTS {
   void add_pending(const int32_t* path, size_t len, int delta);
   void backprop(const int32_t* path, size_t len, double reward);
   double two_ln(double np);  // 2 ln max(1, np)
-  std::string key_of(const Design& design) const;
-  uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
+  // Distinct designs: an open-addressing table (load at most 1/2, never shrinks) of design
+  // hashes to entries; a hit is confirmed against the stored design.
+  static uint64_t hash_of(const int32_t* design, size_t levels);
+  int64_t find_entry(const int32_t* design, uint64_t hash) const;  // -1 when unseen
+  uint32_t add_entry(const int32_t* design, uint64_t hash);        // an unseen design
+  uint32_t entry_for(const Design& design);                        // found or added
   void record_tell(uint32_t entry, double reward);
   uint64_t ask_one(int32_t* design_out);  // returns the trial id
   // Pending pool: a slot per pending trial, reused after its tell.
@@ -263,7 +267,6 @@ class MCTS {
   std::unordered_map<std::string, int32_t> level_by_name_;
   std::string num_designs_str_;
   uint64_t num_designs_u64_ = 0;
-  size_t key_width_ = 1;  // bytes per level in a design's hash key
 
   mutable std::mutex mu_;
   uint64_t rng_state_ = 0;
@@ -271,7 +274,8 @@ class MCTS {
   std::vector<Entry> entries_;  // in order of first sight
   std::vector<int32_t> entry_designs_;  // [entries, levels]
   const int32_t* entry_design(size_t e) const { return entry_designs_.data() + e * opt_.levels.size(); }
-  std::unordered_map<std::string, uint32_t> entry_by_key_;
+  std::vector<uint64_t> index_hash_;   // design table: hash
+  std::vector<uint32_t> index_entry_;  // entry + 1; 0 = empty
   std::vector<Pending> pend_;          // slots
   std::vector<int32_t> pend_paths_;    // stride_ ints per slot
   std::vector<uint32_t> free_slots_;
