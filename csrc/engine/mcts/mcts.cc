@@ -559,7 +559,7 @@ int64_t MCTS::IdSlots::find(uint64_t id) const {
   const uint64_t key = id + 1;
   if (key == 0 || keys_.empty()) return -1;  // id 2^64 - 1 is never given
   const size_t mask = keys_.size() - 1;
-  for (size_t i = size_t(id) & mask;; i = (i + 1) & mask) {
+  for (size_t i = home(id);; i = (i + 1) & mask) {
     if (keys_[i] == key) return slots_[i];
     if (keys_[i] == 0) return -1;
   }
@@ -568,7 +568,7 @@ int64_t MCTS::IdSlots::find(uint64_t id) const {
 bool MCTS::IdSlots::insert(uint64_t id, uint32_t slot) {
   if ((size_ + 1) * 2 > keys_.size()) grow();
   const size_t mask = keys_.size() - 1;
-  for (size_t i = size_t(id) & mask;; i = (i + 1) & mask) {
+  for (size_t i = home(id);; i = (i + 1) & mask) {
     if (keys_[i] == id + 1) return false;
     if (keys_[i] == 0) {
       keys_[i] = id + 1;
@@ -581,15 +581,15 @@ bool MCTS::IdSlots::insert(uint64_t id, uint32_t slot) {
 
 void MCTS::IdSlots::erase(uint64_t id) {
   const size_t mask = keys_.size() - 1;
-  size_t i = size_t(id) & mask;
+  size_t i = home(id);
   while (keys_[i] != id + 1) i = (i + 1) & mask;
   // Backward shift: later entries of the probe run move into the hole unless their home lies
   // cyclically in (hole, their position], so every entry stays reachable from its home.
   for (size_t j = i;;) {
     j = (j + 1) & mask;
     if (keys_[j] == 0) break;
-    const size_t home = size_t(keys_[j] - 1) & mask;
-    const bool stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+    const size_t h = home(keys_[j] - 1);
+    const bool stays = i <= j ? (h > i && h <= j) : (h > i || h <= j);
     if (!stays) {
       keys_[i] = keys_[j];
       slots_[i] = slots_[j];
@@ -611,7 +611,8 @@ std::vector<uint64_t> MCTS::IdSlots::ids() const {
 void MCTS::IdSlots::grow() {
   std::vector<uint64_t> keys = std::move(keys_);
   std::vector<uint32_t> slots = std::move(slots_);
-  const size_t cap = std::max<size_t>(16, 2 * keys.size());
+  bits_ = std::max(4, bits_ + 1);
+  const size_t cap = size_t(1) << bits_;
   keys_.assign(cap, 0);
   slots_.assign(cap, 0);
   size_ = 0;

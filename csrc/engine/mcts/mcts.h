@@ -218,9 +218,9 @@ class MCTS {
     uint32_t len;
   };
 
-  // Pending id -> pool slot. Open addressing with linear probing from id & mask (ids are
-  // consecutive, so pending ids seldom collide), load at most 1/2, backward-shift deletion; it
-  // allocates only when it grows.
+  // Pending id -> pool slot. Open addressing with linear probing from a Fibonacci hash of the
+  // id (consecutive ids land far apart, so probe runs stay short), load at most 1/2,
+  // backward-shift deletion; it allocates only when it grows.
   class IdSlots {
    public:
     int64_t find(uint64_t id) const;          // the slot, -1 when absent
@@ -231,6 +231,8 @@ class MCTS {
 
    private:
     void grow();
+    size_t home(uint64_t id) const { return size_t((id * 0x9E3779B97F4A7C15ull) >> (64 - bits_)); }
+    int bits_ = 0;                // capacity 2^bits_ (home() is used only when bits_ >= 4)
     std::vector<uint64_t> keys_;  // id + 1; 0 = empty
     std::vector<uint32_t> slots_;
     size_t size_ = 0;
