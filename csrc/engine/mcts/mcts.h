@@ -82,7 +82,7 @@
 //   tell calls. A run of ask_many(1)/tell_many of one trial is the serial algorithm exactly.
 //
 // Cost (Auto-KD space, 8 levels, 2,048 iterations from an empty tree): one ask+tell is about
-//   0.35 us of C++ under kAverage, 0.5 us under kReuse (its retries walk the tree again). Per
+//   0.3 us of C++ under kAverage, 0.4 us under kReuse (its retries walk the tree again). Per
 //   ask the only allocations are new tree nodes and a new design's record: a pending trial's
 //   path lives in a slot pool reused after its tell, found by id in a flat hash table. The UCB score of each child needs one division and one square root, all
 //   children's scores are computed before the argmax so they overlap; 2 ln N_p comes from a
