@@ -22,10 +22,24 @@ met is absent from the design. Designs are ``{level: option}`` dicts of strings.
         eng.tell(trial_id, reward(design))  # any order, from any thread
     eng.best()                              # (design, mean reward) or None
 
+Batches without a Python object per design: ``ask_many(k)`` returns ``(ids, designs)``, an
+int64 array ``[k]`` and an int32 array ``[k, levels]`` of option indices (position in the
+level's ``options``; -1 where the level is absent), the same proposals as ``ask(k)``;
+``tell_many(ids, rewards)`` tells them in order after checking the whole batch (NaN/Inf, an
+unknown, already told or repeated id, or mismatched lengths -> ValueError and nothing is told);
+``decode(designs)`` turns rows into ``{level: option}`` dicts::
+
+    ids, designs = eng.ask_many(256)                        # [256], [256, levels]
+    eng.tell_many(ids, rewards_of(designs))                 # e.g. vectorised over the rows
+    eng.decode(designs[0])                                  # {level: option}
+
+``ask_many(1)``/``tell_many`` of one trial is the serial algorithm exactly; with k > 1 the k
+pending designs steer each other through the virtual loss, as k workers would.
+
 The engine is thread-safe (one mutex): workers in several threads may ask and tell freely. The
-GIL is released in the long calls (``ask(k)`` for k >= 8, ``serialize``, ``deserialize``,
-``from_history``, ``tree``); ``ask(1)`` and ``tell`` take about a microsecond and keep it,
-because releasing it would cost as much.
+GIL is released in the long calls (``ask(k)``, ``ask_many(k)`` and ``tell_many`` of 8 or more,
+``serialize``, ``deserialize``, ``from_history``, ``tree``); ``ask(1)`` and ``tell`` take about
+a microsecond and keep it, because releasing it would cost as much.
 
 Reproducibility: the engine draws from its own splitmix64 stream, so the same seed and the same
 sequence of calls give the same proposals; ``tests/engine/mcts_reference.py`` is the pure-Python
@@ -115,6 +129,8 @@ class MCTS(_engine.MCTS):
     Inherited from the C++ engine (no Python layer in the loop):
         ask(k=1) -> [(trial_id, {level: option})], pending until told.
         tell(trial_id, reward): any order; NaN/Inf or an unknown/already told id -> ValueError.
+        ask_many(k) -> (ids int64[k], designs int32[k, levels]); tell_many(ids, rewards);
+        decode(designs) -> {level: option} of a row, or a list of them of a [k, levels] array.
         num_told, num_pending, num_reused (known rewards fed back by "reuse"; root visits ==
         num_told + num_reused), num_nodes, best() -> (design, mean reward) or None,
         num_designs() -> exact size of the dependent space (ValueError in the rare space whose

@@ -1,8 +1,11 @@
-// autokd._engine.MCTS: the C++ MCTS engine (csrc/engine/mcts/mcts.h) seen from Python with
-// designs as {level: option} dicts. autokd/search/mcts.py is the public face.
+// autokd._engine.MCTS: the C++ MCTS engine (csrc/engine/mcts/mcts.h) seen from Python, with
+// designs as {level: option} dicts (ask, tell) or as numpy rows of option indices (ask_many,
+// tell_many, decode). autokd/search/mcts.py is the public face.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <stdexcept>
@@ -29,13 +32,31 @@ class PyMCTS {
     }
   }
 
-  py::dict design_dict(const Design& d) const {
-    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(d.size())));
+  py::dict design_dict(const int32_t* d) const {
+    const size_t L = names_.size();
+    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(L)));
     if (!out) throw py::error_already_set();
-    for (size_t l = 0; l < d.size(); ++l)
+    for (size_t l = 0; l < L; ++l)
       if (d[l] >= 0 && PyDict_SetItem(out.ptr(), names_[l].ptr(), options_[l][size_t(d[l])].ptr()) != 0)
         throw py::error_already_set();
     return out;
+  }
+  py::dict design_dict(const Design& d) const { return design_dict(d.data()); }
+
+  // Names of a caller's row of option indices: each an option of its level or -1; the levels'
+  // requirements are not checked (rows from ask_many always meet them).
+  py::dict decode_row(const int64_t* row, size_t i) const {
+    const size_t L = names_.size();
+    std::vector<int32_t> d(L);
+    for (size_t l = 0; l < L; ++l) {
+      const int64_t v = row[l];
+      if (v < -1 || v >= int64_t(options_[l].size()))
+        throw std::invalid_argument("MCTS.decode: design " + std::to_string(i) + " has option index " +
+                                    std::to_string(v) + " for level '" + std::string(py::str(names_[l])) +
+                                    "', expected -1 (absent) or 0.." + std::to_string(options_[l].size() - 1));
+      d[l] = int32_t(v);
+    }
+    return design_dict(d.data());
   }
 
   Design design_of(const py::handle& obj, const std::string& where) const {
@@ -70,6 +91,12 @@ class PyMCTS {
 // (no deadlock: the engine's mutex is never held while the GIL is awaited).
 constexpr int64_t kReleaseGilFrom = 8;
 
+// numpy.asarray(obj), without the import and call when obj is an array already.
+py::array as_array(const py::object& obj) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj);
+  return py::module_::import("numpy").attr("asarray")(obj);
+}
+
 py::object maybe(bool ok, double v) { return ok ? py::object(py::float_(v)) : py::object(py::none()); }
 
 std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_t seed, bool normalize,
@@ -98,10 +125,162 @@ std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_
   return std::make_unique<PyMCTS>(std::make_unique<MCTS>(std::move(o)));
 }
 
+// ask(k) as [(trial_id, {level: option})]: one list, one tuple and one dict per design (the
+// dicts from interned names, no string allocation).
+py::list ask_list(PyMCTS& self, int64_t k) {
+  if (k < 0) throw std::invalid_argument("MCTS.ask: expected k >= 0, got " + std::to_string(k));
+  const size_t L = self.engine().num_levels();
+  // One design on the stack: building the Python objects can run arbitrary Python code (a
+  // collection's finalizers), which may ask again on this engine, from this or another thread.
+  constexpr size_t kStackLevels = 64;
+  uint64_t id1;
+  int32_t row1[kStackLevels];
+  std::vector<uint64_t> ids;
+  std::vector<int32_t> rows;
+  uint64_t* id_at = &id1;
+  int32_t* row_at = row1;
+  if (k > 1 || L > kStackLevels) {
+    ids.resize(size_t(std::max<int64_t>(k, 1)));
+    rows.resize(size_t(std::max<int64_t>(k, 1)) * L);
+    id_at = ids.data();
+    row_at = rows.data();
+  }
+  if (k < kReleaseGilFrom) {
+    self.engine().ask_many(uint64_t(k), id_at, row_at);
+  } else {
+    py::gil_scoped_release nogil;
+    self.engine().ask_many(uint64_t(k), id_at, row_at);
+  }
+  PyObject* out = PyList_New(Py_ssize_t(k));
+  if (!out) throw py::error_already_set();
+  auto list = py::reinterpret_steal<py::list>(out);
+  for (int64_t i = 0; i < k; ++i) {
+    PyObject* t = PyTuple_New(2);
+    if (!t) throw py::error_already_set();
+    PyList_SET_ITEM(out, i, t);
+    PyObject* id = PyLong_FromUnsignedLongLong(id_at[i]);
+    if (!id) throw py::error_already_set();
+    PyTuple_SET_ITEM(t, 0, id);
+    PyTuple_SET_ITEM(t, 1, self.design_dict(row_at + size_t(i) * L).release().ptr());
+  }
+  return list;
+}
+
+void tell_one(PyMCTS& self, PyObject* id_obj, double reward) {
+  // Negative or over 2^64: an id no ask ever gave.
+  const unsigned long long id = PyLong_AsUnsignedLongLong(id_obj);
+  if (id == (unsigned long long)-1 && PyErr_Occurred()) {
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+    PyErr_Clear();
+    throw std::invalid_argument("MCTS.tell: unknown trial id " + std::string(py::str(id_obj)) + " (never asked)");
+  }
+  self.engine().tell(uint64_t(id), reward);  // ~0.3 us: cheaper than a GIL release
+}
+
+// ask and tell are the inner loop of every search, so they skip pybind11's generic dispatch
+// (argument tuple, overload resolution, type lookup of self): plain METH_FASTCALL functions on
+// the class, with pybind11's exception translation. Arguments and errors are those of a
+// pybind11 method: ask(k=1), tell(trial_id, reward).
+PyTypeObject* g_type = nullptr;
+
+PyMCTS& self_of(PyObject* self) {
+  if (!PyObject_TypeCheck(self, g_type))  // the method descriptor checks this already
+    throw py::type_error(std::string("MCTS: expected an MCTS engine, got ") + Py_TYPE(self)->tp_name);
+  auto* inst = reinterpret_cast<py::detail::instance*>(self);
+  // Simple layout: the engine is the first (only) C++ value; otherwise look it up by type.
+  auto vh = inst->get_value_and_holder(inst->simple_layout ? nullptr : py::detail::get_type_info(g_type), false);
+  if (!vh || !vh.holder_constructed() || !vh.value_ptr())
+    throw py::type_error("MCTS: the engine is not initialised (its __init__ did not run)");
+  return *static_cast<PyMCTS*>(vh.value_ptr());
+}
+
+// Positional and keyword arguments into out[n]; false with a TypeError set on a mismatch.
+bool parse_args(const char* fn, const char* const* names, size_t n, size_t required,
+                PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, PyObject** out) {
+  if (size_t(nargs) > n) {
+    PyErr_Format(PyExc_TypeError, "%s() takes at most %zu arguments (%zd given)", fn, n, nargs);
+    return false;
+  }
+  for (size_t i = 0; i < n; ++i) out[i] = i < size_t(nargs) ? args[i] : nullptr;
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t j = 0; j < nkw; ++j) {
+    PyObject* key = PyTuple_GET_ITEM(kwnames, j);
+    size_t i = 0;
+    while (i < n && PyUnicode_CompareWithASCIIString(key, names[i]) != 0) ++i;
+    if (i == n) {
+      PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn, key);
+      return false;
+    }
+    if (out[i]) {
+      PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, names[i]);
+      return false;
+    }
+    out[i] = args[nargs + j];
+  }
+  for (size_t i = 0; i < required; ++i)
+    if (!out[i]) {
+      PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+      return false;
+    }
+  return true;
+}
+
+template <class F>
+PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (...) {
+    py::detail::try_translate_exceptions();
+  }
+  return nullptr;
+}
+
+PyObject* fast_ask(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    static const char* const names[] = {"k"};
+    PyObject* a[1];
+    if (!parse_args("ask", names, 1, 0, args, nargs, kwnames, a)) return nullptr;
+    int64_t k = 1;
+    if (a[0]) {
+      if (!PyLong_Check(a[0]))
+        throw py::type_error("MCTS.ask: expected k an integer, got " + std::string(Py_TYPE(a[0])->tp_name));
+      int overflow = 0;
+      k = PyLong_AsLongLongAndOverflow(a[0], &overflow);
+      if (overflow) throw std::invalid_argument("MCTS.ask: expected k >= 0 and below 2^63, got " + std::string(py::str(a[0])));
+    }
+    return ask_list(self_of(self), k).release().ptr();
+  });
+}
+
+PyObject* fast_tell(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    static const char* const names[] = {"trial_id", "reward"};
+    PyObject* a[2];
+    if (!parse_args("tell", names, 2, 2, args, nargs, kwnames, a)) return nullptr;
+    if (!PyLong_Check(a[0]))
+      throw py::type_error("MCTS.tell: expected trial_id an integer, got " + std::string(Py_TYPE(a[0])->tp_name));
+    const double reward = PyFloat_AsDouble(a[1]);
+    if (reward == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+    tell_one(self_of(self), a[0], reward);
+    Py_RETURN_NONE;
+  });
+}
+
+PyMethodDef g_fast_methods[] = {
+    {"ask", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_ask)), METH_FASTCALL | METH_KEYWORDS,
+     "ask(k=1): k proposals [(trial_id, {level: option})], each pending until told."},
+    {"tell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_tell)), METH_FASTCALL | METH_KEYWORDS,
+     "tell(trial_id, reward): reward of a pending trial, in any order; NaN/Inf or an unknown or "
+     "already told id -> ValueError."},
+};
+
 void bind(py::module_& m) {
   // Base class of autokd.search.mcts.MCTS, which adds argument parsing; ask and tell stay
   // pybind11 methods so a search loop pays no extra Python call.
-  py::class_<PyMCTS>(m, "MCTS", "C++ MCTS engine; use autokd.search.mcts.MCTS")
+  py::class_<PyMCTS> cls(m, "MCTS", "C++ MCTS engine; use autokd.search.mcts.MCTS");
+  cls
       .def(py::init(&make), py::arg("levels"), py::arg("exploration"), py::arg("seed"),
            py::arg("normalize_rewards"), py::arg("on_repeat"), py::arg("max_nodes"),
            py::arg("virtual_loss"), py::arg("max_retries"))
@@ -115,30 +294,88 @@ void bind(py::module_& m) {
              return std::make_unique<PyMCTS>(std::move(e));
            }),
            py::arg("blob"))
-      .def("ask",
+      .def("ask_many",
            [](PyMCTS& self, int64_t k) {
-             if (k < 0) throw std::invalid_argument("MCTS.ask: expected k >= 0, got " + std::to_string(k));
-             std::vector<autokd::mcts::Trial> trials;
+             if (k < 0) throw std::invalid_argument("MCTS.ask_many: expected k >= 0, got " + std::to_string(k));
+             const size_t L = self.engine().num_levels();
+             py::array_t<int64_t> ids(k);
+             py::array_t<int32_t> designs({size_t(k), L});
+             // int64 ids of a uint64 counter: 2^63 asks are out of reach.
+             auto* id_at = reinterpret_cast<uint64_t*>(ids.mutable_data());
+             int32_t* row_at = designs.mutable_data();
              if (k < kReleaseGilFrom) {
-               trials = self.engine().ask(uint64_t(k));
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
              } else {
                py::gil_scoped_release nogil;
-               trials = self.engine().ask(uint64_t(k));
+               self.engine().ask_many(uint64_t(k), id_at, row_at);
              }
-             py::list out(trials.size());
-             for (size_t i = 0; i < trials.size(); ++i)
-               out[i] = py::make_tuple(py::int_(trials[i].id), self.design_dict(trials[i].design));
+             return py::make_tuple(std::move(ids), std::move(designs));
+           },
+           py::arg("k"),
+           "k proposals as (ids int64[k], designs int32[k, levels]): option index per level, -1 "
+           "where the level is absent. The same proposals as ask(k); each pending until told.")
+      .def("tell_many",
+           [](PyMCTS& self, const py::object& ids_obj, const py::object& rewards_obj) {
+             py::array ids_any = as_array(ids_obj), rewards_any = as_array(rewards_obj);
+             const char ik = ids_any.dtype().kind(), rk = rewards_any.dtype().kind();
+             if (ids_any.ndim() != 1 || (ik != 'i' && ik != 'u' && !(ik == 'f' && ids_any.size() == 0)))
+               throw std::invalid_argument("MCTS.tell_many: expected ids as a 1-D sequence of integers, got " +
+                                           std::string(py::str(ids_any.dtype())) + " of " +
+                                           std::to_string(ids_any.ndim()) + " dimension(s)");
+             if (rewards_any.ndim() != 1 || (rk != 'f' && rk != 'i' && rk != 'u'))
+               throw std::invalid_argument("MCTS.tell_many: expected rewards as a 1-D sequence of numbers, got " +
+                                           std::string(py::str(rewards_any.dtype())) + " of " +
+                                           std::to_string(rewards_any.ndim()) + " dimension(s)");
+             if (ids_any.size() != rewards_any.size())
+               throw std::invalid_argument("MCTS.tell_many: expected as many rewards as ids, got " +
+                                           std::to_string(ids_any.size()) + " ids and " +
+                                           std::to_string(rewards_any.size()) + " rewards; nothing was told");
+             const size_t n = size_t(ids_any.size());
+             std::vector<uint64_t> ids(n);
+             if (ik == 'u') {
+               auto a = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(ids_any);
+               std::copy(a.data(), a.data() + n, ids.begin());
+             } else {
+               auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(ids_any);
+               for (size_t i = 0; i < n; ++i) {
+                 if (a.data()[i] < 0)
+                   throw std::invalid_argument("MCTS.tell_many: unknown trial id " + std::to_string(a.data()[i]) +
+                                               " at index " + std::to_string(i) + " (never asked); nothing was told");
+                 ids[i] = uint64_t(a.data()[i]);
+               }
+             }
+             auto rewards = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(rewards_any);
+             if (!rewards) throw py::error_already_set();
+             if (n < size_t(kReleaseGilFrom)) {
+               self.engine().tell_many(ids.data(), rewards.data(), n);
+             } else {
+               py::gil_scoped_release nogil;
+               self.engine().tell_many(ids.data(), rewards.data(), n);
+             }
+           },
+           py::arg("ids"), py::arg("rewards"),
+           "Rewards of pending trials, in the given order; the whole batch is checked first (NaN/Inf, "
+           "unknown, already told or repeated ids, mismatched lengths -> ValueError, nothing told).")
+      .def("decode",
+           [](PyMCTS& self, const py::object& designs_obj) -> py::object {
+             py::array any = as_array(designs_obj);
+             const size_t L = self.engine().num_levels();
+             const char kind = any.dtype().kind();
+             if ((kind != 'i' && kind != 'u') || (any.ndim() != 1 && any.ndim() != 2) ||
+                 size_t(any.shape(any.ndim() - 1)) != L)
+               throw std::invalid_argument("MCTS.decode: expected integer option indices of shape [" +
+                                           std::to_string(L) + "] or [k, " + std::to_string(L) + "], got " +
+                                           std::string(py::str(any.dtype())) + " " +
+                                           std::string(py::str(py::tuple(any.attr("shape")))));
+             auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(any);
+             if (any.ndim() == 1) return self.decode_row(a.data(), 0);
+             const size_t k = size_t(a.shape(0));
+             py::list out(k);
+             for (size_t i = 0; i < k; ++i) out[i] = self.decode_row(a.data() + i * L, i);
              return out;
            },
-           py::arg("k") = 1,
-           "k proposals [(trial_id, {level: option})], each pending until told.")
-      .def("tell",
-           [](PyMCTS& self, int64_t id, double reward) {
-             if (id < 0) throw std::invalid_argument("MCTS.tell: unknown trial id " + std::to_string(id) + " (never asked)");
-             self.engine().tell(uint64_t(id), reward);  // ~0.3 us: cheaper than a GIL release
-           },
-           py::arg("trial_id"), py::arg("reward"),
-           "Reward of a pending trial, in any order; NaN/Inf or an unknown or already told id -> ValueError.")
+           py::arg("designs"),
+           "{level: option} dict of one row of option indices, or a list of dicts of a [k, levels] array.")
       .def("_tell_history",
            [](PyMCTS& self, const py::list& history) {
              std::vector<std::pair<Design, double>> items;
@@ -260,6 +497,12 @@ void bind(py::module_& m) {
              return py::bytes(blob);
            })
       ;
+  g_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  for (PyMethodDef& def : g_fast_methods) {
+    auto descr = py::reinterpret_steal<py::object>(PyDescr_NewMethod(g_type, &def));
+    if (!descr) throw py::error_already_set();
+    cls.attr(def.ml_name) = descr;
+  }
 }
 
 }  // namespace

@@ -432,6 +432,41 @@ def test_bad_tells():
         eng.ask(-1)
 
 
+def test_ask_tell_arguments():
+    # ask and tell are plain fast-call methods: keywords, arity and types as a Python method.
+    eng = MCTS(AUTOKD_LEVELS)
+    (t0, d0), (t1, _) = eng.ask(k=2)
+    eng.tell(trial_id=t0, reward=1)  # an int reward is a number
+    eng.tell(t1, reward=0.5)
+    assert eng.num_told == 2
+    for call, exc, match in [
+        (lambda: eng.ask("2"), TypeError, "integer"),
+        (lambda: eng.ask(1, 2), TypeError, "at most 1"),
+        (lambda: eng.ask(n=1), TypeError, "unexpected keyword"),
+        (lambda: eng.tell(0), TypeError, "missing required argument 'reward'"),
+        (lambda: eng.tell(0, 1.0, reward=1.0), TypeError, "multiple values"),
+        (lambda: eng.tell(0.0, 1.0), TypeError, "integer"),
+        (lambda: eng.tell(0, "1.0"), TypeError, "real number"),
+        (lambda: eng.tell(2**70, 1.0), ValueError, "never asked"),
+        (lambda: eng.ask(2**64), ValueError, "k >= 0"),
+        (lambda: MCTS.__new__(MCTS).ask(), TypeError, "not initialised"),
+        (lambda: MCTS.__new__(MCTS).tell(0, 1.0), TypeError, "not initialised"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+
+    class Mixin:
+        pass
+
+    class Mixed(Mixin, MCTS):  # another base in the MRO
+        pass
+
+    m = Mixed(AUTOKD_LEVELS)
+    (tid, design), = m.ask()
+    m.tell(tid, 0.5)
+    assert m.num_told == 1 and design == d0
+
+
 def test_corrupt_blobs():
     eng = MCTS(AUTOKD_LEVELS)
     drive([eng], 10)

@@ -3,6 +3,8 @@
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
+// sqrt never sees a negative argument here; without errno it stays one instruction.
+#pragma GCC optimize("no-math-errno")
 #endif
 
 #include "engine/mcts/mcts.h"
@@ -143,6 +145,12 @@ struct Reader {
 MCTS::MCTS(Options options) : opt_(std::move(options)) {
   validate_and_index();
   rng_state_ = opt_.seed;
+  stride_ = opt_.levels.size() + 1;
+  // A search of a few thousand iterations grows a few thousand nodes: no reallocation (and
+  // copy) of the node array below 4,096 nodes.
+  nodes_.reserve(size_t(std::min<uint64_t>(opt_.max_nodes, 4096)));
+  path_.reserve(stride_);
+  design_.reserve(opt_.levels.size());
   nodes_.push_back(Node{-1, -1, -1, -1, 0, 0, 0, 0, 0.0, -kInf});
 }
 
@@ -152,12 +160,21 @@ MCTS::MCTS(MCTS&& o) noexcept
       level_by_name_(std::move(o.level_by_name_)),
       num_designs_str_(std::move(o.num_designs_str_)),
       num_designs_u64_(o.num_designs_u64_),
-      key_width_(o.key_width_),
       rng_state_(o.rng_state_),
       nodes_(std::move(o.nodes_)),
       entries_(std::move(o.entries_)),
-      entry_by_key_(std::move(o.entry_by_key_)),
-      pending_(std::move(o.pending_)),
+      entry_designs_(std::move(o.entry_designs_)),
+      index_hash_(std::move(o.index_hash_)),
+      index_entry_(std::move(o.index_entry_)),
+      pend_(std::move(o.pend_)),
+      pend_paths_(std::move(o.pend_paths_)),
+      free_slots_(std::move(o.free_slots_)),
+      slot_of_(std::move(o.slot_of_)),
+      stride_(o.stride_),
+      path_(std::move(o.path_)),
+      design_(std::move(o.design_)),
+      two_ln_(std::move(o.two_ln_)),
+      scores_(std::move(o.scores_)),
       stats_(std::move(o.stats_)),
       next_id_(o.next_id_),
       num_told_(o.num_told_),
@@ -182,7 +199,6 @@ void MCTS::validate_and_index() {
 
   level_by_name_.clear();
   reqs_.assign(L.size(), {});
-  key_width_ = 1;
   std::vector<std::string> names;
   for (size_t l = 0; l < L.size(); ++l) {
     const Level& lv = L[l];
@@ -191,7 +207,6 @@ void MCTS::validate_and_index() {
     if (lv.options.empty()) fail("MCTS: level " + quoted(lv.name) + " has no options");
     if (lv.options.size() > 65535)
       fail("MCTS: level " + quoted(lv.name) + " has more than 65535 options");
-    if (lv.options.size() >= 255) key_width_ = 2;
     for (size_t i = 0; i < lv.options.size(); ++i)
       for (size_t j = 0; j < i; ++j)
         if (lv.options[i] == lv.options[j])
@@ -341,31 +356,54 @@ uint64_t MCTS::below(uint64_t n) {
   }
 }
 
-int32_t MCTS::ucb_pick(const Node& parent, bool any_open) const {
+double MCTS::two_ln(double np) {
+  constexpr double kTableSize = double(1 << 18);
+  if (np < kTableSize && np == double(uint32_t(np))) {
+    const size_t n = size_t(np);
+    if (n >= two_ln_.size()) {
+      size_t from = two_ln_.size();
+      two_ln_.resize(n + 1);  // each entry computed once, when first needed
+      for (size_t i = from; i < two_ln_.size(); ++i) {
+        const double x = double(i);
+        two_ln_[i] = 2.0 * std::log(x > 1.0 ? x : 1.0);
+      }
+    }
+    return two_ln_[n];
+  }
+  return 2.0 * std::log(np > 1.0 ? np : 1.0);
+}
+
+int32_t MCTS::ucb_pick(const Node& parent, bool any_open) {
   const double vl = opt_.virtual_loss;
   const double np = double(parent.visits) + vl * double(parent.pending);
-  const double two_ln = 2.0 * std::log(np > 1.0 ? np : 1.0);
+  const double two_ln = this->two_ln(np);
   const bool spread = opt_.normalize_rewards && hi_ > lo_;
   const double inv_range = spread ? 1.0 / (hi_ - lo_) : 0.0;
+  const double lo = lo_, c_explore = opt_.exploration;
+  const uint32_t m = parent.num_children;
+  if (scores_.size() < m) scores_.resize(m);
+  double* score = scores_.data();
+  const Node* child = nodes_.data() + parent.first_child;
+  // Scores first, argmax after: no data-dependent branch between the divisions and square
+  // roots of different children, so they overlap. N_i = 0 makes inv_n infinite and the
+  // formula NaN; the select replaces it by +inf.
+  for (uint32_t i = 0; i < m; ++i) {
+    const Node& c = child[i];
+    const double n = double(c.visits) + vl * double(c.pending);
+    const double inv_n = 1.0 / n;
+    double s;
+    if (!opt_.normalize_rewards) s = c.sum;
+    else if (spread) s = (c.sum - double(c.visits) * lo) * inv_range;
+    else s = 0.0;
+    const double v = s * inv_n + c_explore * std::sqrt(two_ln * inv_n);
+    score[i] = n == 0.0 ? kInf : v;
+  }
   double best = 0.0;
   int32_t pick = -1;
-  for (uint32_t i = 0; i < parent.num_children; ++i) {
-    const Node& c = nodes_[size_t(parent.first_child) + i];
-    if (any_open && c.closed) continue;
-    const double n = double(c.visits) + vl * double(c.pending);
-    double score;
-    if (n == 0.0) {
-      score = kInf;
-    } else {
-      const double inv_n = 1.0 / n;
-      double s;
-      if (!opt_.normalize_rewards) s = c.sum;
-      else if (spread) s = (c.sum - double(c.visits) * lo_) * inv_range;
-      else s = 0.0;
-      score = s * inv_n + opt_.exploration * std::sqrt(two_ln * inv_n);
-    }
-    if (pick < 0 || score > best) {
-      best = score;
+  for (uint32_t i = 0; i < m; ++i) {
+    if (any_open && child[i].closed) continue;
+    if (pick < 0 || score[i] > best) {
+      best = score[i];
       pick = parent.first_child + int32_t(i);
     }
   }
@@ -388,13 +426,16 @@ bool MCTS::descend(std::vector<int32_t>* path, Design* design) {
         nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0, 0.0, -kInf});
     }
     const Node& nd = nodes_[size_t(node)];
-    bool any_open = false;
-    for (uint32_t i = 0; i < nd.num_children; ++i) any_open |= !nodes_[size_t(nd.first_child) + i].closed;
-    uint32_t unvisited = 0;
+    uint32_t open = 0, fresh = 0, fresh_open = 0;  // fresh: neither told nor pending
     for (uint32_t i = 0; i < nd.num_children; ++i) {
       const Node& c = nodes_[size_t(nd.first_child) + i];
-      unvisited += (c.visits == 0 && c.pending == 0 && !(any_open && c.closed));
+      const bool f = c.visits == 0 && c.pending == 0;
+      open += !c.closed;
+      fresh += f;
+      fresh_open += f && !c.closed;
     }
+    const bool any_open = open > 0;
+    const uint32_t unvisited = any_open ? fresh_open : fresh;
     int32_t child = -1;
     if (unvisited > 0) {
       uint64_t j = below(unvisited);
@@ -431,34 +472,65 @@ void MCTS::close(int32_t node) {
   }
 }
 
-void MCTS::add_pending(const std::vector<int32_t>& path, int delta) {
-  for (int32_t i : path) nodes_[size_t(i)].pending += uint32_t(delta);
+void MCTS::add_pending(const int32_t* path, size_t len, int delta) {
+  for (size_t k = 0; k < len; ++k) nodes_[size_t(path[k])].pending += uint32_t(delta);
 }
 
-void MCTS::backprop(const std::vector<int32_t>& path, double reward) {
-  for (int32_t i : path) {
-    Node& nd = nodes_[size_t(i)];
+void MCTS::backprop(const int32_t* path, size_t len, double reward) {
+  for (size_t k = 0; k < len; ++k) {
+    Node& nd = nodes_[size_t(path[k])];
     nd.visits += 1;
     nd.sum += reward;
     if (reward > nd.best) nd.best = reward;
   }
 }
 
-std::string MCTS::key_of(const Design& design) const {
-  std::string key(design.size() * key_width_, '\0');
-  for (size_t l = 0; l < design.size(); ++l) {
-    const uint32_t v = uint32_t(design[l] + 1);
-    key[l * key_width_] = char(v & 0xff);
-    if (key_width_ == 2) key[l * 2 + 1] = char(v >> 8);
-  }
-  return key;
+uint64_t MCTS::hash_of(const int32_t* design, size_t levels) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (size_t l = 0; l < levels; ++l) h = (h ^ uint64_t(uint32_t(design[l]))) * 0xBF58476D1CE4E5B9ull;
+  return h ^ (h >> 31);
 }
 
-uint32_t MCTS::entry_for(const Design& design, std::string key) {
-  if (key.empty()) key = key_of(design);
-  auto [it, fresh] = entry_by_key_.emplace(std::move(key), uint32_t(entries_.size()));
-  if (fresh) entries_.push_back(Entry{design, 0, 0, 0.0});
-  return it->second;
+int64_t MCTS::find_entry(const int32_t* design, uint64_t hash) const {
+  if (index_entry_.empty()) return -1;
+  const size_t L = opt_.levels.size(), mask = index_entry_.size() - 1;
+  for (size_t i = size_t(hash) & mask;; i = (i + 1) & mask) {
+    const uint32_t e = index_entry_[i];
+    if (e == 0) return -1;
+    if (index_hash_[i] == hash && std::equal(design, design + L, entry_design(e - 1))) return int64_t(e - 1);
+  }
+}
+
+uint32_t MCTS::add_entry(const int32_t* design, uint64_t hash) {
+  const uint32_t e = uint32_t(entries_.size());
+  if ((size_t(e) + 1) * 2 > index_entry_.size()) {
+    std::vector<uint64_t> hashes = std::move(index_hash_);
+    std::vector<uint32_t> ents = std::move(index_entry_);
+    const size_t cap = std::max<size_t>(64, 2 * ents.size());
+    index_hash_.assign(cap, 0);
+    index_entry_.assign(cap, 0);
+    for (size_t k = 0; k < ents.size(); ++k) {
+      if (!ents[k]) continue;
+      size_t i = size_t(hashes[k]) & (cap - 1);
+      while (index_entry_[i]) i = (i + 1) & (cap - 1);
+      index_hash_[i] = hashes[k];
+      index_entry_[i] = ents[k];
+    }
+  }
+  const size_t mask = index_entry_.size() - 1;
+  size_t i = size_t(hash) & mask;
+  while (index_entry_[i]) i = (i + 1) & mask;
+  index_hash_[i] = hash;
+  index_entry_[i] = e + 1;
+  entries_.push_back(Entry{0, 0, 0.0});
+  entry_designs_.insert(entry_designs_.end(), design, design + opt_.levels.size());
+  return e;
+}
+
+uint32_t MCTS::entry_for(const Design& design) {
+  const uint64_t h = hash_of(design.data(), design.size());
+  const int64_t e = find_entry(design.data(), h);
+  return e >= 0 ? uint32_t(e) : add_entry(design.data(), h);
 }
 
 void MCTS::record_tell(uint32_t entry, double reward) {
@@ -472,9 +544,10 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   Entry& e = entries_[entry];
   e.count += 1;
   e.sum += reward;
-  for (size_t l = 0; l < e.design.size(); ++l) {
-    if (e.design[l] < 0) continue;
-    OptionStats& s = stats_[l][size_t(e.design[l])];
+  const int32_t* d = entry_design(entry);
+  for (size_t l = 0; l < opt_.levels.size(); ++l) {
+    if (d[l] < 0) continue;
+    OptionStats& s = stats_[l][size_t(d[l])];
     s.visits += 1;
     s.sum += reward;
     if (reward > s.best) s.best = reward;
@@ -482,62 +555,195 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   ++num_told_;
 }
 
-Trial MCTS::ask_one() {
-  std::vector<int32_t> path;
-  Design design;
-  std::string key;
-  std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
-  for (uint32_t attempt = 0;; ++attempt) {
-    const bool leaf = descend(&path, &design);
-    if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path.back());
-    key = key_of(design);
-    auto it = entry_by_key_.find(key);
-    if (it == entry_by_key_.end() || opt_.on_repeat == OnRepeat::kAverage ||
-        attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
-      break;
-    const Entry& e = entries_[it->second];
-    if (e.count > 0) {
-      backprop(path, e.sum / double(e.count));
-      ++num_reused_;
-    } else {
-      add_pending(path, +1);
-      held.push_back(path);
+int64_t MCTS::IdSlots::find(uint64_t id) const {
+  const uint64_t key = id + 1;
+  if (key == 0 || keys_.empty()) return -1;  // id 2^64 - 1 is never given
+  const size_t mask = keys_.size() - 1;
+  for (size_t i = home(id);; i = (i + 1) & mask) {
+    if (keys_[i] == key) return slots_[i];
+    if (keys_[i] == 0) return -1;
+  }
+}
+
+bool MCTS::IdSlots::insert(uint64_t id, uint32_t slot) {
+  if ((size_ + 1) * 2 > keys_.size()) grow();
+  const size_t mask = keys_.size() - 1;
+  for (size_t i = home(id);; i = (i + 1) & mask) {
+    if (keys_[i] == id + 1) return false;
+    if (keys_[i] == 0) {
+      keys_[i] = id + 1;
+      slots_[i] = slot;
+      ++size_;
+      return true;
     }
   }
-  for (const auto& p : held) add_pending(p, -1);
-  add_pending(path, +1);
-  const uint32_t entry = entry_for(design, std::move(key));
+}
+
+void MCTS::IdSlots::erase(uint64_t id) {
+  const size_t mask = keys_.size() - 1;
+  size_t i = home(id);
+  while (keys_[i] != id + 1) i = (i + 1) & mask;
+  // Backward shift: later entries of the probe run move into the hole unless their home lies
+  // cyclically in (hole, their position], so every entry stays reachable from its home.
+  for (size_t j = i;;) {
+    j = (j + 1) & mask;
+    if (keys_[j] == 0) break;
+    const size_t h = home(keys_[j] - 1);
+    const bool stays = i <= j ? (h > i && h <= j) : (h > i || h <= j);
+    if (!stays) {
+      keys_[i] = keys_[j];
+      slots_[i] = slots_[j];
+      i = j;
+    }
+  }
+  keys_[i] = 0;
+  --size_;
+}
+
+std::vector<uint64_t> MCTS::IdSlots::ids() const {
+  std::vector<uint64_t> out;
+  out.reserve(size_);
+  for (uint64_t k : keys_)
+    if (k) out.push_back(k - 1);
+  return out;
+}
+
+void MCTS::IdSlots::grow() {
+  std::vector<uint64_t> keys = std::move(keys_);
+  std::vector<uint32_t> slots = std::move(slots_);
+  bits_ = std::max(4, bits_ + 1);
+  const size_t cap = size_t(1) << bits_;
+  keys_.assign(cap, 0);
+  slots_.assign(cap, 0);
+  size_ = 0;
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (keys[i]) insert(keys[i] - 1, slots[i]);
+}
+
+uint64_t MCTS::ask_one(int32_t* design_out) {
+  uint64_t hash = 0;
+  std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
+  int64_t known = -1;                      // entry of the final proposal when already seen
+  for (uint32_t attempt = 0;; ++attempt) {
+    const bool leaf = descend(&path_, &design_);
+    if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path_.back());
+    hash = hash_of(design_.data(), design_.size());
+    known = find_entry(design_.data(), hash);
+    if (known < 0 || opt_.on_repeat == OnRepeat::kAverage ||
+        attempt == opt_.max_retries || entries_.size() >= num_designs_u64_)
+      break;
+    const Entry& e = entries_[size_t(known)];
+    if (e.count > 0) {
+      backprop(path_.data(), path_.size(), e.sum / double(e.count));
+      ++num_reused_;
+    } else {
+      add_pending(path_.data(), path_.size(), +1);
+      held.push_back(path_);
+    }
+  }
+  for (const auto& p : held) add_pending(p.data(), p.size(), -1);
+  add_pending(path_.data(), path_.size(), +1);
+  const uint32_t entry = known >= 0 ? uint32_t(known) : add_entry(design_.data(), hash);
   entries_[entry].pending += 1;
+  std::copy(design_.begin(), design_.end(), design_out);
+  return add_pending_trial(entry, path_.data(), path_.size());
+}
+
+uint64_t MCTS::add_pending_trial(uint32_t entry, const int32_t* path, size_t len) {
+  uint32_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+    free_slots_.pop_back();
+  } else {
+    slot = uint32_t(pend_.size());
+    pend_.emplace_back();
+    pend_paths_.resize(pend_paths_.size() + stride_);
+  }
   const uint64_t id = next_id_++;
-  pending_.emplace(id, Pending{std::move(path), entry});
+  pend_[slot] = Pending{id, entry, uint32_t(len)};
+  std::copy(path, path + len, pend_paths_.begin() + ptrdiff_t(size_t(slot) * stride_));
+  slot_of_.insert(id, slot);
   ++num_pending_;
-  return Trial{id, std::move(design)};
+  return id;
 }
 
 std::vector<Trial> MCTS::ask(uint64_t k) {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<Trial> out;
   out.reserve(size_t(std::min<uint64_t>(k, 1u << 20)));
-  for (uint64_t i = 0; i < k; ++i) out.push_back(ask_one());
+  for (uint64_t i = 0; i < k; ++i) {
+    Design d(opt_.levels.size());
+    const uint64_t id = ask_one(d.data());
+    out.push_back(Trial{id, std::move(d)});
+  }
   return out;
+}
+
+void MCTS::ask_many(uint64_t k, uint64_t* ids, int32_t* designs) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t L = opt_.levels.size();
+  for (uint64_t i = 0; i < k; ++i) ids[i] = ask_one(designs + size_t(i) * L);
+}
+
+void MCTS::tell_slot(uint32_t slot, double reward) {  // the caller removed its id from slot_of_
+  const Pending p = pend_[slot];
+  const int32_t* path = pend_paths_.data() + size_t(slot) * stride_;
+  for (uint32_t k = 0; k < p.len; ++k) {  // the pending mark goes, the reward comes
+    Node& nd = nodes_[size_t(path[k])];
+    nd.pending -= 1;
+    nd.visits += 1;
+    nd.sum += reward;
+    if (reward > nd.best) nd.best = reward;
+  }
+  entries_[p.entry].pending -= 1;
+  record_tell(p.entry, reward);
+  free_slots_.push_back(slot);
+  --num_pending_;
 }
 
 void MCTS::tell(uint64_t trial_id, double reward) {
   if (!std::isfinite(reward))
-    fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " +
-         std::to_string(trial_id));
+    fail("MCTS.tell: expected a finite reward, got " + num(reward) + " for trial " + std::to_string(trial_id));
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = pending_.find(trial_id);
-  if (it == pending_.end())
+  const int64_t slot = slot_of_.find(trial_id);
+  if (slot < 0)
     fail("MCTS.tell: unknown trial id " + std::to_string(trial_id) +
          (trial_id < next_id_ ? " (already told)" : " (never asked)"));
-  Pending p = std::move(it->second);
-  pending_.erase(it);
-  add_pending(p.path, -1);
-  backprop(p.path, reward);
-  entries_[p.entry].pending -= 1;
-  record_tell(p.entry, reward);
-  --num_pending_;
+  slot_of_.erase(trial_id);
+  tell_slot(uint32_t(slot), reward);
+}
+
+void MCTS::tell_many(const uint64_t* ids, const double* rewards, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(rewards[i]))
+      fail("MCTS.tell_many: expected finite rewards, got " + num(rewards[i]) + " at index " +
+           std::to_string(i) + " (trial " + std::to_string(ids[i]) + "); nothing was told");
+  std::lock_guard<std::mutex> lock(mu_);
+  // Every id is looked up and its slot marked before the first tell, so an id twice in the
+  // batch is caught without telling anything.
+  batch_slots_.resize(n);
+  if (marked_.size() < pend_.size()) marked_.resize(pend_.size(), 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t slot = slot_of_.find(ids[i]);
+    std::string err;
+    if (slot < 0)
+      err = "MCTS.tell_many: unknown trial id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+            (ids[i] < next_id_ ? " (already told)" : " (never asked)") + "; nothing was told";
+    else if (marked_[size_t(slot)])
+      err = "MCTS.tell_many: trial id " + std::to_string(ids[i]) + " appears twice in the batch (index " +
+            std::to_string(i) + "); nothing was told";
+    if (!err.empty()) {
+      for (size_t k = 0; k < i; ++k) marked_[batch_slots_[k]] = 0;
+      fail(err);
+    }
+    batch_slots_[i] = uint32_t(slot);
+    marked_[size_t(slot)] = 1;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    marked_[batch_slots_[i]] = 0;
+    slot_of_.erase(ids[i]);
+    tell_slot(batch_slots_[i], rewards[i]);
+  }
 }
 
 void MCTS::tell_design(const Design& design, double reward) {
@@ -564,7 +770,7 @@ void MCTS::tell_design(const Design& design, double reward) {
     node = child;
   }
   if (opt_.on_repeat == OnRepeat::kReuse && next_level(after, design) < 0) close(path.back());
-  backprop(path, reward);
+  backprop(path.data(), path.size(), reward);
   record_tell(entry_for(design), reward);
   ++next_id_;
 }
@@ -620,18 +826,20 @@ uint64_t MCTS::num_nodes() const {
 
 bool MCTS::best(Design* design, double* reward) const {
   std::lock_guard<std::mutex> lock(mu_);
-  const Entry* top = nullptr;
+  int64_t top = -1;
   double top_mean = 0.0;
-  for (const Entry& e : entries_) {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
     if (e.count == 0) continue;
     const double m = e.sum / double(e.count);
-    if (!top || m > top_mean) {
-      top = &e;
+    if (top < 0 || m > top_mean) {
+      top = int64_t(i);
       top_mean = m;
     }
   }
-  if (!top) return false;
-  *design = top->design;
+  if (top < 0) return false;
+  const int32_t* d = entry_design(size_t(top));
+  design->assign(d, d + opt_.levels.size());
   *reward = top_mean;
   return true;
 }
@@ -695,23 +903,24 @@ std::string MCTS::serialize() const {
     w.put(n.best);
   }
   w.put<uint64_t>(entries_.size());
-  for (const Entry& e : entries_) {
-    for (int32_t o : e.design) w.put(o);
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    for (size_t l = 0; l < opt_.levels.size(); ++l) w.put(entry_design(i)[l]);
     w.put(e.count);
     w.put(e.pending);
     w.put(e.sum);
   }
   // Pending trials in id order so equal engines give equal bytes.
-  std::vector<uint64_t> ids;
-  for (const auto& kv : pending_) ids.push_back(kv.first);
+  std::vector<uint64_t> ids = slot_of_.ids();
   std::sort(ids.begin(), ids.end());
   w.put<uint64_t>(ids.size());
   for (uint64_t id : ids) {
-    const Pending& p = pending_.at(id);
+    const uint32_t slot = uint32_t(slot_of_.find(id));
+    const Pending& p = pend_[slot];
     w.put(id);
     w.put(p.entry);
-    w.put<uint64_t>(p.path.size());
-    for (int32_t i : p.path) w.put(i);
+    w.put<uint64_t>(p.len);
+    for (uint32_t k = 0; k < p.len; ++k) w.put(pend_paths_[size_t(slot) * stride_ + k]);
   }
   for (const auto& lvl : stats_)
     for (const OptionStats& s : lvl) {
@@ -836,34 +1045,38 @@ MCTS MCTS::deserialize(const std::string& blob) {
 
   const uint64_t ne = r.count(cap, "designs");
   for (uint64_t e = 0; e < ne; ++e) {
+    Design d(L);
+    for (auto& v : d) v = r.get<int32_t>();
     Entry en;
-    en.design.resize(L);
-    for (auto& v : en.design) v = r.get<int32_t>();
     en.count = r.get<uint64_t>();
     en.pending = r.get<uint32_t>();
     en.sum = r.get<double>();
-    m.check_design(en.design, pre + "design " + std::to_string(e));
-    if (!m.entry_by_key_.emplace(m.key_of(en.design), uint32_t(e)).second)
-      fail(pre + "duplicate design " + std::to_string(e));
-    m.entries_.push_back(std::move(en));
+    m.check_design(d, pre + "design " + std::to_string(e));
+    const uint64_t h = hash_of(d.data(), L);
+    if (m.find_entry(d.data(), h) >= 0) fail(pre + "duplicate design " + std::to_string(e));
+    m.entries_[m.add_entry(d.data(), h)] = en;
   }
 
   const uint64_t np = r.count(cap, "pending trials");
   std::vector<uint32_t> node_pending(size_t(nn), 0), entry_pending(size_t(ne), 0);
+  std::vector<int32_t> path;
   for (uint64_t t = 0; t < np; ++t) {
     const uint64_t id = r.get<uint64_t>();
-    Pending p;
-    p.entry = r.get<uint32_t>();
-    p.path.resize(size_t(r.count(cap, "path nodes")));
-    for (auto& i : p.path) i = r.get<int32_t>();
-    if (id >= m.next_id_ || p.entry >= ne || p.path.empty() || p.path[0] != 0)
+    const uint32_t entry = r.get<uint32_t>();
+    path.resize(size_t(r.count(m.stride_, "path nodes")));
+    for (auto& i : path) i = r.get<int32_t>();
+    if (id >= m.next_id_ || entry >= ne || path.empty() || path[0] != 0)
       fail(pre + "bad pending trial");
-    for (size_t k = 1; k < p.path.size(); ++k)
-      if (p.path[k] <= 0 || uint64_t(p.path[k]) >= nn || m.nodes_[size_t(p.path[k])].parent != p.path[k - 1])
+    for (size_t k = 1; k < path.size(); ++k)
+      if (path[k] <= 0 || uint64_t(path[k]) >= nn || m.nodes_[size_t(path[k])].parent != path[k - 1])
         fail(pre + "bad pending trial path");
-    for (int32_t i : p.path) ++node_pending[size_t(i)];
-    ++entry_pending[p.entry];
-    if (!m.pending_.emplace(id, std::move(p)).second) fail(pre + "duplicate pending trial");
+    for (int32_t i : path) ++node_pending[size_t(i)];
+    ++entry_pending[entry];
+    const uint32_t slot = uint32_t(m.pend_.size());
+    if (!m.slot_of_.insert(id, slot)) fail(pre + "duplicate pending trial");
+    m.pend_.push_back(Pending{id, entry, uint32_t(path.size())});
+    m.pend_paths_.resize(m.pend_paths_.size() + m.stride_);
+    std::copy(path.begin(), path.end(), m.pend_paths_.end() - ptrdiff_t(m.stride_));
   }
   for (uint64_t i = 0; i < nn; ++i)
     if (node_pending[size_t(i)] != m.nodes_[size_t(i)].pending) fail(pre + "pending counts disagree");

@@ -75,6 +75,18 @@
 //   (and "every design told or pending" is never assumed). Thread-safe: every public call takes one mutex (the Python binding
 //   releases the GIL for ask(k >= 8), serialisation, deserialisation, history replay and tree
 //   export; a short call is cheaper than a GIL release). Serialised blobs are little-endian.
+//
+// Batches: ask_many(k) is ask(k) written into flat arrays (no per-design allocation);
+//   tell_many(ids, rewards) checks the whole batch (finite rewards, known ids, no id twice)
+//   before it changes anything, then tells in the given order, so it equals that sequence of
+//   tell calls. A run of ask_many(1)/tell_many of one trial is the serial algorithm exactly.
+//
+// Cost (Auto-KD space, 8 levels, 2,048 iterations from an empty tree): one ask+tell is about
+//   0.3 us of C++ under kAverage, 0.4 us under kReuse (its retries walk the tree again). Per
+//   ask the only allocations are new tree nodes and a new design's record: a pending trial's
+//   path lives in a slot pool reused after its tell, found by id in a flat hash table. The UCB score of each child needs one division and one square root, all
+//   children's scores are computed before the argmax so they overlap; 2 ln N_p comes from a
+//   table for integral N_p (every N_p when L is an integer), filled with the same expression.
 #pragma once
 
 #include <cstdint>
@@ -138,6 +150,12 @@ class MCTS {
   std::vector<Trial> ask(uint64_t k);
   // Finite reward for a pending trial id; any order.
   void tell(uint64_t trial_id, double reward);
+  // ask(k) into ids[k] and designs[k * num_levels] (row-major, -1 for an absent level).
+  void ask_many(uint64_t k, uint64_t* ids, int32_t* designs);
+  // tell(ids[i], rewards[i]) for i in order, after checking the whole batch: a bad reward, an
+  // unknown or already told id, or an id twice in the batch throws and tells nothing.
+  void tell_many(const uint64_t* ids, const double* rewards, size_t n);
+  size_t num_levels() const { return opt_.levels.size(); }
 
   uint64_t num_told() const;
   uint64_t num_pending() const;
@@ -189,15 +207,35 @@ class MCTS {
     int32_t level;
     std::vector<uint8_t> allowed;  // per option of `level`
   };
-  struct Entry {  // one distinct design seen (told or pending)
-    Design design;
+  struct Entry {  // one distinct design seen (told or pending); design in entry_designs_
     uint64_t count = 0;
     uint32_t pending = 0;
     double sum = 0.0;
   };
-  struct Pending {
-    std::vector<int32_t> path;
+  struct Pending {  // a slot of the pending pool; path: pend_paths_[slot * stride_ + (0 .. len)]
+    uint64_t id;
     uint32_t entry;
+    uint32_t len;
+  };
+
+  // Pending id -> pool slot. Open addressing with linear probing from a Fibonacci hash of the
+  // id (consecutive ids land far apart, so probe runs stay short), load at most 1/2,
+  // backward-shift deletion; it allocates only when it grows.
+  class IdSlots {
+   public:
+    int64_t find(uint64_t id) const;          // the slot, -1 when absent
+    bool insert(uint64_t id, uint32_t slot);  // false when present
+    void erase(uint64_t id);                  // id must be present
+    size_t size() const { return size_; }
+    std::vector<uint64_t> ids() const;        // in table order
+
+   private:
+    void grow();
+    size_t home(uint64_t id) const { return size_t((id * 0x9E3779B97F4A7C15ull) >> (64 - bits_)); }
+    int bits_ = 0;                // capacity 2^bits_ (home() is used only when bits_ >= 4)
+    std::vector<uint64_t> keys_;  // id + 1; 0 = empty
+    std::vector<uint32_t> slots_;
+    size_t size_ = 0;
   };
 
   struct Uninit {};
@@ -208,29 +246,48 @@ class MCTS {
   int32_t next_level(int32_t after, const Design& design) const;
   uint64_t below(uint64_t n);
   uint64_t next_u64();
-  int32_t ucb_pick(const Node& parent, bool any_open) const;
+  int32_t ucb_pick(const Node& parent, bool any_open);
   bool descend(std::vector<int32_t>* path, Design* design);  // true when the path ends at a complete design
   void close(int32_t node);
-  void add_pending(const std::vector<int32_t>& path, int delta);
-  void backprop(const std::vector<int32_t>& path, double reward);
-  std::string key_of(const Design& design) const;
-  uint32_t entry_for(const Design& design, std::string key = {});  // key: key_of(design) when known
+  void add_pending(const int32_t* path, size_t len, int delta);
+  void backprop(const int32_t* path, size_t len, double reward);
+  double two_ln(double np);  // 2 ln max(1, np)
+  // Distinct designs: an open-addressing table (load at most 1/2, never shrinks) of design
+  // hashes to entries; a hit is confirmed against the stored design.
+  static uint64_t hash_of(const int32_t* design, size_t levels);
+  int64_t find_entry(const int32_t* design, uint64_t hash) const;  // -1 when unseen
+  uint32_t add_entry(const int32_t* design, uint64_t hash);        // an unseen design
+  uint32_t entry_for(const Design& design);                        // found or added
   void record_tell(uint32_t entry, double reward);
-  Trial ask_one();
+  uint64_t ask_one(int32_t* design_out);  // returns the trial id
+  // Pending pool: a slot per pending trial, reused after its tell.
+  uint64_t add_pending_trial(uint32_t entry, const int32_t* path, size_t len);  // the new id
+  void tell_slot(uint32_t slot, double reward);
 
   Options opt_;
   std::vector<std::vector<Req>> reqs_;  // per level
   std::unordered_map<std::string, int32_t> level_by_name_;
   std::string num_designs_str_;
   uint64_t num_designs_u64_ = 0;
-  size_t key_width_ = 1;  // bytes per level in a design's hash key
 
   mutable std::mutex mu_;
   uint64_t rng_state_ = 0;
   std::vector<Node> nodes_;
   std::vector<Entry> entries_;  // in order of first sight
-  std::unordered_map<std::string, uint32_t> entry_by_key_;
-  std::unordered_map<uint64_t, Pending> pending_;
+  std::vector<int32_t> entry_designs_;  // [entries, levels]
+  const int32_t* entry_design(size_t e) const { return entry_designs_.data() + e * opt_.levels.size(); }
+  std::vector<uint64_t> index_hash_;   // design table: hash
+  std::vector<uint32_t> index_entry_;  // entry + 1; 0 = empty
+  std::vector<Pending> pend_;          // slots
+  std::vector<int32_t> pend_paths_;    // stride_ ints per slot
+  std::vector<uint32_t> free_slots_;
+  IdSlots slot_of_;
+  size_t stride_ = 1;                  // longest path: levels + 1 (root)
+  std::vector<int32_t> path_, design_;  // ask scratch
+  std::vector<double> two_ln_;         // two_ln_[n] = 2 ln max(1, n)
+  std::vector<double> scores_;         // ucb_pick scratch
+  std::vector<uint32_t> batch_slots_;  // tell_many scratch
+  std::vector<uint8_t> marked_;        // tell_many: slot already in the batch
   std::vector<std::vector<OptionStats>> stats_;
   uint64_t next_id_ = 0, num_told_ = 0, num_reused_ = 0, num_pending_ = 0;
   bool have_reward_ = false;

@@ -291,3 +291,110 @@ AUTOKD_TEST(threads_do_not_corrupt_state) {
 }
 
 int main() { return autokd::testing::run_all(); }
+
+AUTOKD_TEST(ask_many_equals_ask_and_tell_many_equals_tells) {
+  // One engine through ask/tell, one through ask_many/tell_many with the same batch sizes and
+  // the same order of tells: same ids, designs, and byte-identical state.
+  MCTS a(opts(autokd_levels(), 5)), b(opts(autokd_levels(), 5));
+  const size_t L = b.num_levels();
+  const uint64_t sizes[] = {1, 3, 0, 1, 7, 16, 2, 1};
+  for (int round = 0; round < 20; ++round) {
+    const uint64_t k = sizes[round % 8];
+    auto ta = a.ask(k);
+    std::vector<uint64_t> ids(k);
+    std::vector<int32_t> rows(k * L);
+    b.ask_many(k, ids.data(), rows.data());
+    std::vector<double> rewards;
+    for (uint64_t i = 0; i < k; ++i) {
+      AUTOKD_EXPECT(ta[i].id == ids[i]);
+      AUTOKD_EXPECT(Design(rows.begin() + ptrdiff_t(i * L), rows.begin() + ptrdiff_t((i + 1) * L)) == ta[i].design);
+      rewards.push_back(toy_reward(ta[i].design));
+    }
+    // Tell in reverse order to exercise out-of-order tells in both.
+    std::vector<uint64_t> rid(ids.rbegin(), ids.rend());
+    std::vector<double> rr(rewards.rbegin(), rewards.rend());
+    for (uint64_t i = 0; i < k; ++i) a.tell(rid[i], rr[i]);
+    b.tell_many(rid.data(), rr.data(), rid.size());
+    AUTOKD_EXPECT(a.serialize() == b.serialize());
+  }
+  AUTOKD_EXPECT(b.num_pending() == 0 && b.tree()[0].visits == b.num_told() + b.num_reused());
+}
+
+AUTOKD_TEST(tell_many_checks_the_whole_batch_first) {
+  MCTS m(opts(autokd_levels()));
+  const size_t L = m.num_levels();
+  uint64_t ids[3];
+  std::vector<int32_t> rows(3 * L);
+  m.ask_many(3, ids, rows.data());
+  const std::string before = m.serialize();
+  const double good[3] = {0.1, 0.2, 0.3};
+  const double nan_last[3] = {0.1, 0.2, std::nan("")};
+  const double inf_first[3] = {std::numeric_limits<double>::infinity(), 0.2, 0.3};
+  AUTOKD_EXPECT_THROWS(m.tell_many(ids, nan_last, 3), std::invalid_argument);
+  AUTOKD_EXPECT_THROWS(m.tell_many(ids, inf_first, 3), std::invalid_argument);
+  const uint64_t unknown[3] = {ids[0], ids[1], 99};
+  AUTOKD_EXPECT_THROWS(m.tell_many(unknown, good, 3), std::invalid_argument);
+  const uint64_t twice[3] = {ids[0], ids[1], ids[0]};
+  AUTOKD_EXPECT_THROWS(m.tell_many(twice, good, 3), std::invalid_argument);
+  AUTOKD_EXPECT(m.serialize() == before);  // nothing was told by a rejected batch
+  m.tell_many(ids, good, 0);
+  m.tell_many(ids + 1, good, 1);
+  AUTOKD_EXPECT_THROWS(m.tell_many(ids, good, 2), std::invalid_argument);  // ids[1] already told
+  const uint64_t rest[2] = {ids[2], ids[0]};
+  m.tell_many(rest, good, 2);
+  AUTOKD_EXPECT(m.num_told() == 3 && m.num_pending() == 0);
+  for (const auto& n : m.tree()) AUTOKD_EXPECT(n.pending == 0);
+}
+
+AUTOKD_TEST(pending_slots_are_reused_and_serialised_in_id_order) {
+  // Many trials pending at once, told out of order, then a round trip with some still pending.
+  MCTS a(opts(autokd_levels(), 9));
+  const size_t L = a.num_levels();
+  std::vector<uint64_t> ids(40);
+  std::vector<int32_t> rows(40 * L);
+  a.ask_many(40, ids.data(), rows.data());
+  for (size_t i = 0; i < 40; i += 3) a.tell(ids[i], double(i));
+  a.ask_many(10, ids.data(), rows.data());  // reuses freed slots
+  const std::string blob = a.serialize();
+  MCTS b = MCTS::deserialize(blob);
+  AUTOKD_EXPECT(b.serialize() == blob);
+  AUTOKD_EXPECT(a.num_pending() == 40 - 14 + 10 && b.num_pending() == a.num_pending());
+}
+
+AUTOKD_TEST(pending_ids_found_under_any_tell_order) {
+  // Thousands of pending ids told in a shuffled order while more are asked: every pending id
+  // stays findable (the id table grows, wraps and shifts entries back on erase), told ids are
+  // rejected, and a round trip keeps the pending set.
+  MCTS m(opts(autokd_levels(), 4));
+  const size_t L = m.num_levels();
+  std::vector<uint64_t> pending;
+  uint64_t rng = 12345;
+  auto next = [&rng]() {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return rng >> 33;
+  };
+  std::vector<uint64_t> told;
+  for (int round = 0; round < 40; ++round) {
+    const uint64_t k = 1 + next() % 200;
+    std::vector<uint64_t> ids(k);
+    std::vector<int32_t> rows(k * L);
+    m.ask_many(k, ids.data(), rows.data());
+    pending.insert(pending.end(), ids.begin(), ids.end());
+    for (size_t i = pending.size(); i > 1; --i) std::swap(pending[i - 1], pending[next() % i]);
+    const size_t n = next() % (pending.size() + 1);
+    std::vector<double> r(n, 0.5);
+    m.tell_many(pending.data() + pending.size() - n, r.data(), n);
+    told.insert(told.end(), pending.end() - ptrdiff_t(n), pending.end());
+    pending.resize(pending.size() - n);
+    AUTOKD_EXPECT(m.num_pending() == pending.size());
+  }
+  for (size_t i = 0; i < told.size(); i += 97) AUTOKD_EXPECT_THROWS(m.tell(told[i], 1.0), std::invalid_argument);
+  AUTOKD_EXPECT_THROWS(m.tell(~uint64_t(0), 1.0), std::invalid_argument);
+  MCTS b = MCTS::deserialize(m.serialize());
+  for (uint64_t id : pending) {
+    m.tell(id, 1.0);
+    b.tell(id, 1.0);
+  }
+  AUTOKD_EXPECT(m.num_pending() == 0 && m.serialize() == b.serialize());
+  for (const auto& nd : m.tree()) AUTOKD_EXPECT(nd.pending == 0);
+}
