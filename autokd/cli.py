@@ -174,6 +174,13 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
     on the first run). Running the same command again resumes the search from its journal.
+
+    \b
+    Several trials at once:
+      autokd-cli search --device cuda --workers 4            # 4 local GPUs, one worker each
+      autokd-cli search --executor ray --device cuda --workers 16 --ray-address auto
+    On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
+    system every node can read.
     """
     from autokd.search.driver import SearchConfig, run_search
     from autokd.train.loop import TrainConfig

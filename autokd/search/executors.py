@@ -470,8 +470,11 @@ class RayExecutor:
             resources = ray.cluster_resources()
             gpu = device.startswith("cuda")
             if gpu and resources.get("GPU", 0) < 1:
-                raise PipelineError(f"--executor ray --device {device}: the Ray cluster has no GPU "
-                                    f"(resources: {_fmt_resources(resources)})")
+                if self._owns and address is None and not os.environ.get("RAY_ADDRESS"):
+                    raise PipelineError(f"--executor ray --device {device}: this machine has no GPU for Ray "
+                                        f"(resources: {_fmt_resources(resources)})")
+                # An autoscaling cluster may add GPU nodes once tasks ask for them.
+                log(f"ray: the cluster has no GPU now ({_fmt_resources(resources)}); trials wait for one")
             if not gpu and resources.get("CPU", 0) < cpus_per_trial:
                 raise PipelineError(f"the Ray cluster has fewer than {cpus_per_trial} CPUs "
                                     f"(resources: {_fmt_resources(resources)})")
