@@ -17,7 +17,9 @@ worker the launch order is the journal order and the search is the serial one.
 A trial whose worker dies (or that runs out of GPU memory) is retried once with the same design
 and seed; a second death records it with status ``failed`` and the floor reward
 (``reward.reward_floor``), which is also what the engine is told: the same treatment as a
-diverged trial, so a design that kills its worker is not proposed again and again.
+diverged trial, so a design that kills its worker is not proposed again and again. When
+``max(3, workers)`` trials in a row fail so, the workers are dying whatever the design and the
+search stops with an error (the finished trials stay in the journal).
 """
 from __future__ import annotations
 
@@ -261,6 +263,9 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
         bar = tqdm(total=cfg.budget, initial=min(len(done), cfg.budget), desc="trials", unit="trial")
     deadline = None if cfg.time_limit is None else t_start + cfg.time_limit
     stopping = False
+    # Workers that die on every trial (a broken node, a design-independent crash) stop the
+    # search instead of recording the whole budget as failed.
+    failed_in_a_row, max_failed_in_a_row = 0, max(3, executor.slots)
     try:
         while True:
             room = min(executor.slots - len(in_flight), cfg.budget - len(journal) - len(in_flight))
@@ -291,6 +296,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
             for out in executor.wait():
                 task = out.task
                 if out.result is None:
+                    log(f"trial {task.index} (attempt {task.attempt}): {out.died}")
                     if task.attempt < MAX_ATTEMPTS:
                         log(f"trial {task.index}: retrying (attempt {task.attempt + 1} of {MAX_ATTEMPTS})")
                         retry = dataclasses.replace(task, attempt=task.attempt + 1)
@@ -300,8 +306,10 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
                     log(f"trial {task.index}: failed {MAX_ATTEMPTS} times, recorded as failed with reward {floor:.4f}")
                     res = {"status": "failed", "reward": None, "seconds": out.seconds,
                            "metrics": {"error": out.died, "attempts": task.attempt}}
+                    failed_in_a_row += 1
                 else:
                     res = out.result
+                    failed_in_a_row = 0
                 del in_flight[task.index]
                 reward = res["reward"]
                 if reward is None:
@@ -316,6 +324,12 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
                     bar.update(1)
                     best = max(journal.trials(), key=lambda t: t.reward)
                     bar.set_postfix(reward=f"{trial.reward:.3f}", best=f"{best.reward:.3f}")
+                if failed_in_a_row >= max_failed_in_a_row:
+                    raise PipelineError(
+                        f"{failed_in_a_row} trials in a row failed because their workers died (last: "
+                        f"{out.died}); stopping before the journal fills with failures. Check the "
+                        "workers' memory and logs, then run the same command to resume"
+                    )
     finally:
         executor.close()
         if bar is not None:

@@ -388,9 +388,8 @@ class LocalExecutor:
                 reply = None
             if reply is None:
                 w.proc.join(timeout=5)
-                why = _describe_exit(w.proc.exitcode)
                 where = f"GPU {w.gpu}, " if w.gpu is not None else ""
-                self._log(f"trial {task.index} (attempt {task.attempt}): {why} ({where}pid {w.proc.pid})")
+                why = f"{_describe_exit(w.proc.exitcode)} ({where}pid {w.proc.pid})"
                 i = self._workers.index(w)
                 self._stop(w, grace=0.0)
                 self._workers[i] = None  # restarted on the next submit
@@ -401,7 +400,6 @@ class LocalExecutor:
             if kind == "error":
                 _raise_error(task, payload)
             if kind == "died":
-                self._log(f"trial {task.index} (attempt {task.attempt}): {payload}")
                 outcomes.append(Outcome(task, None, payload, elapsed))
             else:
                 outcomes.append(Outcome(task, payload, None, elapsed))
@@ -510,14 +508,13 @@ class RayExecutor:
             except ray.exceptions.RayTaskError as e:  # an exception our wrapper did not catch
                 raise TrialError(f"trial {task.index}: {e}") from e
             except ray.exceptions.RayError as e:  # the worker or its node died, Ray's OOM killer
-                why = f"Ray task failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                self._log(f"trial {task.index} (attempt {task.attempt}): {why}")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                why = f"Ray task failed: {type(e).__name__}: {first}"
                 outcomes.append(Outcome(task, None, why, elapsed))
                 continue
             if kind == "error":
                 _raise_error(task, payload)
             if kind == "died":
-                self._log(f"trial {task.index} (attempt {task.attempt}): {payload}")
                 outcomes.append(Outcome(task, None, payload, elapsed))
             else:
                 outcomes.append(Outcome(task, payload, None, elapsed))

@@ -43,6 +43,18 @@ def _journal(out):
     return columns, rows, config
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process trials on one thread, as each CPU worker on this 2-core machine gets: two
+    threads per tiny trial on a loaded shared machine make trials many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory):
     """A serial 4-trial search: the reference shape, and the teacher and store every test copies."""
@@ -127,6 +139,36 @@ def test_ray_cluster_runs_the_search_and_retries_a_killed_task(serial, tmp_path,
     assert "trial 0: retrying (attempt 2 of 2)" in text
     rows = _assert_same_shape(serial, out, 4)
     assert all(r[3] != "failed" for r in rows)
+
+
+def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(serial, tmp_path, monkeypatch):
+    """The serial path (local, 1 worker) shares the retry rule: a CUDA out-of-memory error is a
+    failed attempt, not the end of the search; trials that fail again and again stop it."""
+    import torch
+
+    from autokd.search.driver import TrialRunner
+
+    real_run = TrialRunner.run
+    calls = []
+
+    def run(self, spec, seed, proxy=None):
+        calls.append(seed)
+        # The first attempt of the first trial, then every attempt from the third trial on.
+        if len(calls) == 1 or seed >= SEED * 100_003 + 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(self, spec, seed, proxy)
+
+    monkeypatch.setattr(TrialRunner, "run", run)
+    out = _prepared(serial, tmp_path / "oom")
+    logs = []
+    with pytest.raises(ValueError, match="3 trials in a row failed because their workers died"):
+        run_search(_cfg(out, 8), log=logs.append, progress=False)
+    assert "trial 0 (attempt 1): out of memory: CUDA out of memory" in "\n".join(logs)
+    rows = _journal(out)[1]
+    assert [r[3] for r in rows][:2] != ["failed", "failed"]
+    assert [r[3] for r in rows] == [rows[0][3], rows[1][3], "failed", "failed", "failed"]
+    assert [r[5] for r in rows] == [SEED * 100_003 + i for i in range(5)]
+    assert calls[:2] == [SEED * 100_003, SEED * 100_003]  # trial 0 retried with its seed
 
 
 @pytest.mark.slow
