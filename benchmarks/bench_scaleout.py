@@ -14,7 +14,8 @@ and feature store prepared beforehand. Two figures per run:
 - end to end: budget / wall seconds of ``run_search`` (worker start-up, Ray start-up when the
   search starts the cluster, and the report included: what a user waits for);
 - steady: trials per hour once every worker has finished its first trial,
-  ``(budget - w) / (t_last - t_w)`` from the journal's finishing times (start-up excluded).
+  ``(budget - w) / (t_last - t_w)`` from the journal's finishing times (start-up excluded);
+- s/trial: the median time a trial took inside its worker (the journal's ``seconds``).
 
 Prints a markdown table of medians over ``--repeats`` runs and the ratios to ``local:1`` (the
 serial search) measured in the same invocation.
@@ -49,10 +50,11 @@ def _run(base, out, executor, workers, threads, budget, device):
         torch.set_num_threads(before)
     db = sqlite3.connect(os.path.join(out, "journal.sqlite"))
     created = sorted(r[0] for r in db.execute("SELECT created FROM trials"))
+    trial_seconds = statistics.median(r[0] for r in db.execute("SELECT seconds FROM trials"))
     db.close()
     w = min(workers, budget - 1)
     steady = (budget - w) / max(created[-1] - created[w - 1], 1e-9) * 3600 if budget > w else float("nan")
-    return budget / wall * 3600, steady, wall
+    return budget / wall * 3600, steady, wall, trial_seconds
 
 
 def main():
@@ -83,8 +85,8 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
     print(f"budget {args.budget} trials per run, {args.repeats} runs per setting, device {args.device}, "
           f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} torch threads by default")
-    print("| executor | workers | driver threads | trials/h end to end | trials/h steady | wall s/run | end-to-end ratio | steady ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| executor | workers | driver threads | trials/h end to end | trials/h steady | wall s/run | s/trial in its worker | end-to-end ratio | steady ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ref = settings[0]
     ref_e2e = statistics.median(r[0] for r in results[ref])
     ref_steady = statistics.median(r[1] for r in results[ref])
@@ -92,7 +94,9 @@ def main():
         e2e = statistics.median(r[0] for r in results[s])
         steady = statistics.median(r[1] for r in results[s])
         wall = statistics.median(r[2] for r in results[s])
-        print(f"| {s[0]} | {s[1]} | {s[2] or 'default'} | {e2e:.0f} | {steady:.0f} | {wall:.1f} | {e2e / ref_e2e:.2f} | "
+        per_trial = statistics.median(r[3] for r in results[s])
+        print(f"| {s[0]} | {s[1]} | {s[2] or 'default'} | {e2e:.0f} | {steady:.0f} | {wall:.1f} | {per_trial:.2f} | "
+              f"{e2e / ref_e2e:.2f} | "
               f"{steady / ref_steady:.2f} |")
 
 

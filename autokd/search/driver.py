@@ -326,7 +326,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
                     bar.set_postfix(reward=f"{trial.reward:.3f}", best=f"{best.reward:.3f}")
                 if failed_in_a_row >= max_failed_in_a_row:
                     raise PipelineError(
-                        f"{failed_in_a_row} trials in a row failed because their workers died (last: "
+                        f"{failed_in_a_row} trials in a row failed (workers died or ran out of memory; last: "
                         f"{out.died}); stopping before the journal fills with failures. Check the "
                         "workers' memory and logs, then run the same command to resume"
                     )

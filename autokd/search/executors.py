@@ -334,18 +334,22 @@ class LocalExecutor:
         )
         # A spawned child takes the environment of the moment it starts: pin its GPU there, so
         # that it never initialises CUDA on the other GPUs.
+        # OpenMP pools size themselves when the process starts, so the worker's share of the
+        # cores goes there too (unless the user set it).
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(self._threads)}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         with self._env_lock:
-            old = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if gpu is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
             try:
                 proc.start()
             finally:
-                if gpu is not None:
-                    if old is None:
-                        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
                     else:
-                        os.environ["CUDA_VISIBLE_DEVICES"] = old
+                        os.environ[k] = v
         child.close()
         return _Worker(proc, parent, gpu)
 
