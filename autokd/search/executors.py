@@ -252,6 +252,7 @@ def _local_worker_main(conn, ctx: WorkerContext, device: str, threads: int, pare
     import torch
 
     torch.set_num_threads(threads)
+    conn.send(("ready", None))
     while True:
         try:
             task = conn.recv()
@@ -294,6 +295,7 @@ class _Worker:
         self.proc, self.conn, self.gpu = proc, conn, gpu
         self.task: Optional[TrialTask] = None
         self.started = 0.0
+        self.ready = False  # the process got as far as its loop
 
 
 class LocalExecutor:
@@ -386,12 +388,25 @@ class LocalExecutor:
             task, elapsed = w.task, time.perf_counter() - w.started
             reply = None
             try:
-                if w.conn.poll():
-                    reply = w.conn.recv()
+                while reply is None and w.conn.poll():
+                    msg = w.conn.recv()
+                    if msg[0] == "ready":
+                        w.ready = True
+                    else:
+                        reply = msg
             except (EOFError, OSError):
                 reply = None
             if reply is None:
+                if w.proc.is_alive() and w.proc.sentinel not in ready:
+                    continue  # only its start-up message
                 w.proc.join(timeout=5)
+                if not w.ready:
+                    raise PipelineError(
+                        f"a trial worker process could not start ({_describe_exit(w.proc.exitcode)}); its "
+                        "error is printed above. Worker processes are spawned and import the main module: "
+                        "a script that runs a search with several local workers must guard its entry point "
+                        "with `if __name__ == \"__main__\":`"
+                    )
                 where = f"GPU {w.gpu}, " if w.gpu is not None else ""
                 why = f"{_describe_exit(w.proc.exitcode)} ({where}pid {w.proc.pid})"
                 i = self._workers.index(w)
