@@ -86,7 +86,9 @@ class SearchConfig:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise PipelineError(f"search: expected workers an integer >= 1, got {self.workers!r}")
         if self.ray_address is not None and self.executor != "ray":
-            raise PipelineError(f"search: a Ray address ({self.ray_address}) needs executor 'ray', got {self.executor!r}")
+            raise PipelineError(
+                f"search: a Ray address ({self.ray_address}) needs executor 'ray', got {self.executor!r}"
+            )
         if self.strategy not in STRATEGIES:
             raise PipelineError(f"search: expected strategy one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.budget < 0:

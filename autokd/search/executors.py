@@ -480,8 +480,11 @@ class RayExecutor:
         else:
             import logging
 
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     configure_logging=True)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {address}" if address else "Ray"
+                raise PipelineError(f"could not start or reach {where}: {e}") from e
             self._owns = True
         try:
             resources = ray.cluster_resources()
