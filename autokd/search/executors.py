@@ -305,7 +305,7 @@ class LocalExecutor:
 
     def __init__(self, ctx: WorkerContext, workers: int, device: str, log: Callable[[str], None] = print):
         self.slots = workers
-        self._ctx, self._log = ctx, log
+        self._ctx = ctx
         self._mp = mp.get_context("spawn")
         self._gpus: List[Optional[str]] = [None] * workers
         self._device = device
@@ -472,7 +472,6 @@ class RayExecutor:
                  cpus_per_trial: int = 1, log: Callable[[str], None] = print):
         ray = self._ray = require_ray()
         self.slots = workers
-        self._log = log
         self._owns = False
         if ray.is_initialized():
             if address is not None:
@@ -543,17 +542,22 @@ class RayExecutor:
         return outcomes
 
     def close(self) -> None:
+        """Stop: a cluster this search started is shut down (its tasks with it); on a cluster
+        it joined, the tasks still running are cancelled."""
         ray = self._ray
-        for ref in list(getattr(self, "_pending", {})):
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - best effort while stopping
-                pass
+        pending = list(getattr(self, "_pending", {}))
+        if self._owns:
+            if ray.is_initialized():
+                ray.shutdown()
+            self._owns = False
+        else:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - best effort while stopping
+                    pass
         if hasattr(self, "_pending"):
             self._pending.clear()
-        if self._owns and ray.is_initialized():
-            ray.shutdown()
-            self._owns = False
 
 
 def _fmt_resources(res: Dict[str, float]) -> str:
