@@ -156,18 +156,37 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
               help="Augmented views cached per training sample; epoch e reads view e mod K.")
 @click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where trials run: local processes, or Ray tasks (pip install 'autokd[ray]').")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trials at once. local: 1 runs in this process (serial); N starts N worker processes, "
+              "with --device cuda pinned round-robin to the visible GPUs. ray: tasks in flight, 1 GPU "
+              "(--device cuda) or 1 CPU each.")
+@click.option("--ray-address", default=None,
+              help="Address of a running Ray cluster (e.g. ray://head:10001 or auto) [default: "
+              "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
+              "shared file system.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
                epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, quiet):
+               sparsity, online, views, exploration, executor, workers, ray_address, quiet):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
     on the first run). Running the same command again resumes the search from its journal.
+
+    \b
+    Several trials at once:
+      autokd-cli search --device cuda --workers 4            # 4 local GPUs, one worker each
+      autokd-cli search --executor ray --device cuda --workers 16 --ray-address auto
+    On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
+    system every node can read.
     """
     from autokd.search.driver import SearchConfig, run_search
     from autokd.train.loop import TrainConfig
 
+    if ray_address is not None and executor != "ray":
+        raise click.UsageError("--ray-address needs --executor ray")
     try:
         sched = _schedule(data, epochs, batch_size, lr)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
@@ -176,7 +195,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
-                           proxy=proxy)
+                           proxy=proxy, executor=executor, workers=workers, ray_address=ray_address)
         res = run_search(cfg, log=click.echo, progress=not quiet)
     except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
         _fail(e)

@@ -3,9 +3,23 @@
     engine.ask -> design -> DistillerSpec -> proxy training (offline teacher features, sparse
     student, data subset, early stop) -> reward on the held-out split -> engine.tell + journal
 
-Every finished trial is committed to the journal before the next one starts; running the same
+Every finished trial is committed to the journal the moment it finishes; running the same
 search again replays the journal into the engine and goes on from there, so an interrupted
-search (Ctrl-C, SIGKILL, a reboot) loses only the trial that was running.
+search (Ctrl-C, SIGKILL, a reboot) loses only the trials that were running.
+
+Several trials at once (``executor``/``workers``, see ``autokd.search.executors``): the driver
+asks the engine for as many designs as there are free workers (``ask(k)``; pending designs
+carry a virtual loss, so concurrent asks land on different branches), tells each reward as its
+trial finishes, and alone writes the journal, one row per finished trial, in finishing order.
+Trial ``i`` in launch order gets seed ``seed * 100003 + i`` whatever worker runs it; with one
+worker the launch order is the journal order and the search is the serial one.
+
+A trial whose worker dies (or that runs out of GPU memory) is retried once with the same design
+and seed; a second death records it with status ``failed`` and the floor reward
+(``reward.reward_floor``), which is also what the engine is told: the same treatment as a
+diverged trial, so a design that kills its worker is not proposed again and again. When
+``max(3, workers)`` trials in a row fail so, the workers are dying whatever the design and the
+search stops with an error (the finished trials stay in the journal).
 """
 from __future__ import annotations
 
@@ -28,11 +42,13 @@ from autokd.pipeline import (
     open_or_build_store,
     resolve_taps,
 )
+from autokd.search.executors import MAX_ATTEMPTS, TrialTask
 from autokd.search.journal import Journal, Trial
 from autokd.search.reward import proxy_reward, reward_floor
 from autokd.train.loop import Diverged, TrainConfig, forward_all, train_student
 
 STRATEGIES = ("mcts", "random")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -58,8 +74,21 @@ class SearchConfig:
     # None: the paper's accelerations (20% subset, 20% of the epochs, 50% sparse, offline) on the
     # data set's default schedule (pipeline.default_training).
     proxy: Optional[TrainConfig] = None
+    # Where trials run; not part of the pinned configuration (a search may resume on more or
+    # fewer workers). local + 1 worker: in this process, the serial search.
+    executor: str = "local"
+    workers: int = 1
+    ray_address: Optional[str] = None  # None: Ray's default (RAY_ADDRESS, else a local cluster)
 
     def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise PipelineError(f"search: expected executor one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise PipelineError(f"search: expected workers an integer >= 1, got {self.workers!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise PipelineError(
+                f"search: a Ray address ({self.ray_address}) needs executor 'ray', got {self.executor!r}"
+            )
         if self.strategy not in STRATEGIES:
             raise PipelineError(f"search: expected strategy one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.budget < 0:
@@ -157,12 +186,32 @@ def random_design(levels: Sequence[Dict[str, Any]], rng: random.Random) -> Dict[
     return design
 
 
+def _make_executor(cfg: SearchConfig, data, teacher, store, augment, student_taps, space, log):
+    from autokd.search import executors
+
+    if cfg.executor == "local" and cfg.workers == 1:
+        return executors.InlineExecutor(TrialRunner(cfg, data, teacher, store, augment, student_taps, log), space)
+    ctx = executors.WorkerContext(
+        cfg=cfg, teacher_checkpoint=os.path.abspath(teacher.checkpoint), teacher_hash=teacher.hash,
+        data_identity=data.identity, store_path=None if store is None else os.path.abspath(store.path),
+        student_taps=list(student_taps),
+    )
+    if cfg.executor == "local":
+        log(f"local executor: {cfg.workers} worker processes on {cfg.proxy.device}")
+        return executors.LocalExecutor(ctx, cfg.workers, cfg.proxy.device, log=log)
+    return executors.RayExecutor(ctx, cfg.workers, cfg.proxy.device, address=cfg.ray_address, log=log)
+
+
 def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: bool = True) -> SearchResult:
     from autokd.data import load_data
     from autokd.search.report import write_outputs
     from autokd.space import load_space
 
     t_start = time.perf_counter()
+    if cfg.executor == "ray":  # before the teacher is trained, not after
+        from autokd.search.executors import require_ray
+
+        require_ray()
     os.makedirs(cfg.out, exist_ok=True)
     space = load_space(cfg.space)
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -203,46 +252,88 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print, progress: 
         engine = MCTS.from_history(levels, [(t.design, t.reward) for t in done], **opts)
     if done:
         log(f"resuming: {len(done)} finished trials replayed from {journal.path}")
-    runner = TrialRunner(cfg, data, teacher, store, augment, student_taps, log)
+    executor = _make_executor(cfg, data, teacher, store, augment, student_taps, space, log)
     seen = {tuple(sorted(t.design.items())) for t in done}
+    launched = len(done)  # launch order of the next trial: its seed
+    in_flight: Dict[int, TrialTask] = {}
     new = 0
+    floor = reward_floor(data.num_classes)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.budget, initial=min(len(done), cfg.budget), desc="trials", unit="trial")
     deadline = None if cfg.time_limit is None else t_start + cfg.time_limit
+    stopping = False
+    # Workers that die on every trial (a broken node, a design-independent crash) stop the
+    # search instead of recording the whole budget as failed.
+    failed_in_a_row, max_failed_in_a_row = 0, max(3, executor.slots)
     try:
-        while len(journal) < cfg.budget:
-            if deadline is not None and time.perf_counter() >= deadline:
+        while True:
+            room = min(executor.slots - len(in_flight), cfg.budget - len(journal) - len(in_flight))
+            if room > 0 and not stopping and deadline is not None and time.perf_counter() >= deadline:
                 log(f"time limit of {cfg.time_limit:.0f} s reached after {len(journal)} trials")
+                stopping = True
+            if room > 0 and not stopping:
+                if engine is not None:
+                    proposals = engine.ask(room)
+                else:
+                    proposals = []
+                    for _ in range(room):
+                        rng = random.Random(f"{cfg.seed}:{launched + len(proposals)}")
+                        design = random_design(levels, rng)
+                        for _ in range(100):  # without replacement while the space allows
+                            if tuple(sorted(design.items())) not in seen:
+                                break
+                            design = random_design(levels, rng)
+                        seen.add(tuple(sorted(design.items())))
+                        proposals.append((None, design))
+                for trial_id, design in proposals:
+                    task = TrialTask(launched, trial_id, design, cfg.seed * 100_003 + launched)
+                    launched += 1
+                    in_flight[task.index] = task
+                    executor.submit(task)
+            if not in_flight:
                 break
-            index = len(journal)
-            if engine is not None:
-                trial_id, design = engine.ask(1)[0]
-            else:
-                rng = random.Random(f"{cfg.seed}:{index}")
-                design = random_design(levels, rng)
-                for _ in range(100):  # without replacement while the space allows
-                    if tuple(sorted(design.items())) not in seen:
-                        break
-                    design = random_design(levels, rng)
-            seed = cfg.seed * 100_003 + index
-            spec = space.spec_from_design(design)
-            res = runner.run(spec, seed)
-            reward = res["reward"]
-            if reward is None:
-                reward = reward_floor(data.num_classes)
-            if engine is not None:
-                engine.tell(trial_id, reward)
-            trial = journal.add(design, reward, res["status"], res["metrics"], res["seconds"], seed, cfg.strategy)
-            seen.add(tuple(sorted(design.items())))
-            new += 1
-            if bar is not None:
-                bar.update(1)
-                best = max(journal.trials(), key=lambda t: t.reward)
-                bar.set_postfix(reward=f"{trial.reward:.3f}", best=f"{best.reward:.3f}")
+            for out in executor.wait():
+                task = out.task
+                if out.result is None:
+                    log(f"trial {task.index} (attempt {task.attempt}): {out.died}")
+                    if task.attempt < MAX_ATTEMPTS:
+                        log(f"trial {task.index}: retrying (attempt {task.attempt + 1} of {MAX_ATTEMPTS})")
+                        retry = dataclasses.replace(task, attempt=task.attempt + 1)
+                        in_flight[task.index] = retry
+                        executor.submit(retry)
+                        continue
+                    log(f"trial {task.index}: failed {MAX_ATTEMPTS} times, recorded as failed with reward {floor:.4f}")
+                    res = {"status": "failed", "reward": None, "seconds": out.seconds,
+                           "metrics": {"error": out.died, "attempts": task.attempt}}
+                    failed_in_a_row += 1
+                else:
+                    res = out.result
+                    failed_in_a_row = 0
+                del in_flight[task.index]
+                reward = res["reward"]
+                if reward is None:
+                    reward = floor
+                if engine is not None:
+                    engine.tell(task.trial_id, reward)
+                trial = journal.add(task.design, reward, res["status"], res["metrics"], res["seconds"], task.seed,
+                                    cfg.strategy)
+                seen.add(tuple(sorted(task.design.items())))
+                new += 1
+                if bar is not None:
+                    bar.update(1)
+                    best = max(journal.trials(), key=lambda t: t.reward)
+                    bar.set_postfix(reward=f"{trial.reward:.3f}", best=f"{best.reward:.3f}")
+                if failed_in_a_row >= max_failed_in_a_row:
+                    raise PipelineError(
+                        f"{failed_in_a_row} trials in a row failed (workers died or ran out of memory; last: "
+                        f"{out.died}); stopping before the journal fills with failures. Check the "
+                        "workers' memory and logs, then run the same command to resume"
+                    )
     finally:
+        executor.close()
         if bar is not None:
             bar.close()
     trials = journal.trials()

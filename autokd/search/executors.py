@@ -1,0 +1,565 @@
+"""Where proxy trials run: in the driver (serial), in local worker processes, or as Ray tasks.
+
+The driver (``autokd.search.driver``) owns the engine and the journal; an executor only runs
+trials. It takes ``TrialTask``s (a design, its seed, the attempt number) and hands back
+``Outcome``s, one per task, in the order the trials finish:
+
+- ``InlineExecutor``: the trial runs in the driver's process (``--executor local --workers 1``,
+  the default; exactly the serial search).
+- ``LocalExecutor``: N worker processes (spawn context) started and stopped by the driver; with
+  ``--device cuda`` worker i is pinned to visible GPU ``i mod G`` through
+  ``CUDA_VISIBLE_DEVICES``; CPU workers split the cores between them.
+- ``RayExecutor``: one Ray task per trial asking for one GPU (``--device cuda``) or one CPU, on
+  a cluster given by address or a local one started for the search.
+
+What travels per task is small: a ``WorkerContext`` (the search configuration and the paths of
+the teacher checkpoint and the feature store, shipped once per worker or put once in Ray's
+object store) and the design. Each worker process opens the data, the teacher and the mmap
+store itself and keeps them for the next trials of the same search, so on a cluster ``--out``
+(teacher and store) and file-based ``--data`` must be on a file system every node can read.
+
+Failures. A worker that dies during a trial (killed, the out-of-memory killer, a segfault) or a
+trial that runs out of GPU memory is one failed *attempt*: the driver retries the trial once
+(same design, same seed) and then records it as ``failed``. Any other exception inside a trial
+is a bug or a wrong input, not bad luck, and stops the search as it does in a serial run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_connections
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from autokd.pipeline import PipelineError
+
+EXECUTORS = ("local", "ray")
+RAY_MISSING = (
+    "--executor ray needs Ray, which is not installed: pip install 'autokd[ray]' "
+    "(or pip install 'ray>=2.40'), on the driver and on every node of the cluster"
+)
+#: Test-only fault injection, honoured in worker processes only (never in the driver): a
+#: comma-separated list of ``index@attempt`` pairs; the worker running attempt ``attempt`` of
+#: the trial launched ``index``-th by the search exits on the spot with ``os._exit(137)``, as
+#: the out-of-memory killer would end it. It exercises the real death-and-retry path.
+KILL_ENV = "AUTOKD_TEST_KILL_TRIALS"
+#: Attempts per trial: the first run and one retry.
+MAX_ATTEMPTS = 2
+
+
+def require_ray():
+    """The ray module, or a PipelineError that says how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise PipelineError(RAY_MISSING) from e
+    return ray
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    index: int  # launch order in the search; seeds the trial
+    trial_id: Optional[int]  # the engine's id (None for random search)
+    design: Dict[str, str]
+    seed: int
+    attempt: int = 1
+
+
+@dataclass
+class Outcome:
+    task: TrialTask
+    result: Optional[Dict[str, Any]]  # TrialRunner.run's dict; None when the attempt died
+    died: Optional[str] = None  # why the attempt died (retryable)
+    seconds: float = 0.0  # wall time of the attempt as the driver saw it
+
+
+class TrialError(RuntimeError):
+    """An exception inside a trial that is not a worker's death (a bug): stops the search."""
+
+
+@dataclass
+class WorkerContext:
+    """What a worker needs to build its TrialRunner: the configuration, not the tensors."""
+
+    cfg: Any  # SearchConfig
+    teacher_checkpoint: str
+    teacher_hash: str
+    data_identity: str
+    store_path: Optional[str]
+    student_taps: List[str]
+
+    def key(self) -> str:
+        blob = json.dumps(
+            [self.cfg.pinned(self.data_identity, self.teacher_hash), self.cfg.data, self.cfg.teacher,
+             self.cfg.space, self.cfg.val_fraction, self.teacher_checkpoint, self.store_path,
+             self.student_taps],
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- worker side ---------------------------------------------------------------------------
+# One search's runner per worker process: data, teacher, store and the teacher's held-out
+# features are loaded on the first trial and reused by the next ones.
+_CACHE: Dict[str, Any] = {}
+
+
+def _build_runner(ctx: WorkerContext, device: str):
+    from autokd.data import load_data
+    from autokd.pipeline import load_or_train_teacher, make_augment
+    from autokd.search.driver import TrialRunner
+    from autokd.space import load_space
+    from autokd.store import FeatureStore
+
+    where = f"worker {socket.gethostname()}:{os.getpid()}"
+    cfg = dataclasses.replace(ctx.cfg, proxy=dataclasses.replace(ctx.cfg.proxy, device=device))
+    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if data.identity != ctx.data_identity:
+        raise PipelineError(
+            f"{where}: data {cfg.data!r} differs from the driver's ({data.identity} vs "
+            f"{ctx.data_identity}); every node must read the same files"
+        )
+    if not os.path.exists(ctx.teacher_checkpoint):
+        raise PipelineError(
+            f"{where}: teacher checkpoint {ctx.teacher_checkpoint} not found; on a cluster --out "
+            "must be on a file system shared by all nodes"
+        )
+    teacher = load_or_train_teacher(data, cfg.teacher, ctx.teacher_checkpoint, None, cfg.teacher_epochs,
+                                    cfg.seed, device, cfg.teacher_taps, log=lambda _m: None, progress=False)
+    if teacher.hash != ctx.teacher_hash:
+        raise PipelineError(
+            f"{where}: teacher {ctx.teacher_checkpoint} has hash {teacher.hash}, the driver's has "
+            f"{ctx.teacher_hash}; the file changed during the search"
+        )
+    store = None
+    if ctx.store_path is not None:
+        if not os.path.exists(ctx.store_path):
+            raise PipelineError(
+                f"{where}: feature store {ctx.store_path} not found; on a cluster --out must be on "
+                "a file system shared by all nodes"
+            )
+        store = FeatureStore.open(ctx.store_path, expect_teacher_hash=ctx.teacher_hash,
+                                  expect_dataset_id=ctx.data_identity)
+    runner = TrialRunner(cfg, data, teacher, store, make_augment(data, cfg.seed), ctx.student_taps,
+                         log=lambda _m: None)
+    return runner, load_space(cfg.space)
+
+
+def _cached_runner(ctx: WorkerContext, device: str):
+    key = ctx.key() + "|" + device
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _build_runner(ctx, device)
+    return _CACHE[key]
+
+
+def _maybe_die(task: TrialTask) -> None:
+    rule = os.environ.get(KILL_ENV, "")
+    if rule and f"{task.index}@{task.attempt}" in {r.strip() for r in rule.split(",")}:
+        os._exit(137)
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def _error_reply(e: BaseException) -> Tuple[str, Any]:
+    """A trial's exception as plain data (the exception object itself may not pickle)."""
+    user = isinstance(e, (PipelineError, ValueError, KeyError, FileNotFoundError))
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return ("error", (type(e).__name__, str(msg), user, "".join(traceback.format_exception(e))))
+
+
+def run_task(ctx: WorkerContext, task: TrialTask, device: str) -> Tuple[str, Any]:
+    """Run one trial in a worker; ("ok", result) | ("died", why) | ("error", details)."""
+    _maybe_die(task)
+    try:
+        runner, space = _cached_runner(ctx, device)
+        return ("ok", runner.run(space.spec_from_design(task.design), task.seed))
+    except Exception as e:  # noqa: BLE001 - sent back to the driver, which decides
+        if _is_oom(e):
+            import torch
+
+            _CACHE.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return ("died", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return _error_reply(e)
+
+
+def _raise_error(task: TrialTask, details) -> None:
+    name, msg, user, tb = details
+    if user:
+        raise PipelineError(f"trial {task.index}: {msg}")
+    raise TrialError(f"trial {task.index} raised {name}: {msg}\n--- worker traceback ---\n{tb}")
+
+
+# -- executors -----------------------------------------------------------------------------
+class InlineExecutor:
+    """The trial runs in the driver's process when the driver waits for it: a serial search."""
+
+    slots = 1
+
+    def __init__(self, runner, space):
+        self._runner, self._space = runner, space
+        self._queue: List[TrialTask] = []
+
+    def submit(self, task: TrialTask) -> None:
+        self._queue.append(task)
+
+    def wait(self) -> List[Outcome]:
+        task = self._queue.pop(0)
+        t0 = time.perf_counter()
+        try:
+            res = self._runner.run(self._space.spec_from_design(task.design), task.seed)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return [Outcome(task, None, f"out of memory: {str(e).splitlines()[0] if str(e) else 'OOM'}",
+                            time.perf_counter() - t0)]
+        return [Outcome(task, res, None, time.perf_counter() - t0)]
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # A driver killed with SIGKILL cannot stop its workers; they notice and leave.
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _local_worker_main(conn, ctx: WorkerContext, device: str, threads: int, parent_pid: int) -> None:
+    # Ctrl-C reaches the whole process group; the driver decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    import torch
+
+    torch.set_num_threads(threads)
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        reply = run_task(ctx, task, device)
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+def _visible_gpus() -> List[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "worker process stopped responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (e.g. the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"worker process killed by {name}{hint}"
+    hint = " (e.g. the out-of-memory killer)" if code == 137 else ""
+    return f"worker process exited with code {code}{hint}"
+
+
+class _Worker:
+    def __init__(self, proc, conn, gpu):
+        self.proc, self.conn, self.gpu = proc, conn, gpu
+        self.task: Optional[TrialTask] = None
+        self.started = 0.0
+        self.ready = False  # the process got as far as its loop
+
+
+class LocalExecutor:
+    """N worker processes on this machine, one trial at a time each."""
+
+    _env_lock = threading.Lock()
+
+    def __init__(self, ctx: WorkerContext, workers: int, device: str, log: Callable[[str], None] = print):
+        self.slots = workers
+        self._ctx = ctx
+        self._mp = mp.get_context("spawn")
+        self._gpus: List[Optional[str]] = [None] * workers
+        self._device = device
+        if device == "cuda":
+            gpus = _visible_gpus()
+            if not gpus:
+                raise PipelineError("--device cuda: no visible GPU")
+            self._gpus = [gpus[i % len(gpus)] for i in range(workers)]
+            if workers > len(gpus):
+                log(f"{workers} workers on {len(gpus)} GPUs: some GPUs run several trials at once")
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._threads = max(1, ncpu // workers)
+        self._workers: List[Optional[_Worker]] = [None] * workers
+        self._closed = False
+        try:
+            for i in range(workers):
+                self._workers[i] = self._start(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, slot: int) -> _Worker:
+        gpu = self._gpus[slot]
+        parent, child = self._mp.Pipe(duplex=True)
+        proc = self._mp.Process(
+            target=_local_worker_main, name=f"autokd-trial-worker-{slot}",
+            args=(child, self._ctx, self._device, self._threads, os.getpid()), daemon=True,
+        )
+        # A spawned child takes the environment of the moment it starts: pin its GPU there, so
+        # that it never initialises CUDA on the other GPUs.
+        # OpenMP pools size themselves when the process starts, so the worker's share of the
+        # cores goes there too (unless the user set it).
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(self._threads)}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        with self._env_lock:
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                proc.start()
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        child.close()
+        return _Worker(proc, parent, gpu)
+
+    def submit(self, task: TrialTask) -> None:
+        i = next((i for i, w in enumerate(self._workers) if w is None or w.task is None), None)
+        if i is None:
+            raise RuntimeError("LocalExecutor.submit: every worker is busy")
+        w = self._workers[i]
+        if w is None or not w.proc.is_alive():  # died between trials, or after a failed attempt
+            if w is not None:
+                self._stop(w, grace=0.0)
+            w = self._workers[i] = self._start(i)
+        w.task, w.started = task, time.perf_counter()
+        try:
+            w.conn.send(task)
+        except (BrokenPipeError, OSError):
+            pass  # the death is seen in wait()
+
+    def wait(self) -> List[Outcome]:
+        busy = [w for w in self._workers if w is not None and w.task is not None]
+        if not busy:
+            raise RuntimeError("LocalExecutor.wait: no trial in flight")
+        handles = {}
+        for w in busy:
+            handles[w.conn] = w
+            handles[w.proc.sentinel] = w
+        ready = wait_connections(list(handles))
+        outcomes, seen = [], set()
+        for h in ready:
+            w = handles[h]
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            task, elapsed = w.task, time.perf_counter() - w.started
+            reply = None
+            try:
+                while reply is None and w.conn.poll():
+                    msg = w.conn.recv()
+                    if msg[0] == "ready":
+                        w.ready = True
+                    else:
+                        reply = msg
+            except (EOFError, OSError):
+                reply = None
+            if reply is None:
+                if w.proc.is_alive() and w.proc.sentinel not in ready:
+                    continue  # only its start-up message
+                w.proc.join(timeout=5)
+                if not w.ready:
+                    raise PipelineError(
+                        f"a trial worker process could not start ({_describe_exit(w.proc.exitcode)}); its "
+                        "error is printed above. Worker processes are spawned and import the main module: "
+                        "a script that runs a search with several local workers must guard its entry point "
+                        "with `if __name__ == \"__main__\":`"
+                    )
+                where = f"GPU {w.gpu}, " if w.gpu is not None else ""
+                why = f"{_describe_exit(w.proc.exitcode)} ({where}pid {w.proc.pid})"
+                i = self._workers.index(w)
+                self._stop(w, grace=0.0)
+                self._workers[i] = None  # restarted on the next submit
+                outcomes.append(Outcome(task, None, why, elapsed))
+                continue
+            w.task = None
+            kind, payload = reply
+            if kind == "error":
+                _raise_error(task, payload)
+            if kind == "died":
+                outcomes.append(Outcome(task, None, payload, elapsed))
+            else:
+                outcomes.append(Outcome(task, payload, None, elapsed))
+        return outcomes
+
+    @staticmethod
+    def _stop(w: _Worker, grace: float) -> None:
+        if w.proc.is_alive() and grace > 0:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            w.proc.join(timeout=grace)
+        if w.proc.is_alive():
+            w.proc.terminate()
+            w.proc.join(timeout=5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(timeout=5)
+        w.conn.close()
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are asked to leave, busy ones are terminated."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            if w is not None and w.task is None and w.proc.is_alive():
+                try:
+                    w.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+        for i, w in enumerate(self._workers):
+            if w is not None:
+                self._stop(w, grace=5.0 if w.task is None else 0.0)
+                self._workers[i] = None
+
+
+def _ray_trial(ctx: WorkerContext, task: TrialTask, device: str, threads: int):
+    """Body of a Ray task: the same worker code as a local worker process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_task(ctx, task, device)
+
+
+class RayExecutor:
+    """One Ray task per trial (1 GPU, or ``cpus_per_trial`` CPUs), at most ``workers`` in flight."""
+
+    def __init__(self, ctx: WorkerContext, workers: int, device: str, address: Optional[str] = None,
+                 cpus_per_trial: int = 1, log: Callable[[str], None] = print):
+        ray = self._ray = require_ray()
+        self.slots = workers
+        self._owns = False
+        if ray.is_initialized():
+            if address is not None:
+                log(f"ray: already connected in this process; --ray-address {address} not used")
+        else:
+            import logging
+
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {address}" if address else "Ray"
+                raise PipelineError(f"could not start or reach {where}: {e}") from e
+            self._owns = True
+        try:
+            resources = ray.cluster_resources()
+            gpu = device.startswith("cuda")
+            if gpu and resources.get("GPU", 0) < 1:
+                if self._owns and address is None and not os.environ.get("RAY_ADDRESS"):
+                    raise PipelineError(f"--executor ray --device {device}: this machine has no GPU for Ray "
+                                        f"(resources: {_fmt_resources(resources)})")
+                # An autoscaling cluster may add GPU nodes once tasks ask for them.
+                log(f"ray: the cluster has no GPU now ({_fmt_resources(resources)}); trials wait for one")
+            if not gpu and resources.get("CPU", 0) < cpus_per_trial:
+                raise PipelineError(f"the Ray cluster has fewer than {cpus_per_trial} CPUs "
+                                    f"(resources: {_fmt_resources(resources)})")
+            # Ray pins each task to its GPU through CUDA_VISIBLE_DEVICES: "cuda" is that GPU.
+            self._device = "cuda" if gpu else device
+            opts = {"num_gpus": 1} if gpu else {"num_cpus": cpus_per_trial}
+            # Retries are the driver's (one, then the trial is recorded as failed), not Ray's.
+            self._remote = ray.remote(max_retries=0, **opts)(_ray_trial)
+            self._threads = 1 if gpu else cpus_per_trial
+            self._ctx_ref = ray.put(ctx)  # shipped once, not with every task
+            log(f"ray: {_fmt_resources(resources)}; up to {workers} trials at once, each on "
+                f"{'1 GPU' if gpu else f'{cpus_per_trial} CPU'}")
+        except BaseException:
+            self.close()
+            raise
+        self._pending: Dict[Any, Tuple[TrialTask, float]] = {}
+
+    def submit(self, task: TrialTask) -> None:
+        ref = self._remote.remote(self._ctx_ref, task, self._device, self._threads)
+        self._pending[ref] = (task, time.perf_counter())
+
+    def wait(self) -> List[Outcome]:
+        ray = self._ray
+        if not self._pending:
+            raise RuntimeError("RayExecutor.wait: no trial in flight")
+        ready, _ = ray.wait(list(self._pending), num_returns=1)
+        outcomes = []
+        for ref in ready:
+            task, t0 = self._pending.pop(ref)
+            elapsed = time.perf_counter() - t0
+            try:
+                kind, payload = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # an exception our wrapper did not catch
+                raise TrialError(f"trial {task.index}: {e}") from e
+            except ray.exceptions.RayError as e:  # the worker or its node died, Ray's OOM killer
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                why = f"Ray task failed: {type(e).__name__}: {first}"
+                outcomes.append(Outcome(task, None, why, elapsed))
+                continue
+            if kind == "error":
+                _raise_error(task, payload)
+            if kind == "died":
+                outcomes.append(Outcome(task, None, payload, elapsed))
+            else:
+                outcomes.append(Outcome(task, payload, None, elapsed))
+        return outcomes
+
+    def close(self) -> None:
+        """Stop: a cluster this search started is shut down (its tasks with it); on a cluster
+        it joined, the tasks still running are cancelled."""
+        ray = self._ray
+        pending = list(getattr(self, "_pending", {}))
+        if self._owns:
+            if ray.is_initialized():
+                ray.shutdown()
+            self._owns = False
+        else:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - best effort while stopping
+                    pass
+        if hasattr(self, "_pending"):
+            self._pending.clear()
+
+
+def _fmt_resources(res: Dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU") if k in res] or sorted(res)[:3]
+    return ", ".join(f"{res[k]:g} {k}" for k in keys)
