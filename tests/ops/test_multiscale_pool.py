@@ -63,6 +63,36 @@ def test_parity(shape, grids, layout, dtype):
     check_parity(make_input(shape, dtype, layout, requires_grad=True), grids)
 
 
+# float32 planes of >= 256 pixels take the per-plane kernel (row segments summed 16/8/4/1
+# columns at a time); smaller planes take the blocked one (16 planes per block, partial last
+# block). Widths with every tail of the row pass, grids that do not nest, many small planes,
+# and each layout.
+F32_CASES = [
+    ((2, 3, 16, 16), [1, 2, 4]),
+    ((1, 4, 17, 29), [1, 2, 3, 5, 7]),  # W = 16 + 8 + 4 + 1; bins overlap, nothing nests
+    ((3, 2, 28, 28), [1, 2, 4]),  # W = 16 + 8 + 4
+    ((1, 3, 40, 21), [2, 3, 6]),  # W = 16 + 4 + 1, no grid 1
+    ((2, 2, 64, 9), [9, 1]),  # one column per cell of the finest grid
+    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes: 15 full blocks of 16 and one of 15
+    ((3, 7, 5, 7), [1, 2, 3, 5]),  # small planes, overlapping bins
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,grids", F32_CASES)
+def test_parity_float32_paths(shape, grids, layout):
+    check_parity(make_input(shape, torch.float32, layout, requires_grad=True), grids)
+
+
+def test_float32_planes_match_float64():
+    # The float32 kernels against exact float64 sums of the same values, not only against the
+    # float32 reference (which could share an accumulation error).
+    x = torch.randn(3, 5, 23, 37)
+    grids = [1, 2, 3, 4, 6]
+    want = reference(x.double(), grids)
+    torch.testing.assert_close(multiscale_pool(x, grids).double(), want, atol=2e-6, rtol=1e-5)
+
+
 def test_default_grids():
     x = torch.randn(2, 3, 8, 8)
     out = multiscale_pool(x)
