@@ -392,6 +392,123 @@ void forward_channels_last(const at::Tensor& input, const PoolGeometry& geo, at:
   });
 }
 
+// Small planes whose grids are powers of two nested in F x F (F = 2 or 4) and whose cells
+// are KH x KW pixels with KH, KW in {1, 2, 4} (1, 2, 4 on 8 x 8, 4 x 4 or 16 x 8 planes): the
+// blocked and per-plane kernels spend more on bookkeeping than on the 16-64 pixels, so these
+// geometries get fully unrolled code. `sums` holds grid 1, grid 2, grid 4 (as far as F) in
+// that order; out[k] = sums[idx[k]] * inv[k].
+template <int F, int KH, int KW>
+__attribute__((always_inline)) inline void small_nested_planes(
+    const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
+    int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
+    bool identity, float* __restrict y) {
+  constexpr int kSums = F == 4 ? 21 : 5;
+  int64_t pn = p0 / C, pc = p0 % C;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict plane = x + pn * sN + pc * sC;
+    if (++pc == C) {
+      pc = 0;
+      ++pn;
+    }
+    float sums[kSums];
+    float* __restrict cells = sums + (F == 4 ? 5 : 1);
+    for (int i = 0; i < F; ++i) {
+      for (int j = 0; j < F; ++j) {
+        float a = 0.0f;
+        for (int u = 0; u < KH; ++u) {
+          const float* __restrict row = plane + (i * KH + u) * sH + j * KW;
+          for (int v = 0; v < KW; ++v) a += row[v];
+        }
+        cells[i * F + j] = a;
+      }
+    }
+    if constexpr (F == 4) {
+      for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 2; ++j) {
+          const float* c = cells + 2 * i * 4 + 2 * j;
+          sums[1 + 2 * i + j] = (c[0] + c[1]) + (c[4] + c[5]);
+        }
+      }
+    }
+    sums[0] = (sums[1] + sums[2]) + (sums[3] + sums[4]);
+    float* __restrict out = y + p * S;
+    if (identity) {
+      for (int k = 0; k < kSums; ++k) out[k] = sums[k] * inv[k];
+    } else {
+      for (int64_t k = 0; k < S; ++k) out[k] = sums[idx[k]] * inv[k];
+    }
+  }
+}
+
+// F * 100 + KH * 10 + KW selects the instantiation; compiled for AVX-512, AVX2 and baseline.
+AUTOKD_CLONES void small_nested_planes_f32(int code, const float* x, int64_t p0, int64_t p1,
+                                           int64_t C, int64_t sN, int64_t sC, int64_t sH,
+                                           int64_t S, const int64_t* idx, const float* inv,
+                                           bool identity, float* y) {
+#define AUTOKD_SMALL_CASE(F, KH, KW)                                                        \
+  case F * 100 + KH * 10 + KW:                                                            \
+    small_nested_planes<F, KH, KW>(x, p0, p1, C, sN, sC, sH, S, idx, inv, identity, y); \
+    break;
+  switch (code) {
+    AUTOKD_SMALL_CASE(4, 1, 1)
+    AUTOKD_SMALL_CASE(4, 1, 2)
+    AUTOKD_SMALL_CASE(4, 2, 1)
+    AUTOKD_SMALL_CASE(4, 2, 2)
+    AUTOKD_SMALL_CASE(4, 2, 4)
+    AUTOKD_SMALL_CASE(4, 4, 2)
+    AUTOKD_SMALL_CASE(4, 4, 4)
+    AUTOKD_SMALL_CASE(2, 1, 1)
+    AUTOKD_SMALL_CASE(2, 2, 2)
+    AUTOKD_SMALL_CASE(2, 4, 4)
+    default:
+      break;
+  }
+#undef AUTOKD_SMALL_CASE
+}
+
+// The code of small_nested_planes_f32 for this geometry, or 0 when it has none.
+int small_nested_code(const PoolGeometry& geo) {
+  if (!pool_grids_nest(geo)) return 0;
+  const int64_t H = geo.rows.seg_begin.back(), W = geo.cols.seg_begin.back();
+  const int64_t F = *std::max_element(geo.grids.begin(), geo.grids.end());
+  if (F != 2 && F != 4) return 0;
+  for (int64_t g : geo.grids) {
+    if (g != 1 && g != 2 && g != 4) return 0;
+  }
+  const int64_t code = F * 100 + (H / F) * 10 + W / F;
+  for (int64_t c : {411, 412, 421, 422, 424, 442, 444, 211, 222, 244}) {
+    if (c == code) return static_cast<int>(code);
+  }
+  return 0;
+}
+
+void forward_small_nested_f32(const at::Tensor& input, const PoolGeometry& geo, int code,
+                              at::Tensor& out) {
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t F = code / 100, S = geo.S;
+  // Sums are laid out grid 1, grid 2 (, grid 4): offset of grid g there.
+  auto sums_off = [](int64_t g) { return g == 1 ? 0 : g == 2 ? 1 : 5; };
+  std::vector<int64_t> idx(S);
+  std::vector<float> inv(S);
+  bool identity = S == (F == 4 ? 21 : 5);
+  for (size_t e = 0; e < geo.grids.size(); ++e) {
+    const int64_t g = geo.grids[e];
+    for (int64_t q = 0; q < g * g; ++q) {
+      const int64_t k = geo.offset[e] + q;
+      idx[k] = sums_off(g) + q;
+      inv[k] = 1.0f / static_cast<float>((H / g) * (W / g));
+      identity = identity && idx[k] == k;
+    }
+  }
+  const float* x = input.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    small_nested_planes_f32(code, x, begin, end, C, input.stride(0), input.stride(1),
+                            input.stride(2), S, idx.data(), inv.data(), identity, y);
+  });
+}
+
 at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) {
   check_multiscale_pool_inputs(input, grids);
   const PoolGeometry geo(input.size(2), input.size(3), grids);
@@ -400,8 +517,14 @@ at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) 
   const bool channels_inner = input.size(1) > 1 && input.stride(1) == 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "multiscale_pool_cpu", [&] {
+                                    int code = 0;
+                                    if constexpr (std::is_same_v<scalar_t, float>) {
+                                      if (rows_contiguous) code = small_nested_code(geo);
+                                    }
                                     if (!rows_contiguous && channels_inner) {
                                       forward_channels_last<scalar_t>(input, geo, out);
+                                    } else if (code != 0) {
+                                      forward_small_nested_f32(input, geo, code, out);
                                     } else if (std::is_same_v<scalar_t, float> &&
                                                rows_contiguous &&
                                                input.size(2) * input.size(3) >=

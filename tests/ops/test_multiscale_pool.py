@@ -65,7 +65,9 @@ def test_parity(shape, grids, layout, dtype):
 
 # float32 planes of >= 256 pixels take the per-plane kernel (row segments summed 16/8/4/1
 # columns at a time; bins of nested grids summed grid from grid, others from cell lists);
-# smaller planes take the blocked one (16 planes per block, partial last block). Widths with every tail of the row pass, grids that do not nest, many small planes,
+# smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
+# side take fully unrolled kernels, the other small planes the blocked one (16 planes per
+# block, partial last block). Widths with every tail of the row pass, grids that do not nest, many small planes,
 # and each layout.
 F32_CASES = [
     ((2, 3, 16, 16), [1, 2, 4]),
@@ -75,7 +77,13 @@ F32_CASES = [
     ((2, 2, 64, 9), [9, 1]),  # one column per cell of the finest grid
     ((2, 3, 24, 36), [2, 6, 3, 1, 6, 2]),  # nested, duplicates; 2 from 6 (3 x 3 blocks)
     ((1, 2, 32, 16), [8, 4, 1]),  # nested: 4 from 8 (2 x 2), 1 from 4 (4 x 4 blocks)
-    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes: 15 full blocks of 16 and one of 15
+    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes, unrolled kernel (F = 4, 2 x 2 cells)
+    ((2, 3, 4, 4), [1, 2, 4]),  # unrolled, 1 x 1 cells
+    ((1, 2, 16, 8), [4, 1, 2, 4]),  # unrolled, 4 x 2 cells, out of order with a duplicate
+    ((1, 2, 8, 4), [2, 4]),  # unrolled, 2 x 1 cells, no grid 1
+    ((2, 3, 4, 4), [2, 1]),  # unrolled, F = 2
+    ((2, 2, 4, 8), [2, 1]),  # nested but 2 x 4 cells: no unrolled kernel, blocked one
+    ((5, 51, 7, 7), [1, 2, 4]),  # 255 small planes, blocked: 15 full blocks of 16, one of 15
     ((3, 7, 5, 7), [1, 2, 3, 5]),  # small planes, overlapping bins
 ]
 
