@@ -482,30 +482,42 @@ int small_nested_code(const PoolGeometry& geo) {
   return 0;
 }
 
+// Output index k <-> position in the kernels' sums (grid 1 | grid 2 | grid 4 as far as F),
+// and 1 / area per k. identity: the grids are exactly 1, 2 (, 4) in that order.
+struct SmallNestedMap {
+  std::vector<int64_t> idx;
+  std::vector<float> inv;
+  bool identity = false;
+
+  SmallNestedMap(const PoolGeometry& geo, int code, int64_t H, int64_t W)
+      : idx(geo.S), inv(geo.S) {
+    const int64_t F = code / 100;
+    identity = geo.S == (F == 4 ? 21 : 5);
+    for (size_t e = 0; e < geo.grids.size(); ++e) {
+      const int64_t g = geo.grids[e];
+      const int64_t base = g == 1 ? 0 : g == 2 ? 1 : 5;
+      for (int64_t q = 0; q < g * g; ++q) {
+        const int64_t k = geo.offset[e] + q;
+        idx[k] = base + q;
+        inv[k] = 1.0f / static_cast<float>((H / g) * (W / g));
+        identity = identity && idx[k] == k;
+      }
+    }
+  }
+};
+
 void forward_small_nested_f32(const at::Tensor& input, const PoolGeometry& geo, int code,
                               at::Tensor& out) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t F = code / 100, S = geo.S;
-  // Sums are laid out grid 1, grid 2 (, grid 4): offset of grid g there.
-  auto sums_off = [](int64_t g) { return g == 1 ? 0 : g == 2 ? 1 : 5; };
-  std::vector<int64_t> idx(S);
-  std::vector<float> inv(S);
-  bool identity = S == (F == 4 ? 21 : 5);
-  for (size_t e = 0; e < geo.grids.size(); ++e) {
-    const int64_t g = geo.grids[e];
-    for (int64_t q = 0; q < g * g; ++q) {
-      const int64_t k = geo.offset[e] + q;
-      idx[k] = sums_off(g) + q;
-      inv[k] = 1.0f / static_cast<float>((H / g) * (W / g));
-      identity = identity && idx[k] == k;
-    }
-  }
+  const int64_t S = geo.S;
+  const SmallNestedMap map(geo, code, H, W);
   const float* x = input.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / (H * W));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
     small_nested_planes_f32(code, x, begin, end, C, input.stride(0), input.stride(1),
-                            input.stride(2), S, idx.data(), inv.data(), identity, y);
+                            input.stride(2), S, map.idx.data(), map.inv.data(), map.identity,
+                            y);
   });
 }
 
@@ -601,11 +613,102 @@ void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor
   });
 }
 
+// Backward of small_nested_planes: per plane the grid gradients (times 1 / area) are gathered
+// into grid 1 | grid 2 | cells, pushed down (each cell adds its grid-2 bin and grid 1), and
+// each cell's value is written to its KH x KW pixels with constant offsets. grad_input is a
+// fresh contiguous [N, C, F * KH, F * KW] tensor.
+template <int F, int KH, int KW>
+__attribute__((always_inline)) inline void small_nested_planes_backward(
+    const float* __restrict g, int64_t p0, int64_t p1, int64_t C, int64_t gN, int64_t gC,
+    int64_t gS, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
+    bool identity, float* __restrict gi) {
+  constexpr int kSums = F == 4 ? 21 : 5;
+  constexpr int W = F * KW, HW = F * KH * F * KW;
+  int64_t pn = p0 / C, pc = p0 % C;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict gp = g + pn * gN + pc * gC;
+    if (++pc == C) {
+      pc = 0;
+      ++pn;
+    }
+    float sums[kSums];
+    if (identity) {
+      for (int k = 0; k < kSums; ++k) sums[k] = gp[k * gS] * inv[k];
+    } else {
+      for (int k = 0; k < kSums; ++k) sums[k] = 0.0f;
+      for (int64_t k = 0; k < S; ++k) sums[idx[k]] += gp[k * gS] * inv[k];
+    }
+    float* __restrict cells = sums + (F == 4 ? 5 : 1);
+    for (int q = 0; q < 4; ++q) sums[1 + q] += sums[0];
+    if constexpr (F == 4) {
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) cells[i * 4 + j] += sums[1 + (i / 2) * 2 + j / 2];
+      }
+    }
+    float* __restrict out = gi + p * HW;
+    for (int i = 0; i < F; ++i) {
+      for (int u = 0; u < KH; ++u) {
+        float* __restrict row = out + (i * KH + u) * W;
+        for (int j = 0; j < F; ++j) {
+          for (int v = 0; v < KW; ++v) row[j * KW + v] = cells[i * F + j];
+        }
+      }
+    }
+  }
+}
+
+AUTOKD_CLONES void small_nested_planes_backward_f32(int code, const float* g, int64_t p0,
+                                                    int64_t p1, int64_t C, int64_t gN,
+                                                    int64_t gC, int64_t gS, int64_t S,
+                                                    const int64_t* idx, const float* inv,
+                                                    bool identity, float* gi) {
+#define AUTOKD_SMALL_CASE(F, KH, KW)                                                  \
+  case F * 100 + KH * 10 + KW:                                                      \
+    small_nested_planes_backward<F, KH, KW>(g, p0, p1, C, gN, gC, gS, S, idx, inv,  \
+                                            identity, gi);                          \
+    break;
+  switch (code) {
+    AUTOKD_SMALL_CASE(4, 1, 1)
+    AUTOKD_SMALL_CASE(4, 1, 2)
+    AUTOKD_SMALL_CASE(4, 2, 1)
+    AUTOKD_SMALL_CASE(4, 2, 2)
+    AUTOKD_SMALL_CASE(4, 2, 4)
+    AUTOKD_SMALL_CASE(4, 4, 2)
+    AUTOKD_SMALL_CASE(4, 4, 4)
+    AUTOKD_SMALL_CASE(2, 1, 1)
+    AUTOKD_SMALL_CASE(2, 2, 2)
+    AUTOKD_SMALL_CASE(2, 4, 4)
+    default:
+      break;
+  }
+#undef AUTOKD_SMALL_CASE
+}
+
+void backward_small_nested_f32(const at::Tensor& grad, const PoolGeometry& geo, int code,
+                               at::Tensor& grad_input) {
+  const int64_t N = grad_input.size(0), C = grad_input.size(1);
+  const int64_t H = grad_input.size(2), W = grad_input.size(3);
+  const SmallNestedMap map(geo, code, H, W);
+  const float* g = grad.const_data_ptr<float>();
+  float* gi = grad_input.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / (H * W));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    small_nested_planes_backward_f32(code, g, begin, end, C, grad.stride(0), grad.stride(1),
+                                     grad.stride(2), geo.S, map.idx.data(), map.inv.data(),
+                                     map.identity, gi);
+  });
+}
+
 at::Tensor multiscale_pool_backward_cpu(const at::Tensor& grad, c10::IntArrayRef input_size,
                                         c10::IntArrayRef grids) {
   check_multiscale_pool_backward_inputs(grad, input_size, grids);
   const PoolGeometry geo(input_size[2], input_size[3], grids);
   at::Tensor grad_input = at::empty(input_size, grad.options());
+  const int code = grad.scalar_type() == at::kFloat ? small_nested_code(geo) : 0;
+  if (code != 0) {
+    backward_small_nested_f32(grad, geo, code, grad_input);
+    return grad_input;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "multiscale_pool_backward_cpu",
                                   [&] { backward_planes<scalar_t>(grad, geo, grad_input); });

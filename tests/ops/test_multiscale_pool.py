@@ -312,3 +312,18 @@ def test_cuda_compile_and_errors():
     torch.testing.assert_close(x.grad, want)
     with pytest.raises(ValueError, match=_escape(RANGE + " = [1, 16], got 17")):
         multiscale_pool(x, [17])
+
+
+@pytest.mark.parametrize("grids", [[1, 2, 4], [4, 2, 4, 1]])
+def test_backward_small_nested_float32_strided_grad(grids):
+    # The unrolled small-plane backward reads grad through its strides: an expanded
+    # (stride-0) gradient from sum() and a sliced one, in and out of the identity order.
+    x = torch.randn(3, 5, 8, 8, requires_grad=True)
+    multiscale_pool(x, grids).sum().backward()
+    want = torch.autograd.grad(reference(x, grids).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
+    S = sum(s * s for s in grids)
+    g = torch.randn(3, 5, 2 * S)[:, :, ::2]
+    got = torch.ops.autokd.multiscale_pool_backward(g, [3, 5, 8, 8], grids)
+    want = torch.autograd.grad(reference(x, grids), x, g)[0]
+    torch.testing.assert_close(got, want)
