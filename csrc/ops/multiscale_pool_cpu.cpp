@@ -174,15 +174,15 @@ void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor
 // (vector adds, kept in registers across the rows), then each buffer row over the column
 // segments.
 // Bins: when the grids nest (every grid divides the largest, F, and F divides H and W, e.g.
-// 1, 2, 4 on 8 x 8 or 28 x 28) the cells are the F x F bins and every coarser grid is summed
+// 1, 2, 4 on 32 x 32 or 28 x 28) the cells are the F x F bins and every coarser grid is summed
 // from the smallest finer grid that it divides (2 x 2 blocks of grid 4 give grid 2, ...): a
 // few fixed-stride loops. Otherwise each bin sums its listed cells. Either way the sums are
 // scaled by 1 / area on the way out. Compiled for AVX-512, AVX2 and the baseline ISA (setup.py
 // builds for baseline). Planes below kPerPlaneMinPixels go to the blocked path instead.
-// Below this many pixels per plane the blocked path (forward_planes) is faster: its column
-// and bin sums are vector adds across 16 planes, while the per-plane path's are scalar
-// (measured on 8 x 8 planes, grids 1, 2, 4: ~41 vs ~46 ns per plane with nested bins, ~70
-// with per-bin cell lists).
+// Small planes without an unrolled kernel (small_nested_planes) take the blocked path
+// (forward_planes) below this many pixels: its column and bin sums are vector adds across 16
+// planes, while the per-plane path's are scalar (measured on 8 x 8 planes, grids 1, 2, 4:
+// ~41 vs ~46 ns per plane with nested bins, ~70 with per-bin cell lists; unrolled: ~13).
 constexpr int64_t kPerPlaneMinPixels = 256;
 
 // Every grid divides the largest, F, and F divides H and W: the elementary cells are then the
