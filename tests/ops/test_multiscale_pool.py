@@ -64,7 +64,8 @@ def test_parity(shape, grids, layout, dtype):
 
 
 # float32 planes of >= 256 pixels take the per-plane kernel (row segments summed 16/8/4/1
-# columns at a time; bins of nested grids summed grid from grid, others from cell lists);
+# columns at a time; bins of nested grids summed grid from grid, others from cell lists), or
+# its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide;
 # smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
 # side take fully unrolled kernels, the other small planes the blocked one (16 planes per
 # block, partial last block). Widths with every tail of the row pass, grids that do not nest, many small planes,
@@ -72,7 +73,9 @@ def test_parity(shape, grids, layout, dtype):
 F32_CASES = [
     ((2, 3, 16, 16), [1, 2, 4]),
     ((1, 4, 17, 29), [1, 2, 3, 5, 7]),  # W = 16 + 8 + 4 + 1; bins overlap, nothing nests
-    ((3, 2, 28, 28), [1, 2, 4]),  # W = 16 + 8 + 4
+    ((3, 2, 28, 28), [1, 2, 4]),  # W = 16 + 8 + 4; unrolled large kernel, 7-wide cells
+    ((1, 3, 20, 28), [2, 1, 2]),  # unrolled large kernel, F = 2, 14-wide cells, duplicate
+    ((2, 2, 16, 64), [4, 1]),  # unrolled large kernel, 16-wide cells, no grid 2
     ((1, 3, 40, 21), [2, 3, 6]),  # W = 16 + 4 + 1, no grid 1
     ((2, 2, 64, 9), [9, 1]),  # one column per cell of the finest grid
     ((2, 3, 24, 36), [2, 6, 3, 1, 6, 2]),  # nested, duplicates; 2 from 6 (3 x 3 blocks)
