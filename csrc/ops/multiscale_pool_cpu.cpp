@@ -419,8 +419,8 @@ __attribute__((always_inline)) inline void nested_bins_out(float* __restrict sum
 
 // Large planes (>= kPerPlaneMinPixels) with the same power-of-two grids nested in F x F cells
 // KW pixels wide: the per-plane kernel's row pass with W = F * KW known at compile time, the
-// column segments as constant-width sums, and the bins of nested_bins_out (measured on
-// 28 x 28 and 32 x 32 planes: the runtime column and bin stages were about half the time).
+// column segments as constant-width sums, and the bins of nested_bins_out (on 28 x 28 planes
+// the runtime column and bin stages were about half the time).
 template <int F, int KW>
 __attribute__((always_inline)) inline void large_nested_planes(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
@@ -478,12 +478,10 @@ AUTOKD_CLONES void large_nested_planes_f32(int code, const float* x, int64_t p0,
     AUTOKD_LARGE_CASE(4, 2)
     AUTOKD_LARGE_CASE(4, 4)
     AUTOKD_LARGE_CASE(4, 7)
-    AUTOKD_LARGE_CASE(4, 8)
     AUTOKD_LARGE_CASE(4, 14)
     AUTOKD_LARGE_CASE(4, 16)
     AUTOKD_LARGE_CASE(2, 4)
     AUTOKD_LARGE_CASE(2, 7)
-    AUTOKD_LARGE_CASE(2, 8)
     AUTOKD_LARGE_CASE(2, 14)
     AUTOKD_LARGE_CASE(2, 16)
     default:
@@ -593,7 +591,11 @@ struct SmallNestedMap {
 };
 
 // The code of large_nested_planes_f32 (F * 100 + KW) for planes of >= kPerPlaneMinPixels with
-// power-of-two grids nested in F x F cells, or 0.
+// power-of-two grids nested in F x F cells, or 0. 8-wide cells (32 x 32 planes with grids
+// 1, 2, 4) are left to pool_planes_f32, which measured faster there (0.47-0.50 vs 0.56-0.68 ms
+// for 64x64x32x32, one thread); the others measured faster unrolled (8 x 512 x 28 x 28 0.28 vs
+// 0.49 ms, 8 x 128 x 56 x 56 0.28 vs 0.32, 64 x 64 x 32 x 8 0.10 vs 0.31, 8 x 128 x 64 x 64
+// 0.54 vs 0.59) or equal (64 x 128 x 16 x 16 0.37).
 int large_nested_code(const PoolGeometry& geo) {
   if (!pool_grids_nest(geo)) return 0;
   const int64_t H = geo.rows.seg_begin.back(), W = geo.cols.seg_begin.back();
@@ -604,7 +606,7 @@ int large_nested_code(const PoolGeometry& geo) {
     if (g != 1 && g != 2 && g != 4) return 0;
   }
   const int64_t code = F * 100 + W / F;
-  for (int64_t c : {402, 404, 407, 408, 414, 416, 204, 207, 208, 214, 216}) {
+  for (int64_t c : {402, 404, 407, 414, 416, 204, 207, 214, 216}) {
     if (c == code) return static_cast<int>(code);
   }
   return 0;
