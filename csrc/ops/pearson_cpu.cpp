@@ -140,6 +140,83 @@ inline void grad_row(const acc_t* p, const acc_t* q, int64_t n, const acc_t* col
   }
 }
 
+// One float32 row pair with unit column stride, fused: the maxima from the inputs, then one
+// loop of exps (unnormalised, into pb/qb) and their sums, then the moments loop with the
+// normalisation folded in (p = e_p / z_p). Against load + softmax + moments this drops a copy
+// and a scaling sweep of both rows. The column sums go to float partial sums `col` (kept in L1
+// for K up to ~1500), which the caller adds into the double sums every kColBlock rows: float
+// error over so few shifted terms stays ~1e-6 relative, and the double read-modify-writes per
+// element (five, 8 lanes each) were the largest cost after the exps. With `keep`, the
+// normalised rows are written back to pb/qb for the backward.
+template <bool keep>
+__attribute__((always_inline)) inline void fused_row_body(const float* __restrict s,
+                                                          const float* __restrict t, int64_t n,
+                                                          float it, float c, const float* cp,
+                                                          const float* cq, float* col,
+                                                          float* __restrict pb,
+                                                          float* __restrict qb, float* row) {
+  float ms = s[0], mt = t[0];
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 1; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  ms *= it;
+  mt *= it;
+  float zp = 0, zq = 0;
+#pragma omp simd reduction(+ : zp, zq)
+  for (int64_t j = 0; j < n; ++j) {
+    pb[j] = fast_exp(s[j] * it - ms);
+    qb[j] = fast_exp(t[j] * it - mt);
+    zp += pb[j];
+    zq += qb[j];
+  }
+  const float izp = 1.0f / zp, izq = 1.0f / zq;
+  float su = 0, sv = 0, suv = 0, suu = 0, svv = 0;
+  float* __restrict cu = col + kSu * n;
+  float* __restrict cv = col + kSv * n;
+  float* __restrict cuv = col + kSuv * n;
+  float* __restrict cuu = col + kSuu * n;
+  float* __restrict cvv = col + kSvv * n;
+#pragma omp simd reduction(+ : su, sv, suv, suu, svv)
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = pb[j] * izp, qj = qb[j] * izq;
+    if constexpr (keep) {
+      pb[j] = pj;
+      qb[j] = qj;
+    }
+    const float u = pj - c, v = qj - c;
+    su += u;
+    sv += v;
+    suv += u * v;
+    suu += u * u;
+    svv += v * v;
+    const float ud = pj - cp[j], vd = qj - cq[j];
+    cu[j] += ud;
+    cv[j] += vd;
+    cuv[j] += ud * vd;
+    cuu[j] += ud * ud;
+    cvv[j] += vd * vd;
+  }
+  row[kSu] = su;
+  row[kSv] = sv;
+  row[kSuv] = suv;
+  row[kSuu] = suu;
+  row[kSvv] = svv;
+}
+
+constexpr int64_t kColBlock = 32;
+
+AUTOKD_CLONES void fused_row_f32(const float* s, const float* t, int64_t n, float it, float c,
+                                 const float* cp, const float* cq, float* col, float* pb,
+                                 float* qb, float* row, bool keep) {
+  if (keep) {
+    fused_row_body<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+  } else {
+    fused_row_body<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 inline void load_row(const scalar_t* p, int64_t stride, int64_t n, acc_t* buf) {
   for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * stride]);
@@ -186,13 +263,32 @@ PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double 
     m.shift[K + k] = cq[k];
   }
   std::vector<std::vector<double>> cols(parts);
+  const bool fused =
+      std::is_same_v<scalar_t, float> && s.stride(1) == 1 && t.stride(1) == 1;
   at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> pb(K), qb(K);
+    std::vector<float> fcol(fused ? kMoments * K : 0);
     for (int64_t i = i0; i < i1; ++i) {
       cols[i].assign(kMoments * K, 0.0);
       for (int64_t n = bounds[i]; n < bounds[i + 1]; ++n) {
         acc_t* pr = keep_p != nullptr ? keep_p + n * K : pb.data();
         acc_t* qr = keep_q != nullptr ? keep_q + n * K : qb.data();
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (fused) {
+            float row[kMoments];
+            fused_row_f32(sp + n * s.stride(0), tp + n * t.stride(0), K, it, c, cp.data(),
+                          cq.data(), fcol.data(), pr, qr, row, keep_p != nullptr);
+            for (int j = 0; j < kMoments; ++j) m.row[n * kMoments + j] = row[j];
+            if ((n - bounds[i] + 1) % kColBlock == 0 || n + 1 == bounds[i + 1]) {
+              double* col = cols[i].data();
+              for (int64_t j = 0; j < kMoments * K; ++j) {
+                col[j] += fcol[j];
+                fcol[j] = 0.0f;
+              }
+            }
+            continue;
+          }
+        }
         load_row(sp + n * s.stride(0), s.stride(1), K, pr);
         load_row(tp + n * t.stride(0), t.stride(1), K, qr);
         softmax_inplace(pr, K, it);

@@ -63,6 +63,49 @@ def test_parity(shape, grids, layout, dtype):
     check_parity(make_input(shape, dtype, layout, requires_grad=True), grids)
 
 
+# float32 planes of >= 256 pixels take the per-plane kernel (row segments summed 16/8/4/1
+# columns at a time; bins of nested grids summed grid from grid, others from cell lists), or
+# its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide;
+# smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
+# side take fully unrolled kernels, the other small planes the blocked one (16 planes per
+# block, partial last block). Widths with every tail of the row pass, grids that do not nest, many small planes,
+# and each layout.
+F32_CASES = [
+    ((2, 3, 16, 16), [1, 2, 4]),
+    ((1, 4, 17, 29), [1, 2, 3, 5, 7]),  # W = 16 + 8 + 4 + 1; bins overlap, nothing nests
+    ((3, 2, 28, 28), [1, 2, 4]),  # W = 16 + 8 + 4; unrolled large kernel, 7-wide cells
+    ((1, 3, 20, 28), [2, 1, 2]),  # unrolled large kernel, F = 2, 14-wide cells, duplicate
+    ((2, 2, 16, 64), [4, 1]),  # unrolled large kernel, 16-wide cells, no grid 2
+    ((1, 3, 40, 21), [2, 3, 6]),  # W = 16 + 4 + 1, no grid 1
+    ((2, 2, 64, 9), [9, 1]),  # one column per cell of the finest grid
+    ((2, 3, 24, 36), [2, 6, 3, 1, 6, 2]),  # nested, duplicates; 2 from 6 (3 x 3 blocks)
+    ((1, 2, 32, 16), [8, 4, 1]),  # nested: 4 from 8 (2 x 2), 1 from 4 (4 x 4 blocks)
+    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes, unrolled kernel (F = 4, 2 x 2 cells)
+    ((2, 3, 4, 4), [1, 2, 4]),  # unrolled, 1 x 1 cells
+    ((1, 2, 16, 8), [4, 1, 2, 4]),  # unrolled, 4 x 2 cells, out of order with a duplicate
+    ((1, 2, 8, 4), [2, 4]),  # unrolled, 2 x 1 cells, no grid 1
+    ((2, 3, 4, 4), [2, 1]),  # unrolled, F = 2
+    ((2, 2, 4, 8), [2, 1]),  # nested but 2 x 4 cells: no unrolled kernel, blocked one
+    ((5, 51, 7, 7), [1, 2, 4]),  # 255 small planes, blocked: 15 full blocks of 16, one of 15
+    ((3, 7, 5, 7), [1, 2, 3, 5]),  # small planes, overlapping bins
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,grids", F32_CASES)
+def test_parity_float32_paths(shape, grids, layout):
+    check_parity(make_input(shape, torch.float32, layout, requires_grad=True), grids)
+
+
+def test_float32_planes_match_float64():
+    # The float32 kernels against exact float64 sums of the same values, not only against the
+    # float32 reference (which could share an accumulation error).
+    x = torch.randn(3, 5, 23, 37)
+    grids = [1, 2, 3, 4, 6]
+    want = reference(x.double(), grids)
+    torch.testing.assert_close(multiscale_pool(x, grids).double(), want, atol=2e-6, rtol=1e-5)
+
+
 def test_default_grids():
     x = torch.randn(2, 3, 8, 8)
     out = multiscale_pool(x)
@@ -272,3 +315,18 @@ def test_cuda_compile_and_errors():
     torch.testing.assert_close(x.grad, want)
     with pytest.raises(ValueError, match=_escape(RANGE + " = [1, 16], got 17")):
         multiscale_pool(x, [17])
+
+
+@pytest.mark.parametrize("grids", [[1, 2, 4], [4, 2, 4, 1]])
+def test_backward_small_nested_float32_strided_grad(grids):
+    # The unrolled small-plane backward reads grad through its strides: an expanded
+    # (stride-0) gradient from sum() and a sliced one, in and out of the identity order.
+    x = torch.randn(3, 5, 8, 8, requires_grad=True)
+    multiscale_pool(x, grids).sum().backward()
+    want = torch.autograd.grad(reference(x, grids).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
+    S = sum(s * s for s in grids)
+    g = torch.randn(3, 5, 2 * S)[:, :, ::2]
+    got = torch.ops.autokd.multiscale_pool_backward(g, [3, 5, 8, 8], grids)
+    want = torch.autograd.grad(reference(x, grids), x, g)[0]
+    torch.testing.assert_close(got, want)
