@@ -49,12 +49,12 @@ class SoftmaxKlFunction : public torch::autograd::Function<SoftmaxKlFunction> {
     auto [loss, student_grad] = softmax_kl_below_autograd(student, teacher, tau, with_grad);
     ctx->mark_non_differentiable({student_grad});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["tau"] = tau;
-    ctx->saved_data["with_grad"] = with_grad;
+    // What was saved tells the backward which case it is in (one tensor: the gradient).
     if (with_grad) {
       ctx->save_for_backward({student_grad});
     } else {  // called without the gradient (not through autokd.ops.softmax_kl): recompute it
       ctx->save_for_backward({student, teacher});
+      ctx->saved_data["tau"] = tau;
     }
     return {loss, student_grad};
   }
@@ -66,7 +66,7 @@ class SoftmaxKlFunction : public torch::autograd::Function<SoftmaxKlFunction> {
     if (ctx->needs_input_grad(0) && grad.defined()) {
       const auto saved = ctx->get_saved_variables();
       at::Tensor student_grad;
-      if (ctx->saved_data["with_grad"].toBool()) {
+      if (saved.size() == 1) {
         student_grad = saved[0];
       } else {
         student_grad =

@@ -152,16 +152,21 @@ __attribute__((always_inline)) inline void kl_chunk_body(const acc_t* x, const a
   st.a += sa;
 }
 
-inline double row_kl(const KlState& st) {
-  // One log of the ratio instead of log(zx) - log(zy): both z are in [1, L].
-  return st.a / st.zy - st.my + st.mx + std::log(st.zx / st.zy);
+// A row's KL = lin + log(ratio). The log is left to the caller, which takes it of products of
+// many rows' ratios (see softmax_kl_cpu): one libm log per row costs a tenth of a short row.
+struct RowKl {
+  double lin, ratio;
+};
+
+inline RowKl row_kl(const KlState& st) {
+  return {st.a / st.zy - st.my + st.mx, st.zx / st.zy};  // zx, zy in [1, L]
 }
 
 // KL of one buffered row: x, y are its L contiguous student and teacher values. With grad, the
 // exps are kept in ex, ey (L each, may alias x, y) and g (L, may alias ex) receives
 // c * (softmax(x * it) - softmax(y * it)). Maxima first (exact, no rescaling), then the exps.
 template <typename acc_t, bool grad>
-__attribute__((always_inline)) inline double kl_row_body(const acc_t* x, const acc_t* y,
+__attribute__((always_inline)) inline RowKl kl_row_body(const acc_t* x, const acc_t* y,
                                                          int64_t L, acc_t it, acc_t c, acc_t* ex,
                                                          acc_t* ey, acc_t* g) {
   acc_t rmx, rmy;
@@ -239,7 +244,7 @@ __attribute__((always_inline)) inline float hmax16(f32x16 v) {
 }
 
 template <bool grad>
-__attribute__((always_inline)) inline double kl_row_vec(const float* x, const float* y,
+__attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const float* y,
                                                         int64_t L, float it, float c, float* ex,
                                                         float* ey, float* g) {
   const int64_t nv = L - L % kVec;  // whole vectors; L >= kVec
@@ -310,11 +315,11 @@ AUTOKD_CLONES void kl_chunk_f32(const float* x, const float* y, int64_t n, float
                                 KlState& st) {
   kl_chunk_body<float>(x, y, n, it, st);
 }
-AUTOKD_CLONES double kl_row_f32(const float* x, const float* y, int64_t L, float it) {
+AUTOKD_CLONES RowKl kl_row_f32(const float* x, const float* y, int64_t L, float it) {
   if (L < kVec) return kl_row_body<float, false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
   return kl_row_vec<false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
 }
-AUTOKD_CLONES double kl_row_grad_f32(const float* x, const float* y, int64_t L, float it,
+AUTOKD_CLONES RowKl kl_row_grad_f32(const float* x, const float* y, int64_t L, float it,
                                      float c, float* ex, float* ey, float* g) {
   if (L < kVec) return kl_row_body<float, true>(x, y, L, it, c, ex, ey, g);
   return kl_row_vec<true>(x, y, L, it, c, ex, ey, g);
@@ -335,7 +340,7 @@ inline void kl_chunk(const acc_t* x, const acc_t* y, int64_t n, acc_t it, KlStat
 }
 
 template <typename acc_t>
-inline double kl_row(const acc_t* x, const acc_t* y, int64_t L, acc_t it, acc_t c, acc_t* ex,
+inline RowKl kl_row(const acc_t* x, const acc_t* y, int64_t L, acc_t it, acc_t c, acc_t* ex,
                      acc_t* ey, acc_t* g) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (g != nullptr) return kl_row_grad_f32(x, y, L, it, c, ex, ey, g);
@@ -470,11 +475,11 @@ inline int64_t row_grain(int64_t row_len) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1));
 }
 
-// Per-row KL into kl[r]; with grad != nullptr also d loss / d student into *grad, where
-// c = tau / R is the loss's factor on softmax(x) - softmax(y).
+// Per-row KL (its two parts, see RowKl) into kl[r]; with grad != nullptr also d loss / d student
+// into *grad, where c = tau / R is the loss's factor on softmax(x) - softmax(y).
 template <typename scalar_t>
 void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* grad,
-             std::vector<double>& kl) {
+             std::vector<RowKl>& kl) {
   using acc_t = at::opmath_type<scalar_t>;
   std::array<RowLayout, 3> l;
   if (grad != nullptr) {
@@ -570,11 +575,13 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   });
 }
 
+inline int64_t kl_row_length(const at::Tensor& t) { return t.numel() / t.size(0); }
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
                                                   const at::Tensor& teacher, double tau,
                                                   bool with_grad) {
   check_softmax_kl_inputs("softmax_kl", student, teacher, tau);
-  std::vector<double> kl(student.size(0));
+  std::vector<RowKl> kl(student.size(0));
   // Same strides as the student where it is dense (e.g. the channel view), so the gradient
   // flows back through views without a copy.
   at::Tensor grad = with_grad ? at::empty_like(student) : student.new_empty({0});
@@ -583,8 +590,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
                                     kl_rows<scalar_t>(student, teacher, tau,
                                                       with_grad ? &grad : nullptr, kl);
                                   });
-  double sum = 0;  // fixed order: the result does not depend on the thread count
-  for (double v : kl) sum += v;
+  // Fixed order: the result does not depend on the thread count. Each ratio is in [1/L, L]
+  // with L < 2^bits, so a product of `group` of them stays within 2^+-960 (double range).
+  const int64_t rows = static_cast<int64_t>(kl.size());
+  const int64_t bits = 64 - __builtin_clzll(static_cast<uint64_t>(kl_row_length(student)));
+  const int64_t group = std::max<int64_t>(1, 960 / bits);
+  double sum = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += group) {
+    double product = 1;
+    for (int64_t r = r0; r < std::min(rows, r0 + group); ++r) {
+      sum += kl[r].lin;
+      product *= kl[r].ratio;
+    }
+    sum += std::log(product);
+  }
   at::Tensor loss =
       at::scalar_tensor(sum * tau * tau / static_cast<double>(kl.size()), student.options());
   return {loss, grad};
