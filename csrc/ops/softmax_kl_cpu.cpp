@@ -267,12 +267,12 @@ __attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const flo
   // stores would stall on store forwarding. Its live lanes start the first chunk's sums.
   f32x16 sx = zero, sy = zero, sa = zero, et = zero, ft = zero;
   if (nv < L) {
-    const f32x16 xs = load16(x + o) * it, ys = load16(y + o) * it;
-    et = fast_exp(xs - mx);
-    ft = fast_exp(ys - my);
+    const f32x16 xv = load16(x + o), yv = load16(y + o);
+    et = fast_exp(xv * it - mx);
+    ft = fast_exp(yv * it - my);
     sx = live ? et : zero;
     sy = live ? ft : zero;
-    sa = live ? ft * (ys - xs) : zero;
+    sa = live ? ft * (yv - xv) : zero;
   }
   KlState st;
   st.mx = mx;
@@ -281,11 +281,12 @@ __attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const flo
   for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
     const int64_t j1 = std::min(j0 + kChunk, nv);
     for (int64_t j = j0; j < j1; j += kVec) {
-      const f32x16 xs = load16(x + j) * it, ys = load16(y + j) * it;
-      const f32x16 e = fast_exp(xs - mx), f = fast_exp(ys - my);
+      // x * it - mx is one fused op; sa sums f (y - x) and takes its factor it at the end.
+      const f32x16 xv = load16(x + j), yv = load16(y + j);
+      const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
       sx += e;
       sy += f;
-      sa += f * (ys - xs);
+      sa += f * (yv - xv);
       if constexpr (grad) {
         store16(ex + j, e);
         store16(ey + j, f);
@@ -293,7 +294,7 @@ __attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const flo
     }
     st.zx += hsum16(sx);
     st.zy += hsum16(sy);
-    st.a += hsum16(sa);
+    st.a += static_cast<double>(hsum16(sa)) * it;
     sx = sy = sa = zero;
   }
   if constexpr (grad) {
@@ -575,25 +576,12 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   });
 }
 
-inline int64_t kl_row_length(const at::Tensor& t) { return t.numel() / t.size(0); }
-
-std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
-                                                  const at::Tensor& teacher, double tau,
-                                                  bool with_grad) {
-  check_softmax_kl_inputs("softmax_kl", student, teacher, tau);
-  std::vector<RowKl> kl(student.size(0));
-  // Same strides as the student where it is dense (e.g. the channel view), so the gradient
-  // flows back through views without a copy.
-  at::Tensor grad = with_grad ? at::empty_like(student) : student.new_empty({0});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "softmax_kl_cpu", [&] {
-                                    kl_rows<scalar_t>(student, teacher, tau,
-                                                      with_grad ? &grad : nullptr, kl);
-                                  });
-  // Fixed order: the result does not depend on the thread count. Each ratio is in [1/L, L]
-  // with L < 2^bits, so a product of `group` of them stays within 2^+-960 (double range).
+// Sum of the rows' KL in a fixed order: the result does not depend on the thread count. Each
+// ratio is in [1/L, L] with L < 2^bits, so a product of `group` of them stays within 2^+-960,
+// far inside the double range, and one log serves the whole group.
+double sum_kl(const std::vector<RowKl>& kl, int64_t L) {
   const int64_t rows = static_cast<int64_t>(kl.size());
-  const int64_t bits = 64 - __builtin_clzll(static_cast<uint64_t>(kl_row_length(student)));
+  const int64_t bits = 64 - __builtin_clzll(static_cast<uint64_t>(L));
   const int64_t group = std::max<int64_t>(1, 960 / bits);
   double sum = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += group) {
@@ -604,8 +592,26 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
     }
     sum += std::log(product);
   }
-  at::Tensor loss =
-      at::scalar_tensor(sum * tau * tau / static_cast<double>(kl.size()), student.options());
+  return sum;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
+                                                  const at::Tensor& teacher, double tau,
+                                                  bool with_grad) {
+  check_softmax_kl_inputs("softmax_kl", student, teacher, tau);
+  const int64_t rows = student.size(0);
+  std::vector<RowKl> kl(rows);
+  // Same strides as the student where it is dense (e.g. the channel view), so the gradient
+  // flows back through views without a copy.
+  at::Tensor grad = with_grad ? at::empty_like(student) : student.new_empty({0});
+  at::Tensor loss = at::empty({}, student.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_cpu", [&] {
+        kl_rows<scalar_t>(student, teacher, tau, with_grad ? &grad : nullptr, kl);
+        // Written in place: at::scalar_tensor would cost one more dispatched op (fill_).
+        const double value = sum_kl(kl, student.numel() / rows) * tau * tau / rows;
+        *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+      });
   return {loss, grad};
 }
 
