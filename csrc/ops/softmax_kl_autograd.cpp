@@ -2,18 +2,21 @@
 // backward is one device-agnostic multiply). Math and layouts: softmax_kl.h.
 //
 // Why C++ and not torch.library.register_autograd in autokd/ops/softmax_kl.py like the other
-// ops: softmax_kl is also the logit-KD loss, called once per step on small inputs such as
-// [128, 100] logits, where the kernel itself takes ~20 us. There the Python autograd glue
-// (setup_context in the forward, the backward function and its context in the backward) cost
-// ~30 us per call, more than the kernel, and kept forward+backward under 2x the eager
-// reference. This file does the same work without leaving C++:
+// ops: the cost per call at small sizes. softmax_kl is also the logit-KD loss, called once per
+// step on inputs such as [128, 100] logits. There the Python autograd glue (setup_context in
+// the forward, the backward function and its context in the backward) cost ~11 + ~18 us per
+// call, more than the kernel (~21 us then), and held forward+backward at 1.8x the eager
+// reference; this node costs ~2 us (benchmarks/results/ops-kl.md). It does the same work
+// without leaving C++:
 // - forward: the op below autograd; with with_grad its second result, d loss / d student for
 //   a unit upstream gradient, is saved (without with_grad the inputs are saved instead);
 // - backward: grad * saved gradient (or the gradient recomputed by the op when it was not
 //   saved); the teacher is a constant and gets no gradient; the second result is
 //   non-differentiable and gets no zero-filled gradient (materialize_grads off).
 // When grad mode is off or no input requires grad, the op runs below autograd with no node.
-// The fake (meta) kernel stays in Python (autokd/ops/softmax_kl.py).
+// The fake (meta) kernel stays in Python (autokd/ops/softmax_kl.py). torch.func transforms
+// that differentiate (grad, vjp) refuse C++ autograd Functions; they did not support the
+// Python registration either (no vmap rule), and vmap without gradients still works.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

@@ -7,11 +7,18 @@
 // loop does the exps and sums. With with_grad the same loop keeps exp(x - mx) and exp(y - my)
 // in the scratch row and a last loop writes the gradient from them: loss and gradient together
 // cost 2 exps per element pair (the autograd backward only scales the saved gradient).
+// float rows of at least 16 elements run this on 16-float vectors (kl_row_vec): short rows
+// such as [128, 100] logits would otherwise spend as long in the scalar tail of each loop
+// (4 of 100 elements, two exps each, one lane at a time) and in the horizontal sums as in the
+// vector body. A whole row is one call, and the per-row log is taken once per group of rows.
+// Small inputs run on the calling thread (at::parallel_for opens no parallel region below
+// the grain), so a logit-sized call pays no OpenMP start-up.
 //
 // Longer rows stream in chunks of kChunk elements with an online (max, sum): a chunk's max is
 // found first so the running pair is rescaled once per chunk, not once per element; with
 // with_grad a second sweep recomputes the exps for the gradient. Contiguous rows of the
-// accumulation type also stream when no gradient is wanted (one read of each input).
+// accumulation type longer than kChunk also stream when no gradient is wanted (one read of
+// each input).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
