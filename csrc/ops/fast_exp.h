@@ -64,8 +64,9 @@ __attribute__((always_inline)) inline double fast_exp(double x) { return std::ex
 //
 // These vectors only live inside always_inline functions and the cloned functions that inline
 // them, never crossing a call, so GCC's note that passing them changes the ABI without
-// AVX-512 (-Wpsabi) does not apply.
+// AVX-512 (-Wpsabi) does not apply; files defining such functions silence it around them.
 #if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 using f32x16 = float __attribute__((vector_size(64)));
@@ -89,5 +90,8 @@ __attribute__((always_inline)) inline f32x16 fast_exp(f32x16 x) {
   const i32x16 bits = (__builtin_bit_cast(i32x16, shifted) - 0x4B400000 + 127) << 23;
   return er * __builtin_bit_cast(f32x16, bits);
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace autokd
