@@ -124,7 +124,7 @@ __attribute__((always_inline)) inline void exp_sums(const acc_t* x, const acc_t*
       sx += live ? e : acc_t(0);
       sy += live ? f : acc_t(0);
       sa += live ? f * (ys - xs) : acc_t(0);
-      if constexpr (store) {  // a blend, not a branch: the loop stays vectorised
+      if constexpr (store) {  // a blend rather than a branch
         ex[o + j] = live ? e : ex[o + j];
         ey[o + j] = live ? f : ey[o + j];
       }
