@@ -57,4 +57,41 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
 
 __attribute__((always_inline)) inline double fast_exp(double x) { return std::exp(x); }
 
+// 16 floats as one GCC vector: one AVX-512 register, two AVX2 or four SSE ones, whichever ISA
+// the caller is compiled for (AUTOKD_CLONES). Loops written over whole vectors with this type
+// need no scalar tail: the last, partial vector of a row is a masked one (softmax_kl's
+// short-row kernel), where an auto-vectorised loop runs its tail one exp per element.
+//
+// These vectors only live inside always_inline functions and the cloned functions that inline
+// them, never crossing a call, so GCC's note that passing them changes the ABI without
+// AVX-512 (-Wpsabi) does not apply; files defining such functions silence it around them.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+using f32x16 = float __attribute__((vector_size(64)));
+using i32x16 = int32_t __attribute__((vector_size(64)));
+
+// fast_exp(float) above on 16 lanes: the same clamp, reduction and polynomial.
+__attribute__((always_inline)) inline f32x16 fast_exp(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.3f;
+  x = x > lo ? x : lo;  // a lane select; NaN lanes become lo, as in the scalar version
+  const f32x16 shifted = x * 1.44269504088896341f + 12582912.0f;
+  const f32x16 n = shifted - 12582912.0f;
+  f32x16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  f32x16 p = f32x16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const f32x16 er = p * r * r + r + 1.0f;
+  const i32x16 bits = (__builtin_bit_cast(i32x16, shifted) - 0x4B400000 + 127) << 23;
+  return er * __builtin_bit_cast(f32x16, bits);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace autokd

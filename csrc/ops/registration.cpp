@@ -10,7 +10,9 @@ TORCH_LIBRARY(autokd, m) {
   // (L = A*B), any strides, never copied (logits, N*C x H*W, N x C*H*W, and the channel view
   // f.view(N, C, H*W).transpose(0, 1)). Returns (loss, student_grad): with with_grad,
   // student_grad = d loss / d student for a unit upstream gradient (the autograd backward
-  // scales it; the teacher gets none), else an empty [0] tensor.
+  // scales it; the teacher gets none), else an empty [0] tensor. Unlike the other ops, its
+  // autograd is registered in C++ (softmax_kl_autograd.cpp): at logit sizes the Python
+  // autograd glue cost more than the kernel. Its fake kernel stays in Python.
   m.def(
       "softmax_kl(Tensor student, Tensor teacher, float tau, bool with_grad) -> "
       "(Tensor, Tensor)");

@@ -7,11 +7,18 @@
 // loop does the exps and sums. With with_grad the same loop keeps exp(x - mx) and exp(y - my)
 // in the scratch row and a last loop writes the gradient from them: loss and gradient together
 // cost 2 exps per element pair (the autograd backward only scales the saved gradient).
+// float rows of at least 16 elements run this on 16-float vectors (kl_row_vec): short rows
+// such as [128, 100] logits would otherwise spend as long in the scalar tail of each loop
+// (4 of 100 elements, two exps each, one lane at a time) and in the horizontal sums as in the
+// vector body. A whole row is one call, and the per-row log is taken once per group of rows.
+// Small inputs run on the calling thread (at::parallel_for opens no parallel region below
+// the grain), so a logit-sized call pays no OpenMP start-up.
 //
 // Longer rows stream in chunks of kChunk elements with an online (max, sum): a chunk's max is
 // found first so the running pair is rescaled once per chunk, not once per element; with
 // with_grad a second sweep recomputes the exps for the gradient. Contiguous rows of the
-// accumulation type also stream when no gradient is wanted (one read of each input).
+// accumulation type longer than kChunk also stream when no gradient is wanted (one read of
+// each input).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,6 +36,13 @@
 #include "fast_exp.h"
 #include "softmax_kl.h"
 
+// 16-float vectors are passed between always_inline helpers below (see fast_exp.h); GCC's
+// -Wpsabi note about their calling convention without AVX-512 concerns no real call. GCC
+// reports it at the end of the file, so it is silenced for the whole file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace autokd {
 namespace {
 
@@ -42,21 +56,94 @@ struct KlState {
   double mx = kNegInf, zx = 0, my = kNegInf, zy = 0, a = 0;
 };
 
+// Loops run over whole blocks of kVec elements (one AVX-512 register of floats, two AVX2 ones):
+// the last n % kVec elements of a row of n >= kVec go through one more block of kVec elements
+// ending at n, overlapping the previous one, whose first lanes are masked out of the sums. A
+// scalar loop for those few elements costs as much as the vector loop over a 100-element row
+// (logits), because each of its iterations runs two exps one lane at a time.
+constexpr int64_t kVec = 16;
+
+// Maxima of x and y over [0, n), in one sweep.
 template <typename acc_t>
-__attribute__((always_inline)) inline acc_t chunk_max(const acc_t* x, int64_t n) {
-  acc_t m = x[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+__attribute__((always_inline)) inline void chunk_max2(const acc_t* x, const acc_t* y, int64_t n,
+                                                      acc_t& mx_out, acc_t& my_out) {
+  acc_t mx = x[0], my = y[0];
+  const int64_t nv = n < kVec ? n : n - n % kVec;
+#pragma omp simd reduction(max : mx, my)
+  for (int64_t j = 0; j < nv; ++j) {
+    mx = x[j] > mx ? x[j] : mx;
+    my = y[j] > my ? y[j] : my;
+  }
+  if (nv < n) {  // n >= kVec here; lanes seen twice do not change a max
+    const acc_t* xt = x + n - kVec;
+    const acc_t* yt = y + n - kVec;
+#pragma omp simd reduction(max : mx, my)
+    for (int64_t j = 0; j < kVec; ++j) {
+      mx = xt[j] > mx ? xt[j] : mx;
+      my = yt[j] > my ? yt[j] : my;
+    }
+  }
+  mx_out = mx;
+  my_out = my;
+}
+
+// Sums of a chunk whose maxima mx, my (of x * it, y * it) are known: sum exp(x * it - mx),
+// sum exp(y * it - my), sum exp(y * it - my) (y - x) * it. With store, the exps go to ex, ey,
+// which may alias x, y.
+template <typename acc_t, bool store>
+__attribute__((always_inline)) inline void exp_sums(const acc_t* x, const acc_t* y, int64_t n,
+                                                    acc_t it, acc_t mx, acc_t my, acc_t* ex,
+                                                    acc_t* ey, acc_t& sx_out, acc_t& sy_out,
+                                                    acc_t& sa_out) {
+  acc_t sx = 0, sy = 0, sa = 0;
+  const int64_t nv = n < kVec ? n : n - n % kVec;
+#pragma omp simd reduction(+ : sx, sy, sa)
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t xs = x[j] * it, ys = y[j] * it;
+    const acc_t e = fast_exp(xs - mx), f = fast_exp(ys - my);
+    sx += e;
+    sy += f;
+    sa += f * (ys - xs);
+    if constexpr (store) {
+      ex[j] = e;
+      ey[j] = f;
+    }
+  }
+  if (nv < n) {
+    // The first `skip` lanes were done above; with store they may already hold exps (ex
+    // aliasing x), so they are selected out of the sums (not multiplied by 0) and keep their
+    // stored exps.
+    const int64_t o = n - kVec, skip = kVec - (n - nv);
+    const acc_t* xt = x + o;
+    const acc_t* yt = y + o;
+#pragma omp simd reduction(+ : sx, sy, sa)
+    for (int64_t j = 0; j < kVec; ++j) {
+      const acc_t xs = xt[j] * it, ys = yt[j] * it;
+      const acc_t e = fast_exp(xs - mx), f = fast_exp(ys - my);
+      const bool live = j >= skip;
+      sx += live ? e : acc_t(0);
+      sy += live ? f : acc_t(0);
+      sa += live ? f * (ys - xs) : acc_t(0);
+      if constexpr (store) {  // a blend rather than a branch
+        ex[o + j] = live ? e : ex[o + j];
+        ey[o + j] = live ? f : ey[o + j];
+      }
+    }
+  }
+  sx_out = sx;
+  sy_out = sy;
+  sa_out = sa;
 }
 
 // Folds one chunk of raw student (x) and teacher (y) values into the row state.
 template <typename acc_t>
 __attribute__((always_inline)) inline void kl_chunk_body(const acc_t* x, const acc_t* y,
                                                          int64_t n, acc_t it, KlState& st) {
+  acc_t cmx, cmy;
+  chunk_max2(x, y, n, cmx, cmy);
   // it > 0, so max(x * it) == max(x) * it exactly (rounding is monotone).
-  const double nmx = std::max(st.mx, static_cast<double>(chunk_max(x, n) * it));
-  const double nmy = std::max(st.my, static_cast<double>(chunk_max(y, n) * it));
+  const double nmx = std::max(st.mx, static_cast<double>(cmx * it));
+  const double nmy = std::max(st.my, static_cast<double>(cmy * it));
   // Once a row's maxima are found, later chunks rarely move them: skip the rescaling exps.
   // The first chunk has nothing to rescale (and no libm call is needed for it).
   if (nmx != st.mx) {
@@ -71,52 +158,52 @@ __attribute__((always_inline)) inline void kl_chunk_body(const acc_t* x, const a
     }
     st.my = nmy;
   }
-  const acc_t mx = static_cast<acc_t>(nmx), my = static_cast<acc_t>(nmy);
-  acc_t sx = 0, sy = 0, sa = 0;
-#pragma omp simd reduction(+ : sx, sy, sa)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t xs = x[j] * it, ys = y[j] * it;
-    const acc_t ex = fast_exp(xs - mx), ey = fast_exp(ys - my);
-    sx += ex;
-    sy += ey;
-    sa += ey * (ys - xs);
-  }
+  acc_t sx, sy, sa;
+  exp_sums<acc_t, false>(x, y, n, it, static_cast<acc_t>(nmx), static_cast<acc_t>(nmy), nullptr,
+                         nullptr, sx, sy, sa);
   st.zx += sx;
   st.zy += sy;
   st.a += sa;
 }
 
-// Sums of one chunk of a buffered row whose maxima mx, my (of x * it, y * it) are final;
-// with store, exp(x * it - mx) and exp(y * it - my) go to ex, ey (which may alias x, y).
-template <typename acc_t, bool store>
-__attribute__((always_inline)) inline void kl_sums_body(const acc_t* x, const acc_t* y,
-                                                        int64_t n, acc_t it, acc_t mx, acc_t my,
-                                                        acc_t* ex, acc_t* ey, KlState& st) {
-  acc_t sx = 0, sy = 0, sa = 0;
-#pragma omp simd reduction(+ : sx, sy, sa)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t xs = x[j] * it, ys = y[j] * it;
-    const acc_t e = fast_exp(xs - mx), f = fast_exp(ys - my);
-    sx += e;
-    sy += f;
-    sa += f * (ys - xs);
-    if constexpr (store) {
-      ex[j] = e;
-      ey[j] = f;
-    }
-  }
-  st.zx += sx;
-  st.zy += sy;
-  st.a += sa;
+// A row's KL = lin + log(ratio). The log is left to the caller, which takes it of products of
+// many rows' ratios (see softmax_kl_cpu): one libm log per row costs a tenth of a short row.
+struct RowKl {
+  double lin, ratio;
+};
+
+inline RowKl row_kl(const KlState& st) {
+  return {st.a / st.zy - st.my + st.mx, st.zx / st.zy};  // zx, zy in [1, L]
 }
 
-// out = fx * ex - fy * ey (out may alias ex).
-template <typename acc_t>
-__attribute__((always_inline)) inline void kl_diff_body(const acc_t* ex, const acc_t* ey,
-                                                        int64_t n, acc_t fx, acc_t fy,
-                                                        acc_t* out) {
+// KL of one buffered row: x, y are its L contiguous student and teacher values. With grad, the
+// exps are kept in ex, ey (L each, may alias x, y) and g (L, may alias ex) receives
+// c * (softmax(x * it) - softmax(y * it)). Maxima first (exact, no rescaling), then the exps.
+template <typename acc_t, bool grad>
+__attribute__((always_inline)) inline RowKl kl_row_body(const acc_t* x, const acc_t* y,
+                                                         int64_t L, acc_t it, acc_t c, acc_t* ex,
+                                                         acc_t* ey, acc_t* g) {
+  acc_t rmx, rmy;
+  chunk_max2(x, y, L, rmx, rmy);
+  const acc_t mx = rmx * it, my = rmy * it;
+  KlState st;
+  st.mx = mx;
+  st.my = my;
+  // Chunks keep the float partial sums short on long rows.
+  for (int64_t j0 = 0; j0 < L; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, L - j0);
+    acc_t sx, sy, sa;
+    exp_sums<acc_t, grad>(x + j0, y + j0, n, it, mx, my, ex + j0, ey + j0, sx, sy, sa);
+    st.zx += sx;
+    st.zy += sy;
+    st.a += sa;
+  }
+  if constexpr (grad) {
+    const acc_t fx = static_cast<acc_t>(c / st.zx), fy = static_cast<acc_t>(c / st.zy);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = fx * ex[j] - fy * ey[j];
+    for (int64_t j = 0; j < L; ++j) g[j] = fx * ex[j] - fy * ey[j];
+  }
+  return row_kl(st);
 }
 
 template <typename acc_t>
@@ -130,37 +217,132 @@ __attribute__((always_inline)) inline void kl_grad_body(const acc_t* x, const ac
   }
 }
 
+// kl_row_body for float rows of at least kVec elements, written on 16-float vectors (see
+// fast_exp.h): every loop runs whole vectors, the last partial one masked, and the sums
+// are reduced once per chunk. Short rows (logits: L = 100) spend as much time in the tails
+// and reductions as in the vector loops when these are left to the auto-vectoriser.
+__attribute__((always_inline)) inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void store16(float* p, f32x16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+__attribute__((always_inline)) inline f32x16 max16(f32x16 a, f32x16 b) { return b > a ? b : a; }
+
+using f32x8 = float __attribute__((vector_size(32)));
+using f32x4 = float __attribute__((vector_size(16)));
+
+// Pairwise by halves: 4 dependent steps instead of 15.
+__attribute__((always_inline)) inline float hsum16(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
+                  __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+__attribute__((always_inline)) inline float hmax16(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x8 a2 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x8 m8 = a2 > a ? a2 : a;
+  const f32x4 b = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
+  const f32x4 b2 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const f32x4 m4 = b2 > b ? b2 : b;
+  const float m0 = m4[2] > m4[0] ? m4[2] : m4[0];
+  const float m1 = m4[3] > m4[1] ? m4[3] : m4[1];
+  return m1 > m0 ? m1 : m0;
+}
+
+template <bool grad>
+__attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const float* y,
+                                                        int64_t L, float it, float c, float* ex,
+                                                        float* ey, float* g) {
+  const int64_t nv = L - L % kVec;  // whole vectors; L >= kVec
+  // The last vector, at o, overlaps the one before when nv < L; its lanes from nv - o on are
+  // the row's last L - nv elements.
+  const int64_t o = L - kVec;
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
+  const f32x16 zero = {};
+
+  f32x16 vmx = load16(x + o), vmy = load16(y + o);  // lanes seen twice do not change a max
+  for (int64_t j = 0; j < nv; j += kVec) {
+    vmx = max16(vmx, load16(x + j));
+    vmy = max16(vmy, load16(y + j));
+  }
+  const float mx = hmax16(vmx) * it, my = hmax16(vmy) * it;  // it > 0: max(x) * it = max(x * it)
+
+  // The partial vector goes first, while x and y are intact (ex, ey may alias them), and its
+  // exps stay in registers for the gradient: reading back memory just written by overlapping
+  // stores would stall on store forwarding. Its live lanes start the first chunk's sums.
+  f32x16 sx = zero, sy = zero, sa = zero, et = zero, ft = zero;
+  if (nv < L) {
+    const f32x16 xv = load16(x + o), yv = load16(y + o);
+    et = fast_exp(xv * it - mx);
+    ft = fast_exp(yv * it - my);
+    sx = live ? et : zero;
+    sy = live ? ft : zero;
+    sa = live ? ft * (yv - xv) : zero;
+  }
+  KlState st;
+  st.mx = mx;
+  st.my = my;
+  // Float sums over at most kChunk (+ kVec) elements; nv >= kVec, so the loop runs.
+  for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
+    const int64_t j1 = std::min(j0 + kChunk, nv);
+    for (int64_t j = j0; j < j1; j += kVec) {
+      // x * it - mx is one fused op; sa sums f (y - x) and takes its factor it at the end.
+      const f32x16 xv = load16(x + j), yv = load16(y + j);
+      const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
+      sx += e;
+      sy += f;
+      sa += f * (yv - xv);
+      if constexpr (grad) {
+        store16(ex + j, e);
+        store16(ey + j, f);
+      }
+    }
+    st.zx += hsum16(sx);
+    st.zy += hsum16(sy);
+    st.a += static_cast<double>(hsum16(sa)) * it;
+    sx = sy = sa = zero;
+  }
+  if constexpr (grad) {
+    const float fx = static_cast<float>(c / st.zx), fy = static_cast<float>(c / st.zy);
+    for (int64_t j = 0; j < nv; j += kVec) {
+      store16(g + j, fx * load16(ex + j) - fy * load16(ey + j));
+    }
+    // After the loop above (g may alias ex): the lanes before nv - o are rewritten with the
+    // same gradient, from the same inputs (at most an ulp apart where the compiler fused
+    // differently).
+    if (nv < L) store16(g + o, fx * et - fy * ft);
+  }
+  return row_kl(st);
+}
+
 // float versions compiled for several ISAs (see fast_exp.h); double runs the generic bodies.
-AUTOKD_CLONES float max_f32(const float* x, int64_t n) { return chunk_max(x, n); }
+// A buffered row is one call, so short rows pay one dispatch per row, not one per loop.
 AUTOKD_CLONES void kl_chunk_f32(const float* x, const float* y, int64_t n, float it,
                                 KlState& st) {
   kl_chunk_body<float>(x, y, n, it, st);
 }
-AUTOKD_CLONES void kl_sums_f32(const float* x, const float* y, int64_t n, float it, float mx,
-                               float my, KlState& st) {
-  kl_sums_body<float, false>(x, y, n, it, mx, my, nullptr, nullptr, st);
+AUTOKD_CLONES RowKl kl_row_f32(const float* x, const float* y, int64_t L, float it) {
+  if (L < kVec) return kl_row_body<float, false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
+  return kl_row_vec<false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
 }
-AUTOKD_CLONES void kl_sums_store_f32(const float* x, const float* y, int64_t n, float it,
-                                     float mx, float my, float* ex, float* ey, KlState& st) {
-  kl_sums_body<float, true>(x, y, n, it, mx, my, ex, ey, st);
-}
-AUTOKD_CLONES void kl_diff_f32(const float* ex, const float* ey, int64_t n, float fx, float fy,
-                               float* out) {
-  kl_diff_body<float>(ex, ey, n, fx, fy, out);
+AUTOKD_CLONES RowKl kl_row_grad_f32(const float* x, const float* y, int64_t L, float it,
+                                     float c, float* ex, float* ey, float* g) {
+  if (L < kVec) return kl_row_body<float, true>(x, y, L, it, c, ex, ey, g);
+  return kl_row_vec<true>(x, y, L, it, c, ex, ey, g);
 }
 AUTOKD_CLONES void kl_grad_chunk_f32(const float* x, const float* y, int64_t n, float it,
                                      float mx, float my, float izx, float izy, float c,
                                      float* out) {
   kl_grad_body<float>(x, y, n, it, mx, my, izx, izy, c, out);
-}
-
-template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return max_f32(x, n);
-  } else {
-    return chunk_max(x, n);
-  }
 }
 
 template <typename acc_t>
@@ -173,28 +355,14 @@ inline void kl_chunk(const acc_t* x, const acc_t* y, int64_t n, acc_t it, KlStat
 }
 
 template <typename acc_t>
-inline void kl_sums(const acc_t* x, const acc_t* y, int64_t n, acc_t it, acc_t mx, acc_t my,
-                    acc_t* ex, acc_t* ey, KlState& st) {
+inline RowKl kl_row(const acc_t* x, const acc_t* y, int64_t L, acc_t it, acc_t c, acc_t* ex,
+                     acc_t* ey, acc_t* g) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (ex != nullptr) {
-      kl_sums_store_f32(x, y, n, it, mx, my, ex, ey, st);
-    } else {
-      kl_sums_f32(x, y, n, it, mx, my, st);
-    }
-  } else if (ex != nullptr) {
-    kl_sums_body<acc_t, true>(x, y, n, it, mx, my, ex, ey, st);
+    if (g != nullptr) return kl_row_grad_f32(x, y, L, it, c, ex, ey, g);
+    return kl_row_f32(x, y, L, it);
   } else {
-    kl_sums_body<acc_t, false>(x, y, n, it, mx, my, ex, ey, st);
-  }
-}
-
-template <typename acc_t>
-inline void kl_diff(const acc_t* ex, const acc_t* ey, int64_t n, acc_t fx, acc_t fy,
-                    acc_t* out) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    kl_diff_f32(ex, ey, n, fx, fy, out);
-  } else {
-    kl_diff_body<acc_t>(ex, ey, n, fx, fy, out);
+    if (g != nullptr) return kl_row_body<acc_t, true>(x, y, L, it, c, ex, ey, g);
+    return kl_row_body<acc_t, false>(x, y, L, it, c, ex, ey, g);
   }
 }
 
@@ -322,15 +490,11 @@ inline int64_t row_grain(int64_t row_len) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1));
 }
 
-inline double row_kl(const KlState& st) {
-  return st.a / st.zy - (st.my + std::log(st.zy)) + (st.mx + std::log(st.zx));
-}
-
-// Per-row KL into kl[r]; with grad != nullptr also d loss / d student into *grad, where
-// c = tau / R is the loss's factor on softmax(x) - softmax(y).
+// Per-row KL (its two parts, see RowKl) into kl[r]; with grad != nullptr also d loss / d student
+// into *grad, where c = tau / R is the loss's factor on softmax(x) - softmax(y).
 template <typename scalar_t>
 void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* grad,
-             std::vector<double>& kl) {
+             std::vector<RowKl>& kl) {
   using acc_t = at::opmath_type<scalar_t>;
   std::array<RowLayout, 3> l;
   if (grad != nullptr) {
@@ -349,7 +513,9 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   const bool direct_in = same_type && l[0].A == 1 && l[0].sb == 1 && l[1].A == 1 &&
                          l[1].sb == 1;
   const bool direct_out = same_type && l[2].A == 1 && l[2].sb == 1;
-  const bool buffered = L <= kRowCap && (gp != nullptr || !direct_in);
+  // Contiguous rows without gradient stream (one read of each input) unless they are short
+  // enough to sit in L1 between the max and the exp sweep.
+  const bool buffered = L <= kRowCap && (gp != nullptr || !direct_in || L <= kChunk);
   // Rows gathered (or scattered) together per block; two scratch blocks stay within kRowCap.
   const int64_t block = buffered ? std::max<int64_t>(1, std::min<int64_t>(64, kRowCap / L)) : 1;
   // Scratch rows 64 bytes more than a multiple of 64 apart: rows a power of two apart would
@@ -380,23 +546,14 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
               y = tp + r * l[1].sr;
             }
           }
-          const acc_t mx = row_max(x, L) * it, my = row_max(y, L) * it;
-          KlState st;
-          st.mx = mx;
-          st.my = my;
-          for (int64_t j0 = 0; j0 < L; j0 += kChunk) {
-            const int64_t n = std::min(kChunk, L - j0);
-            kl_sums<acc_t>(x + j0, y + j0, n, it, mx, my, gp ? xr + j0 : nullptr,
-                           gp ? yr + j0 : nullptr, st);
+          acc_t* g = nullptr;
+          if (gp != nullptr) {
+            g = xr;
+            if constexpr (same_type) {
+              if (direct_out) g = gp + r * l[2].sr;
+            }
           }
-          kl[r] = row_kl(st);
-          if (gp == nullptr) continue;
-          const acc_t fx = static_cast<acc_t>(c / st.zx), fy = static_cast<acc_t>(c / st.zy);
-          acc_t* g = xr;
-          if constexpr (same_type) {
-            if (direct_out) g = gp + r * l[2].sr;
-          }
-          kl_diff<acc_t>(xr, yr, L, fx, fy, g);
+          kl[r] = kl_row<acc_t>(x, y, L, it, c, xr, yr, g);
         }
         if (gp != nullptr && !direct_out) store_rows(xb, pitch, gp, l[2], rb, k);
       }
@@ -433,23 +590,42 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   });
 }
 
+// Sum of the rows' KL in a fixed order: the result does not depend on the thread count. Each
+// ratio is in [1/L, L] with L < 2^bits, so a product of `group` of them stays within 2^+-960,
+// far inside the double range, and one log serves the whole group.
+double sum_kl(const std::vector<RowKl>& kl, int64_t L) {
+  const int64_t rows = static_cast<int64_t>(kl.size());
+  const int64_t bits = 64 - __builtin_clzll(static_cast<uint64_t>(L));
+  const int64_t group = std::max<int64_t>(1, 960 / bits);
+  double sum = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += group) {
+    double product = 1;
+    for (int64_t r = r0; r < std::min(rows, r0 + group); ++r) {
+      sum += kl[r].lin;
+      product *= kl[r].ratio;
+    }
+    sum += std::log(product);
+  }
+  return sum;
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& student,
                                                   const at::Tensor& teacher, double tau,
                                                   bool with_grad) {
   check_softmax_kl_inputs("softmax_kl", student, teacher, tau);
-  std::vector<double> kl(student.size(0));
+  const int64_t rows = student.size(0);
+  std::vector<RowKl> kl(rows);
   // Same strides as the student where it is dense (e.g. the channel view), so the gradient
   // flows back through views without a copy.
   at::Tensor grad = with_grad ? at::empty_like(student) : student.new_empty({0});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "softmax_kl_cpu", [&] {
-                                    kl_rows<scalar_t>(student, teacher, tau,
-                                                      with_grad ? &grad : nullptr, kl);
-                                  });
-  double sum = 0;  // fixed order: the result does not depend on the thread count
-  for (double v : kl) sum += v;
-  at::Tensor loss =
-      at::scalar_tensor(sum * tau * tau / static_cast<double>(kl.size()), student.options());
+  at::Tensor loss = at::empty({}, student.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_cpu", [&] {
+        kl_rows<scalar_t>(student, teacher, tau, with_grad ? &grad : nullptr, kl);
+        // Written in place: at::scalar_tensor would cost one more dispatched op (fill_).
+        const double value = sum_kl(kl, student.numel() / rows) * tau * tau / rows;
+        *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+      });
   return {loss, grad};
 }
 
