@@ -1,6 +1,8 @@
 // The one place where the schemas of torch.ops.autokd live. Kernels register their CPU and CUDA
 // implementations next to their code (<op>_cpu.cpp, <op>_cuda.cu) with TORCH_LIBRARY_IMPL;
-// fake (meta) kernels and autograd are registered from Python in autokd/ops/<op>.py.
+// fake (meta) kernels and autograd are registered from Python in autokd/ops/<op>.py, except
+// softmax_kl's autograd, which is C++ (softmax_kl_autograd.cpp): at logit sizes the Python
+// glue cost more than the kernel.
 #include <Python.h>
 #include <torch/library.h>
 
