@@ -204,6 +204,16 @@ def _raise_error(task: TrialTask, details) -> None:
     raise TrialError(f"trial {task.index} raised {name}: {msg}\n--- worker traceback ---\n{tb}")
 
 
+def _outcome(task: TrialTask, kind: str, payload, elapsed: float) -> "Outcome":
+    """The Outcome of a worker's reply: ("ok", result), ("died", why) or ("error", details),
+    the last raised here (a bug or a wrong input stops the search, as in a serial run)."""
+    if kind == "error":
+        _raise_error(task, payload)
+    if kind == "died":
+        return Outcome(task, None, payload, elapsed)
+    return Outcome(task, payload, None, elapsed)
+
+
 # -- executors -----------------------------------------------------------------------------
 class InlineExecutor:
     """The trial runs in the driver's process when the driver waits for it: a serial search."""
@@ -416,12 +426,7 @@ class LocalExecutor:
                 continue
             w.task = None
             kind, payload = reply
-            if kind == "error":
-                _raise_error(task, payload)
-            if kind == "died":
-                outcomes.append(Outcome(task, None, payload, elapsed))
-            else:
-                outcomes.append(Outcome(task, payload, None, elapsed))
+            outcomes.append(_outcome(task, kind, payload, elapsed))
         return outcomes
 
     @staticmethod
@@ -533,12 +538,7 @@ class RayExecutor:
                 why = f"Ray task failed: {type(e).__name__}: {first}"
                 outcomes.append(Outcome(task, None, why, elapsed))
                 continue
-            if kind == "error":
-                _raise_error(task, payload)
-            if kind == "died":
-                outcomes.append(Outcome(task, None, payload, elapsed))
-            else:
-                outcomes.append(Outcome(task, payload, None, elapsed))
+            outcomes.append(_outcome(task, kind, payload, elapsed))
         return outcomes
 
     def close(self) -> None:

@@ -524,6 +524,12 @@ __attribute__((always_inline)) inline void small_nested_planes(
   }
 }
 
+// The small nested geometries with unrolled kernels, as (F, KH, KW): an F x F finest grid of
+// KH x KW-pixel cells. One list for the forward, the backward and small_nested_code().
+#define AUTOKD_SMALL_GEOMETRIES(X) \
+  X(4, 1, 1) X(4, 1, 2) X(4, 2, 1) X(4, 2, 2) X(4, 2, 4) X(4, 4, 2) X(4, 4, 4) \
+  X(2, 1, 1) X(2, 2, 2) X(2, 4, 4)
+
 // F * 100 + KH * 10 + KW selects the instantiation; compiled for AVX-512, AVX2 and baseline.
 AUTOKD_CLONES void small_nested_planes_f32(int code, const float* x, int64_t p0, int64_t p1,
                                            int64_t C, int64_t sN, int64_t sC, int64_t sH,
@@ -534,16 +540,7 @@ AUTOKD_CLONES void small_nested_planes_f32(int code, const float* x, int64_t p0,
     small_nested_planes<F, KH, KW>(x, p0, p1, C, sN, sC, sH, S, idx, inv, identity, y); \
     break;
   switch (code) {
-    AUTOKD_SMALL_CASE(4, 1, 1)
-    AUTOKD_SMALL_CASE(4, 1, 2)
-    AUTOKD_SMALL_CASE(4, 2, 1)
-    AUTOKD_SMALL_CASE(4, 2, 2)
-    AUTOKD_SMALL_CASE(4, 2, 4)
-    AUTOKD_SMALL_CASE(4, 4, 2)
-    AUTOKD_SMALL_CASE(4, 4, 4)
-    AUTOKD_SMALL_CASE(2, 1, 1)
-    AUTOKD_SMALL_CASE(2, 2, 2)
-    AUTOKD_SMALL_CASE(2, 4, 4)
+    AUTOKD_SMALL_GEOMETRIES(AUTOKD_SMALL_CASE)
     default:
       break;
   }
@@ -560,9 +557,10 @@ int small_nested_code(const PoolGeometry& geo) {
     if (g != 1 && g != 2 && g != 4) return 0;
   }
   const int64_t code = F * 100 + (H / F) * 10 + W / F;
-  for (int64_t c : {411, 412, 421, 422, 424, 442, 444, 211, 222, 244}) {
-    if (c == code) return static_cast<int>(code);
-  }
+#define AUTOKD_SMALL_CODE(F, KH, KW) \
+  if (code == F * 100 + KH * 10 + KW) return static_cast<int>(code);
+  AUTOKD_SMALL_GEOMETRIES(AUTOKD_SMALL_CODE)
+#undef AUTOKD_SMALL_CODE
   return 0;
 }
 
@@ -795,16 +793,7 @@ AUTOKD_CLONES void small_nested_planes_backward_f32(int code, const float* g, in
                                             identity, gi);                          \
     break;
   switch (code) {
-    AUTOKD_SMALL_CASE(4, 1, 1)
-    AUTOKD_SMALL_CASE(4, 1, 2)
-    AUTOKD_SMALL_CASE(4, 2, 1)
-    AUTOKD_SMALL_CASE(4, 2, 2)
-    AUTOKD_SMALL_CASE(4, 2, 4)
-    AUTOKD_SMALL_CASE(4, 4, 2)
-    AUTOKD_SMALL_CASE(4, 4, 4)
-    AUTOKD_SMALL_CASE(2, 1, 1)
-    AUTOKD_SMALL_CASE(2, 2, 2)
-    AUTOKD_SMALL_CASE(2, 4, 4)
+    AUTOKD_SMALL_GEOMETRIES(AUTOKD_SMALL_CASE)
     default:
       break;
   }
