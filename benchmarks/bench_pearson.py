@@ -85,6 +85,6 @@ def test_pearson(benchmark, case, mode, provider, device):
     s.grad = None
     benchmark.extra_info["peak_bytes"] = peak_bytes(measured, device)
     benchmark.extra_info["input_bytes"] = 2 * s.numel() * s.element_size()
-    if mode == "fwd":
+    if mode == "fwd" and benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["copy_fraction"] = bandwidth_fraction(
             2 * s.numel() * s.element_size(), benchmark.stats.stats.median, device=device)

@@ -103,7 +103,7 @@ def test_softmax_kl(benchmark, case, mode, provider, device):
     s.grad = None
     benchmark.extra_info["peak_bytes"] = peak_bytes(measured, device)
     benchmark.extra_info["input_bytes"] = 2 * s.numel() * s.element_size()
-    if mode == "fwd":
+    if mode == "fwd" and benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["copy_fraction"] = bandwidth_fraction(
             2 * s.numel() * s.element_size(), median, device=device)
