@@ -250,6 +250,10 @@ def test_local_gpu_workers_are_pinned_round_robin(monkeypatch):
     try:
         envs = []
         for w in ex._workers:
+            # Read the environment once the worker runs its loop: while a spawned process is
+            # still being exec'd, /proc/<pid>/environ can read empty.
+            assert w.conn.poll(120), "worker did not start"
+            assert w.conn.recv()[0] == "ready"
             with open(f"/proc/{w.proc.pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
             envs.append((env.get(b"CUDA_VISIBLE_DEVICES"), env.get(b"OMP_NUM_THREADS")))
