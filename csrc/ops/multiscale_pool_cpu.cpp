@@ -18,6 +18,24 @@
 namespace autokd {
 namespace {
 
+// Offsets of planes p0, p0 + 1, ... of a flattened [N, C] batch of planes: plane p starts at
+// (p / C) * sN + (p % C) * sC, stepped through (n, c) because a 64-bit division per plane costs
+// as much as the arithmetic of an 8 x 8 plane.
+struct PlaneWalk {
+  int64_t n, c;
+  const int64_t C, sN, sC;
+  PlaneWalk(int64_t p0, int64_t C, int64_t sN, int64_t sC)
+      : n(p0 / C), c(p0 % C), C(C), sN(sN), sC(sC) {}
+  int64_t next() {
+    const int64_t off = n * sN + c * sC;
+    if (++c == C) {
+      c = 0;
+      ++n;
+    }
+    return off;
+  }
+};
+
 // Per-call tables shared by all planes.
 struct PoolGeometry {
   PoolAxis rows, cols;
@@ -107,15 +125,9 @@ void forward_planes(const at::Tensor& input, const PoolGeometry& geo, at::Tensor
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
       if (nb < kLanes) std::fill(rowsT.begin(), rowsT.end(), acc_t(0));
-      // Plane offsets stepped through (n, c): a 64-bit division per plane costs as much as the
-      // arithmetic of an 8 x 8 plane.
-      int64_t pn = p0 / C, pc = p0 % C;
+      PlaneWalk planes(p0, C, sN, sC);
       for (int64_t b = 0; b < nb; ++b) {
-        const scalar_t* plane = x + pn * sN + pc * sC;
-        if (++pc == C) {
-          pc = 0;
-          ++pn;
-        }
+        const scalar_t* plane = x + planes.next();
         for (int64_t r = 0; r < Rh; ++r) {
           const int64_t h0 = geo.rows.seg_begin[r], h1 = geo.rows.seg_begin[r + 1];
           acc_t* dst = rowsT.data() + r * W * kLanes + b;
@@ -265,6 +277,24 @@ __attribute__((always_inline)) inline void row_segment_sum(const float* __restri
   for (int l = 0; l < K; ++l) dst[w0 + l] = a[l];
 }
 
+// dst[0, W) = sum over rows [h0, h1) of the plane, 16, 8, 4 and 1 columns at a time. Inlined
+// where W is a compile-time constant too (large_nested_planes), where the branches fold away.
+__attribute__((always_inline)) inline void rows_sum(const float* __restrict plane, int64_t sH,
+                                                    int64_t h0, int64_t h1, int64_t W,
+                                                    float* __restrict dst) {
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) row_segment_sum<16>(plane, sH, h0, h1, w, dst);
+  if (w + 8 <= W) {
+    row_segment_sum<8>(plane, sH, h0, h1, w, dst);
+    w += 8;
+  }
+  if (w + 4 <= W) {
+    row_segment_sum<4>(plane, sH, h0, h1, w, dst);
+    w += 4;
+  }
+  for (; w < W; ++w) row_segment_sum<1>(plane, sH, h0, h1, w, dst);
+}
+
 // Planes [p0, p1) of the flattened N * C; plane p starts at x + (p / C) * sN + (p % C) * sC.
 // buf: [Rh * W] row buffer, sums: [t.scratch] cell and grid sums.
 AUTOKD_CLONES void pool_planes_f32(const float* __restrict x, int64_t p0, int64_t p1, int64_t C,
@@ -278,29 +308,13 @@ AUTOKD_CLONES void pool_planes_f32(const float* __restrict x, int64_t p0, int64_
   const int64_t* __restrict bin_cell = t.bin_cell.data();
   const float* __restrict inv = t.inv.data();
   float* __restrict cells = sums;
-  // Plane offsets stepped through (n, c): a 64-bit division per plane costs as much as the
-  // arithmetic of an 8 x 8 plane.
-  int64_t pn = p0 / C, pc = p0 % C;
+  PlaneWalk planes(p0, C, sN, sC);
   for (int64_t p = p0; p < p1; ++p) {
-    const float* __restrict plane = x + pn * sN + pc * sC;
-    if (++pc == C) {
-      pc = 0;
-      ++pn;
-    }
+    const float* __restrict plane = x + planes.next();
     for (int64_t r = 0; r < Rh; ++r) {
       float* __restrict b = buf + r * W;
       const int64_t h0 = row_begin[r], h1 = row_begin[r + 1];
-      int64_t w = 0;
-      for (; w + 16 <= W; w += 16) row_segment_sum<16>(plane, sH, h0, h1, w, b);
-      if (w + 8 <= W) {
-        row_segment_sum<8>(plane, sH, h0, h1, w, b);
-        w += 8;
-      }
-      if (w + 4 <= W) {
-        row_segment_sum<4>(plane, sH, h0, h1, w, b);
-        w += 4;
-      }
-      for (; w < W; ++w) row_segment_sum<1>(plane, sH, h0, h1, w, b);
+      rows_sum(plane, sH, h0, h1, W, b);
     }
     for (int64_t r = 0; r < Rh; ++r) {
       const float* __restrict b = buf + r * W;
@@ -428,27 +442,13 @@ __attribute__((always_inline)) inline void large_nested_planes(
     const float* __restrict inv, bool identity, float* __restrict y, float* __restrict buf) {
   constexpr int kSums = F == 4 ? 21 : 5;
   constexpr int64_t W = F * KW;
-  int64_t pn = p0 / C, pc = p0 % C;
+  PlaneWalk planes(p0, C, sN, sC);
   for (int64_t p = p0; p < p1; ++p) {
-    const float* __restrict plane = x + pn * sN + pc * sC;
-    if (++pc == C) {
-      pc = 0;
-      ++pn;
-    }
+    const float* __restrict plane = x + planes.next();
     for (int r = 0; r < F; ++r) {
       float* __restrict b = buf + r * W;
       const int64_t h0 = r * KH, h1 = h0 + KH;
-      int64_t w = 0;
-      for (; w + 16 <= W; w += 16) row_segment_sum<16>(plane, sH, h0, h1, w, b);
-      if constexpr (W % 16 >= 8) {
-        row_segment_sum<8>(plane, sH, h0, h1, w, b);
-        w += 8;
-      }
-      if constexpr (W % 8 >= 4) {
-        row_segment_sum<4>(plane, sH, h0, h1, w, b);
-        w += 4;
-      }
-      for (; w < W; ++w) row_segment_sum<1>(plane, sH, h0, h1, w, b);
+      rows_sum(plane, sH, h0, h1, W, b);
     }
     float sums[kSums];
     float* __restrict cells = sums + (F == 4 ? 5 : 1);
@@ -501,13 +501,9 @@ __attribute__((always_inline)) inline void small_nested_planes(
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
     bool identity, float* __restrict y) {
   constexpr int kSums = F == 4 ? 21 : 5;
-  int64_t pn = p0 / C, pc = p0 % C;
+  PlaneWalk planes(p0, C, sN, sC);
   for (int64_t p = p0; p < p1; ++p) {
-    const float* __restrict plane = x + pn * sN + pc * sC;
-    if (++pc == C) {
-      pc = 0;
-      ++pn;
-    }
+    const float* __restrict plane = x + planes.next();
     float sums[kSums];
     float* __restrict cells = sums + (F == 4 ? 5 : 1);
     for (int i = 0; i < F; ++i) {
@@ -695,13 +691,9 @@ void backward_planes(const at::Tensor& grad, const PoolGeometry& geo, at::Tensor
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * kLanes, nb = std::min(kLanes, P - p0);
       const scalar_t* gp[kLanes];
-      int64_t pn = p0 / C, pc = p0 % C;
+      PlaneWalk planes(p0, C, gN, gC);
       for (int64_t b = 0; b < nb; ++b) {
-        gp[b] = g + pn * gN + pc * gC;
-        if (++pc == C) {
-          pc = 0;
-          ++pn;
-        }
+        gp[b] = g + planes.next();
       }
       std::fill(cellsT.begin(), cellsT.end(), acc_t(0));
       for (int64_t k = 0; k < S; ++k) {
@@ -749,13 +741,9 @@ __attribute__((always_inline)) inline void small_nested_planes_backward(
     bool identity, float* __restrict gi) {
   constexpr int kSums = F == 4 ? 21 : 5;
   constexpr int W = F * KW, HW = F * KH * F * KW;
-  int64_t pn = p0 / C, pc = p0 % C;
+  PlaneWalk planes(p0, C, gN, gC);
   for (int64_t p = p0; p < p1; ++p) {
-    const float* __restrict gp = g + pn * gN + pc * gC;
-    if (++pc == C) {
-      pc = 0;
-      ++pn;
-    }
+    const float* __restrict gp = g + planes.next();
     float sums[kSums];
     if (identity) {
       for (int k = 0; k < kSums; ++k) sums[k] = gp[k * gS] * inv[k];
