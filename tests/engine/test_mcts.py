@@ -514,25 +514,33 @@ def test_bad_history_reward():
 
 
 # -- threads ----------------------------------------------------------------------------------
-def test_threads_ask_and_tell_concurrently():
-    eng = MCTS(AUTOKD_LEVELS, seed=3)
+def run_threads(work, n=4):
+    """Runs work(rng) on n threads, each with its own seeded RNG; the errors any of them raised."""
     errors = []
 
     def worker(w):
         try:
-            rng = random.Random(w)
-            for i in range(300):
-                for tid, d in eng.ask(rng.choice([1, 2, 16])):  # 16: the GIL-free path
-                    eng.tell(tid, toy_reward(d))
-        except Exception as e:  # pragma: no cover - reported below
+            work(random.Random(w))
+        except Exception as e:  # pragma: no cover - returned to the test
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    return errors
+
+
+def test_threads_ask_and_tell_concurrently():
+    eng = MCTS(AUTOKD_LEVELS, seed=3)
+
+    def work(rng):
+        for i in range(300):
+            for tid, d in eng.ask(rng.choice([1, 2, 16])):  # 16: the GIL-free path
+                eng.tell(tid, toy_reward(d))
+
+    assert not run_threads(work)
     assert eng.num_pending == 0 and all(n["pending"] == 0 for n in eng.tree())
     check_invariants(eng)
     back = MCTS.deserialize(eng.serialize())  # deserialize re-checks every count

@@ -1,13 +1,12 @@
 """Batched MCTS API: ask_many(k) -> (ids, option-index rows), tell_many(ids, rewards), decode."""
 import random
-import threading
 
 import numpy as np
 import pytest
 
 from autokd.search.mcts import MCTS
 from mcts_reference import ReferenceMCTS
-from test_mcts import AUTOKD_LEVELS, TOY, check_invariants, toy_reward
+from test_mcts import AUTOKD_LEVELS, TOY, check_invariants, run_threads, toy_reward
 
 
 def drive_batched(eng, ref, iters, seed=0, max_k=4, max_lag=5):
@@ -156,23 +155,13 @@ def test_decode():
 
 def test_threads_ask_many_and_tell_many():
     eng = MCTS(AUTOKD_LEVELS, seed=3)
-    errors = []
 
-    def worker(w):
-        try:
-            rng = random.Random(w)
-            for _ in range(100):
-                ids, rows = eng.ask_many(rng.choice([1, 4, 16, 64]))  # >= 8: GIL released
-                eng.tell_many(ids, (rows[:, 0] == 2).astype(np.float64))
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+    def work(rng):
+        for _ in range(100):
+            ids, rows = eng.ask_many(rng.choice([1, 4, 16, 64]))  # >= 8: GIL released
+            eng.tell_many(ids, (rows[:, 0] == 2).astype(np.float64))
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_threads(work)
     assert eng.num_pending == 0 and all(n["pending"] == 0 for n in eng.tree())
     check_invariants(eng)
     assert MCTS.deserialize(eng.serialize()).num_told == eng.num_told
