@@ -3,7 +3,8 @@
 Logits of real distillation: [128, 100] (CIFAR-100) and [256, 1000] (ImageNet). The loss is
 inter + intra (DIST weights them beta = gamma = 1 by default). benchmark.extra_info holds the
 peak bytes of one call above what was live before, and for the forward the bytes read per
-second as a fraction of a plain copy.
+second as a fraction of a plain copy, plus (CPU, autokd) the fraction it would reach with
+its inputs in cache (common.in_cache_fraction), which tells memory-bound from compute-bound.
 
     pytest -o python_files='bench_*.py' benchmarks/bench_pearson.py --benchmark-json=pe.json
 """
@@ -12,7 +13,7 @@ import torch
 
 import autokd
 from autokd.reference import pearson as reference
-from common import bandwidth_fraction
+from common import bandwidth_fraction, in_cache_fraction
 from common import peak_memory_bytes as peak_bytes
 
 TAU = 4.0
@@ -88,3 +89,8 @@ def test_pearson(benchmark, case, mode, provider, device):
     if mode == "fwd" and benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["copy_fraction"] = bandwidth_fraction(
             2 * s.numel() * s.element_size(), benchmark.stats.stats.median, device=device)
+        if device == "cpu" and provider == "autokd":
+            # Below 0.5, arithmetic (two exps and the moments per element pair), not memory,
+            # bounds this forward on this core (see common.in_cache_fraction).
+            benchmark.extra_info["in_cache_fraction"] = in_cache_fraction(
+                lambda a, b: fn(a, b, TAU), (s, t), 2 * s.numel() * s.element_size())

@@ -4,7 +4,8 @@ Cases are the views one kernel serves in real distillation: logits [128, 100] an
 features [N, C, H, W] viewed channel-wise ([N*C, H*W]), sample-wise ([N, C*H*W]) and as the
 channel view f.view(N, C, H*W).transpose(0, 1) ([C, N, H*W], not contiguous). Each case
 records in benchmark.extra_info the peak bytes allocated by one call above what was live
-before, and for the forward the bytes read per second as a fraction of a plain copy.
+before, and for the forward the bytes read per second as a fraction of a plain copy, plus (CPU, autokd) the fraction it would reach with
+its inputs in cache (common.in_cache_fraction), which tells memory-bound from compute-bound.
 
     pytest -o python_files='bench_*.py' benchmarks/bench_softmax_kl.py --benchmark-json=kl.json
 """
@@ -13,7 +14,7 @@ import torch
 
 import autokd
 from autokd.reference import softmax_kl as reference
-from common import bandwidth_fraction
+from common import bandwidth_fraction, in_cache_fraction
 from common import peak_memory_bytes as peak_bytes
 
 TAU = 4.0
@@ -107,3 +108,8 @@ def test_softmax_kl(benchmark, case, mode, provider, device):
         median = benchmark.stats.stats.median
         benchmark.extra_info["copy_fraction"] = bandwidth_fraction(
             2 * s.numel() * s.element_size(), median, device=device)
+        if device == "cpu" and provider == "autokd":
+            # Below 0.5, this op's arithmetic (two exps per element pair), not memory, bounds
+            # its forward on this core (see common.in_cache_fraction).
+            benchmark.extra_info["in_cache_fraction"] = in_cache_fraction(
+                lambda a, b: fn(a, b, TAU), (s, t), 2 * s.numel() * s.element_size())

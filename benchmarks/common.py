@@ -68,3 +68,39 @@ def bandwidth_fraction(bytes_moved: int, seconds: float, device: str = "cpu") ->
     """
     ref = copy_seconds(max(bytes_moved // 2, 1), device=device)
     return ref / seconds if seconds > 0 else float("nan")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def in_cache_fraction(fn: Callable[..., object], inputs: tuple, bytes_moved: int,
+                      cache_bytes: int = 512 * 1024, repeats: int = 31) -> float:
+    """Copy-bandwidth fraction the CPU forward ``fn(*inputs)`` would reach if memory were free.
+
+    Tells a memory-bound op from a compute-bound one, measured in the same run as the copy:
+    ``fn`` runs on the first k rows (dim 0) of its inputs, k as large as fits ``cache_bytes``
+    (half of a 1 MiB L2, so they stay cached between calls), and its per-row time is scaled to
+    all rows. The fixed cost of one call (the op on a 1 x 16 corner of the inputs) is counted
+    once, not once per slice. When even this is below 0.5, no memory schedule can bring the op
+    to half of copy bandwidth on this core: its arithmetic is the bound.
+    """
+    rows = inputs[0].shape[0]
+    row_bytes = sum(x[:1].numel() * x.element_size() for x in inputs)
+    k = max(1, min(rows, cache_bytes // max(row_bytes, 1)))
+    small = tuple(x[:k] for x in inputs)
+    corner = tuple(x[(slice(0, 1),) * (x.dim() - 1) + (slice(0, 16),)] for x in inputs)
+    with torch.no_grad():
+        for _ in range(3):  # warm the caches and any lazy initialisation
+            fn(*small)
+            fn(*corner)
+        fixed = _median_seconds(lambda: fn(*corner), repeats)
+        per_slice = max(_median_seconds(lambda: fn(*small), repeats) - fixed, 0.0)
+    seconds = fixed + per_slice * rows / k
+    return copy_seconds(max(bytes_moved // 2, 1)) / seconds

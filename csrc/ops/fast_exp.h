@@ -35,9 +35,12 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   const int32_t keep = -static_cast<int32_t>(x > kLo);
   xi = (xi & keep) | (lo & ~keep);
   std::memcpy(&x, &xi, sizeof(x));
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (floor would need SSE4.1); its low bits are n.
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (floor would need SSE4.1). The magic number
+  // also carries the exponent bias 127, so the low 9 bits of `shifted` are n + 127, the biased
+  // exponent of 2^n (n in [-126, 0] here): one shift builds 2^n, no subtraction.
+  constexpr float kMagic = 12582912.0f + 127.0f;
+  const float shifted = x * 1.44269504088896341f + kMagic;
+  const float n = shifted - kMagic;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -47,9 +50,9 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
-  int32_t ni;
+  uint32_t ni;
   std::memcpy(&ni, &shifted, sizeof(ni));
-  const int32_t bits = (ni - 0x4B400000 + 127) << 23;
+  const uint32_t bits = ni << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return er * scale;
@@ -71,13 +74,15 @@ __attribute__((always_inline)) inline double fast_exp(double x) { return std::ex
 #endif
 using f32x16 = float __attribute__((vector_size(64)));
 using i32x16 = int32_t __attribute__((vector_size(64)));
+using u32x16 = uint32_t __attribute__((vector_size(64)));
 
 // fast_exp(float) above on 16 lanes: the same clamp, reduction and polynomial.
 __attribute__((always_inline)) inline f32x16 fast_exp(f32x16 x) {
   const f32x16 lo = f32x16{} - 87.3f;
   x = x > lo ? x : lo;  // a lane select; NaN lanes become lo, as in the scalar version
-  const f32x16 shifted = x * 1.44269504088896341f + 12582912.0f;
-  const f32x16 n = shifted - 12582912.0f;
+  constexpr float kMagic = 12582912.0f + 127.0f;
+  const f32x16 shifted = x * 1.44269504088896341f + kMagic;
+  const f32x16 n = shifted - kMagic;
   f32x16 r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   f32x16 p = f32x16{} + 1.9875691500e-4f;
@@ -87,7 +92,7 @@ __attribute__((always_inline)) inline f32x16 fast_exp(f32x16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const f32x16 er = p * r * r + r + 1.0f;
-  const i32x16 bits = (__builtin_bit_cast(i32x16, shifted) - 0x4B400000 + 127) << 23;
+  const u32x16 bits = __builtin_bit_cast(u32x16, shifted) << 23;
   return er * __builtin_bit_cast(f32x16, bits);
 }
 #if defined(__GNUC__) && !defined(__clang__)

@@ -324,6 +324,96 @@ __attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const flo
   return row_kl(st);
 }
 
+// KL of one row made of A segments of B >= kVec contiguous floats, sax / say apart in x / y
+// (the channel view: a sample's H*W plane per segment), read in place: the maxima over every
+// segment, then the exps, each segment as kl_row_vec runs its row (whole vectors, the last one
+// overlapping and masked). The buffered path would first gather the row into scratch, one
+// memcpy per segment: on 8 x 8 planes that gather took a third of the forward. With grad, the
+// exps go to the contiguous scratch rows ex, ey (L = A * B each) and the gradient
+// c * (softmax(x) - softmax(y)) to g's segments, sag apart. The sums run in the same order
+// with and without grad, so both give the same loss to the bit.
+template <bool grad>
+__attribute__((always_inline)) inline RowKl kl_segments_vec(const float* x, const float* y,
+                                                            int64_t A, int64_t B, int64_t sax,
+                                                            int64_t say, float it, float c,
+                                                            float* ex, float* ey, float* g,
+                                                            int64_t sag) {
+  const int64_t nv = B - B % kVec, o = B - kVec;
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
+  const f32x16 zero = {};
+  f32x16 vmx = load16(x + o), vmy = load16(y + o);
+  for (int64_t a = 0; a < A; ++a) {
+    const float* xa = x + a * sax;
+    const float* ya = y + a * say;
+    for (int64_t j = 0; j < nv; j += kVec) {
+      vmx = max16(vmx, load16(xa + j));
+      vmy = max16(vmy, load16(ya + j));
+    }
+    vmx = max16(vmx, load16(xa + o));  // lanes seen twice do not change a max
+    vmy = max16(vmy, load16(ya + o));
+  }
+  const float mx = hmax16(vmx) * it, my = hmax16(vmy) * it;
+  KlState st;
+  st.mx = mx;
+  st.my = my;
+  f32x16 sx = zero, sy = zero, sa = zero;
+  int64_t pending = 0;  // elements in the float partial sums, flushed every kChunk or so
+  const auto flush = [&] {
+    st.zx += hsum16(sx);
+    st.zy += hsum16(sy);
+    st.a += static_cast<double>(hsum16(sa)) * it;
+    sx = sy = sa = zero;
+    pending = 0;
+  };
+  for (int64_t a = 0; a < A; ++a) {
+    const float* xa = x + a * sax;
+    const float* ya = y + a * say;
+    for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
+      const int64_t j1 = std::min(j0 + kChunk, nv);
+      for (int64_t j = j0; j < j1; j += kVec) {
+        const f32x16 xv = load16(xa + j), yv = load16(ya + j);
+        const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
+        sx += e;
+        sy += f;
+        sa += f * (yv - xv);
+        if constexpr (grad) {
+          store16(ex + a * B + j, e);
+          store16(ey + a * B + j, f);
+        }
+      }
+      pending += j1 - j0;
+      if (pending >= kChunk) flush();
+    }
+    if (nv < B) {
+      const f32x16 xv = load16(xa + o), yv = load16(ya + o);
+      const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
+      sx += live ? e : zero;
+      sy += live ? f : zero;
+      sa += live ? f * (yv - xv) : zero;
+      pending += B - nv;
+      if constexpr (grad) {  // rewrites lanes of the vector before with the same exps
+        store16(ex + a * B + o, e);
+        store16(ey + a * B + o, f);
+      }
+    }
+  }
+  flush();
+  if constexpr (grad) {
+    const float fx = static_cast<float>(c / st.zx), fy = static_cast<float>(c / st.zy);
+    for (int64_t a = 0; a < A; ++a) {
+      const float* ea = ex + a * B;
+      const float* fa = ey + a * B;
+      float* ga = g + a * sag;
+      for (int64_t j = 0; j < nv; j += kVec) {
+        store16(ga + j, fx * load16(ea + j) - fy * load16(fa + j));
+      }
+      if (nv < B) store16(ga + o, fx * load16(ea + o) - fy * load16(fa + o));
+    }
+  }
+  return row_kl(st);
+}
+
 // float versions compiled for several ISAs (see fast_exp.h); double runs the generic bodies.
 // A buffered row is one call, so short rows pay one dispatch per row, not one per loop.
 AUTOKD_CLONES void kl_chunk_f32(const float* x, const float* y, int64_t n, float it,
@@ -338,6 +428,14 @@ AUTOKD_CLONES RowKl kl_row_grad_f32(const float* x, const float* y, int64_t L, f
                                      float c, float* ex, float* ey, float* g) {
   if (L < kVec) return kl_row_body<float, true>(x, y, L, it, c, ex, ey, g);
   return kl_row_vec<true>(x, y, L, it, c, ex, ey, g);
+}
+AUTOKD_CLONES RowKl kl_segments_f32(const float* x, const float* y, int64_t A, int64_t B,
+                                     int64_t sax, int64_t say, float it, float c, float* ex,
+                                     float* ey, float* g, int64_t sag) {
+  if (g == nullptr) {
+    return kl_segments_vec<false>(x, y, A, B, sax, say, it, c, ex, ey, g, sag);
+  }
+  return kl_segments_vec<true>(x, y, A, B, sax, say, it, c, ex, ey, g, sag);
 }
 AUTOKD_CLONES void kl_grad_chunk_f32(const float* x, const float* y, int64_t n, float it,
                                      float mx, float my, float izx, float izy, float c,
@@ -513,6 +611,25 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, double tau, at::Tensor* g
   const bool direct_in = same_type && l[0].A == 1 && l[0].sb == 1 && l[1].A == 1 &&
                          l[1].sb == 1;
   const bool direct_out = same_type && l[2].A == 1 && l[2].sb == 1;
+  // float rows of contiguous segments (the channel view): read in place; with a gradient the
+  // exps go to per-thread scratch and the gradient straight to its segments.
+  const bool segments = std::is_same_v<scalar_t, float> && l[0].A > 1 && l[0].sb == 1 &&
+                        l[1].sb == 1 && (gp == nullptr || l[2].sb == 1) && l[0].B >= kVec &&
+                        L <= kRowCap;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (segments) {
+      at::parallel_for(0, rows, row_grain(L), [&](int64_t r0, int64_t r1) {
+        float* ex = gp != nullptr ? thread_scratch<float>(2 * L) : nullptr;
+        float* ey = gp != nullptr ? ex + L : nullptr;
+        for (int64_t r = r0; r < r1; ++r) {
+          float* g = gp != nullptr ? gp + r * l[2].sr : nullptr;
+          kl[r] = kl_segments_f32(sp + r * l[0].sr, tp + r * l[1].sr, l[0].A, l[0].B, l[0].sa,
+                                  l[1].sa, it, c, ex, ey, g, l[2].sa);
+        }
+      });
+      return;
+    }
+  }
   // Contiguous rows without gradient stream (one read of each input) unless they are short
   // enough to sit in L1 between the max and the exp sweep.
   const bool buffered = L <= kRowCap && (gp != nullptr || !direct_in || L <= kChunk);

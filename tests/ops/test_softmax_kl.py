@@ -262,6 +262,39 @@ def test_property_random_shapes(rows, a, b, rank3, transpose, tau):
     assert op(s, t, tau).item() >= -1e-12  # KL is non-negative
 
 
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    c=st.integers(1, 5),
+    hw=st.integers(1, 300),
+    teacher_contiguous=st.booleans(),
+    tau=st.floats(0.25, 8.0),
+)
+def test_property_float32_channel_views(n, c, hw, teacher_contiguous, tau):
+    # float32 channel views ([C, N, H*W] through a transpose) take the kernel that reads each
+    # sample's plane in place (planes of 16+ elements) or the gathering one: both must match
+    # the reference, and give one loss with and without the gradient.
+    f = (torch.randn(n, c, hw) * 4).requires_grad_()
+    g = torch.randn(n, c, hw) * 4
+
+    def view(x, y):
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+        return x, (y.contiguous() if teacher_contiguous else y)
+
+    s, t = view(f.detach(), g)
+    loss, grad = torch.ops.autokd.softmax_kl(s, t, tau, True)
+    s64 = s.double().requires_grad_()
+    want = reference(s64, t.double(), tau)
+    (want_grad,) = torch.autograd.grad(want, s64)
+    torch.testing.assert_close(loss.double(), want, **TOL[torch.float32])
+    # The gradient is tau / C * (softmax(s) - softmax(t)): compared in units of tau / C, where
+    # float32 leaves ulp noise even on an exact zero (one-element rows).
+    unit = tau / c
+    torch.testing.assert_close(grad.double() / unit, want_grad / unit, **TOL[torch.float32])
+    assert loss.item() == torch.ops.autokd.softmax_kl(s, t, tau, False)[0].item()
+    assert grad.stride() == s.stride()
+
 BAD = [
     ("rank 1", lambda: (torch.randn(5), torch.randn(5), 1.0),
      r"autokd::softmax_kl: expected student of shape \[R, L\] or \[R, A, B\], got \[5\]"),
