@@ -2,8 +2,9 @@
 
 Shapes are intermediate features of real distillation pairs; grids (1, 2, 4) are the search
 space's multi-scale transform. Each case records, in benchmark.extra_info: peak memory of one
-call above what was live before (benchmarks/common.py), and for the forward the bytes moved
-per second as a fraction of a plain copy of the same bytes on the same machine.
+call above what was live before (benchmarks/common.py), the part of it beyond the output and
+input gradient (workspace_bytes), and for the forward the bytes moved per second as a
+fraction of a plain copy of the same bytes on the same machine.
 
     pytest -o python_files='bench_*.py' benchmarks/bench_multiscale_pool.py \
         --benchmark-json=bench.json           # CPU; add -k cuda for the CUDA cases only
@@ -85,10 +86,17 @@ def test_multiscale_pool(benchmark, provider, mode, shape, device):
     benchmark.group = f"multiscale_pool-{device}-{mode}-{'x'.join(map(str, shape))}"
     rounds = 200 if device == "cuda" else 12
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
-    benchmark.extra_info["peak_bytes"] = peak_memory_bytes(call, device)
+    peak = peak_memory_bytes(call, device)
+    out_bytes = shape[0] * shape[1] * sum(s * s for s in GRIDS) * x.element_size()
+    benchmark.extra_info["peak_bytes"] = peak
     benchmark.extra_info["input_bytes"] = x.numel() * x.element_size()
+    # Peak beyond the tensors the call must hold whatever the implementation: the pooled
+    # output, and in fwdbwd also the input gradient. On 8 x 8 planes those alone are 0.56 of
+    # eager's peak, so there the "extra peak <= half of eager's" target is out of reach for any
+    # implementation, and this is the figure that shows what is left.
+    held = out_bytes + (x.numel() * x.element_size() if mode == "fwdbwd" else 0)
+    benchmark.extra_info["workspace_bytes"] = peak - held
     if mode == "fwd" and benchmark.stats is not None:  # None under --benchmark-disable
-        out_bytes = shape[0] * shape[1] * sum(s * s for s in GRIDS) * x.element_size()
         moved = x.numel() * x.element_size() + out_bytes
         benchmark.extra_info["copy_bw_fraction"] = bandwidth_fraction(
             moved, benchmark.stats.stats.median, device
