@@ -15,6 +15,12 @@
 #include "fast_exp.h"
 #include "pearson.h"
 
+// 16-float vectors are passed between always_inline helpers below (see fast_exp.h); GCC's
+// -Wpsabi note about their calling convention without AVX-512 concerns no real call.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace autokd {
 namespace {
 
@@ -205,12 +211,110 @@ __attribute__((always_inline)) inline void fused_row_body(const float* __restric
   row[kSvv] = svv;
 }
 
+// fused_row_body for rows of at least 16 floats, on 16-float vectors (fast_exp.h): every loop
+// runs whole vectors and one last vector ending at n, overlapping the one before, whose first
+// lanes are selected out of the sums (and add 0 to their column sums). The auto-vectorised
+// loops ran the last n % 16 elements one lane at a time, two exps each: on logits rows
+// (n = 100) that tail cost as much as the vector loops. The last vector's exps stay in
+// registers, since with `keep` the lanes it shares with the one before are normalised in
+// place first.
+template <bool keep>
+__attribute__((always_inline)) inline void fused_row_vec(const float* __restrict s,
+                                                         const float* __restrict t, int64_t n,
+                                                         float it, float c, const float* cp,
+                                                         const float* cq, float* col,
+                                                         float* __restrict pb,
+                                                         float* __restrict qb, float* row) {
+  constexpr int64_t kVec = 16;
+  const int64_t nv = n - n % kVec, o = n - kVec;
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
+  const f32x16 zero = {};
+  f32x16 vms = load16(s + o), vmt = load16(t + o);  // lanes seen twice do not change a max
+  for (int64_t j = 0; j < nv; j += kVec) {
+    vms = max16(vms, load16(s + j));
+    vmt = max16(vmt, load16(t + j));
+  }
+  const float ms = hmax16(vms) * it, mt = hmax16(vmt) * it;
+  f32x16 zp = zero, zq = zero;
+  for (int64_t j = 0; j < nv; j += kVec) {
+    const f32x16 e = fast_exp(load16(s + j) * it - ms), f = fast_exp(load16(t + j) * it - mt);
+    store16(pb + j, e);
+    store16(qb + j, f);
+    zp += e;
+    zq += f;
+  }
+  const f32x16 et = fast_exp(load16(s + o) * it - ms), ft = fast_exp(load16(t + o) * it - mt);
+  if (nv < n) {
+    zp += live ? et : zero;
+    zq += live ? ft : zero;
+  }
+  const float izp = 1.0f / hsum16(zp), izq = 1.0f / hsum16(zq);
+  f32x16 su = zero, sv = zero, suv = zero, suu = zero, svv = zero;
+  float* __restrict cu = col + kSu * n;
+  float* __restrict cv = col + kSv * n;
+  float* __restrict cuv = col + kSuv * n;
+  float* __restrict cuu = col + kSuu * n;
+  float* __restrict cvv = col + kSvv * n;
+  // One vector of p, q at j into the row sums and the column sums; masked, only its lanes in
+  // `live` count. Inlined: as a call it would be compiled for the baseline ISA and receive
+  // the vectors from an AVX-512 clone under another calling convention.
+  const auto moments = [&](int64_t j, f32x16 pj, f32x16 qj,
+                           bool masked) __attribute__((always_inline)) {
+    f32x16 u = pj - c, v = qj - c;
+    f32x16 ud = pj - load16(cp + j), vd = qj - load16(cq + j);
+    if (masked) {
+      u = live ? u : zero;
+      v = live ? v : zero;
+      ud = live ? ud : zero;
+      vd = live ? vd : zero;
+    }
+    su += u;
+    sv += v;
+    suv += u * v;
+    suu += u * u;
+    svv += v * v;
+    store16(cu + j, load16(cu + j) + ud);
+    store16(cv + j, load16(cv + j) + vd);
+    store16(cuv + j, load16(cuv + j) + ud * vd);
+    store16(cuu + j, load16(cuu + j) + ud * ud);
+    store16(cvv + j, load16(cvv + j) + vd * vd);
+  };
+  for (int64_t j = 0; j < nv; j += kVec) {
+    const f32x16 pj = load16(pb + j) * izp, qj = load16(qb + j) * izq;
+    if constexpr (keep) {
+      store16(pb + j, pj);
+      store16(qb + j, qj);
+    }
+    moments(j, pj, qj, false);
+  }
+  if (nv < n) {
+    const f32x16 pj = et * izp, qj = ft * izq;
+    if constexpr (keep) {  // rewrites lanes of the vector before with the same values
+      store16(pb + o, pj);
+      store16(qb + o, qj);
+    }
+    moments(o, pj, qj, true);
+  }
+  row[kSu] = hsum16(su);
+  row[kSv] = hsum16(sv);
+  row[kSuv] = hsum16(suv);
+  row[kSuu] = hsum16(suu);
+  row[kSvv] = hsum16(svv);
+}
+
 constexpr int64_t kColBlock = 32;
 
 AUTOKD_CLONES void fused_row_f32(const float* s, const float* t, int64_t n, float it, float c,
                                  const float* cp, const float* cq, float* col, float* pb,
                                  float* qb, float* row, bool keep) {
-  if (keep) {
+  if (n >= 16) {
+    if (keep) {
+      fused_row_vec<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+    } else {
+      fused_row_vec<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+    }
+  } else if (keep) {
     fused_row_body<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
   } else {
     fused_row_body<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);

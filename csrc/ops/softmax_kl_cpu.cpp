@@ -221,42 +221,6 @@ __attribute__((always_inline)) inline void kl_grad_body(const acc_t* x, const ac
 // fast_exp.h): every loop runs whole vectors, the last partial one masked, and the sums
 // are reduced once per chunk. Short rows (logits: L = 100) spend as much time in the tails
 // and reductions as in the vector loops when these are left to the auto-vectoriser.
-__attribute__((always_inline)) inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-__attribute__((always_inline)) inline void store16(float* p, f32x16 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-__attribute__((always_inline)) inline f32x16 max16(f32x16 a, f32x16 b) { return b > a ? b : a; }
-
-using f32x8 = float __attribute__((vector_size(32)));
-using f32x4 = float __attribute__((vector_size(16)));
-
-// Pairwise by halves: 4 dependent steps instead of 15.
-__attribute__((always_inline)) inline float hsum16(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
-                  __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-__attribute__((always_inline)) inline float hmax16(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const f32x8 a2 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x8 m8 = a2 > a ? a2 : a;
-  const f32x4 b = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
-  const f32x4 b2 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  const f32x4 m4 = b2 > b ? b2 : b;
-  const float m0 = m4[2] > m4[0] ? m4[2] : m4[0];
-  const float m1 = m4[3] > m4[1] ? m4[3] : m4[1];
-  return m1 > m0 ? m1 : m0;
-}
-
 template <bool grad>
 __attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const float* y,
                                                         int64_t L, float it, float c, float* ex,
@@ -359,7 +323,7 @@ __attribute__((always_inline)) inline RowKl kl_segments_vec(const float* x, cons
   st.my = my;
   f32x16 sx = zero, sy = zero, sa = zero;
   int64_t pending = 0;  // elements in the float partial sums, flushed every kChunk or so
-  const auto flush = [&] {
+  const auto flush = [&]() __attribute__((always_inline)) {
     st.zx += hsum16(sx);
     st.zy += hsum16(sy);
     st.a += static_cast<double>(hsum16(sa)) * it;

@@ -279,8 +279,11 @@ def test_float32_fused_rows_confident_class(n):
     # into double every 32 rows: blocks end exactly at, before and after a range's last row.
     # A class every sample is sure of (p ~ 1) and one nobody predicts (p ~ 0) are the columns
     # where a raw (unshifted) float sum would cancel. Column-major copies of the same values
-    # take the unfused pass (double column sums throughout): both must agree, and the fused
-    # pass must stay within a few times the float32 reference's error of the float64 truth.
+    # take the unfused pass (double column sums throughout): their losses must agree, and both
+    # gradients must stay within a few times the float32 reference's error of the float64
+    # truth. (The gradients are not compared with each other: at p ~ 1 and p ~ 1e-15 they are
+    # ill-conditioned in float32, ~1e-2 of their scale off the truth for the reference too,
+    # and the two passes sum their rows in different orders.)
     s = torch.randn(n, 57) * 2
     t = torch.randn(n, 57) * 2
     s[:, 3] += 25
@@ -298,12 +301,11 @@ def test_float32_fused_rows_confident_class(n):
     ref_out, ref_grad = run(reference, s, t)
     fused, fused_grad = run(op, s, t)
     unfused, unfused_grad = run(op, s.t().contiguous().t(), t.t().contiguous().t())
-    scale = want_grad.abs().max()
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(fused_grad / scale, unfused_grad / scale, rtol=1e-5, atol=1e-5)
-    for got, truth, ref in ((fused, want, ref_out), (fused_grad, want_grad, ref_grad)):
+    for got, truth, ref in ((fused, want, ref_out), (fused_grad, want_grad, ref_grad),
+                            (unfused_grad, want_grad, ref_grad)):
         err = (got - truth).abs().max().item()
         ref_err = (ref - truth).abs().max().item()
-        # Both passes compute the float rows alike and land a few reference errors from the
-        # truth (measured 1-6x here); a lost or doubled column block would be far beyond 8x.
+        # Both passes land a few reference errors from the truth (measured 0.5-3x here); a lost
+        # or doubled column block would be far beyond 8x.
         assert err <= 8 * ref_err + 1e-6 * truth.abs().max().item(), (err, ref_err)
