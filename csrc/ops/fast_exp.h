@@ -133,6 +133,34 @@ __attribute__((always_inline)) inline float hmax16(f32x16 v) {
   return m1 > m0 ? m1 : m0;
 }
 
+// A row of n >= 16 floats as whole vectors over [0, nv) and, when nv < n, one last vector at
+// o = n - 16 that overlaps the one before: only its lanes in `live` (the row's last n - nv
+// elements) are new, and sums select them. Loops over whole vectors then need no scalar tail,
+// which on a logits row (n = 100) costs as much as the vector loop: each of its iterations
+// runs the exps one lane at a time.
+struct RowVectors {
+  int64_t nv, o;
+  i32x16 live;
+  explicit RowVectors(int64_t n) : nv(n - n % 16), o(n - 16) {
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    live = lane >= static_cast<int32_t>(nv - o);
+  }
+  bool overlap() const { return nv - o < 16; }
+};
+
+// Folds the row x, y (laid out as v) into the lane-wise maxima mx, my; lanes of the last vector
+// seen twice do not change a max.
+__attribute__((always_inline)) inline void max16_row(const float* x, const float* y,
+                                                     const RowVectors& v, f32x16& mx,
+                                                     f32x16& my) {
+  for (int64_t j = 0; j < v.nv; j += 16) {
+    mx = max16(mx, load16(x + j));
+    my = max16(my, load16(y + j));
+  }
+  mx = max16(mx, load16(x + v.o));
+  my = max16(my, load16(y + v.o));
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif

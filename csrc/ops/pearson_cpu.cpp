@@ -211,13 +211,10 @@ __attribute__((always_inline)) inline void fused_row_body(const float* __restric
   row[kSvv] = svv;
 }
 
-// fused_row_body for rows of at least 16 floats, on 16-float vectors (fast_exp.h): every loop
-// runs whole vectors and one last vector ending at n, overlapping the one before, whose first
-// lanes are selected out of the sums (and add 0 to their column sums). The auto-vectorised
-// loops ran the last n % 16 elements one lane at a time, two exps each: on logits rows
-// (n = 100) that tail cost as much as the vector loops. The last vector's exps stay in
-// registers, since with `keep` the lanes it shares with the one before are normalised in
-// place first.
+// fused_row_body for rows of at least 16 floats, on 16-float vectors laid out as RowVectors
+// (fast_exp.h): the last vector's new lanes count in the row sums, and its other lanes add 0
+// to their column sums. Its exps stay in registers, since with `keep` the lanes it shares with
+// the vector before are normalised in place first.
 template <bool keep>
 __attribute__((always_inline)) inline void fused_row_vec(const float* __restrict s,
                                                          const float* __restrict t, int64_t n,
@@ -226,15 +223,12 @@ __attribute__((always_inline)) inline void fused_row_vec(const float* __restrict
                                                          float* __restrict pb,
                                                          float* __restrict qb, float* row) {
   constexpr int64_t kVec = 16;
-  const int64_t nv = n - n % kVec, o = n - kVec;
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
+  const RowVectors vec(n);
+  const int64_t nv = vec.nv, o = vec.o;
+  const i32x16 live = vec.live;
   const f32x16 zero = {};
-  f32x16 vms = load16(s + o), vmt = load16(t + o);  // lanes seen twice do not change a max
-  for (int64_t j = 0; j < nv; j += kVec) {
-    vms = max16(vms, load16(s + j));
-    vmt = max16(vmt, load16(t + j));
-  }
+  f32x16 vms = load16(s), vmt = load16(t);
+  max16_row(s, t, vec, vms, vmt);
   const float ms = hmax16(vms) * it, mt = hmax16(vmt) * it;
   f32x16 zp = zero, zq = zero;
   for (int64_t j = 0; j < nv; j += kVec) {
@@ -245,7 +239,7 @@ __attribute__((always_inline)) inline void fused_row_vec(const float* __restrict
     zq += f;
   }
   const f32x16 et = fast_exp(load16(s + o) * it - ms), ft = fast_exp(load16(t + o) * it - mt);
-  if (nv < n) {
+  if (vec.overlap()) {
     zp += live ? et : zero;
     zq += live ? ft : zero;
   }
@@ -288,7 +282,7 @@ __attribute__((always_inline)) inline void fused_row_vec(const float* __restrict
     }
     moments(j, pj, qj, false);
   }
-  if (nv < n) {
+  if (vec.overlap()) {
     const f32x16 pj = et * izp, qj = ft * izq;
     if constexpr (keep) {  // rewrites lanes of the vector before with the same values
       store16(pb + o, pj);

@@ -1,16 +1,17 @@
 // CPU kernel of softmax_kl (formula and layout in softmax_kl.h). Rows run in parallel.
 //
-// A row of at most kRowCap elements runs "buffered": when it is strided, split into segments
-// (the channel view: N segments of H*W) or low precision, it is first gathered into a
-// per-thread scratch row in the accumulation type, so short segments cost one copy rather
-// than one chunk each. The row maxima come first (exact, no rescaling), then one vectorised
-// loop does the exps and sums. With with_grad the same loop keeps exp(x - mx) and exp(y - my)
-// in the scratch row and a last loop writes the gradient from them: loss and gradient together
-// cost 2 exps per element pair (the autograd backward only scales the saved gradient).
-// float rows of at least 16 elements run this on 16-float vectors (kl_row_vec): short rows
+// A row of at most kRowCap elements runs "buffered": when it is strided or low precision, it
+// is first gathered into a per-thread scratch row in the accumulation type. The row maxima come
+// first (exact, no rescaling), then one vectorised loop does the exps and sums. With with_grad
+// the same loop keeps exp(x - mx) and exp(y - my) in the scratch row and a last loop writes the
+// gradient from them: loss and gradient together cost 2 exps per element pair (the autograd
+// backward only scales the saved gradient).
+// float rows of at least 16 elements run this on 16-float vectors (kl_segments_vec): short rows
 // such as [128, 100] logits would otherwise spend as long in the scalar tail of each loop
 // (4 of 100 elements, two exps each, one lane at a time) and in the horizontal sums as in the
-// vector body. A whole row is one call, and the per-row log is taken once per group of rows.
+// vector body. float rows made of contiguous segments of 16+ elements (the channel view: N
+// planes of H*W) are read in place, segment by segment, instead of gathered. A whole row is
+// one call, and the per-row log is taken once per group of rows.
 // Small inputs run on the calling thread (at::parallel_for opens no parallel region below
 // the grain), so a logit-sized call pays no OpenMP start-up.
 //
@@ -217,112 +218,32 @@ __attribute__((always_inline)) inline void kl_grad_body(const acc_t* x, const ac
   }
 }
 
-// kl_row_body for float rows of at least kVec elements, written on 16-float vectors (see
-// fast_exp.h): every loop runs whole vectors, the last partial one masked, and the sums
-// are reduced once per chunk. Short rows (logits: L = 100) spend as much time in the tails
-// and reductions as in the vector loops when these are left to the auto-vectoriser.
-template <bool grad>
-__attribute__((always_inline)) inline RowKl kl_row_vec(const float* x, const float* y,
-                                                        int64_t L, float it, float c, float* ex,
-                                                        float* ey, float* g) {
-  const int64_t nv = L - L % kVec;  // whole vectors; L >= kVec
-  // The last vector, at o, overlaps the one before when nv < L; its lanes from nv - o on are
-  // the row's last L - nv elements.
-  const int64_t o = L - kVec;
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
-  const f32x16 zero = {};
-
-  f32x16 vmx = load16(x + o), vmy = load16(y + o);  // lanes seen twice do not change a max
-  for (int64_t j = 0; j < nv; j += kVec) {
-    vmx = max16(vmx, load16(x + j));
-    vmy = max16(vmy, load16(y + j));
-  }
-  const float mx = hmax16(vmx) * it, my = hmax16(vmy) * it;  // it > 0: max(x) * it = max(x * it)
-
-  // The partial vector goes first, while x and y are intact (ex, ey may alias them), and its
-  // exps stay in registers for the gradient: reading back memory just written by overlapping
-  // stores would stall on store forwarding. Its live lanes start the first chunk's sums.
-  f32x16 sx = zero, sy = zero, sa = zero, et = zero, ft = zero;
-  if (nv < L) {
-    const f32x16 xv = load16(x + o), yv = load16(y + o);
-    et = fast_exp(xv * it - mx);
-    ft = fast_exp(yv * it - my);
-    sx = live ? et : zero;
-    sy = live ? ft : zero;
-    sa = live ? ft * (yv - xv) : zero;
-  }
-  KlState st;
-  st.mx = mx;
-  st.my = my;
-  // Float sums over at most kChunk (+ kVec) elements; nv >= kVec, so the loop runs.
-  for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
-    const int64_t j1 = std::min(j0 + kChunk, nv);
-    for (int64_t j = j0; j < j1; j += kVec) {
-      // x * it - mx is one fused op; sa sums f (y - x) and takes its factor it at the end.
-      const f32x16 xv = load16(x + j), yv = load16(y + j);
-      const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
-      sx += e;
-      sy += f;
-      sa += f * (yv - xv);
-      if constexpr (grad) {
-        store16(ex + j, e);
-        store16(ey + j, f);
-      }
-    }
-    st.zx += hsum16(sx);
-    st.zy += hsum16(sy);
-    st.a += static_cast<double>(hsum16(sa)) * it;
-    sx = sy = sa = zero;
-  }
-  if constexpr (grad) {
-    const float fx = static_cast<float>(c / st.zx), fy = static_cast<float>(c / st.zy);
-    for (int64_t j = 0; j < nv; j += kVec) {
-      store16(g + j, fx * load16(ex + j) - fy * load16(ey + j));
-    }
-    // After the loop above (g may alias ex): the lanes before nv - o are rewritten with the
-    // same gradient, from the same inputs (at most an ulp apart where the compiler fused
-    // differently).
-    if (nv < L) store16(g + o, fx * et - fy * ft);
-  }
-  return row_kl(st);
-}
-
-// KL of one row made of A segments of B >= kVec contiguous floats, sax / say apart in x / y
-// (the channel view: a sample's H*W plane per segment), read in place: the maxima over every
-// segment, then the exps, each segment as kl_row_vec runs its row (whole vectors, the last one
-// overlapping and masked). The buffered path would first gather the row into scratch, one
-// memcpy per segment: on 8 x 8 planes that gather took a third of the forward. With grad, the
-// exps go to the contiguous scratch rows ex, ey (L = A * B each) and the gradient
-// c * (softmax(x) - softmax(y)) to g's segments, sag apart. The sums run in the same order
-// with and without grad, so both give the same loss to the bit.
+// KL of one float row made of A segments of B >= kVec contiguous elements, sax / say apart in
+// x / y, on 16-float vectors (fast_exp.h) with each segment laid out as RowVectors: the maxima
+// over every segment, then the exps. A contiguous row is one segment (A = 1). The channel view
+// has a sample's H*W plane per segment, read in place: gathering the row into scratch first
+// cost one memcpy per segment, a third of the forward on 8 x 8 planes.
+// With grad, the exps go to ex, ey (A * B each, contiguous; they may alias x, y when A = 1)
+// and c * (softmax(x) - softmax(y)) to g's segments, sag apart (g may alias ex). Sums run in the
+// same order with and without grad, so both give the same loss to the bit; float partial sums
+// are flushed to double about every kChunk elements.
 template <bool grad>
 __attribute__((always_inline)) inline RowKl kl_segments_vec(const float* x, const float* y,
                                                             int64_t A, int64_t B, int64_t sax,
                                                             int64_t say, float it, float c,
                                                             float* ex, float* ey, float* g,
                                                             int64_t sag) {
-  const int64_t nv = B - B % kVec, o = B - kVec;
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const i32x16 live = lane >= static_cast<int32_t>(nv - o);
+  const RowVectors v(B);
+  const int64_t nv = v.nv, o = v.o;
   const f32x16 zero = {};
-  f32x16 vmx = load16(x + o), vmy = load16(y + o);
-  for (int64_t a = 0; a < A; ++a) {
-    const float* xa = x + a * sax;
-    const float* ya = y + a * say;
-    for (int64_t j = 0; j < nv; j += kVec) {
-      vmx = max16(vmx, load16(xa + j));
-      vmy = max16(vmy, load16(ya + j));
-    }
-    vmx = max16(vmx, load16(xa + o));  // lanes seen twice do not change a max
-    vmy = max16(vmy, load16(ya + o));
-  }
-  const float mx = hmax16(vmx) * it, my = hmax16(vmy) * it;
+  f32x16 vmx = load16(x), vmy = load16(y);
+  for (int64_t a = 0; a < A; ++a) max16_row(x + a * sax, y + a * say, v, vmx, vmy);
+  const float mx = hmax16(vmx) * it, my = hmax16(vmy) * it;  // it > 0: max(x) * it = max(x * it)
   KlState st;
   st.mx = mx;
   st.my = my;
   f32x16 sx = zero, sy = zero, sa = zero;
-  int64_t pending = 0;  // elements in the float partial sums, flushed every kChunk or so
+  int64_t pending = 0;  // elements in the float partial sums
   const auto flush = [&]() __attribute__((always_inline)) {
     st.zx += hsum16(sx);
     st.zy += hsum16(sy);
@@ -333,32 +254,41 @@ __attribute__((always_inline)) inline RowKl kl_segments_vec(const float* x, cons
   for (int64_t a = 0; a < A; ++a) {
     const float* xa = x + a * sax;
     const float* ya = y + a * say;
+    float* ea = ex + a * B;
+    float* fa = ey + a * B;
+    // The last vector first, while x and y are intact (ex, ey may alias them); its exps are
+    // stored once the whole vectors have read their inputs.
+    f32x16 et = zero, ft = zero;
+    if (v.overlap()) {
+      const f32x16 xv = load16(xa + o), yv = load16(ya + o);
+      et = fast_exp(xv * it - mx);
+      ft = fast_exp(yv * it - my);
+      sx += v.live ? et : zero;
+      sy += v.live ? ft : zero;
+      sa += v.live ? ft * (yv - xv) : zero;
+      pending += B - nv;
+    }
     for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
       const int64_t j1 = std::min(j0 + kChunk, nv);
       for (int64_t j = j0; j < j1; j += kVec) {
+        // sa sums f (y - x) and takes its factor it at the flush.
         const f32x16 xv = load16(xa + j), yv = load16(ya + j);
         const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
         sx += e;
         sy += f;
         sa += f * (yv - xv);
         if constexpr (grad) {
-          store16(ex + a * B + j, e);
-          store16(ey + a * B + j, f);
+          store16(ea + j, e);
+          store16(fa + j, f);
         }
       }
       pending += j1 - j0;
       if (pending >= kChunk) flush();
     }
-    if (nv < B) {
-      const f32x16 xv = load16(xa + o), yv = load16(ya + o);
-      const f32x16 e = fast_exp(xv * it - mx), f = fast_exp(yv * it - my);
-      sx += live ? e : zero;
-      sy += live ? f : zero;
-      sa += live ? f * (yv - xv) : zero;
-      pending += B - nv;
-      if constexpr (grad) {  // rewrites lanes of the vector before with the same exps
-        store16(ex + a * B + o, e);
-        store16(ey + a * B + o, f);
+    if constexpr (grad) {
+      if (v.overlap()) {  // rewrites lanes of the vector before with the same exps
+        store16(ea + o, et);
+        store16(fa + o, ft);
       }
     }
   }
@@ -369,10 +299,12 @@ __attribute__((always_inline)) inline RowKl kl_segments_vec(const float* x, cons
       const float* ea = ex + a * B;
       const float* fa = ey + a * B;
       float* ga = g + a * sag;
+      // The last vector's gradient first, while ex is intact (g may alias it).
+      const f32x16 gt = v.overlap() ? fx * load16(ea + o) - fy * load16(fa + o) : zero;
       for (int64_t j = 0; j < nv; j += kVec) {
         store16(ga + j, fx * load16(ea + j) - fy * load16(fa + j));
       }
-      if (nv < B) store16(ga + o, fx * load16(ea + o) - fy * load16(fa + o));
+      if (v.overlap()) store16(ga + o, gt);
     }
   }
   return row_kl(st);
@@ -386,12 +318,12 @@ AUTOKD_CLONES void kl_chunk_f32(const float* x, const float* y, int64_t n, float
 }
 AUTOKD_CLONES RowKl kl_row_f32(const float* x, const float* y, int64_t L, float it) {
   if (L < kVec) return kl_row_body<float, false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
-  return kl_row_vec<false>(x, y, L, it, 0.0f, nullptr, nullptr, nullptr);
+  return kl_segments_vec<false>(x, y, 1, L, 0, 0, it, 0.0f, nullptr, nullptr, nullptr, 0);
 }
 AUTOKD_CLONES RowKl kl_row_grad_f32(const float* x, const float* y, int64_t L, float it,
                                      float c, float* ex, float* ey, float* g) {
   if (L < kVec) return kl_row_body<float, true>(x, y, L, it, c, ex, ey, g);
-  return kl_row_vec<true>(x, y, L, it, c, ex, ey, g);
+  return kl_segments_vec<true>(x, y, 1, L, 0, 0, it, c, ex, ey, g, 0);
 }
 AUTOKD_CLONES RowKl kl_segments_f32(const float* x, const float* y, int64_t A, int64_t B,
                                      int64_t sax, int64_t say, float it, float c, float* ex,
