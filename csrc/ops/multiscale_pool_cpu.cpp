@@ -527,7 +527,7 @@ __attribute__((always_inline)) inline pool_f32x8 load8(const float* p) {
 // out, then the cells at out + 5 over the spare ones. ~4.2 ns per plane where the per-cell
 // scalar sums of small_nested_planes took ~11 (the copy of the same bytes: ~3.7).
 // Other grid orders (idx, inv as in nested_bins_out) go through a 24-float buffer.
-__attribute__((always_inline)) inline void planes_8x8(
+__attribute__((always_inline)) inline void planes_8x8_walk(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
     bool identity, float* __restrict y) {
@@ -569,6 +569,19 @@ __attribute__((always_inline)) inline void planes_8x8(
       std::memcpy(sums + 5, &cells, sizeof(cells));
       for (int64_t k = 0; k < S; ++k) out[k] = sums[idx[k]] * inv[k];
     }
+  }
+}
+
+// Contiguous planes are walked as one image of p1 - p0 planes 64 floats apart: with the strides
+// constants GCC folds the addressing (64 x 256 x 8 x 8, one thread: ~0.083 vs ~0.097 ms).
+__attribute__((always_inline)) inline void planes_8x8(
+    const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
+    int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
+    bool identity, float* __restrict y) {
+  if (sH == 8 && sC == 64 && sN == 64 * C) {
+    planes_8x8_walk(x + p0 * 64, 0, p1 - p0, 1, 64, 0, 8, S, idx, inv, identity, y + p0 * S);
+  } else {
+    planes_8x8_walk(x, p0, p1, C, sN, sC, sH, S, idx, inv, identity, y);
   }
 }
 
