@@ -304,10 +304,13 @@ __attribute__((always_inline)) inline void rows_sum(const float* __restrict plan
 
 // Planes [p0, p1) of the flattened N * C; plane p starts at x + (p / C) * sN + (p % C) * sC.
 // buf: [Rh * W] row buffer, sums: [t.scratch] cell and grid sums.
-AUTOKD_CLONES void pool_planes_f32(const float* __restrict x, int64_t p0, int64_t p1, int64_t C,
-                                   int64_t sN, int64_t sC, int64_t sH, const PoolTablesF32& t,
-                                   float* __restrict y, float* __restrict buf,
-                                   float* __restrict sums) {
+// Aligned to 64 bytes so that its loops' placement does not move with other code of this file:
+// 64x64x32x32 measured ~7% slower (0.47-0.52 vs 0.45-0.49 ms, one thread, same machine code)
+// when an edit elsewhere moved its start from 16 to 48 bytes past a 64-byte boundary.
+AUTOKD_CLONES __attribute__((aligned(64))) void pool_planes_f32(
+    const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
+    int64_t sH, const PoolTablesF32& t, float* __restrict y, float* __restrict buf,
+    float* __restrict sums) {
   const int64_t W = t.W, Rh = t.Rh, Rw = t.Rw, S = t.S;
   const int64_t* __restrict row_begin = t.row_begin.data();
   const int64_t* __restrict col_begin = t.col_begin.data();
