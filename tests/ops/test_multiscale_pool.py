@@ -67,8 +67,9 @@ def test_parity(shape, grids, layout, dtype):
 # columns at a time; bins of nested grids summed grid from grid, others from cell lists), or
 # its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide;
 # smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
-# side take fully unrolled kernels, the other small planes the blocked one (16 planes per
-# block, partial last block). Widths with every tail of the row pass, grids that do not nest, many small planes,
+# side take fully unrolled kernels (8 x 8 planes a vector kernel, with constant strides when
+# contiguous), the other small planes the blocked one (16 planes per block, partial last
+# block). Widths with every tail of the row pass, grids that do not nest, many small planes,
 # and each layout.
 F32_CASES = [
     ((2, 3, 16, 16), [1, 2, 4]),
@@ -80,7 +81,11 @@ F32_CASES = [
     ((2, 2, 64, 9), [9, 1]),  # one column per cell of the finest grid
     ((2, 3, 24, 36), [2, 6, 3, 1, 6, 2]),  # nested, duplicates; 2 from 6 (3 x 3 blocks)
     ((1, 2, 32, 16), [8, 4, 1]),  # nested: 4 from 8 (2 x 2), 1 from 4 (4 x 4 blocks)
-    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes, unrolled kernel (F = 4, 2 x 2 cells)
+    ((5, 51, 8, 8), [1, 2, 4]),  # 255 small planes, 8 x 8 vector kernel, grids in order
+    ((3, 350, 8, 8), [1, 2, 4]),  # 1050 planes: two threads split mid-image
+    ((2, 5, 8, 8), [4, 2, 4, 1]),  # 8 x 8 vector kernel, out of order with a duplicate
+    ((1, 3, 8, 8), [2, 4]),  # 8 x 8 vector kernel, no grid 1
+    ((3, 2, 8, 8), [4]),  # 8 x 8 vector kernel, grid 4 alone
     ((2, 3, 4, 4), [1, 2, 4]),  # unrolled, 1 x 1 cells
     ((1, 2, 16, 8), [4, 1, 2, 4]),  # unrolled, 4 x 2 cells, out of order with a duplicate
     ((1, 2, 8, 4), [2, 4]),  # unrolled, 2 x 1 cells, no grid 1
@@ -95,6 +100,15 @@ F32_CASES = [
 @pytest.mark.parametrize("shape,grids", F32_CASES)
 def test_parity_float32_paths(shape, grids, layout):
     check_parity(make_input(shape, torch.float32, layout, requires_grad=True), grids)
+
+
+@pytest.mark.parametrize("grids", [[1, 2, 4], [2, 4, 1]])
+def test_8x8_planes_channel_slice(grids):
+    # Contiguous rows and planes (row stride 8, plane stride 64) but a gap between images: the
+    # 8 x 8 kernel must walk (n, c) rather than take the planes as one contiguous run.
+    x = torch.randn(3, 9, 8, 8)[:, 2:7]
+    assert x.stride()[1:] == (64, 8, 1) and x.stride(0) != 5 * 64
+    torch.testing.assert_close(multiscale_pool(x, grids), reference(x, grids), **tol(x.dtype))
 
 
 def test_float32_planes_match_float64():
