@@ -500,27 +500,6 @@ AUTOKD_CLONES void large_nested_planes_f32(int code, const float* x, int64_t p0,
 #undef AUTOKD_LARGE_CASE
 }
 
-// The unrolled small-plane kernels are compiled for x86-64-v4 (AVX-512 F/VL/DQ/BW), AVX2 and
-// the baseline ISA. AUTOKD_CLONES' "avx512f" clone lacks AVX-512VL, so GCC builds each
-// two-source shuffle of 8 floats (planes_8x8) from two one-source permutes and a blend; with VL
-// it is one vpermt2ps (8 x 8 planes: ~4.2 vs ~5.1 ns per plane, one thread, stand-alone harness).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define AUTOKD_POOL_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define AUTOKD_POOL_CLONES
-#endif
-
-using pool_f32x4 = float __attribute__((vector_size(16)));
-using pool_f32x8 = float __attribute__((vector_size(32)));
-using pool_f32x16 = float __attribute__((vector_size(64)));
-
-__attribute__((always_inline)) inline pool_f32x8 load8(const float* p) {
-  pool_f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // 8 x 8 float32 planes (rows sH floats apart), grids 1, 2, 4 in any order: per plane, the
 // eight rows are 8-float vectors. Row pairs added give each cell row's column sums; the even
 // and odd columns of two such pairs added give 8 cells (4 x 4 grid, 2 x 2 pixels a cell) in
@@ -534,36 +513,36 @@ __attribute__((always_inline)) inline void planes_8x8_walk(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
     bool identity, float* __restrict y) {
-  const pool_f32x8 head_scale = {1.0f / 64, 1.0f / 16, 1.0f / 16, 1.0f / 16, 1.0f / 16, 0, 0, 0};
+  const f32x8 head_scale = {1.0f / 64, 1.0f / 16, 1.0f / 16, 1.0f / 16, 1.0f / 16, 0, 0, 0};
   PlaneWalk planes(p0, C, sN, sC);
   for (int64_t p = p0; p < p1; ++p) {
     const float* __restrict pl = x + planes.next();
     // s_i[w]: rows 2i, 2i + 1 at column w
-    const pool_f32x8 s0 = load8(pl) + load8(pl + sH);
-    const pool_f32x8 s1 = load8(pl + 2 * sH) + load8(pl + 3 * sH);
-    const pool_f32x8 s2 = load8(pl + 4 * sH) + load8(pl + 5 * sH);
-    const pool_f32x8 s3 = load8(pl + 6 * sH) + load8(pl + 7 * sH);
+    const f32x8 s0 = load8(pl) + load8(pl + sH);
+    const f32x8 s1 = load8(pl + 2 * sH) + load8(pl + 3 * sH);
+    const f32x8 s2 = load8(pl + 4 * sH) + load8(pl + 5 * sH);
+    const f32x8 s3 = load8(pl + 6 * sH) + load8(pl + 7 * sH);
     // [c00 c01 c02 c03 c10 c11 c12 c13] and cell rows 2, 3
-    const pool_f32x8 a = __builtin_shufflevector(s0, s1, 0, 2, 4, 6, 8, 10, 12, 14) +
+    const f32x8 a = __builtin_shufflevector(s0, s1, 0, 2, 4, 6, 8, 10, 12, 14) +
                          __builtin_shufflevector(s0, s1, 1, 3, 5, 7, 9, 11, 13, 15);
-    const pool_f32x8 b = __builtin_shufflevector(s2, s3, 0, 2, 4, 6, 8, 10, 12, 14) +
+    const f32x8 b = __builtin_shufflevector(s2, s3, 0, 2, 4, 6, 8, 10, 12, 14) +
                          __builtin_shufflevector(s2, s3, 1, 3, 5, 7, 9, 11, 13, 15);
-    const pool_f32x16 cells =
+    const f32x16 cells =
         __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // cell columns summed over cell rows 0-1 (top) and 2-3 (bottom), then column pairs
-    const pool_f32x4 top = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
+    const f32x4 top = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
                            __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    const pool_f32x4 bottom = __builtin_shufflevector(b, b, 0, 1, 2, 3) +
+    const f32x4 bottom = __builtin_shufflevector(b, b, 0, 1, 2, 3) +
                               __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    const pool_f32x4 g2 = __builtin_shufflevector(top, bottom, 0, 2, 4, 6) +
+    const f32x4 g2 = __builtin_shufflevector(top, bottom, 0, 2, 4, 6) +
                           __builtin_shufflevector(top, bottom, 1, 3, 5, 7);
-    const pool_f32x4 half = g2 + __builtin_shufflevector(g2, g2, 2, 3, 0, 1);
-    const pool_f32x4 g1 = half + __builtin_shufflevector(half, half, 1, 0, 3, 2);
-    const pool_f32x8 head = __builtin_shufflevector(g1, g2, 0, 4, 5, 6, 7, 0, 0, 0);
+    const f32x4 half = g2 + __builtin_shufflevector(g2, g2, 2, 3, 0, 1);
+    const f32x4 g1 = half + __builtin_shufflevector(half, half, 1, 0, 3, 2);
+    const f32x8 head = __builtin_shufflevector(g1, g2, 0, 4, 5, 6, 7, 0, 0, 0);
     float* __restrict out = y + p * S;
     if (identity) {
-      const pool_f32x8 h = head * head_scale;
-      const pool_f32x16 c = cells * 0.25f;
+      const f32x8 h = head * head_scale;
+      const f32x16 c = cells * 0.25f;
       std::memcpy(out, &h, sizeof(h));
       std::memcpy(out + 5, &c, sizeof(c));
     } else {
@@ -631,7 +610,7 @@ __attribute__((always_inline)) inline void small_nested_planes(
 
 // F * 100 + KH * 10 + KW selects the instantiation; compiled for AVX-512 (x86-64-v4), AVX2
 // and baseline.
-AUTOKD_POOL_CLONES void small_nested_planes_f32(int code, const float* x, int64_t p0, int64_t p1,
+AUTOKD_CLONES void small_nested_planes_f32(int code, const float* x, int64_t p0, int64_t p1,
                                            int64_t C, int64_t sN, int64_t sC, int64_t sH,
                                            int64_t S, const int64_t* idx, const float* inv,
                                            bool identity, float* y) {
