@@ -441,6 +441,98 @@ __attribute__((always_inline)) inline void nested_bins_out(float* __restrict sum
   }
 }
 
+// Grids 1, 2, 4 of a plane from its 16 cell sums (4 x 4 grid, row-major) as two 8-float
+// vectors, cell rows 0-1 (`a`) and 2-3 (`b`): grid 2 adds the two cell rows of each half,
+// then neighbouring columns; grid 1 adds the four. Stored scaled (`head_scale`: grid 1, grid 2
+// and 3 spare lanes; `cell_scale`: grid 4) as `head` at out, then the cells at out + 5 over the
+// spare floats. Other grid orders (idx, inv as in nested_bins_out) go through a 24-float
+// buffer. Shared by planes_8x8 and planes_32x32.
+__attribute__((always_inline)) inline void grids_124_out(f32x8 a, f32x8 b, f32x8 head_scale,
+                                                         float cell_scale, int64_t S,
+                                                         const int64_t* __restrict idx,
+                                                         const float* __restrict inv,
+                                                         bool identity, float* __restrict out) {
+  const f32x16 cells =
+      __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // cell columns summed over cell rows 0-1 (top) and 2-3 (bottom), then column pairs
+  const f32x4 top = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
+                    __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 bottom = __builtin_shufflevector(b, b, 0, 1, 2, 3) +
+                       __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const f32x4 g2 = __builtin_shufflevector(top, bottom, 0, 2, 4, 6) +
+                   __builtin_shufflevector(top, bottom, 1, 3, 5, 7);
+  const f32x4 half = g2 + __builtin_shufflevector(g2, g2, 2, 3, 0, 1);
+  const f32x4 g1 = half + __builtin_shufflevector(half, half, 1, 0, 3, 2);
+  const f32x8 head = __builtin_shufflevector(g1, g2, 0, 4, 5, 6, 7, 0, 0, 0);
+  if (identity) {
+    const f32x8 h = head * head_scale;
+    const f32x16 c = cells * cell_scale;
+    std::memcpy(out, &h, sizeof(h));
+    std::memcpy(out + 5, &c, sizeof(c));
+  } else {
+    float sums[24];
+    std::memcpy(sums, &head, sizeof(head));
+    std::memcpy(sums + 5, &cells, sizeof(cells));
+    for (int64_t k = 0; k < S; ++k) out[k] = sums[idx[k]] * inv[k];
+  }
+}
+
+// 16 lanes from the 32 of (u, v): lane i < 8 adds u's lanes 2i, 2i + 1, lane 8 + i v's.
+__attribute__((always_inline)) inline f32x16 add_pairs(f32x16 u, f32x16 v) {
+  return __builtin_shufflevector(u, v, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                 30) +
+         __builtin_shufflevector(u, v, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                 31);
+}
+
+// 32 x 32 float32 planes (rows sH floats apart), grids 1, 2, 4 in any order: each 8-row
+// segment's rows are summed as two 16-float vectors (columns 0-15, 16-31; 16 loads, 14 adds),
+// each holding two cells' 8 column sums. add_pairs on a segment's two vectors leaves its 4
+// cells with 4 partial sums each, on two such segments 8 cells with 2, on those two results the
+// 16 cells in row-major order (7 adds, 14 two-source shuffles); grids_124_out does the rest.
+// ~21 ns per plane where pool_planes_f32, with W a runtime value and scalar column and bin
+// sums, took ~120 (a copy of the same bytes from L3: ~55).
+__attribute__((always_inline)) inline void planes_32x32_walk(
+    const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
+    int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
+    bool identity, float* __restrict y) {
+  const f32x8 head_scale = {1.0f / 1024, 1.0f / 256, 1.0f / 256, 1.0f / 256, 1.0f / 256,
+                            0, 0, 0};
+  PlaneWalk planes(p0, C, sN, sC);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict pl = x + planes.next();
+    f32x16 seg[4];  // add_pairs of segment r's column halves: cells (r, 0..3), 4 partials each
+    for (int r = 0; r < 4; ++r) {
+      const float* __restrict row = pl + 8 * r * sH;
+      // pairwise over the 8 rows: 3 dependent adds instead of 7
+      f32x16 lo[4], hi[4];
+      for (int u = 0; u < 4; ++u) {
+        lo[u] = load16(row + 2 * u * sH) + load16(row + (2 * u + 1) * sH);
+        hi[u] = load16(row + 2 * u * sH + 16) + load16(row + (2 * u + 1) * sH + 16);
+      }
+      seg[r] = add_pairs((lo[0] + lo[1]) + (lo[2] + lo[3]), (hi[0] + hi[1]) + (hi[2] + hi[3]));
+    }
+    const f32x16 cells = add_pairs(add_pairs(seg[0], seg[1]), add_pairs(seg[2], seg[3]));
+    const f32x8 a = __builtin_shufflevector(cells, cells, 0, 1, 2, 3, 4, 5, 6, 7);
+    const f32x8 b = __builtin_shufflevector(cells, cells, 8, 9, 10, 11, 12, 13, 14, 15);
+    grids_124_out(a, b, head_scale, 1.0f / 64, S, idx, inv, identity, y + p * S);
+  }
+}
+
+// Contiguous planes are walked as one image of p1 - p0 planes 1024 floats apart (constant
+// strides, as planes_8x8 does).
+__attribute__((always_inline)) inline void planes_32x32(
+    const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
+    int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
+    bool identity, float* __restrict y) {
+  if (sH == 32 && sC == 1024 && sN == 1024 * C) {
+    planes_32x32_walk(x + p0 * 1024, 0, p1 - p0, 1, 1024, 0, 32, S, idx, inv, identity,
+                      y + p0 * S);
+  } else {
+    planes_32x32_walk(x, p0, p1, C, sN, sC, sH, S, idx, inv, identity, y);
+  }
+}
+
 // Large planes (>= kPerPlaneMinPixels) with the same power-of-two grids nested in F x F cells
 // KW pixels wide: the per-plane kernel's row pass with W = F * KW known at compile time, the
 // column segments as constant-width sums, and the bins of nested_bins_out (on 28 x 28 planes
@@ -488,6 +580,9 @@ AUTOKD_CLONES void large_nested_planes_f32(int code, const float* x, int64_t p0,
     AUTOKD_LARGE_CASE(4, 2)
     AUTOKD_LARGE_CASE(4, 4)
     AUTOKD_LARGE_CASE(4, 7)
+    case 408:  // 32 x 32 only (large_nested_code)
+      planes_32x32(x, p0, p1, C, sN, sC, sH, S, idx, inv, identity, y);
+      break;
     AUTOKD_LARGE_CASE(4, 14)
     AUTOKD_LARGE_CASE(4, 16)
     AUTOKD_LARGE_CASE(2, 4)
@@ -503,12 +598,10 @@ AUTOKD_CLONES void large_nested_planes_f32(int code, const float* x, int64_t p0,
 // 8 x 8 float32 planes (rows sH floats apart), grids 1, 2, 4 in any order: per plane, the
 // eight rows are 8-float vectors. Row pairs added give each cell row's column sums; the even
 // and odd columns of two such pairs added give 8 cells (4 x 4 grid, 2 x 2 pixels a cell) in
-// row-major order, so the 16 cells are grid 4 as the output lays it out. Grid 2 adds the two
-// cell rows of each half, then neighbouring columns; grid 1 adds the four. Per plane this is
-// 8 loads, ~15 adds and shuffles and 2 stores: `head` (grid 1, grid 2 and 3 spare floats) at
-// out, then the cells at out + 5 over the spare ones. ~4.2 ns per plane where the per-cell
-// scalar sums of small_nested_planes took ~11 (the copy of the same bytes: ~3.7).
-// Other grid orders (idx, inv as in nested_bins_out) go through a 24-float buffer.
+// row-major order, so the 16 cells are grid 4 as the output lays it out; grids_124_out does
+// the rest. Per plane this is 8 loads, ~15 adds and shuffles and 2 stores. ~4.2 ns per plane
+// where the per-cell scalar sums of small_nested_planes took ~11 (the copy of the same bytes:
+// ~3.7).
 __attribute__((always_inline)) inline void planes_8x8_walk(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
@@ -524,33 +617,10 @@ __attribute__((always_inline)) inline void planes_8x8_walk(
     const f32x8 s3 = load8(pl + 6 * sH) + load8(pl + 7 * sH);
     // [c00 c01 c02 c03 c10 c11 c12 c13] and cell rows 2, 3
     const f32x8 a = __builtin_shufflevector(s0, s1, 0, 2, 4, 6, 8, 10, 12, 14) +
-                         __builtin_shufflevector(s0, s1, 1, 3, 5, 7, 9, 11, 13, 15);
+                    __builtin_shufflevector(s0, s1, 1, 3, 5, 7, 9, 11, 13, 15);
     const f32x8 b = __builtin_shufflevector(s2, s3, 0, 2, 4, 6, 8, 10, 12, 14) +
-                         __builtin_shufflevector(s2, s3, 1, 3, 5, 7, 9, 11, 13, 15);
-    const f32x16 cells =
-        __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // cell columns summed over cell rows 0-1 (top) and 2-3 (bottom), then column pairs
-    const f32x4 top = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
-                           __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    const f32x4 bottom = __builtin_shufflevector(b, b, 0, 1, 2, 3) +
-                              __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    const f32x4 g2 = __builtin_shufflevector(top, bottom, 0, 2, 4, 6) +
-                          __builtin_shufflevector(top, bottom, 1, 3, 5, 7);
-    const f32x4 half = g2 + __builtin_shufflevector(g2, g2, 2, 3, 0, 1);
-    const f32x4 g1 = half + __builtin_shufflevector(half, half, 1, 0, 3, 2);
-    const f32x8 head = __builtin_shufflevector(g1, g2, 0, 4, 5, 6, 7, 0, 0, 0);
-    float* __restrict out = y + p * S;
-    if (identity) {
-      const f32x8 h = head * head_scale;
-      const f32x16 c = cells * 0.25f;
-      std::memcpy(out, &h, sizeof(h));
-      std::memcpy(out + 5, &c, sizeof(c));
-    } else {
-      float sums[24];
-      std::memcpy(sums, &head, sizeof(head));
-      std::memcpy(sums + 5, &cells, sizeof(cells));
-      for (int64_t k = 0; k < S; ++k) out[k] = sums[idx[k]] * inv[k];
-    }
+                    __builtin_shufflevector(s2, s3, 1, 3, 5, 7, 9, 11, 13, 15);
+    grids_124_out(a, b, head_scale, 0.25f, S, idx, inv, identity, y + p * S);
   }
 }
 
@@ -683,6 +753,7 @@ int large_nested_code(const PoolGeometry& geo) {
     if (g != 1 && g != 2 && g != 4) return 0;
   }
   const int64_t code = F * 100 + W / F;
+  if (code == 408 && H == 32) return static_cast<int>(code);
   for (int64_t c : {402, 404, 407, 414, 416, 204, 207, 214, 216}) {
     if (c == code) return static_cast<int>(code);
   }
