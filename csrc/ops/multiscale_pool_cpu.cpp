@@ -305,8 +305,9 @@ __attribute__((always_inline)) inline void rows_sum(const float* __restrict plan
 // Planes [p0, p1) of the flattened N * C; plane p starts at x + (p / C) * sN + (p % C) * sC.
 // buf: [Rh * W] row buffer, sums: [t.scratch] cell and grid sums.
 // Aligned to 64 bytes so that its loops' placement does not move with other code of this file:
-// 64x64x32x32 measured ~7% slower (0.47-0.52 vs 0.45-0.49 ms, one thread, same machine code)
-// when an edit elsewhere moved its start from 16 to 48 bytes past a 64-byte boundary.
+// 64x64x32x32 (before planes_32x32 took it) measured ~7% slower (0.47-0.52 vs 0.45-0.49 ms,
+// one thread, same machine code) when an edit elsewhere moved its start from 16 to 48 bytes
+// past a 64-byte boundary.
 AUTOKD_CLONES __attribute__((aligned(64))) void pool_planes_f32(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, const PoolTablesF32& t, float* __restrict y, float* __restrict buf,
@@ -490,8 +491,9 @@ __attribute__((always_inline)) inline f32x16 add_pairs(f32x16 u, f32x16 v) {
 // each holding two cells' 8 column sums. add_pairs on a segment's two vectors leaves its 4
 // cells with 4 partial sums each, on two such segments 8 cells with 2, on those two results the
 // 16 cells in row-major order (7 adds, 14 two-source shuffles); grids_124_out does the rest.
-// ~21 ns per plane where pool_planes_f32, with W a runtime value and scalar column and bin
-// sums, took ~120 (a copy of the same bytes from L3: ~55).
+// One thread, thread time: ~49 ns per plane with the planes in L2 (about the L2 -> L1 rate of
+// 32 bytes a cycle) where pool_planes_f32, with W a runtime value and scalar column and bin
+// sums, took ~112; ~80 vs ~125 ns with them in L3 (64 x 64 x 32 x 32).
 __attribute__((always_inline)) inline void planes_32x32_walk(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
@@ -738,9 +740,10 @@ struct SmallNestedMap {
 };
 
 // The code of large_nested_planes_f32 (F * 100 + KW) for planes of >= kPerPlaneMinPixels with
-// power-of-two grids nested in F x F cells, or 0. 8-wide cells (32 x 32 planes with grids
-// 1, 2, 4) are left to pool_planes_f32, which measured faster there (0.47-0.50 vs 0.56-0.68 ms
-// for 64x64x32x32, one thread); the others measured faster unrolled (8 x 512 x 28 x 28 0.28 vs
+// power-of-two grids nested in F x F cells, or 0. 32 x 32 planes (408) take planes_32x32;
+// other 8-wide cells are left to pool_planes_f32, which measured faster than
+// large_nested_planes<4, 8> on 32 x 32 (0.47-0.50 vs 0.56-0.68 ms for 64x64x32x32, one
+// thread); the others measured faster unrolled (8 x 512 x 28 x 28 0.28 vs
 // 0.49 ms, 8 x 128 x 56 x 56 0.28 vs 0.32, 64 x 64 x 32 x 8 0.10 vs 0.31, 8 x 128 x 64 x 64
 // 0.54 vs 0.59) or equal (64 x 128 x 16 x 16 0.37).
 int large_nested_code(const PoolGeometry& geo) {

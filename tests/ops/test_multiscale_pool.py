@@ -68,7 +68,7 @@ def test_parity(shape, grids, layout, dtype):
 # its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide;
 # smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
 # side take fully unrolled kernels (8 x 8 planes a vector kernel, with constant strides when
-# contiguous), the other small planes the blocked one (16 planes per block, partial last
+# contiguous; 32 x 32 planes with grids 1, 2, 4 one too), the other small planes the blocked one (16 planes per block, partial last
 # block). Widths with every tail of the row pass, grids that do not nest, many small planes,
 # and each layout.
 F32_CASES = [
@@ -86,6 +86,11 @@ F32_CASES = [
     ((2, 5, 8, 8), [4, 2, 4, 1]),  # 8 x 8 vector kernel, out of order with a duplicate
     ((1, 3, 8, 8), [2, 4]),  # 8 x 8 vector kernel, no grid 1
     ((3, 2, 8, 8), [4]),  # 8 x 8 vector kernel, grid 4 alone
+    ((3, 27, 32, 32), [1, 2, 4]),  # 32 x 32 vector kernel, 81 planes: split mid-image
+    ((2, 5, 32, 32), [4, 2, 4, 1]),  # 32 x 32 vector kernel, out of order with a duplicate
+    ((1, 3, 32, 32), [2, 4]),  # 32 x 32 vector kernel, no grid 1
+    ((2, 2, 32, 32), [4, 1]),  # 32 x 32 vector kernel, no grid 2
+    ((1, 2, 64, 32), [1, 2, 4]),  # 8-wide cells but 16 rows: not the 32 x 32 kernel
     ((2, 3, 4, 4), [1, 2, 4]),  # unrolled, 1 x 1 cells
     ((1, 2, 16, 8), [4, 1, 2, 4]),  # unrolled, 4 x 2 cells, out of order with a duplicate
     ((1, 2, 8, 4), [2, 4]),  # unrolled, 2 x 1 cells, no grid 1
@@ -102,12 +107,14 @@ def test_parity_float32_paths(shape, grids, layout):
     check_parity(make_input(shape, torch.float32, layout, requires_grad=True), grids)
 
 
+@pytest.mark.parametrize("side", [8, 32])
 @pytest.mark.parametrize("grids", [[1, 2, 4], [2, 4, 1]])
-def test_8x8_planes_channel_slice(grids):
-    # Contiguous rows and planes (row stride 8, plane stride 64) but a gap between images: the
-    # 8 x 8 kernel must walk (n, c) rather than take the planes as one contiguous run.
-    x = torch.randn(3, 9, 8, 8)[:, 2:7]
-    assert x.stride()[1:] == (64, 8, 1) and x.stride(0) != 5 * 64
+def test_vector_kernel_planes_channel_slice(side, grids):
+    # Contiguous rows and planes (row stride W, plane stride H * W) but a gap between images:
+    # the 8 x 8 and 32 x 32 kernels must walk (n, c) rather than take the planes as one
+    # contiguous run.
+    x = torch.randn(3, 9, side, side)[:, 2:7]
+    assert x.stride()[1:] == (side * side, side, 1) and x.stride(0) != 5 * side * side
     torch.testing.assert_close(multiscale_pool(x, grids), reference(x, grids), **tol(x.dtype))
 
 
