@@ -65,10 +65,11 @@ def test_parity(shape, grids, layout, dtype):
 
 # float32 planes of >= 256 pixels take the per-plane kernel (row segments summed 16/8/4/1
 # columns at a time; bins of nested grids summed grid from grid, others from cell lists), or
-# its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide;
+# its unrolled form for power-of-two grids up to 4 nested in cells 2-16 pixels wide (32 x 32
+# planes with such grids a vector kernel, constant strides when contiguous);
 # smaller planes with power-of-two grids nested in 2 x 2 or 4 x 4 cells of 1, 2 or 4 pixels a
 # side take fully unrolled kernels (8 x 8 planes a vector kernel, with constant strides when
-# contiguous; 32 x 32 planes with grids 1, 2, 4 one too), the other small planes the blocked one (16 planes per block, partial last
+# contiguous), the other small planes the blocked one (16 planes per block, partial last
 # block). Widths with every tail of the row pass, grids that do not nest, many small planes,
 # and each layout.
 F32_CASES = [
