@@ -491,9 +491,9 @@ __attribute__((always_inline)) inline f32x16 add_pairs(f32x16 u, f32x16 v) {
 // each holding two cells' 8 column sums. add_pairs on a segment's two vectors leaves its 4
 // cells with 4 partial sums each, on two such segments 8 cells with 2, on those two results the
 // 16 cells in row-major order (7 adds, 14 two-source shuffles); grids_124_out does the rest.
-// One thread, thread time: ~49 ns per plane with the planes in L2 (about the L2 -> L1 rate of
-// 32 bytes a cycle) where pool_planes_f32, with W a runtime value and scalar column and bin
-// sums, took ~112; ~80 vs ~125 ns with them in L3 (64 x 64 x 32 x 32).
+// One thread, thread time: ~50 ns per plane with the planes in L2 where pool_planes_f32, with
+// W a runtime value and scalar column and bin sums, took ~120; ~70 vs ~120 ns with them in L3
+// (64 x 64 x 32 x 32). Software prefetch of the plane two ahead measured no gain.
 __attribute__((always_inline)) inline void planes_32x32_walk(
     const float* __restrict x, int64_t p0, int64_t p1, int64_t C, int64_t sN, int64_t sC,
     int64_t sH, int64_t S, const int64_t* __restrict idx, const float* __restrict inv,
