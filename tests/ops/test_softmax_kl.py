@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import autokd
@@ -271,10 +271,13 @@ def test_property_random_shapes(rows, a, b, rank3, transpose, tau):
     teacher_contiguous=st.booleans(),
     tau=st.floats(0.25, 8.0),
 )
+@example(n=9, c=1, hw=228, teacher_contiguous=False, tau=1.0)  # one merged run of 2052
 def test_property_float32_channel_views(n, c, hw, teacher_contiguous, tau):
     # float32 channel views ([C, N, H*W] through a transpose) take the kernel that reads each
     # sample's plane in place (planes of 16+ elements) or the gathering one: both must match
-    # the reference, and give one loss with and without the gradient.
+    # the reference, with and without the gradient. (Rows that merge into one contiguous run
+    # longer than 2048, e.g. C = 1, stream without the gradient and are buffered with it: the
+    # two losses then differ in the last bits.)
     f = (torch.randn(n, c, hw) * 4).requires_grad_()
     g = torch.randn(n, c, hw) * 4
 
@@ -292,7 +295,8 @@ def test_property_float32_channel_views(n, c, hw, teacher_contiguous, tau):
     # float32 leaves ulp noise even on an exact zero (one-element rows).
     unit = tau / c
     torch.testing.assert_close(grad.double() / unit, want_grad / unit, **TOL[torch.float32])
-    assert loss.item() == torch.ops.autokd.softmax_kl(s, t, tau, False)[0].item()
+    torch.testing.assert_close(torch.ops.autokd.softmax_kl(s, t, tau, False)[0], loss,
+                               rtol=1e-6, atol=0)
     assert grad.stride() == s.stride()
 
 BAD = [
