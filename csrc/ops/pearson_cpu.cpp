@@ -146,75 +146,18 @@ inline void grad_row(const acc_t* p, const acc_t* q, int64_t n, const acc_t* col
   }
 }
 
-// One float32 row pair with unit column stride, fused: the maxima from the inputs, then one
-// loop of exps (unnormalised, into pb/qb) and their sums, then the moments loop with the
-// normalisation folded in (p = e_p / z_p). Against load + softmax + moments this drops a copy
-// and a scaling sweep of both rows. The column sums go to float partial sums `col` (kept in L1
-// for K up to ~1500), which the caller adds into the double sums every kColBlock rows: float
-// error over so few shifted terms stays ~1e-6 relative, and the double read-modify-writes per
-// element (five, 8 lanes each) were the largest cost after the exps. With `keep`, the
-// normalised rows are written back to pb/qb for the backward.
-template <bool keep>
-__attribute__((always_inline)) inline void fused_row_body(const float* __restrict s,
-                                                          const float* __restrict t, int64_t n,
-                                                          float it, float c, const float* cp,
-                                                          const float* cq, float* col,
-                                                          float* __restrict pb,
-                                                          float* __restrict qb, float* row) {
-  float ms = s[0], mt = t[0];
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t j = 1; j < n; ++j) {
-    ms = s[j] > ms ? s[j] : ms;
-    mt = t[j] > mt ? t[j] : mt;
-  }
-  ms *= it;
-  mt *= it;
-  float zp = 0, zq = 0;
-#pragma omp simd reduction(+ : zp, zq)
-  for (int64_t j = 0; j < n; ++j) {
-    pb[j] = fast_exp(s[j] * it - ms);
-    qb[j] = fast_exp(t[j] * it - mt);
-    zp += pb[j];
-    zq += qb[j];
-  }
-  const float izp = 1.0f / zp, izq = 1.0f / zq;
-  float su = 0, sv = 0, suv = 0, suu = 0, svv = 0;
-  float* __restrict cu = col + kSu * n;
-  float* __restrict cv = col + kSv * n;
-  float* __restrict cuv = col + kSuv * n;
-  float* __restrict cuu = col + kSuu * n;
-  float* __restrict cvv = col + kSvv * n;
-#pragma omp simd reduction(+ : su, sv, suv, suu, svv)
-  for (int64_t j = 0; j < n; ++j) {
-    const float pj = pb[j] * izp, qj = qb[j] * izq;
-    if constexpr (keep) {
-      pb[j] = pj;
-      qb[j] = qj;
-    }
-    const float u = pj - c, v = qj - c;
-    su += u;
-    sv += v;
-    suv += u * v;
-    suu += u * u;
-    svv += v * v;
-    const float ud = pj - cp[j], vd = qj - cq[j];
-    cu[j] += ud;
-    cv[j] += vd;
-    cuv[j] += ud * vd;
-    cuu[j] += ud * ud;
-    cvv[j] += vd * vd;
-  }
-  row[kSu] = su;
-  row[kSv] = sv;
-  row[kSuv] = suv;
-  row[kSuu] = suu;
-  row[kSvv] = svv;
-}
-
-// fused_row_body for rows of at least 16 floats, on 16-float vectors laid out as RowVectors
-// (fast_exp.h): the last vector's new lanes count in the row sums, and its other lanes add 0
-// to their column sums. Its exps stay in registers, since with `keep` the lanes it shares with
-// the vector before are normalised in place first.
+// One float32 row pair of at least 16 elements with unit column stride, fused: the maxima from
+// the inputs, then one loop of exps (unnormalised, into pb/qb) and their sums, then the moments
+// loop with the normalisation folded in (p = e_p / z_p). Against load + softmax + moments this
+// drops a copy and a scaling sweep of both rows. The column sums go to float partial sums `col`
+// (kept in L1 for K up to ~1500), which the caller adds into the double sums every kColBlock
+// rows: float error over so few shifted terms stays ~1e-6 relative, and the double
+// read-modify-writes per element (five, 8 lanes each) were the largest cost after the exps.
+// With `keep`, the normalised rows are written back to pb/qb for the backward.
+// On 16-float vectors laid out as RowVectors (fast_exp.h): the last vector's new lanes count in
+// the row sums, and its other lanes add 0 to their column sums. Its exps stay in registers,
+// since with `keep` the lanes it shares with the vector before are normalised in place first.
+// Shorter rows take the unfused pass.
 template <bool keep>
 __attribute__((always_inline)) inline void fused_row_vec(const float* __restrict s,
                                                          const float* __restrict t, int64_t n,
@@ -302,16 +245,10 @@ constexpr int64_t kColBlock = 32;
 AUTOKD_CLONES void fused_row_f32(const float* s, const float* t, int64_t n, float it, float c,
                                  const float* cp, const float* cq, float* col, float* pb,
                                  float* qb, float* row, bool keep) {
-  if (n >= 16) {
-    if (keep) {
-      fused_row_vec<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
-    } else {
-      fused_row_vec<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);
-    }
-  } else if (keep) {
-    fused_row_body<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+  if (keep) {
+    fused_row_vec<true>(s, t, n, it, c, cp, cq, col, pb, qb, row);
   } else {
-    fused_row_body<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);
+    fused_row_vec<false>(s, t, n, it, c, cp, cq, col, pb, qb, row);
   }
 }
 
@@ -362,7 +299,7 @@ PearsonMoments pearson_moments(const at::Tensor& s, const at::Tensor& t, double 
   }
   std::vector<std::vector<double>> cols(parts);
   const bool fused =
-      std::is_same_v<scalar_t, float> && s.stride(1) == 1 && t.stride(1) == 1;
+      std::is_same_v<scalar_t, float> && s.stride(1) == 1 && t.stride(1) == 1 && K >= 16;
   at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> pb(K), qb(K);
     std::vector<float> fcol(fused ? kMoments * K : 0);
