@@ -29,6 +29,36 @@
 
 namespace autokd {
 
+// exp(x) for x already clamped to [-87.3, 0] (or NaN), for F = float with U = uint32_t and for
+// the 16-lane vectors below: one reduction and polynomial for both. (-Wpsabi: see below.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+template <typename F, typename U>
+__attribute__((always_inline)) inline F fast_exp_clamped(F x) {
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (floor would need SSE4.1). The magic number
+  // also carries the exponent bias 127, so the low 9 bits of `shifted` are n + 127, the biased
+  // exponent of 2^n (n in [-126, 0] here): one shift builds 2^n, no subtraction.
+  constexpr float kMagic = 12582912.0f + 127.0f;
+  const F shifted = x * 1.44269504088896341f + kMagic;
+  const F n = shifted - kMagic;
+  F r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F er = p * r * r + r + 1.0f;
+  const U bits = __builtin_bit_cast(U, shifted) << 23;
+  return er * __builtin_bit_cast(F, bits);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 __attribute__((always_inline)) inline float fast_exp(float x) {
   // Clamp as a bit blend: a float max or a ternary turns into a branch that stops the
   // vectoriser on AVX2 and the baseline ISA.
@@ -39,27 +69,7 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   const int32_t keep = -static_cast<int32_t>(x > kLo);
   xi = (xi & keep) | (lo & ~keep);
   std::memcpy(&x, &xi, sizeof(x));
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (floor would need SSE4.1). The magic number
-  // also carries the exponent bias 127, so the low 9 bits of `shifted` are n + 127, the biased
-  // exponent of 2^n (n in [-126, 0] here): one shift builds 2^n, no subtraction.
-  constexpr float kMagic = 12582912.0f + 127.0f;
-  const float shifted = x * 1.44269504088896341f + kMagic;
-  const float n = shifted - kMagic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  uint32_t ni;
-  std::memcpy(&ni, &shifted, sizeof(ni));
-  const uint32_t bits = ni << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return er * scale;
+  return fast_exp_clamped<float, uint32_t>(x);
 }
 
 __attribute__((always_inline)) inline double fast_exp(double x) { return std::exp(x); }
@@ -84,20 +94,7 @@ using u32x16 = uint32_t __attribute__((vector_size(64)));
 __attribute__((always_inline)) inline f32x16 fast_exp(f32x16 x) {
   const f32x16 lo = f32x16{} - 87.3f;
   x = x > lo ? x : lo;  // a lane select; NaN lanes become lo, as in the scalar version
-  constexpr float kMagic = 12582912.0f + 127.0f;
-  const f32x16 shifted = x * 1.44269504088896341f + kMagic;
-  const f32x16 n = shifted - kMagic;
-  f32x16 r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  f32x16 p = f32x16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const f32x16 er = p * r * r + r + 1.0f;
-  const u32x16 bits = __builtin_bit_cast(u32x16, shifted) << 23;
-  return er * __builtin_bit_cast(f32x16, bits);
+  return fast_exp_clamped<f32x16, u32x16>(x);
 }
 
 // Unaligned loads and stores, lane-wise max, and horizontal sum and max of 16 floats.
