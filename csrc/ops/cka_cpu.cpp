@@ -122,25 +122,25 @@ double cka_reduce_cpu(const T* K, const T* L, T* gram_grad, int64_t n, bool debi
   const double d1 = debiased ? static_cast<double>(n - 2) : static_cast<double>(n);
   const double d2 = debiased ? static_cast<double>(n - 1) * static_cast<double>(n - 2)
                              : static_cast<double>(n) * static_cast<double>(n);
-  std::vector<double> uk(n), ul(n), ck(n), cl(n);
+  std::vector<double> uk(n), ul(n);
   for (int64_t i = 0; i < n; ++i) {
     uk[i] = rk[i] / d1;
     ul[i] = rl[i] / d1;
-    ck[i] = sk / d2 - uk[i];
-    cl[i] = sl / d2 - ul[i];
   }
+  const double wk = sk / d2, wl = sl / d2;  // c_i = w - u_i
   // Pass 2: <P(K), P(L)>, <P(K), P(K)>, <P(L), P(L)>.
   std::vector<double> part(3 * n, 0.0);
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T* Ki = K + i * n;
       const T* Li = L + i * n;
+      const double ck = wk - uk[i], cl = wl - ul[i];
       double* out = part.data() + 3 * i;
       if (debiased) {
-        inner_row_any(Ki, Li, uk.data(), ul.data(), ck[i], cl[i], 0, i, out);
-        inner_row_any(Ki, Li, uk.data(), ul.data(), ck[i], cl[i], i + 1, n, out);
+        inner_row_any(Ki, Li, uk.data(), ul.data(), ck, cl, 0, i, out);
+        inner_row_any(Ki, Li, uk.data(), ul.data(), ck, cl, i + 1, n, out);
       } else {
-        inner_row_any(Ki, Li, uk.data(), ul.data(), ck[i], cl[i], 0, n, out);
+        inner_row_any(Ki, Li, uk.data(), ul.data(), ck, cl, 0, n, out);
       }
     }
   });
@@ -156,8 +156,8 @@ double cka_reduce_cpu(const T* K, const T* L, T* gram_grad, int64_t n, bool debi
   T* gl = gram_grad + n * n;
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      grad_row_any(K + i * n, L + i * n, uk.data(), ul.data(), ck[i], cl[i], n, s, gk + i * n,
-                   gl + i * n);
+      grad_row_any(K + i * n, L + i * n, uk.data(), ul.data(), wk - uk[i], wl - ul[i], n, s,
+                   gk + i * n, gl + i * n);
       if (debiased) {
         gk[i * n + i] = T(0);
         gl[i * n + i] = T(0);
