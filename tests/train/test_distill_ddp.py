@@ -128,6 +128,14 @@ def _weights(out):
     return torch.load(os.path.join(out, "student.pt"), weights_only=True)
 
 
+def _assert_same_student(got, want):
+    """The students saved in two run folders agree tensor by tensor (BN statistics included)."""
+    got, want = _weights(got), _weights(want)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
+
+
 def _max_diff(a, b):
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
@@ -181,10 +189,8 @@ def test_two_processes_train_the_single_process_student(runs, run):
     """Online (the teacher runs on each rank's share) and offline (each rank gathers its share of
     the feature store)."""
     root, _, _ = runs
-    single, ddp = _weights(root / f"single{run}"), _weights(root / f"ddp{run}")
-    assert single.keys() == ddp.keys()
-    for k in single:  # BN running statistics included: synchronised BN saw the global batch
-        torch.testing.assert_close(ddp[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
+    # BN running statistics included: synchronised BN saw the global batch
+    _assert_same_student(root / f"ddp{run}", root / f"single{run}")
     res = json.load(open(root / f"ddp{run}" / "result.json"))
     assert res["processes"] == 2
     # not asserted equal: this barely trained student's logits nearly tie, and a 1e-7 change can
@@ -220,9 +226,7 @@ def test_two_processes_resume_a_checkpoint(runs):
     assert reports[0]["saves"]["resumed"] == ["checkpoint.pt.tmp", "student.pt"]  # epoch 1 only
     ck = torch.load(root / "resumed" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == BASE["epochs"] - 1
-    single, resumed = _weights(root / "single"), _weights(root / "resumed")
-    for k in single:
-        torch.testing.assert_close(resumed[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
+    _assert_same_student(root / "resumed", root / "single")
 
 
 @pytest.mark.slow
@@ -230,9 +234,7 @@ def test_sparsity_masks_identical_on_every_rank(runs):
     root, reports, single_masks = runs
     assert reports[0]["masks"]["sparse"] == reports[1]["masks"]["sparse"]
     assert reports[0]["masks"]["sparse"] == single_masks
-    single, ddp = _weights(root / "single_sparse"), _weights(root / "ddp_sparse")
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
+    _assert_same_student(root / "ddp_sparse", root / "single_sparse")
 
 
 @pytest.mark.slow
