@@ -112,5 +112,5 @@ setup(
     entry_points={"console_scripts": ["autokd-cli=autokd.cli:main"]},
     # Ray is optional for users (`pip install autokd[ray]`, for `search --executor ray`); the
     # pinned requirements.txt installs it so that the test suite covers that executor.
-    extras_require={"ray": ["ray>=2.40"]},
+    extras_require={"ray": ["ray>=2.40"], "tpe": ["optuna>=4.0"], "timm": ["timm>=1.0"]},
 )
