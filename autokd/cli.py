@@ -10,7 +10,7 @@ from typing import Optional
 
 import click
 
-from autokd.pipeline import PipelineError
+from autokd.errors import PipelineError
 
 DEFAULT_OUT = "runs/digits"
 

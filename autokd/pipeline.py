@@ -11,11 +11,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from autokd.errors import PipelineError
+
 Log = Callable[[str], None]
-
-
-class PipelineError(ValueError):
-    """A user-facing problem with the inputs of a command (printed without a traceback)."""
 
 
 @dataclass

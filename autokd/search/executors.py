@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from autokd.pipeline import PipelineError
+from autokd.errors import PipelineError
 
 EXECUTORS = ("local", "ray")
 RAY_MISSING = (

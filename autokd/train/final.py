@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from autokd.pipeline import PipelineError
+from autokd.errors import PipelineError
 
 
 def resolve_spec(spec: str):
