@@ -145,8 +145,9 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @_common_options
 @_proxy_options
 @click.option("--space", default="autokd", show_default=True, help="autokd | extended | path to a space YAML.")
-@click.option("--strategy", type=click.Choice(["mcts", "random"]), default="mcts", show_default=True,
-              help="MCTS, or uniform random search (for comparisons at the same budget).")
+@click.option("--strategy", type=click.Choice(["mcts", "random", "tpe"]), default="mcts", show_default=True,
+              help="MCTS; or, for comparisons at the same budget, uniform random search or Optuna's TPE "
+              "(pip install 'autokd[tpe]').")
 @click.option("--budget", type=click.IntRange(min=0), default=100, show_default=True, help="Total trials (a resumed search counts its finished trials).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
 @click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Fraction of the training split per trial.")

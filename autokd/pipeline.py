@@ -103,6 +103,14 @@ def load_or_train_teacher(
     return TeacherInfo(model, name, path, resolve_taps(name, taps), teacher_hash(model), acc)
 
 
+def open_store(path: str, teacher: TeacherInfo, data):
+    """The existing feature store at ``path``, checked to hold ``teacher``'s features of
+    ``data``'s training split (another teacher or other data is an error naming both)."""
+    from autokd.store import FeatureStore
+
+    return FeatureStore.open(path, expect_teacher_hash=teacher.hash, expect_dataset_id=data.identity)
+
+
 def open_or_build_store(
     path: str,
     teacher: TeacherInfo,
@@ -120,7 +128,7 @@ def open_or_build_store(
     from autokd.store import FeatureStore
 
     if os.path.exists(path):
-        store = FeatureStore.open(path, expect_teacher_hash=teacher.hash, expect_dataset_id=data.identity)
+        store = open_store(path, teacher, data)
         if store.num_views != views:
             raise PipelineError(
                 f"{path}: feature store has {store.num_views} views, this run asks for {views}; "

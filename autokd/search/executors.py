@@ -1,8 +1,8 @@
 """Where proxy trials run: in the driver (serial), in local worker processes, or as Ray tasks.
 
 The driver (``autokd.search.driver``) owns the engine and the journal; an executor only runs
-trials. It takes ``TrialTask``s (a design, its seed, the attempt number) and hands back
-``Outcome``s, one per task, in the order the trials finish:
+trials. It takes ``TrialTask``s (``autokd.search.trial``: a spec, its seed, the attempt number)
+and hands back ``TrialOutcome``s, one per task, in the order the trials finish:
 
 - ``InlineExecutor``: the trial runs in the driver's process (``--executor local --workers 1``,
   the default; exactly the serial search).
@@ -12,9 +12,9 @@ trials. It takes ``TrialTask``s (a design, its seed, the attempt number) and han
 - ``RayExecutor``: one Ray task per trial asking for one GPU (``--device cuda``) or one CPU, on
   a cluster given by address or a local one started for the search.
 
-What travels per task is small: a ``WorkerContext`` (the search configuration and the paths of
+What travels per task is small: a ``TrialSetup`` (the search configuration and the paths of
 the teacher checkpoint and the feature store, shipped once per worker or put once in Ray's
-object store) and the design. Each worker process opens the data, the teacher and the mmap
+object store) and the spec. Each worker process opens the data, the teacher and the mmap
 store itself and keeps them for the next trials of the same search, so on a cluster ``--out``
 (teacher and store) and file-based ``--data`` must be on a file system every node can read.
 
@@ -25,23 +25,19 @@ is a bug or a wrong input, not bad luck, and stops the search as it does in a se
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from autokd.errors import PipelineError
+from autokd.search.trial import (TrialError, TrialOutcome, TrialRunner, TrialSetup, TrialTask,
+                                 execute, forget_worker_runner, is_out_of_memory, worker_runner)
 
-EXECUTORS = ("local", "ray")
 RAY_MISSING = (
     "--executor ray needs Ray, which is not installed: pip install 'autokd[ray]' "
     "(or pip install 'ray>=2.40'), on the driver and on every node of the cluster"
@@ -51,126 +47,22 @@ RAY_MISSING = (
 #: the trial launched ``index``-th by the search exits on the spot with ``os._exit(137)``, as
 #: the out-of-memory killer would end it. It exercises the real death-and-retry path.
 KILL_ENV = "AUTOKD_TEST_KILL_TRIALS"
-#: Attempts per trial: the first run and one retry.
-MAX_ATTEMPTS = 2
 
 
 def require_ray():
     """The ray module, or a PipelineError that says how to install it."""
     try:
-        import ray
+        import ray  # optional dependency: imported only when the Ray executor is chosen
     except ImportError as e:
         raise PipelineError(RAY_MISSING) from e
     return ray
 
 
-@dataclass(frozen=True)
-class TrialTask:
-    index: int  # launch order in the search; seeds the trial
-    trial_id: Optional[int]  # the engine's id (None for random search)
-    design: Dict[str, str]
-    seed: int
-    attempt: int = 1
-
-
-@dataclass
-class Outcome:
-    task: TrialTask
-    result: Optional[Dict[str, Any]]  # TrialRunner.run's dict; None when the attempt died
-    died: Optional[str] = None  # why the attempt died (retryable)
-    seconds: float = 0.0  # wall time of the attempt as the driver saw it
-
-
-class TrialError(RuntimeError):
-    """An exception inside a trial that is not a worker's death (a bug): stops the search."""
-
-
-@dataclass
-class WorkerContext:
-    """What a worker needs to build its TrialRunner: the configuration, not the tensors."""
-
-    cfg: Any  # SearchConfig
-    teacher_checkpoint: str
-    teacher_hash: str
-    data_identity: str
-    store_path: Optional[str]
-    student_taps: List[str]
-
-    def key(self) -> str:
-        blob = json.dumps(
-            [self.cfg.pinned(self.data_identity, self.teacher_hash), self.cfg.data, self.cfg.teacher,
-             self.cfg.space, self.cfg.val_fraction, self.teacher_checkpoint, self.store_path,
-             self.student_taps],
-            sort_keys=True, default=str,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
 # -- worker side ---------------------------------------------------------------------------
-# One search's runner per worker process: data, teacher, store and the teacher's held-out
-# features are loaded on the first trial and reused by the next ones.
-_CACHE: Dict[str, Any] = {}
-
-
-def _build_runner(ctx: WorkerContext, device: str):
-    from autokd.data import load_data
-    from autokd.pipeline import load_or_train_teacher, make_augment
-    from autokd.search.driver import TrialRunner
-    from autokd.space import load_space
-    from autokd.store import FeatureStore
-
-    where = f"worker {socket.gethostname()}:{os.getpid()}"
-    cfg = dataclasses.replace(ctx.cfg, proxy=dataclasses.replace(ctx.cfg.proxy, device=device))
-    data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    if data.identity != ctx.data_identity:
-        raise PipelineError(
-            f"{where}: data {cfg.data!r} differs from the driver's ({data.identity} vs "
-            f"{ctx.data_identity}); every node must read the same files"
-        )
-    if not os.path.exists(ctx.teacher_checkpoint):
-        raise PipelineError(
-            f"{where}: teacher checkpoint {ctx.teacher_checkpoint} not found; on a cluster --out "
-            "must be on a file system shared by all nodes"
-        )
-    teacher = load_or_train_teacher(data, cfg.teacher, ctx.teacher_checkpoint, None, cfg.teacher_epochs,
-                                    cfg.seed, device, cfg.teacher_taps, log=lambda _m: None, progress=False)
-    if teacher.hash != ctx.teacher_hash:
-        raise PipelineError(
-            f"{where}: teacher {ctx.teacher_checkpoint} has hash {teacher.hash}, the driver's has "
-            f"{ctx.teacher_hash}; the file changed during the search"
-        )
-    store = None
-    if ctx.store_path is not None:
-        if not os.path.exists(ctx.store_path):
-            raise PipelineError(
-                f"{where}: feature store {ctx.store_path} not found; on a cluster --out must be on "
-                "a file system shared by all nodes"
-            )
-        store = FeatureStore.open(ctx.store_path, expect_teacher_hash=ctx.teacher_hash,
-                                  expect_dataset_id=ctx.data_identity)
-    runner = TrialRunner(cfg, data, teacher, store, make_augment(data, cfg.seed), ctx.student_taps,
-                         log=lambda _m: None)
-    return runner, load_space(cfg.space)
-
-
-def _cached_runner(ctx: WorkerContext, device: str):
-    key = ctx.key() + "|" + device
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = _build_runner(ctx, device)
-    return _CACHE[key]
-
-
 def _maybe_die(task: TrialTask) -> None:
     rule = os.environ.get(KILL_ENV, "")
     if rule and f"{task.index}@{task.attempt}" in {r.strip() for r in rule.split(",")}:
         os._exit(137)
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError)
 
 
 def _error_reply(e: BaseException) -> Tuple[str, Any]:
@@ -180,21 +72,18 @@ def _error_reply(e: BaseException) -> Tuple[str, Any]:
     return ("error", (type(e).__name__, str(msg), user, "".join(traceback.format_exception(e))))
 
 
-def run_task(ctx: WorkerContext, task: TrialTask, device: str) -> Tuple[str, Any]:
+def run_task(setup: TrialSetup, task: TrialTask, device: str) -> Tuple[str, Any]:
     """Run one trial in a worker; ("ok", result) | ("died", why) | ("error", details)."""
     _maybe_die(task)
     try:
-        runner, space = _cached_runner(ctx, device)
-        return ("ok", runner.run(space.spec_from_design(task.design), task.seed))
+        kind, payload = execute(worker_runner(setup, device), task)
     except Exception as e:  # noqa: BLE001 - sent back to the driver, which decides
-        if _is_oom(e):
-            import torch
-
-            _CACHE.clear()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return ("died", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        return _error_reply(e)
+        if not is_out_of_memory(e):  # out of memory while loading: a failed attempt too
+            return _error_reply(e)
+        kind, payload = "died", f"out of memory: {str(e).splitlines()[0] if str(e) else 'OOM'}"
+    if kind == "died":
+        forget_worker_runner()  # its tensors may be what filled the memory
+    return (kind, payload)
 
 
 def _raise_error(task: TrialTask, details) -> None:
@@ -204,14 +93,15 @@ def _raise_error(task: TrialTask, details) -> None:
     raise TrialError(f"trial {task.index} raised {name}: {msg}\n--- worker traceback ---\n{tb}")
 
 
-def _outcome(task: TrialTask, kind: str, payload, elapsed: float) -> "Outcome":
-    """The Outcome of a worker's reply: ("ok", result), ("died", why) or ("error", details),
-    the last raised here (a bug or a wrong input stops the search, as in a serial run)."""
+def _outcome(task: TrialTask, kind: str, payload, elapsed: float) -> TrialOutcome:
+    """The TrialOutcome of a worker's reply: ("ok", result), ("died", why) or ("error",
+    details), the last raised here (a bug or a wrong input stops the search, as in a serial
+    run)."""
     if kind == "error":
         _raise_error(task, payload)
     if kind == "died":
-        return Outcome(task, None, payload, elapsed)
-    return Outcome(task, payload, None, elapsed)
+        return TrialOutcome(task, None, payload, elapsed)
+    return TrialOutcome(task, payload, None, elapsed)
 
 
 # -- executors -----------------------------------------------------------------------------
@@ -220,28 +110,18 @@ class InlineExecutor:
 
     slots = 1
 
-    def __init__(self, runner, space):
-        self._runner, self._space = runner, space
+    def __init__(self, runner: TrialRunner):
+        self._runner = runner
         self._queue: List[TrialTask] = []
 
     def submit(self, task: TrialTask) -> None:
         self._queue.append(task)
 
-    def wait(self) -> List[Outcome]:
+    def wait(self) -> List[TrialOutcome]:
         task = self._queue.pop(0)
         t0 = time.perf_counter()
-        try:
-            res = self._runner.run(self._space.spec_from_design(task.design), task.seed)
-        except Exception as e:
-            if not _is_oom(e):
-                raise
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return [Outcome(task, None, f"out of memory: {str(e).splitlines()[0] if str(e) else 'OOM'}",
-                            time.perf_counter() - t0)]
-        return [Outcome(task, res, None, time.perf_counter() - t0)]
+        kind, payload = execute(self._runner, task)
+        return [_outcome(task, kind, payload, time.perf_counter() - t0)]
 
     def close(self) -> None:
         self._queue.clear()
@@ -255,7 +135,7 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _local_worker_main(conn, ctx: WorkerContext, device: str, threads: int, parent_pid: int) -> None:
+def _local_worker_main(conn, setup: TrialSetup, device: str, threads: int, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the driver decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
@@ -270,7 +150,7 @@ def _local_worker_main(conn, ctx: WorkerContext, device: str, threads: int, pare
             return
         if task is None:
             return
-        reply = run_task(ctx, task, device)
+        reply = run_task(setup, task, device)
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
@@ -313,9 +193,9 @@ class LocalExecutor:
 
     _env_lock = threading.Lock()
 
-    def __init__(self, ctx: WorkerContext, workers: int, device: str, log: Callable[[str], None] = print):
+    def __init__(self, setup: TrialSetup, workers: int, device: str, log: Callable[[str], None] = print):
         self.slots = workers
-        self._ctx = ctx
+        self._setup = setup
         self._mp = mp.get_context("spawn")
         self._gpus: List[Optional[str]] = [None] * workers
         self._device = device
@@ -342,7 +222,7 @@ class LocalExecutor:
         parent, child = self._mp.Pipe(duplex=True)
         proc = self._mp.Process(
             target=_local_worker_main, name=f"autokd-trial-worker-{slot}",
-            args=(child, self._ctx, self._device, self._threads, os.getpid()), daemon=True,
+            args=(child, self._setup, self._device, self._threads, os.getpid()), daemon=True,
         )
         # A spawned child takes the environment of the moment it starts: pin its GPU there, so
         # that it never initialises CUDA on the other GPUs.
@@ -380,7 +260,7 @@ class LocalExecutor:
         except (BrokenPipeError, OSError):
             pass  # the death is seen in wait()
 
-    def wait(self) -> List[Outcome]:
+    def wait(self) -> List[TrialOutcome]:
         busy = [w for w in self._workers if w is not None and w.task is not None]
         if not busy:
             raise RuntimeError("LocalExecutor.wait: no trial in flight")
@@ -422,7 +302,7 @@ class LocalExecutor:
                 i = self._workers.index(w)
                 self._stop(w, grace=0.0)
                 self._workers[i] = None  # restarted on the next submit
-                outcomes.append(Outcome(task, None, why, elapsed))
+                outcomes.append(TrialOutcome(task, None, why, elapsed))
                 continue
             w.task = None
             kind, payload = reply
@@ -462,18 +342,18 @@ class LocalExecutor:
                 self._workers[i] = None
 
 
-def _ray_trial(ctx: WorkerContext, task: TrialTask, device: str, threads: int):
+def _ray_trial(setup: TrialSetup, task: TrialTask, device: str, threads: int):
     """Body of a Ray task: the same worker code as a local worker process."""
     import torch
 
     torch.set_num_threads(threads)
-    return run_task(ctx, task, device)
+    return run_task(setup, task, device)
 
 
 class RayExecutor:
     """One Ray task per trial (1 GPU, or ``cpus_per_trial`` CPUs), at most ``workers`` in flight."""
 
-    def __init__(self, ctx: WorkerContext, workers: int, device: str, address: Optional[str] = None,
+    def __init__(self, setup: TrialSetup, workers: int, device: str, address: Optional[str] = None,
                  cpus_per_trial: int = 1, log: Callable[[str], None] = print):
         ray = self._ray = require_ray()
         self.slots = workers
@@ -508,7 +388,7 @@ class RayExecutor:
             # Retries are the driver's (one, then the trial is recorded as failed), not Ray's.
             self._remote = ray.remote(max_retries=0, **opts)(_ray_trial)
             self._threads = 1 if gpu else cpus_per_trial
-            self._ctx_ref = ray.put(ctx)  # shipped once, not with every task
+            self._setup_ref = ray.put(setup)  # shipped once, not with every task
             log(f"ray: {_fmt_resources(resources)}; up to {workers} trials at once, each on "
                 f"{'1 GPU' if gpu else f'{cpus_per_trial} CPU'}")
         except BaseException:
@@ -517,10 +397,10 @@ class RayExecutor:
         self._pending: Dict[Any, Tuple[TrialTask, float]] = {}
 
     def submit(self, task: TrialTask) -> None:
-        ref = self._remote.remote(self._ctx_ref, task, self._device, self._threads)
+        ref = self._remote.remote(self._setup_ref, task, self._device, self._threads)
         self._pending[ref] = (task, time.perf_counter())
 
-    def wait(self) -> List[Outcome]:
+    def wait(self) -> List[TrialOutcome]:
         ray = self._ray
         if not self._pending:
             raise RuntimeError("RayExecutor.wait: no trial in flight")
@@ -536,7 +416,7 @@ class RayExecutor:
             except ray.exceptions.RayError as e:  # the worker or its node died, Ray's OOM killer
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 why = f"Ray task failed: {type(e).__name__}: {first}"
-                outcomes.append(Outcome(task, None, why, elapsed))
+                outcomes.append(TrialOutcome(task, None, why, elapsed))
                 continue
             outcomes.append(_outcome(task, kind, payload, elapsed))
         return outcomes

@@ -21,7 +21,8 @@ import torch
 
 from autokd.data import load_data
 from autokd.pipeline import default_training, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
-from autokd.search.driver import SearchConfig, TrialRunner, random_design, run_search
+from autokd.search.driver import SearchConfig, run_search
+from autokd.search.trial import Prepared, TrialRunner, TrialTask
 from autokd.space import load_space
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig
@@ -39,6 +40,12 @@ def _setup(views=4):
     store = open_or_build_store(os.path.join(OUT, "teacher_features.akds"), teacher, data, augment, views, "fp16",
                                 log=lambda m: None)
     return data, teacher, augment, store
+
+
+def _task(spec, seed, proxy: TrainConfig) -> TrialTask:
+    """A one-off trial of ``spec`` with ``proxy``'s settings (the search's proxy overridden)."""
+    fields = {k: v for k, v in proxy.to_dict().items() if k not in ("seed", "subset_seed", "device")}
+    return TrialTask(0, None, None, spec.to_dict(), seed, proxy=fields)
 
 
 def _emit(name, text):
@@ -101,7 +108,7 @@ def acceleration(args):
     data, teacher, augment, store = _setup()
     space = load_space("autokd")
     cfg = SearchConfig(teacher_checkpoint=teacher.checkpoint)
-    runner = TrialRunner(cfg, data, teacher, store, augment, resolve_taps(STUDENT, None), log=lambda m: None)
+    runner = TrialRunner(cfg, Prepared(data, teacher, store, augment, resolve_taps(STUDENT, None)))
     spec = resolve_spec("kd")
     base = TrainConfig(epochs=args.epochs, batch_size=SCHED["batch_size"], lr=SCHED["lr"], subset=1.0,
                        stop_fraction=1.0, sparsity=0.0, offline=False)
@@ -120,7 +127,7 @@ def acceleration(args):
         times, accs, rewards = [], [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            res = runner.run(spec, seed=r, proxy=proxy)
+            res = runner.run(_task(spec, r, proxy))
             times.append(time.perf_counter() - t0)
             accs.append(res["metrics"].get("val_acc", float("nan")))
             rewards.append(res["reward"] if res["reward"] is not None else float("nan"))
@@ -130,10 +137,9 @@ def acceleration(args):
                      f"{statistics.median(rewards):.3f} |")
     # Fidelity: proxy reward (all accelerations) against full-training test accuracy.
     rng = random.Random(1234)
-    levels = space.engine_levels()
     designs = []
     while len(designs) < args.designs:
-        d = random_design(levels, rng)
+        d = space.sample(rng)
         if d not in designs:
             designs.append(d)
     proxy_all = steps[-1][1]
@@ -141,7 +147,7 @@ def acceleration(args):
     taps = resolve_taps(STUDENT, None)
     for i, d in enumerate(designs):
         spec = space.spec_from_design(d)
-        res = runner.run(spec, seed=0, proxy=proxy_all)
+        res = runner.run(_task(spec, 0, proxy_all))
         reward = res["reward"] if res["reward"] is not None else float("-inf")
         full = run_distill(spec, data, teacher, STUDENT, taps, TrainConfig(epochs=args.epochs, batch_size=SCHED["batch_size"], lr=SCHED["lr"], offline=False),
                            os.path.join(OUT, f"fidelity-{i}"), augment=augment, log=lambda m: None, progress=False)

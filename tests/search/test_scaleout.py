@@ -146,17 +146,18 @@ def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(se
     failed attempt, not the end of the search; trials that fail again and again stop it."""
     import torch
 
-    from autokd.search.driver import TrialRunner
+    from autokd.search.trial import TrialRunner
 
     real_run = TrialRunner.run
     calls = []
 
-    def run(self, spec, seed, proxy=None):
+    def run(self, task):
+        seed = task.seed
         calls.append(seed)
         # The first attempt of the first trial, then every attempt from the third trial on.
         if len(calls) == 1 or seed >= SEED * 100_003 + 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(self, spec, seed, proxy)
+        return real_run(self, task)
 
     monkeypatch.setattr(TrialRunner, "run", run)
     out = _prepared(serial, tmp_path / "oom")
@@ -240,11 +241,12 @@ def _assert_gone(pids, timeout):
 
 def test_local_gpu_workers_are_pinned_round_robin(monkeypatch):
     """Worker i sees only visible GPU i mod G (read from the workers' environment: no GPU here)."""
-    from autokd.search.executors import LocalExecutor, WorkerContext
+    from autokd.search.executors import LocalExecutor
+    from autokd.search.trial import TrialSetup
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    ctx = WorkerContext(cfg=None, teacher_checkpoint="", teacher_hash="", data_identity="", store_path=None,
+    ctx = TrialSetup(cfg=None, teacher_checkpoint="", teacher_hash="", data_identity="", store_path=None,
                         student_taps=[])
     ex = LocalExecutor(ctx, 3, "cuda", log=lambda _m: None)
     try:
