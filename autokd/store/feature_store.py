@@ -18,6 +18,17 @@ from autokd.store.augment import ReplayAugment
 
 StoreError = _engine.StoreError
 
+# When a reader checks the data against the chunk checksums (csrc/engine/store/store.h):
+# "touch" checks each chunk the first time a gather reads from it, "open" checks every chunk
+# when the store is opened, "none" never (benchmarks and tests only). Either way no damaged
+# byte leaves gather(). "touch" is the default because it measured cheaper in every case
+# (benchmarks/results/store.md, "Verification on the read path"): it hashes only the chunks a
+# process reads (a search's proxy reads a subset of the samples in few views), spreads the cost
+# over the first epoch, and costs one atomic load per record afterwards, while "open" reads the
+# whole file (every view) before the first batch.
+VERIFY_MODES = ("touch", "open", "none")
+DEFAULT_VERIFY = "touch"
+
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LOGITS = "logits"
 
@@ -87,7 +98,12 @@ class FeatureStore:
         expect_dataset_id=None,
         expect_schema=None,
         num_threads: Optional[int] = None,
+        verify: str = DEFAULT_VERIFY,
     ):
+        if verify not in VERIFY_MODES:
+            raise ValueError(
+                f"autokd store: expected verify one of {', '.join(VERIFY_MODES)}, got {verify!r}"
+            )
         if num_threads is None:
             num_threads = min(4, os.cpu_count() or 1)
         self._open_args = dict(
@@ -96,6 +112,7 @@ class FeatureStore:
             expect_dataset_id=expect_dataset_id or "",
             expect_fields=None if expect_schema is None else _normalise_schema(expect_schema),
             num_threads=int(num_threads),
+            verify=verify,
         )
         self._reader = None
         self._reader = self._get_reader()
@@ -109,9 +126,14 @@ class FeatureStore:
         expect_dataset_id: Optional[str] = None,
         expect_schema: Optional[Sequence] = None,
         num_threads: Optional[int] = None,
+        verify: str = DEFAULT_VERIFY,
     ) -> "FeatureStore":
         """Map an existing store. Raises StoreError (a ValueError) naming path, check, expected
-        and found when the file is damaged or does not match the given expectations."""
+        and found when the file is damaged or does not match the given expectations.
+
+        ``verify``: when the data chunks are checked against their checksums, "touch" (each
+        chunk before its first read in this process) or "open" (all of them now); a damaged
+        chunk raises StoreError naming the chunk, its byte range and both checksums."""
         path = os.fspath(path)
         if not os.path.exists(path):
             extra = ""
@@ -126,6 +148,7 @@ class FeatureStore:
             expect_dataset_id=expect_dataset_id,
             expect_schema=expect_schema,
             num_threads=num_threads,
+            verify=verify,
         )
 
     def _get_reader(self):
@@ -179,6 +202,15 @@ class FeatureStore:
     @property
     def record_bytes(self) -> int:
         return self._get_reader().record_bytes
+
+    @property
+    def num_chunks(self) -> int:
+        return self._get_reader().num_chunks
+
+    @property
+    def chunks_checked(self) -> int:
+        """Data chunks that have matched their checksum in this process so far."""
+        return self._get_reader().chunks_checked
 
     def __len__(self) -> int:
         return self.num_samples
@@ -248,7 +280,8 @@ class FeatureStore:
         return result
 
     def verify(self) -> None:
-        """Checksum every data chunk; raises StoreError naming the first damaged chunk."""
+        """Checksum every data chunk now (whatever was checked before); raises StoreError naming
+        the first damaged chunk, its file byte range and the expected and found checksums."""
         self._get_reader().verify()
 
     def batches(

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -84,6 +85,11 @@ void bind_store(py::module_& m) {
       exc.attr("expected") = e.expected();
       exc.attr("found") = e.found();
       PyErr_SetObject(store_error.ptr(), exc.ptr());
+    } catch (const StoreIOError& e) {
+      // OSError(errno, strerror, filename): Python picks the subclass (PermissionError, ...)
+      py::tuple args = py::make_tuple(e.error(), std::string(std::strerror(e.error())) + " (" +
+                                      e.call() + ")", e.path());
+      PyErr_SetObject(PyExc_OSError, args.ptr());
     }
   });
   m.attr("STORE_FORMAT_VERSION") = kFormatVersion;
@@ -143,18 +149,20 @@ void bind_store(py::module_& m) {
                        const std::string& expect_dataset_id,
                        const std::optional<std::vector<std::tuple<std::string, std::string, std::vector<uint64_t>>>>&
                            expect_fields,
-                       unsigned num_threads) {
+                       unsigned num_threads, const std::string& verify) {
              ReaderOptions o;
              o.path = path;
              o.expect_teacher_hash = expect_teacher_hash;
              o.expect_dataset_id = expect_dataset_id;
              if (expect_fields) o.expect_fields = to_fields(*expect_fields);
              o.num_threads = num_threads;
+             o.verify = verify_from_name(verify);
              py::gil_scoped_release release;
              return std::make_shared<Reader>(std::move(o));
            }),
            py::arg("path"), py::arg("expect_teacher_hash") = "", py::arg("expect_dataset_id") = "",
-           py::arg("expect_fields") = py::none(), py::arg("num_threads") = 4)
+           py::arg("expect_fields") = py::none(), py::arg("num_threads") = 4,
+           py::arg("verify") = "touch")
       .def(
           "gather",
           [](const Reader& r, const py::handle& samples, const py::handle& views, const py::list& outs) {
@@ -183,6 +191,9 @@ void bind_store(py::module_& m) {
         r.verify();
       })
       .def_property_readonly("path", &Reader::path)
+      .def_property_readonly("num_chunks", &Reader::num_chunks)
+      .def_property_readonly("chunks_checked", &Reader::chunks_checked,
+                             "Data chunks that have matched their checksum in this process.")
       .def_property_readonly("fields", [](const Reader& r) { return from_fields(r.fields()); })
       .def_property_readonly("field_bytes",
                              [](const Reader& r) {

@@ -88,14 +88,12 @@ bool utf8_valid(const std::string& s) {
   return true;
 }
 
-std::string sys_error(const std::string& call) { return call + ": " + std::strerror(errno); }
-
 void write_all(int fd, const unsigned char* p, uint64_t n, uint64_t offset, const std::string& path) {
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
     if (w < 0) {
       if (errno == EINTR) continue;
-      throw std::runtime_error("autokd store " + path + ": " + sys_error("pwrite"));
+      throw StoreIOError(path, "pwrite", errno);
     }
     p += w;
     n -= uint64_t(w);
@@ -296,10 +294,27 @@ std::string describe(const std::vector<Field>& fields) {
 }
 
 StoreError::StoreError(const std::string& path, const std::string& what_checked,
-                       const std::string& expected, const std::string& found)
+                       const std::string& expected, const std::string& found,
+                       const std::string& hint)
     : std::runtime_error("autokd store " + path + ": " + what_checked + ": expected " + expected +
-                         ", found " + found),
+                         ", found " + found + (hint.empty() ? "" : "; " + hint)),
       path_(path), check_(what_checked), expected_(expected), found_(found) {}
+
+StoreIOError::StoreIOError(const std::string& path, const std::string& call, int error)
+    : std::runtime_error("autokd store " + path + ": " + call + ": " + std::strerror(error)),
+      path_(path), call_(call), error_(error) {}
+
+const char* const kRebuildHint =
+    "the file is damaged: rebuild it with `autokd-cli cache` (the options of the run that built "
+    "it), which replaces a damaged store";
+
+Verify verify_from_name(const std::string& name) {
+  if (name == "touch") return Verify::kOnTouch;
+  if (name == "open") return Verify::kOnOpen;
+  if (name == "none") return Verify::kNone;
+  throw std::invalid_argument("autokd store: expected verify 'touch', 'open' or 'none', got '" +
+                              name + "'");
+}
 
 Layout Layout::of(const std::vector<Field>& fields) {
   Layout l;
@@ -353,7 +368,7 @@ Writer::Writer(WriterOptions options) : options_(std::move(options)) {
   partial_path_ = options_.path + ".partial";
   // No O_TRUNC before the lock: a live build holding the lock must not lose its data.
   fd_ = ::open(partial_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw std::runtime_error("autokd store " + partial_path_ + ": " + sys_error("open"));
+  if (fd_ < 0) throw StoreIOError(partial_path_, "open", errno);
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     ::close(fd_);
     fd_ = -1;
@@ -364,8 +379,7 @@ Writer::Writer(WriterOptions options) : options_(std::move(options)) {
     int e = errno;
     ::close(fd_);
     fd_ = -1;
-    errno = e;
-    throw std::runtime_error("autokd store " + partial_path_ + ": " + sys_error("ftruncate"));
+    throw StoreIOError(partial_path_, "ftruncate", e);
   }
 }
 
@@ -472,10 +486,9 @@ void Writer::finish() {
   std::vector<unsigned char> header = encode_header();
   header.resize(data_offset_, 0);
   write_all(fd_, header.data(), header.size(), 0, partial_path_);
-  if (::fsync(fd_) != 0)
-    throw std::runtime_error("autokd store " + partial_path_ + ": " + sys_error("fsync"));
+  if (::fsync(fd_) != 0) throw StoreIOError(partial_path_, "fsync", errno);
   if (::rename(partial_path_.c_str(), options_.path.c_str()) != 0)
-    throw std::runtime_error("autokd store " + options_.path + ": " + sys_error("rename"));
+    throw StoreIOError(options_.path, "rename", errno);
   ::close(fd_);  // after rename: the lock covers the whole window
   fd_ = -1;
   // The rename is durable only once the directory entry is on disk.
@@ -525,6 +538,9 @@ Reader::Reader(ReaderOptions options) : options_(std::move(options)) {
   try {
     parse();
     check_expectations();
+    checked_.reset(new std::atomic<uint8_t>[chunk_sums_.size()]);
+    for (uint64_t j = 0; j < chunk_sums_.size(); ++j) checked_[j].store(0, std::memory_order_relaxed);
+    if (options_.verify == Verify::kOnOpen) verify();
   } catch (...) {
     ::munmap(const_cast<unsigned char*>(base_), mapped_bytes_);
     base_ = nullptr;
@@ -551,7 +567,7 @@ void Reader::parse() {
   if (header_bytes_ > size) {
     if (recorded_size > size)
       throw StoreError(path, "truncated file", std::to_string(recorded_size) + " bytes",
-                       std::to_string(size) + " bytes");
+                       std::to_string(size) + " bytes", kRebuildHint);
     throw StoreError(path, "header length inside the file", "at most " + std::to_string(size),
                      std::to_string(header_bytes_));
   }
@@ -561,14 +577,14 @@ void Reader::parse() {
   uint64_t stored_sum = load<uint64_t>(base_ + header_bytes_ - 8);
   uint64_t actual_sum = xxh64(base_, header_bytes_ - 8);
   if (stored_sum != actual_sum)
-    throw StoreError(path, "header checksum", hex(stored_sum), hex(actual_sum));
+    throw StoreError(path, "header checksum", hex(stored_sum), hex(actual_sum), kRebuildHint);
   file_bytes_ = recorded_size;
   if (size < file_bytes_)
     throw StoreError(path, "truncated file", std::to_string(file_bytes_) + " bytes",
-                     std::to_string(size) + " bytes");
+                     std::to_string(size) + " bytes", kRebuildHint);
   if (size > file_bytes_)
     throw StoreError(path, "file size", std::to_string(file_bytes_) + " bytes",
-                     std::to_string(size) + " bytes (trailing data)");
+                     std::to_string(size) + " bytes (trailing data)", kRebuildHint);
 
   Cursor c{base_, 40, header_bytes_ - 8, path};
   num_samples_ = c.get<uint64_t>("num_samples");
@@ -670,6 +686,10 @@ void Reader::gather(const int64_t* samples, const int64_t* views, uint64_t n,
                                   "] in [0, " + std::to_string(num_views_) + "), got " +
                                   std::to_string(views[b]));
   }
+  // Before any byte is copied: a damaged chunk must not reach the caller's buffers.
+  if (options_.verify != Verify::kNone &&
+      checked_count_.load(std::memory_order_relaxed) < chunk_sums_.size())
+    check_records(samples, views, n);
   const uint64_t R = layout_.record_bytes;
   const unsigned char* data = base_ + data_offset_;
   parallel_for(n, threads_for(n * R), [&](uint64_t begin, uint64_t end) {
@@ -683,26 +703,51 @@ void Reader::gather(const int64_t* samples, const int64_t* views, uint64_t n,
   });
 }
 
-void Reader::verify() const {
+void Reader::check_chunks(std::vector<uint64_t>& chunks) const {
+  if (chunks.empty()) return;
+  std::sort(chunks.begin(), chunks.end());
+  chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
   const uint64_t data_bytes = file_bytes_ - data_offset_;
-  const uint64_t nchunks = chunk_sums_.size();
-  std::vector<uint64_t> found(nchunks);
-  parallel_for(nchunks, threads_for(data_bytes), [&](uint64_t begin, uint64_t end) {
-    for (uint64_t j = begin; j < end; ++j) {
-      uint64_t off = j * chunk_bytes_;
-      found[j] = xxh64(base_ + data_offset_ + off, std::min(chunk_bytes_, data_bytes - off));
+  std::vector<uint64_t> found(chunks.size());
+  // Workers must not throw (an exception on a pool thread would end the process): they only
+  // hash; the comparison and the error happen here, on the caller's thread.
+  parallel_for(chunks.size(), threads_for(chunks.size() * chunk_bytes_), [&](uint64_t begin, uint64_t end) {
+    for (uint64_t i = begin; i < end; ++i) {
+      uint64_t off = chunks[i] * chunk_bytes_;
+      found[i] = xxh64(base_ + data_offset_ + off, std::min(chunk_bytes_, data_bytes - off));
     }
   });
-  for (uint64_t j = 0; j < nchunks; ++j) {
-    if (found[j] != chunk_sums_[j]) {
+  for (uint64_t i = 0; i < chunks.size(); ++i) {
+    const uint64_t j = chunks[i];
+    if (found[i] != chunk_sums_[j]) {
       uint64_t a = data_offset_ + j * chunk_bytes_;
       uint64_t b = std::min(a + chunk_bytes_, file_bytes_);
       throw StoreError(options_.path,
                        "data checksum of chunk " + std::to_string(j) + " (file bytes [" +
                            std::to_string(a) + ", " + std::to_string(b) + "))",
-                       hex(chunk_sums_[j]), hex(found[j]));
+                       hex(chunk_sums_[j]), hex(found[i]), kRebuildHint);
     }
+    uint8_t unchecked = 0;
+    if (checked_[j].compare_exchange_strong(unchecked, 1, std::memory_order_acq_rel))
+      checked_count_.fetch_add(1, std::memory_order_relaxed);
   }
+}
+
+void Reader::check_records(const int64_t* samples, const int64_t* views, uint64_t n) const {
+  const uint64_t R = layout_.record_bytes;
+  std::vector<uint64_t> todo;
+  for (uint64_t b = 0; b < n; ++b) {
+    const uint64_t first = (uint64_t(views[b]) * num_samples_ + uint64_t(samples[b])) * R;
+    for (uint64_t j = first / chunk_bytes_, last = (first + R - 1) / chunk_bytes_; j <= last; ++j)
+      if (!checked_[j].load(std::memory_order_acquire)) todo.push_back(j);
+  }
+  check_chunks(todo);
+}
+
+void Reader::verify() const {
+  std::vector<uint64_t> all(chunk_sums_.size());
+  for (uint64_t j = 0; j < all.size(); ++j) all[j] = j;
+  check_chunks(all);
 }
 
 }  // namespace autokd::store

@@ -38,6 +38,15 @@
 //   length and offset against the header and the file (no read outside the mapping, whatever
 //   the header says), the layout against the schema, and the caller's expectations (teacher
 //   hash, data set id, schema). verify() additionally checksums every data chunk.
+// - No damaged byte is ever returned: a Reader checks every data chunk once before any of its
+//   bytes leave gather() (ReaderOptions::verify: kOnTouch checks the chunks a gather touches
+//   the first time it touches them, kOnOpen checks them all in the constructor; kNone is for
+//   benchmarks and tests only). The file is read-only after its build (a rebuild renames a
+//   new file over it; a mapped reader keeps the old inode), so a chunk checked once stays
+//   good for the life of the mapping. A chunk that fails gives a StoreError naming the chunk,
+//   its file byte range, the expected and found checksum and how to rebuild. Costs (measured,
+//   benchmarks/results/store.md): on touch, one checksum per chunk per process spread over the
+//   first epoch, then one relaxed atomic load per record and batch.
 // - Every failure is a StoreError naming the path, what was checked, what was expected and
 //   what was found; bad arguments (options, indices, buffers) are std::invalid_argument.
 // - Readers map the file read-only (MAP_SHARED); all methods are const and safe to call from
@@ -53,8 +62,10 @@
 // 63 bits. Building restarts rather than resumes: a killed build's records are discarded.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -93,8 +104,9 @@ std::string describe(const std::vector<Field>& fields);
 // expectations. Python sees it as autokd.store.StoreError, a subclass of ValueError.
 class StoreError : public std::runtime_error {
  public:
+  // hint (may be empty): what the user can do, appended to the message after "; ".
   StoreError(const std::string& path, const std::string& what_checked, const std::string& expected,
-             const std::string& found);
+             const std::string& found, const std::string& hint = "");
   const std::string& path() const { return path_; }
   const std::string& check() const { return check_; }
   const std::string& expected() const { return expected_; }
@@ -102,6 +114,20 @@ class StoreError : public std::runtime_error {
 
  private:
   std::string path_, check_, expected_, found_;
+};
+
+// A system call on a store file that failed (no space left, permission denied, I/O error).
+// Python sees it as an OSError of that errno (PermissionError, ...) naming the file.
+class StoreIOError : public std::runtime_error {
+ public:
+  StoreIOError(const std::string& path, const std::string& call, int error);
+  const std::string& path() const { return path_; }
+  const std::string& call() const { return call_; }
+  int error() const { return error_; }
+
+ private:
+  std::string path_, call_;
+  int error_;
 };
 
 // Where each field lives inside a record, derived from the schema alone.
@@ -156,8 +182,16 @@ class Writer {
   std::vector<unsigned char> staging_;
 };
 
+// When a Reader checks the data chunks against their checksums (see GUARANTEES).
+enum class Verify : uint8_t { kNone = 0, kOnTouch = 1, kOnOpen = 2 };
+Verify verify_from_name(const std::string& name);  // "none" | "touch" | "open"
+
+// The advice every damaged-file error carries.
+extern const char* const kRebuildHint;
+
 struct ReaderOptions {
   std::string path;
+  Verify verify = Verify::kOnTouch;
   // Empty / nullopt: not checked. Otherwise a mismatch raises StoreError.
   std::string expect_teacher_hash;
   std::string expect_dataset_id;
@@ -178,6 +212,8 @@ class Reader {
   void gather(const int64_t* samples, const int64_t* views, uint64_t n,
               const std::vector<void*>& outs) const;
   void verify() const;  // StoreError naming the first bad chunk and its byte range
+  uint64_t num_chunks() const { return chunk_sums_.size(); }
+  uint64_t chunks_checked() const { return checked_count_.load(std::memory_order_relaxed); }
 
   const std::string& path() const { return options_.path; }
   const std::vector<Field>& fields() const { return fields_; }
@@ -195,6 +231,11 @@ class Reader {
   void parse();
   void check_expectations() const;
   unsigned threads_for(uint64_t bytes) const;
+  // Checksums the chunks in `chunks` not yet checked, marks the good ones, and throws a
+  // StoreError for the lowest damaged one.
+  void check_chunks(std::vector<uint64_t>& chunks) const;
+  // The chunks the records (samples[b], views[b]) overlap that are not checked yet, checked.
+  void check_records(const int64_t* samples, const int64_t* views, uint64_t n) const;
   // Runs fn(begin, end) over [0, n) split in up to `parts` contiguous ranges.
   template <class Fn>
   void parallel_for(uint64_t n, unsigned parts, Fn fn) const;
@@ -212,6 +253,10 @@ class Reader {
   uint64_t header_bytes_ = 0, data_offset_ = 0, file_bytes_ = 0;
   std::vector<uint64_t> chunk_sums_;
   std::string teacher_hash_, dataset_id_, augment_id_;
+  // 1 once chunk j has matched its checksum in this process (a forked child inherits the
+  // parent's marks, which stay true: the mapping is read-only).
+  std::unique_ptr<std::atomic<uint8_t>[]> checked_;
+  mutable std::atomic<uint64_t> checked_count_{0};
 };
 
 }  // namespace autokd::store

@@ -327,6 +327,33 @@ AUTOKD_TEST(corruption_is_detected_and_named) {
     std::string what = check(b, true);
     AUTOKD_EXPECT(what.rfind("data checksum of chunk 0 ", 0) == 0);
   }
+  {  // ... and no gather returns a byte of that chunk; the other chunks still read
+    auto b = good;
+    b[get64(good, 24) + 6 * 192 + 10] ^= 0x80;  // record 6, field 0 (192-byte records), chunk 0
+    write_file(bad, b);
+    Reader r({bad});
+    AUTOKD_EXPECT(r.chunks_checked() == 0);
+    AUTOKD_EXPECT(gathered_ok(r, {30}, {0}));  // record 30: bytes [5760, 5952), chunk 1
+    AUTOKD_EXPECT(r.chunks_checked() == 1);
+    AUTOKD_EXPECT(gathered_ok(r, {30}, {0}));  // checked once: no second hash
+    AUTOKD_EXPECT(r.chunks_checked() == 1);
+    AUTOKD_EXPECT(store_error([&] { gathered_ok(r, {30, 6}, {0, 0}); }) ==
+                  "data checksum of chunk 0 (file bytes [4096, 8192))");
+    // record 21 spans chunks 0 and 1: the damaged half is enough to refuse it
+    AUTOKD_EXPECT(store_error([&] { gathered_ok(r, {21}, {0}); }).rfind("data checksum of chunk 0", 0) == 0);
+    AUTOKD_EXPECT(store_error([&] { gathered_ok(r, {6}, {0}); }) != "");  // refused every time
+    ReaderOptions at_open{bad};
+    at_open.verify = Verify::kOnOpen;
+    AUTOKD_EXPECT(store_error([&] { Reader r2(at_open); }).rfind("data checksum of chunk 0", 0) == 0);
+    ReaderOptions unchecked{bad};
+    unchecked.verify = Verify::kNone;
+    Reader r3(unchecked);
+    AUTOKD_EXPECT(!gathered_ok(r3, {6}, {0}));  // the damage is there, returned when asked for
+    ReaderOptions good_open{path};
+    good_open.verify = Verify::kOnOpen;
+    Reader r4(good_open);
+    AUTOKD_EXPECT(r4.chunks_checked() == r4.num_chunks());
+  }
   {  // offsets outside the file, with a valid header checksum
     auto b = good;
     put64(b, 24, get64(good, 24) + (1ULL << 40));
