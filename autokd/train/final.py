@@ -1,8 +1,10 @@
 """Full training of a student with a distiller spec (``autokd-cli distill``).
 
-Checkpoints after every epoch (student, adapters, optimizer, sparsity masks, epoch) to
-``<out>/checkpoint.pt``, written atomically; running the same command again resumes from the
-last finished epoch. Ends with the test accuracy, also written to ``<out>/result.json``.
+Checkpoints after every epoch (student, adapters, optimizer, sparsity masks, epoch and every
+RNG state the training draws from, autokd/train/rng.py) to ``<out>/checkpoint.pt``, written
+atomically; running the same command again resumes from the last finished epoch and trains
+the very student an uninterrupted run trains, random masks included. Ends with the test
+accuracy, also written to ``<out>/result.json``.
 
 Under torchrun (``dist``, see autokd/train/distributed.py) every rank trains its share of each
 global batch and rank 0 alone writes the checkpoint, ``student.pt`` and ``result.json``. The
@@ -21,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from autokd.errors import PipelineError
+from autokd.fsutil import atomic_torch_save, atomic_write_text
 
 
 def resolve_spec(spec: str):
@@ -67,8 +70,9 @@ def run_distill(
     for one process. Every rank returns rank 0's result."""
     from autokd.distill import Distiller
     from autokd.models import build_model
+    from autokd.train import rng
     from autokd.train.distributed import DistContext, convert_sync_batchnorm
-    from autokd.train.loop import forward_all, train_student
+    from autokd.train.loop import Diverged, forward_all, train_student
     from autokd.train.teacher import evaluate
 
     dist = dist or DistContext(device=cfg.device)
@@ -107,8 +111,11 @@ def run_distill(
             raise PipelineError(f"{ckpt_path}: checkpoint of another distill run (spec, models, data or "
                                 "settings differ); use another --out folder")
         start_epoch, elapsed = ck["epoch"] + 1, ck.get("seconds", 0.0)
-        resume = {"distiller": ck["distiller"], **ck["optim"]}
+        resume = {"distiller": ck["distiller"], **ck["optim"], "rng": ck.get("rng")}
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+        if ck.get("rng") is None:
+            log("the checkpoint holds no RNG state (an older autokd wrote it): random draws of "
+                "the resumed epochs differ from an uninterrupted run's")
 
     bar = None
     if progress:
@@ -119,9 +126,11 @@ def run_distill(
     t_run = time.perf_counter()
 
     def on_epoch_end(epoch, optimizer, sparsity):
+        rng_state = rng.capture_all(distiller, cfg.device, dist)  # a collective: every rank
         if not main:
             return
         state = {
+            "rng": rng_state,
             "seconds": elapsed + time.perf_counter() - t_run,
             "pinned": json.loads(json.dumps(pinned)),
             "epoch": epoch,
@@ -129,27 +138,34 @@ def run_distill(
             "optim": {"optimizer": optimizer.state_dict(),
                       "sparsity": sparsity.state_dict() if sparsity is not None else None},
         }
-        tmp = ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
+        atomic_torch_save(state, ckpt_path)
 
     def show(done, total, loss):
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-    res = train_student(distiller, student, data, cfg, store=store if offline else None, augment=augment,
-                        progress=show, start_epoch=start_epoch, resume=resume,
-                        on_epoch_end=on_epoch_end, dist=dist)
-    if bar is not None:
-        bar.close()
+    try:
+        res = train_student(distiller, student, data, cfg, store=store if offline else None,
+                            augment=augment, progress=show, start_epoch=start_epoch, resume=resume,
+                            on_epoch_end=on_epoch_end, dist=dist)
+    except Diverged as e:
+        kept = (f"the checkpoint of the last finished epoch stays in {ckpt_path}"
+                if os.path.exists(ckpt_path) else "no epoch finished")
+        raise PipelineError(
+            f"distill {spec.label()}: training diverged ({e}); {kept}. Lower --lr (now "
+            f"{cfg.lr:g}) or choose another design, in a new --run-dir"
+        ) from None
+    finally:
+        if bar is not None:
+            bar.close()
     result = None
     if main:  # the weights are the same on every rank; one evaluates and writes
         acc, ce = evaluate(student, data.test, device=cfg.device)
         result = DistillResult(acc, ce, cfg.run_epochs, elapsed + res.seconds, ckpt_path)
-        torch.save(student.state_dict(), os.path.join(out, "student.pt"))
-        with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name,
-                       "processes": dist.world_size}, f, indent=2)
+        atomic_torch_save(student.state_dict(), os.path.join(out, "student.pt"))
+        atomic_write_text(os.path.join(out, "result.json"), json.dumps(
+            {**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name,
+             "processes": dist.world_size}, indent=2))
     # the other ranks wait here until rank 0 has written everything
     return dist.broadcast(result)

@@ -187,8 +187,9 @@ def train_student(
     """Train ``student`` (inside ``distiller``) with CE + the distiller's KD loss.
 
     ``distiller`` is an ``autokd.distill.Distiller`` over ``student``; its adapters are trained
-    too. ``resume`` ({"distiller", "optimizer", "sparsity"} state dicts, as ``on_epoch_end``'s
-    caller saved them) continues a run at ``start_epoch``. Offline (``cfg.offline`` and a
+    too. ``resume`` ({"distiller", "optimizer", "sparsity"} state dicts and "rng", the RNG
+    states of ``autokd.train.rng.capture_all``, as ``on_epoch_end``'s caller saved them)
+    continues a run at ``start_epoch``. Offline (``cfg.offline`` and a
     ``store``), teacher features come from the store with
     exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
     when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
@@ -238,6 +239,11 @@ def train_student(
             dist.world_size, dist.rank)
         model = dist.wrap(distiller)
         dist.reseed(cfg.seed)
+    if resume is not None and resume.get("rng") is not None:
+        # last, after reseed: the resumed epochs draw what the uninterrupted run drew
+        from autokd.train import rng
+
+        rng.restore_mine(resume["rng"], distiller, cfg.device, dist)
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
     t0 = time.perf_counter()
