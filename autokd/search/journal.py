@@ -8,7 +8,9 @@ error rather than a silent mix of two searches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -20,7 +22,64 @@ _MAGIC = "autokd-journal"
 
 
 class JournalError(ValueError):
-    """A journal that cannot be used: corrupt, from another program, or another search."""
+    """A journal that cannot be used: corrupt, from another program, or another search; or a
+    file system that refuses it (permissions, a full disk, an I/O error, a lock held)."""
+
+
+STATUSES = ("ok", "diverged", "failed")
+
+
+def _sqlite_error(path: str, e: sqlite3.Error, doing: str) -> JournalError:
+    """One line for an SQLite error, by its cause: only damage is called damage (a read-only
+    folder is not a corrupt journal, and the advice to move an intact journal away would lose
+    finished trials)."""
+    name = getattr(e, "sqlite_errorname", "") or ""
+    base = os.path.basename(path)
+    if name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB":
+        return JournalError(f"{path}: corrupt journal while {doing} ({e}); move it away to start "
+                            "afresh, or restore it from a copy")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return JournalError(
+            f"{path}: the journal cannot be written while {doing} ({e}): the file or its folder "
+            f"is read-only (SQLite also writes {base}-wal and {base}-shm beside it). The journal "
+            "is not damaged: fix the permissions, or copy the folder somewhere writable")
+    if name == "SQLITE_FULL":
+        return JournalError(f"{path}: the disk is full while {doing} ({e}); free some space and "
+                            "run the same command again (the finished trials are kept)")
+    if name.startswith("SQLITE_IOERR"):
+        return JournalError(f"{path}: I/O error while {doing} ({name}: {e}); the disk or file "
+                            "system failed: check it, then run the same command again")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return JournalError(f"{path}: locked by another process while {doing} ({e}); is another "
+                            "search running on this --out?")
+    return JournalError(f"{path}: SQLite error while {doing} ({name or type(e).__name__}: {e})")
+
+
+def _row_problem(row) -> Optional[str]:
+    """What is wrong with one stored trial row (None when it is sound)."""
+    _, design, reward, status, metrics, seconds, seed, strategy, created = row
+    for col, value in (("design", design), ("metrics", metrics)):
+        if not isinstance(value, str):
+            return f"column {col}: expected JSON text, found {value!r:.60}"
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            return f"column {col}: expected JSON text, found {value!r:.60} ({e})"
+        if not isinstance(parsed, dict):
+            return f"column {col}: expected a JSON object, found {value!r:.60}"
+        if col == "design" and not all(isinstance(k, str) and isinstance(v, str)
+                                       for k, v in parsed.items()):
+            return f"column design: expected level -> option strings, found {value!r:.60}"
+    for col, value in (("reward", reward), ("seconds", seconds), ("created", created)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return f"column {col}: expected a number, found {value!r:.60}"
+    if status not in STATUSES:
+        return f"column status: expected one of {', '.join(STATUSES)}, found {status!r:.60}"
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"column seed: expected an integer, found {seed!r:.60}"
+    if not isinstance(strategy, str):
+        return f"column strategy: expected text, found {strategy!r:.60}"
+    return None
 
 
 @dataclass
@@ -56,13 +115,22 @@ class Journal:
                     f"{self.path}: not an autokd journal (expected an SQLite file, found "
                     f"{head[:16]!r}); move it away or choose another --out folder"
                 )
-        try:
+        self._db = None
+        with self._sql("opening"):
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._init(config)
-        except sqlite3.DatabaseError as e:
-            raise JournalError(f"{self.path}: corrupt journal ({e}); move it away to start afresh") from e
+
+    @contextlib.contextmanager
+    def _sql(self, doing: str):
+        """SQLite errors inside become one-line JournalErrors naming the file and the cause."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            if self._db is not None and doing == "opening":
+                self._db.close()
+            raise _sqlite_error(self.path, e, doing) from None
 
     def _init(self, config):
         db = self._db
@@ -105,43 +173,76 @@ class Journal:
 
     @property
     def stored_config(self) -> Dict[str, Any]:
-        return json.loads(dict(self._db.execute("SELECT key, value FROM meta"))["config"])
+        with self._sql("reading the configuration"):
+            return json.loads(dict(self._db.execute("SELECT key, value FROM meta"))["config"])
 
     def add(self, design, reward, status, metrics=None, seconds=0.0, seed=0, strategy="mcts") -> Trial:
         """Append one finished trial; durable when this returns."""
         now = time.time()
-        cur = self._db.execute(
-            "INSERT INTO trials (design, reward, status, metrics, seconds, seed, strategy, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                json.dumps(design, sort_keys=True),
-                float(reward),
-                status,
-                json.dumps(metrics or {}, sort_keys=True),
-                float(seconds),
-                int(seed),
-                strategy,
-                now,
-            ),
-        )
+        with self._sql("recording a trial"):
+            cur = self._db.execute(
+                "INSERT INTO trials (design, reward, status, metrics, seconds, seed, strategy, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    json.dumps(design, sort_keys=True),
+                    float(reward),
+                    status,
+                    json.dumps(metrics or {}, sort_keys=True),
+                    float(seconds),
+                    int(seed),
+                    strategy,
+                    now,
+                ),
+            )
         return Trial(cur.lastrowid, dict(design), float(reward), status, dict(metrics or {}),
                      float(seconds), int(seed), strategy, now)
 
+    _COLUMNS = "id, design, reward, status, metrics, seconds, seed, strategy, created"
+
     def trials(self) -> List[Trial]:
+        """Every finished trial in id order. A damaged row (bytes zeroed or garbled inside a
+        page) raises a JournalError naming that row and what is wrong with it."""
         try:
-            rows = self._db.execute(
-                "SELECT id, design, reward, status, metrics, seconds, seed, strategy, created"
-                " FROM trials ORDER BY id"
-            ).fetchall()
-            return [
-                Trial(r[0], json.loads(r[1]), r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
-                for r in rows
-            ]
-        except (sqlite3.DatabaseError, json.JSONDecodeError) as e:
-            raise JournalError(f"{self.path}: corrupt trial rows ({e})") from e
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM trials ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as e:
+            name = getattr(e, "sqlite_errorname", "") or ""
+            if not (name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB"):
+                raise _sqlite_error(self.path, e, "reading the trials") from None
+            raise self._find_damaged_row(e) from None
+        for r in rows:
+            problem = _row_problem(r)
+            if problem is not None:
+                raise self._damaged(r[0], problem, len(rows))
+        return [Trial(r[0], json.loads(r[1]), float(r[2]), r[3], json.loads(r[4]), float(r[5]),
+                      int(r[6]), r[7], float(r[8])) for r in rows]
+
+    def _damaged(self, row_id, problem: str, total) -> JournalError:
+        return JournalError(
+            f"{self.path}: trial row {row_id} of {total} is damaged ({problem}); the journal "
+            f"cannot be resumed as it is. Delete that row to go on without it (sqlite3 "
+            f"{self.path} 'DELETE FROM trials WHERE id={row_id}') or restore the journal from a copy")
+
+    def _find_damaged_row(self, cause: sqlite3.DatabaseError) -> JournalError:
+        """SQLite refused the whole table: read the rows one at a time (their ids live in the
+        b-tree, apart from the damaged payloads) and name the first one it refuses."""
+        try:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM trials ORDER BY id")]
+        except sqlite3.DatabaseError:
+            return _sqlite_error(self.path, cause, "reading the trials")
+        for row_id in ids:
+            try:
+                row = self._db.execute(f"SELECT {self._COLUMNS} FROM trials WHERE id = ?",
+                                       (row_id,)).fetchone()
+            except sqlite3.DatabaseError as e:
+                return self._damaged(row_id, f"SQLite: {e}", len(ids))
+            problem = _row_problem(row)
+            if problem is not None:
+                return self._damaged(row_id, problem, len(ids))
+        return _sqlite_error(self.path, cause, "reading the trials")
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        with self._sql("counting the trials"):
+            return self._db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
 
     def close(self):
         self._db.close()

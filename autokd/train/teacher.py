@@ -271,6 +271,14 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None,
     state, meta = _extract_state(obj, path)
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
+    # A model trained into divergence loads without complaint and then fails every trial that
+    # uses it (NaN features, NaN rewards): refuse it here, by name.
+    bad = sorted(k for k, v in state.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"checkpoint {path!r}: {len(bad)} of {len(state)} tensors hold NaN or "
+                         f"Inf ({_summarise(bad)}); expected finite weights. Train the model "
+                         "again (autokd-cli train-teacher) or give another checkpoint")
     if model is not None:
         _load_into(model, state, meta, path)
     return state, meta
