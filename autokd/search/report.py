@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from autokd.fsutil import atomic_write_text
 from autokd.search.journal import Trial
 
 TOP_K = 10
@@ -194,26 +195,27 @@ def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: st
 
 def write_outputs(out: str, trials: Sequence[Trial], space, engine=None, log: Callable[[str], None] = print,
                   config: Optional[dict] = None) -> dict:
-    """best.yaml, top.yaml and report.html in ``out``; prints the summary table."""
+    """best.yaml, top.yaml and report.html in ``out``; prints the summary table.
+
+    Each file is written whole or not at all (temporary file, fsync, rename): a full disk or a
+    kill leaves the previous version in place, never a truncated one."""
     level_names = [lv.name for lv in space.levels]
     result: dict = {"best": best_trial(trials)}
     best = result["best"]
     if best is not None:
         spec = space.spec_from_design(best.design)
         path = os.path.join(out, "best.yaml")
-        with open(path, "w") as f:
-            f.write(f"# best design of {len(trials)} trials; reward {best.reward:.6f} (trial {best.id})\n")
-            f.write(spec.to_yaml())
+        atomic_write_text(path, f"# best design of {len(trials)} trials; reward {best.reward:.6f} "
+                                f"(trial {best.id})\n" + spec.to_yaml())
         result["best_spec"] = path
     ranked = sorted((t for t in trials if t.status == "ok"), key=lambda t: -t.reward)[:TOP_K]
-    with open(os.path.join(out, "top.yaml"), "w") as f:
-        yaml.safe_dump(
-            [{"trial": t.id, "reward": round(t.reward, 6), "metrics": t.metrics, "design": t.design} for t in ranked],
-            f, sort_keys=False,
-        )
+    atomic_write_text(os.path.join(out, "top.yaml"), yaml.safe_dump(
+        [{"trial": t.id, "reward": round(t.reward, 6), "metrics": t.metrics, "design": t.design} for t in ranked],
+        sort_keys=False,
+    ))
     report = os.path.join(out, "report.html")
-    with open(report, "w") as f:
-        f.write(render_report(trials, level_names, f"autokd search: {os.path.basename(os.path.abspath(out))}", config))
+    atomic_write_text(report, render_report(
+        trials, level_names, f"autokd search: {os.path.basename(os.path.abspath(out))}", config))
     result["report"] = report
     if ranked:
         log(summary_table(ranked[:5], level_names))
