@@ -9,12 +9,12 @@ from autokd.space.registry import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES
                                    TRANSFORM_STAGES)
 from autokd.space.spec import (DistillerSpec, OpChoice, SpecError, allowed_options, list_distillers,
                                load_distiller)
-from autokd.space.space import Level, SearchSpace, list_spaces, load_space
+from autokd.space.space import Level, SearchSpace, list_spaces, load_space, space_fingerprint
 
 from autokd.nn import blocks as _blocks  # noqa: E402,F401  (registers the operations)
 
 __all__ = [
     "DistillerSpec", "FEATURE_DISTANCES", "LOGIT_DISTANCES", "Level", "OpChoice", "SCHEDULES",
     "SearchSpace", "SpecError", "TRANSFORMS", "TRANSFORM_STAGES", "allowed_options",
-    "list_distillers", "list_spaces", "load_distiller", "load_space",
+    "list_distillers", "list_spaces", "load_distiller", "load_space", "space_fingerprint",
 ]

@@ -18,14 +18,14 @@ spec's defaults, or ``fixed``).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
-import yaml
-
 from autokd.space.spec import (CONFIG_DIR, NUMBER_FIELDS, OP_FIELDS, DistillerSpec, OpChoice,
-                               SpecError, allowed_options)
+                               SpecError, allowed_options, load_yaml)
 
 LEVEL_FIELDS = OP_FIELDS + NUMBER_FIELDS
 
@@ -96,13 +96,31 @@ class SearchSpace:
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"search space: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        raw_levels = data.get("levels") or []
+        if not isinstance(raw_levels, list):
+            raise ValueError(f"search space: expected 'levels' to be a list of levels, got "
+                             f"{type(raw_levels).__name__} {raw_levels!r:.60}")
+        fixed = data.get("fixed")
+        if fixed is not None and not isinstance(fixed, Mapping):
+            raise ValueError(f"search space: expected 'fixed' to be a mapping of spec fields, got "
+                             f"{type(fixed).__name__} {fixed!r:.60}")
         levels = []
-        for i, raw in enumerate(data.get("levels") or []):
+        for i, raw in enumerate(raw_levels):
             if not isinstance(raw, Mapping) or set(raw) - {"name", "options", "requires"} or "name" not in raw:
                 raise ValueError(f"search space: level {i}: expected {{name, options, requires}}, got {raw!r}")
+            where = f"search space: level {i} ({raw['name']!r})"
+            options = raw.get("options") or []
+            if not isinstance(options, list):
+                raise ValueError(f"{where}: expected 'options' to be a list, got "
+                                 f"{type(options).__name__} {options!r:.60}")
+            req = raw.get("requires") or {}
+            if not isinstance(req, Mapping):
+                raise ValueError(f"{where}: expected 'requires' to be a mapping of earlier level -> "
+                                 f"allowed options (e.g. {{logit_distance: [kl]}}), got "
+                                 f"{type(req).__name__} {req!r:.60}")
             requires = {str(k): [_option_string(v) for v in (vs if isinstance(vs, list) else [vs])]
-                        for k, vs in (raw.get("requires") or {}).items()}
-            levels.append(Level(str(raw["name"]), [_option_string(o) for o in raw.get("options") or []], requires))
+                        for k, vs in req.items()}
+            levels.append(Level(str(raw["name"]), [_option_string(o) for o in options], requires))
         if not levels:
             raise ValueError("search space: expected at least one level, got none")
         return cls(levels, name=data.get("name", default_name), fixed=data.get("fixed"),
@@ -227,6 +245,23 @@ class SearchSpace:
         return f"SearchSpace({self.name!r}, levels={[lv.name for lv in self.levels]}, designs={self.num_designs()})"
 
 
+def space_fingerprint(space: SearchSpace) -> str:
+    """Identity of a space's content: SHA-256 over its levels in order (names, options,
+    requires) and its fixed fields in canonical spec form. The name, the description and the
+    file's layout (comments, order of keys, "1" vs 1.0) do not count; anything that changes
+    the tree or the specs its designs make does. A search pins it in its journal so that a space
+    file edited between two runs of one search is refused on resume, not silently mixed."""
+    content = {
+        "levels": [{"name": lv.name, "options": list(lv.options),
+                    "requires": {k: list(v) for k, v in sorted(lv.requires.items())}}
+                   for lv in space.levels],
+        "fixed": {k: v for k, v in DistillerSpec.from_dict(space.fixed).to_dict().items()
+                  if k in space.fixed},
+    }
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
 def list_spaces():
     return sorted(p.stem for p in (CONFIG_DIR / "spaces").glob("*.yaml"))
 
@@ -240,7 +275,9 @@ def load_space(name_or_path: Union[str, pathlib.Path] = "autokd") -> SearchSpace
             known = list_spaces()
             raise KeyError(f"unknown search space {str(name_or_path)!r}: neither a file nor one of "
                            f"{', '.join(known)}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), f"search space {str(path)!r}")
+    if data is None:
+        raise ValueError(f"search space {str(path)!r}: empty, expected a mapping with 'levels'")
     if not isinstance(data, Mapping):
         raise ValueError(f"search space {str(path)!r}: expected a mapping, got {type(data).__name__}")
     return SearchSpace.from_dict(data, default_name=path.stem)

@@ -43,6 +43,21 @@ class SpecError(ValueError):
     """An invalid distiller spec: the message names the field, the value and what is allowed."""
 
 
+def load_yaml(text: str, where: str, error=ValueError):
+    """``yaml.safe_load(text)``, with malformed YAML and tags (``!!python/object``, which
+    safe_load refuses to construct) raised as one-line ``error``s naming ``where`` and the
+    line and column, not as yaml's multi-line exceptions."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        what = f"{context}: {problem}" if context else problem
+        raise error(f"{where}: not valid YAML{at} ({what})") from None
+
+
 @dataclass(frozen=True)
 class OpChoice:
     """A registry key with constructor kwargs."""
@@ -215,16 +230,24 @@ class DistillerSpec:
 
     @classmethod
     def from_yaml(cls, source: Union[str, os.PathLike]) -> "DistillerSpec":
-        """From a YAML file path or YAML text."""
+        """From a YAML file path or YAML text. An empty document is an error: the student alone
+        is the explicit ``none`` spec (``feature_distance: none``, ``logit_distance: none``)."""
+        where = "distiller spec"
         if isinstance(source, os.PathLike) or (
                 isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
             path = pathlib.Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"distiller spec: no such file {str(path)!r}")
+            where = f"distiller spec {str(path)!r}"
             source = path.read_text()
-        data = yaml.safe_load(source)
+        data = load_yaml(source, where, SpecError)
         if data is None:
-            data = {}
+            raise SpecError(f"{where}: empty, expected a mapping of spec fields (valid: "
+                            f"{', '.join(cls.field_names())}); for the student alone use the "
+                            "spec 'none'")
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{where}: expected a mapping of spec fields, got "
+                            f"{type(data).__name__} {data!r:.60}")
         return cls.from_dict(data)
 
     @classmethod
