@@ -168,6 +168,8 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
     y_train, y_test = torch.from_numpy(raw.y_train), torch.from_numpy(raw.y_test)
 
     keep, held = formats.stratified_split(raw.y_train, float(val_fraction), seed)
+    if val_fraction > 0 and held.size == 0:  # found now, not after a teacher has trained
+        raise ValueError(formats.empty_held_out_message(spec, raw.y_train, float(val_fraction)))
     keep_t, held_t = torch.from_numpy(keep), torch.from_numpy(held)
     train = ImageTensorDataset(x_train[keep_t].contiguous(), y_train[keep_t].contiguous(), keep_t)
     val = ImageTensorDataset(x_train[held_t].contiguous(), y_train[held_t].contiguous(), held_t)

@@ -56,6 +56,17 @@ def stratified_split(labels: np.ndarray, fraction: float,
     return np.flatnonzero(mask), held_idx
 
 
+def empty_held_out_message(spec: str, labels: np.ndarray, fraction: float) -> str:
+    """Why ``stratified_split`` held nothing out, and how many images per class would do."""
+    need = next(n for n in range(2, 10**9) if min(round(n * fraction), n - 1) >= 1)
+    counts = np.bincount(labels) if labels.size else np.zeros(0, dtype=np.int64)
+    largest = int(counts.max()) if counts.size else 0
+    return (f"data {spec!r}: the held-out split is empty: val_fraction {fraction:g} of "
+            f"{labels.size} training images holds out none (the largest class has {largest}; "
+            f"a class needs at least {need} to give one). A search scores its trials on that "
+            "split: give more images per class")
+
+
 # ------------------------------------------------------------------------------------ CIFAR
 
 
@@ -174,9 +185,16 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
     if not test_files:
         raise ValueError(f"folder: {test_dir!r} holds no images")
 
-    with Image.open(train_files[0][0]) as first:
-        mode = "L" if first.mode in _GRAY_MODES else "RGB"
-        size = tuple(image_size) if image_size is not None else (first.height, first.width)
+    # PIL raises OSError (unreadable, truncated, a symlink loop), ValueError or SyntaxError
+    # (some corrupt headers) and DecompressionBombError: all are a bad image file, named.
+    bad_image = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    try:
+        with Image.open(train_files[0][0]) as first:
+            mode = "L" if first.mode in _GRAY_MODES else "RGB"
+            size = tuple(image_size) if image_size is not None else (first.height, first.width)
+    except bad_image as e:
+        raise ValueError(f"folder: cannot read image {train_files[0][0]!r} ({e}); the first "
+                         "training image sets the image size and mode: fix or remove it") from None
 
     def read(items):
         arrays = np.empty((len(items), 1 if mode == "L" else 3, size[0], size[1]), dtype=np.uint8)
@@ -187,7 +205,7 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
                     if (im.height, im.width) != size:
                         im = im.resize((size[1], size[0]), Image.BILINEAR)
                     a = np.asarray(im, dtype=np.uint8)
-            except OSError as e:
+            except bad_image as e:
                 raise ValueError(f"folder: cannot read image {p!r} ({e})") from None
             arrays[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         return arrays, np.array([lbl for _, lbl in items], dtype=np.int64)
@@ -201,19 +219,83 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
 # -------------------------------------------------------------------------------------- npz
 
 
-def _to_nchw(x: np.ndarray, key: str, file: str) -> np.ndarray:
+LAYOUTS = ("NCHW", "NHWC")
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def _to_nchw(x: np.ndarray, key: str, file: str, layout: Optional[str] = None) -> np.ndarray:
+    """``x`` as [N, C, H, W]. The layout of a 4-D array, when the file does not say it (an array
+    ``layout`` = "NCHW" or "NHWC" in the .npz), is decided by this rule:
+    1. only one of axis 1 and axis 3 holds a channel count (1, 3 or 4): that axis;
+    2. both do: the reading whose image is square (H == W), when exactly one reading is
+       ([N, 3, 4, 4] is NCHW, [N, 4, 4, 3] is NHWC);
+    3. otherwise ([N, 3, 3, 3], [N, 4, 4, 4], [N, 3, 5, 4]) the layout is ambiguous and refused,
+       with the way to say it."""
     if x.ndim == 3:  # [N, H, W]: one channel
         return x[:, None]
     if x.ndim != 4:
         raise ValueError(f"npz {file!r}: expected {key} of shape [N, H, W, C] or [N, C, H, W], "
                          f"got {list(x.shape)}")
-    channel_like = (1, 3, 4)
-    if x.shape[3] in channel_like:  # NHWC wins ties: it is what image arrays usually are
-        return x.transpose(0, 3, 1, 2)
-    if x.shape[1] in channel_like:
-        return x
-    raise ValueError(f"npz {file!r}: cannot tell the channel axis of {key} {list(x.shape)}; "
-                     f"expected 1, 3 or 4 channels first (NCHW) or last (NHWC)")
+    first, last = x.shape[1] in _CHANNEL_COUNTS, x.shape[3] in _CHANNEL_COUNTS
+    if layout is not None:
+        axis = 1 if layout == "NCHW" else 3
+        if x.shape[axis] not in _CHANNEL_COUNTS:
+            raise ValueError(f"npz {file!r}: layout {layout} puts {x.shape[axis]} channels in "
+                             f"{key} {list(x.shape)}; expected 1, 3 or 4")
+    elif first and last:
+        nchw_square = x.shape[2] == x.shape[3]
+        nhwc_square = x.shape[1] == x.shape[2]
+        if nchw_square == nhwc_square:
+            raise ValueError(
+                f"npz {file!r}: the layout of {key} {list(x.shape)} is ambiguous (NCHW and NHWC "
+                "both fit); say which: add an array 'layout' to the file, e.g. "
+                "np.savez(file, ..., layout='NCHW') or layout='NHWC'")
+        layout = "NCHW" if nchw_square else "NHWC"
+    elif first or last:
+        layout = "NCHW" if first else "NHWC"
+    else:
+        raise ValueError(f"npz {file!r}: cannot tell the channel axis of {key} {list(x.shape)}; "
+                         f"expected 1, 3 or 4 channels first (NCHW) or last (NHWC)")
+    return x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
+
+
+def _check_same_scale(x_train: np.ndarray, x_test: np.ndarray, file: str) -> None:
+    """Float images are used as they are: a split in 0..255 beside one in 0..1 would train on
+    one scale and test on another. Refused when the largest magnitudes differ 20-fold or more
+    (255 vs 1 is 255-fold; two normalised splits differ by a small factor)."""
+    if not np.issubdtype(x_train.dtype, np.floating) or x_train.size == 0 or x_test.size == 0:
+        return
+    a, b = float(np.abs(x_train).max()), float(np.abs(x_test).max())
+    if a > 0 and b > 0 and max(a / b, b / a) < 20:
+        return
+    if a == 0 and b == 0:
+        return
+    def span(x):
+        return f"[{float(x.min()):g}, {float(x.max()):g}]"
+
+    raise ValueError(f"npz {file!r}: x_train values lie in {span(x_train)} but x_test values in "
+                     f"{span(x_test)}; expected both on one scale (e.g. both 0..1: divide the "
+                     "0..255 one by 255)")
+
+
+def _check_class_ids(labels: np.ndarray, file: str) -> int:
+    """The class count, max training label + 1, when at least half the ids 0..max occur among
+    the training labels; a stray label (one 100000 among 0..9) would otherwise make a
+    100,001-class model, so it is refused and named."""
+    top = int(labels.max())
+    present = np.unique(labels)
+    if present.size * 2 >= top + 1:
+        return top + 1
+    count = int((labels == top).sum())
+    gaps = present[np.flatnonzero(np.diff(present) > 1)]
+    tail = ""
+    if gaps.size:
+        above = ", ".join(str(int(v)) for v in present[present > gaps[0]][:5])
+        tail = f"; the labels after the first gap (above {int(gaps[0])}) are {above}"
+    raise ValueError(f"npz {file!r}: the largest label is {top} ({count} image(s) in y_train), "
+                     f"so {top + 1} classes, but only {present.size} distinct labels occur"
+                     f"{tail}; expected labels 0..K-1 with most of them used: relabel the "
+                     "classes (or drop the stray images)")
 
 
 def read_npz(file: str) -> RawData:
@@ -230,6 +312,13 @@ def read_npz(file: str) -> RawData:
             raise KeyError(f"npz {file!r}: expected arrays {', '.join(needed)}; missing "
                            f"{', '.join(missing)} (found {', '.join(archive.files) or 'none'})")
         arrays = {k: archive[k] for k in needed}
+        layout = None
+        if "layout" in archive.files:
+            raw_layout = archive["layout"]
+            layout = str(raw_layout) if raw_layout.shape == () else None
+            if layout not in LAYOUTS:
+                raise ValueError(f"npz {file!r}: expected the array 'layout' to be 'NCHW' or "
+                                 f"'NHWC', got {raw_layout!r:.60}")
     out = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -242,13 +331,14 @@ def read_npz(file: str) -> RawData:
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"npz {file!r}: expected y_{split} of shape [{len(x)}], got "
                              f"{list(y.shape)}")
-        out[split] = (_to_nchw(x, f"x_{split}", file), y.astype(np.int64))
+        out[split] = (_to_nchw(x, f"x_{split}", file, layout), y.astype(np.int64))
     if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
         raise ValueError(f"npz {file!r}: x_train images {list(out['train'][0].shape[1:])} and "
                          f"x_test images {list(out['test'][0].shape[1:])} differ in shape")
     if out["train"][0].dtype != out["test"][0].dtype:
         raise ValueError(f"npz {file!r}: x_train is {out['train'][0].dtype} but x_test is "
                          f"{out['test'][0].dtype}; expected the same scale for both")
-    num_classes = int(out["train"][1].max()) + 1 if len(out["train"][1]) else 0
+    _check_same_scale(out["train"][0], out["test"][0], file)
+    num_classes = _check_class_ids(out["train"][1], file) if len(out["train"][1]) else 0
     return RawData(out["train"][0], out["train"][1], out["test"][0], out["test"][1],
                    num_classes=num_classes, allow_flip=True)
