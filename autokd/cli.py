@@ -19,12 +19,24 @@ class _Ctx:
     debug = False
 
 
+# What a command reports as one line: mistakes in the inputs (PipelineError and the other
+# ValueErrors, KeyError for unknown names) and the file system's refusals (OSError: missing
+# files, permissions, a full disk), which name the file and say what to do.
+_USER_ERRORS = (ValueError, KeyError, OSError)
+
+
 def _fail(e: Exception):
     """A user mistake: one line (a KeyError's str() would add quotes, so use its message)."""
     if _Ctx.debug:
         raise e
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    raise click.ClickException(str(msg))
+    if isinstance(e, OSError) and e.errno is not None:
+        from autokd.fsutil import os_error_message
+
+        msg = os_error_message(e)
+    else:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    # One line, whatever the message holds (an error from a library may span several).
+    raise click.ClickException(" ".join(part.strip() for part in str(msg).splitlines()))
 
 
 def _schedule(data, epochs, batch_size, lr):
@@ -93,6 +105,17 @@ def main(debug):
     _Ctx.debug = debug
 
 
+def _writable(folder: str, option: str) -> None:
+    """Refuse an unwritable output folder now, before data are read or anything trains."""
+    from autokd.fsutil import check_writable_dir
+
+    check_writable_dir(folder or ".", option)
+
+
+def _teacher_to_train(out: str, teacher_checkpoint: str | None) -> bool:
+    return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
+
+
 def _load(data, seed, val_fraction=0.1):
     from autokd.data import load_data
 
@@ -108,14 +131,15 @@ def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student
     from autokd.pipeline import default_models, load_or_train_teacher
 
     try:
-        bundle = _load(data, seed)
-        name = teacher or default_models(data)[0]
         path = output or os.path.join(out, "teacher.pt")
         if os.path.exists(path):
             raise PipelineError(f"{path} exists; remove it or pass another --output")
+        _writable(os.path.dirname(path), "--output" if output else "--out")
+        bundle = _load(data, seed)
+        name = teacher or default_models(data)[0]
         info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
         click.echo(f"teacher saved to {info.checkpoint} (test accuracy {info.test_accuracy:.4f})")
-    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
 
 
@@ -125,19 +149,38 @@ def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @click.option("--store", type=click.Path(dir_okay=False), default=None, help="Store path [default: <out>/teacher_features.akds].")
 @click.option("--device", default="cpu", show_default=True)
-def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, views, dtype, store, device):
-    """Run the teacher once over the augmented training split and store its features."""
+@click.option("--verify", "verify_only", is_flag=True,
+              help="Only check the existing store (header and every data chunk) and report OK or the "
+              "damage (exit code 1); builds nothing.")
+def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, views,
+              dtype, store, device, verify_only):
+    """Run the teacher once over the augmented training split and store its features.
+
+    An existing store of the same teacher and data is checked chunk by chunk and kept; a damaged
+    one is rebuilt; one of another teacher or other data is refused and left as it is.
+    """
     from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store
 
     try:
+        path = store or os.path.join(out, "teacher_features.akds")
+        if verify_only:
+            from autokd.store import FeatureStore
+
+            s = FeatureStore.open(path, verify="open")
+            click.echo(f"store {path}: OK ({s.num_samples} samples x {s.num_views} views, "
+                       f"{s.num_chunks} data chunks and the header match their checksums)")
+            return
+        _writable(os.path.dirname(path), "--store" if store else "--out")
+        if _teacher_to_train(out, teacher_checkpoint):
+            _writable(out, "--out")
         bundle = _load(data, seed)
         info = load_or_train_teacher(bundle, teacher or default_models(data)[0], teacher_checkpoint,
                                      os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
                                      _taps(teacher_taps), log=click.echo)
-        path = store or os.path.join(out, "teacher_features.akds")
-        s = open_or_build_store(path, info, bundle, make_augment(bundle, seed), views, dtype, device=device, log=click.echo)
+        s = open_or_build_store(path, info, bundle, make_augment(bundle, seed), views, dtype, device=device,
+                                log=click.echo, repair=True)
         click.echo(f"store {path}: {s.num_samples} samples x {s.num_views} views")
-    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
 
 
@@ -189,6 +232,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     try:
+        _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
                             sparsity=sparsity, offline=not online, seed=seed, device=device)
@@ -198,7 +242,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
                            proxy=proxy, executor=executor, workers=workers, ray_address=ray_address)
         res = run_search(cfg, log=click.echo, progress=not quiet)
-    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"{len(res.trials)} trials ({res.new_trials} new) in {res.seconds:.0f} s")
     if res.best_spec_path:
@@ -244,6 +288,13 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         the_spec = resolve_spec(spec)
         sched = _schedule(data, epochs, batch_size, lr)
         ctx.check_batch(sched["batch_size"])
+        name = os.path.splitext(os.path.basename(spec))[0]
+        run_dir = run_dir or os.path.join(out, f"distill-{name}-{seed}")
+        if ctx.is_main:  # rank 0 alone writes
+            _writable(run_dir, "--run-dir")
+            if _teacher_to_train(out, teacher_checkpoint) or (
+                    offline and not os.path.exists(os.path.join(out, "teacher_features.akds"))):
+                _writable(out, "--out")
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)
         s_name = student or s_name
@@ -267,16 +318,15 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
             store = open_or_build_store(store_path, info, bundle, augment, views,
                                         "fp16", device=device, log=log, progress=not quiet)
         cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device)
-        name = os.path.splitext(os.path.basename(spec))[0]
         ctx.init()
         if ctx.distributed:
             log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "
                 f"= {ctx.world_size} x {cfg.batch_size // ctx.world_size}, "
                 f"{'synchronised' if sync_bn else 'per-process'} BatchNorm")
         res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
-                          run_dir or os.path.join(out, f"distill-{name}-{seed}"), store=store, augment=augment,
+                          run_dir, store=store, augment=augment,
                           log=log, progress=not quiet, dist=ctx)
-    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         if ctx is not None and not ctx.is_main:
             # every rank meets the same mistake; one message is enough
             raise click.exceptions.Exit(1)
@@ -305,7 +355,7 @@ def report_cmd(out, space):
             trials, config = j.trials(), j.stored_config
         sp = load_space(space or config.get("space", "autokd"))
         res = write_outputs(out, trials, sp, log=click.echo, config=config)
-    except (PipelineError, ValueError, KeyError, FileNotFoundError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"report: {res['report']}")
 

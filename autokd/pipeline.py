@@ -74,6 +74,7 @@ def load_or_train_teacher(
     from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
 
     model = build_model(name, num_classes=data.num_classes, in_channels=data.channels)
+    check_model_fits(model, name, data, "teacher")
     path = checkpoint or train_to
     if checkpoint and not os.path.exists(checkpoint):
         raise PipelineError(f"teacher checkpoint {checkpoint} does not exist")
@@ -103,12 +104,56 @@ def load_or_train_teacher(
     return TeacherInfo(model, name, path, resolve_taps(name, taps), teacher_hash(model), acc)
 
 
-def open_store(path: str, teacher: TeacherInfo, data):
-    """The existing feature store at ``path``, checked to hold ``teacher``'s features of
-    ``data``'s training split (another teacher or other data is an error naming both)."""
-    from autokd.store import FeatureStore
+def check_model_fits(model: torch.nn.Module, name: str, data, role: str) -> None:
+    """A forward pass of two training images through ``model`` (eval mode, no grad): images too
+    small for the model (or of a layout it cannot take) fail here, before any training, with
+    the model and the image size named instead of a traceback from deep inside a layer."""
+    x = data.train.images[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        c, h, w = x.shape[1:]
+        raise PipelineError(
+            f"{role} {name} cannot take the {c}x{h}x{w} images of {data.spec} ({first}); use "
+            "larger images or a model made for this size"
+        ) from None
+    finally:
+        model.train(was_training)
 
-    return FeatureStore.open(path, expect_teacher_hash=teacher.hash, expect_dataset_id=data.identity)
+
+def open_store(path: str, teacher: TeacherInfo, data, verify: str = "touch"):
+    """The existing feature store at ``path``, checked to hold ``teacher``'s features of
+    ``data``'s training split. Another teacher or other data is a PipelineError naming both
+    that says the file is left as it is; damage is the store's own StoreError (it names the
+    chunk or header check and says how to rebuild). ``verify``: see FeatureStore.open."""
+    from autokd.store import FeatureStore, StoreError
+
+    try:
+        return FeatureStore.open(path, expect_teacher_hash=teacher.hash,
+                                 expect_dataset_id=data.identity, verify=verify)
+    except StoreError as e:
+        check = getattr(e, "check", "")
+        if check == "teacher hash":
+            raise PipelineError(
+                f"{path}: feature store of another teacher (it holds {e.found}, this run's "
+                f"teacher is {e.expected}); left as it is: use another --out, or remove it to "
+                "cache this teacher"
+            ) from None
+        if check == "data set id":
+            raise PipelineError(
+                f"{path}: feature store of other data or another --seed (it holds {e.found}, "
+                f"this run has {e.expected}); left as it is: use another --out, or the same "
+                "--data and --seed"
+            ) from None
+        raise
+
+
+# StoreError checks that mean the file's bytes are damaged (not a store of something else).
+_STORE_DAMAGE = ("header checksum", "truncated file", "file size", "data checksum")
 
 
 def open_or_build_store(
@@ -122,20 +167,41 @@ def open_or_build_store(
     device: str = "cpu",
     log: Log = print,
     progress: bool = True,
+    repair: bool = False,
 ):
     """The feature store of ``teacher`` on ``data``'s training split: opened and checked when it
-    exists, built otherwise. A store made by another teacher or from other data is an error."""
-    from autokd.store import FeatureStore
+    exists, built otherwise.
+
+    A store of another teacher, of other data or with other views is refused by name and left
+    as it is (it may be another run's). A damaged store is refused too, except with ``repair``
+    (``autokd-cli cache``): then an existing store has every chunk checked now, and a damaged
+    one is rebuilt (its bytes are worth nothing; the new file replaces it atomically)."""
+    from autokd.store import StoreError
 
     if os.path.exists(path):
-        store = open_store(path, teacher, data)
+        try:
+            store = open_store(path, teacher, data, verify="open" if repair else "touch")
+        except StoreError as e:
+            if repair and getattr(e, "check", "").startswith(_STORE_DAMAGE):
+                log(f"feature store: {path} is damaged ({e.check}); rebuilding it")
+                return _build_store(path, teacher, data, augment, views, dtype, batch_size, device,
+                                    log, progress)
+            raise
         if store.num_views != views:
             raise PipelineError(
                 f"{path}: feature store has {store.num_views} views, this run asks for {views}; "
                 "remove it or pass the same --views"
             )
-        log(f"feature store: {path} ({store.num_samples} samples x {store.num_views} views)")
+        log(f"feature store: {path} ({store.num_samples} samples x {store.num_views} views"
+            + (", every chunk checked)" if repair else ")"))
         return store
+    return _build_store(path, teacher, data, augment, views, dtype, batch_size, device, log,
+                        progress)
+
+
+def _build_store(path, teacher, data, augment, views, dtype, batch_size, device, log, progress):
+    from autokd.store import FeatureStore
+
     log(f"feature store: caching teacher features of {len(data.train)} samples x {views} views to {path}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return FeatureStore.build(
