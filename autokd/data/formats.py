@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -303,7 +304,7 @@ def read_npz(file: str) -> RawData:
         raise FileNotFoundError(f"npz: file {file!r} does not exist")
     try:
         archive = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"npz {file!r}: cannot read it as a NumPy .npz archive ({e})") from None
     with archive:
         needed = ["x_train", "y_train", "x_test", "y_test"]

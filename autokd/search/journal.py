@@ -55,6 +55,11 @@ def _sqlite_error(path: str, e: sqlite3.Error, doing: str) -> JournalError:
     return JournalError(f"{path}: SQLite error while {doing} ({name or type(e).__name__}: {e})")
 
 
+# SQLite errors that come from the file system or other processes, not from the file's bytes.
+_ENVIRONMENT = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_FULL",
+                "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED")
+
+
 def _row_problem(row) -> Optional[str]:
     """What is wrong with one stored trial row (None when it is sound)."""
     _, design, reward, status, metrics, seconds, seed, strategy, created = row
@@ -205,8 +210,9 @@ class Journal:
         try:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM trials ORDER BY id").fetchall()
         except sqlite3.DatabaseError as e:
-            name = getattr(e, "sqlite_errorname", "") or ""
-            if not (name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB"):
+            # the file system's refusals are reported as such; anything else (SQLITE_CORRUPT,
+            # text that does not decode) is a damaged row, found and named
+            if (getattr(e, "sqlite_errorname", "") or "").startswith(_ENVIRONMENT):
                 raise _sqlite_error(self.path, e, "reading the trials") from None
             raise self._find_damaged_row(e) from None
         for r in rows:

@@ -248,7 +248,14 @@ class DistillerSpec:
         if not isinstance(data, Mapping):
             raise SpecError(f"{where}: expected a mapping of spec fields, got "
                             f"{type(data).__name__} {data!r:.60}")
-        return cls.from_dict(data)
+        if where == "distiller spec":
+            return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except SpecError as e:  # name the file the bad field is in
+            msg = str(e)
+            msg = msg[len("distiller spec: "):] if msg.startswith("distiller spec: ") else msg
+            raise SpecError(f"{where}: {msg}") from None
 
     @classmethod
     def coerce(cls, value) -> "DistillerSpec":

@@ -70,6 +70,7 @@ def run_distill(
     for one process. Every rank returns rank 0's result."""
     from autokd.distill import Distiller
     from autokd.models import build_model
+    from autokd.pipeline import check_model_fits
     from autokd.train import rng
     from autokd.train.distributed import DistContext, convert_sync_batchnorm
     from autokd.train.loop import Diverged, forward_all, train_student
@@ -85,6 +86,7 @@ def run_distill(
     ckpt_path = os.path.join(out, "checkpoint.pt")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     student = build_model(student_name, num_classes=data.num_classes, in_channels=data.channels)
+    check_model_fits(student, student_name, data, "student")  # before any collective or epoch
     sync_bn = dist.distributed and dist.sync_bn
     if sync_bn:  # before the distiller hooks its taps: conversion replaces BN modules
         student = convert_sync_batchnorm(student, cfg.device)
