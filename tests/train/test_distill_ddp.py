@@ -97,7 +97,11 @@ def _worker(rank, port, teacher_path, jobs, report_dir):
         saves = report["saves"][name] = []
 
         def recording_save(obj, path, *a, **k):
-            saves.append(os.path.basename(str(path)))
+            # files only (atomic writes pass the open temporary file; the RNG states' all-gather
+            # pickles through torch.save into memory), named without the ".tmp<pid>" suffix
+            target = getattr(path, "name", path)
+            if isinstance(target, (str, os.PathLike)):
+                saves.append(os.path.basename(str(target)).split(".tmp")[0])
             real_save(obj, path, *a, **k)
 
         final.torch.save = recording_save
@@ -211,7 +215,7 @@ def test_per_rank_batchnorm_is_not_the_single_process_student(runs):
 def test_rank_zero_alone_writes(runs):
     root, reports, _ = runs
     rank0, rank1 = reports
-    assert rank0["saves"]["dense"] == ["checkpoint.pt.tmp"] * BASE["epochs"] + ["student.pt"]
+    assert rank0["saves"]["dense"] == ["checkpoint.pt"] * BASE["epochs"] + ["student.pt"]
     assert all(not saves for saves in rank1["saves"].values())
     assert all(not logs for logs in rank1["logs"].values())
     assert not any(p.endswith(".tmp") for p in os.listdir(root / "ddp"))
@@ -223,7 +227,7 @@ def test_two_processes_resume_a_checkpoint(runs):
     student of the uninterrupted runs."""
     root, reports, _ = runs
     assert any("resuming" in m and "after epoch 1" in m for m in reports[0]["logs"]["resumed"])
-    assert reports[0]["saves"]["resumed"] == ["checkpoint.pt.tmp", "student.pt"]  # epoch 1 only
+    assert reports[0]["saves"]["resumed"] == ["checkpoint.pt", "student.pt"]  # epoch 1 only
     ck = torch.load(root / "resumed" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == BASE["epochs"] - 1
     _assert_same_student(root / "resumed", root / "single")
