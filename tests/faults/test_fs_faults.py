@@ -10,14 +10,13 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from faultlib import cli, one_line_error, read_only
 
 from autokd import cli as cli_module
 from autokd import fsutil
 from autokd.search import report
 from autokd.search.journal import Journal, JournalError
 from autokd.space import load_space
-
-from conftest import cli, one_line_error, read_only
 
 SEED = 14
 DESIGN = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
@@ -96,9 +95,8 @@ def test_a_damaged_journal_row_is_named(tmp_path, faults):
             bad = tmp_path / f"bad-{trial}-{how}.sqlite"
             bad.write_bytes(bytes(raw))
             faults.injected(f"journal row {how} inside a page")
-            with pytest.raises(JournalError) as e:
-                with Journal(str(bad)) as j:
-                    j.trials()
+            with pytest.raises(JournalError) as e, Journal(str(bad)) as j:
+                j.trials()
             msg = str(e.value)
             assert "is damaged" in msg and str(bad) in msg and "DELETE FROM trials WHERE id=" in msg, msg
             faults.survived(f"journal row {how} inside a page")
@@ -225,7 +223,7 @@ def test_disk_full_while_building_the_store(tmp_path, monkeypatch, digits_teache
 def _mount_tmpfs(path, size):
     os.makedirs(path, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True)
+                       capture_output=True, check=False)
     return r.returncode == 0
 
 
@@ -263,12 +261,12 @@ def test_a_really_full_disk(tmp_path, digits_teacher, faults):
             assert len(again.trials()) == n_added
         faults.survived("real full disk: journal")
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
 
 
 def test_nan_teacher_is_refused_at_load(tmp_path, digits_teacher, faults):
     ck = torch.load(digits_teacher, weights_only=True)
-    name = sorted(k for k, v in ck["state_dict"].items() if v.is_floating_point())[0]
+    name = min(k for k, v in ck["state_dict"].items() if v.is_floating_point())
     ck["state_dict"][name] = torch.full_like(ck["state_dict"][name], float("nan"))
     bad = tmp_path / "nan_teacher.pt"
     torch.save(ck, bad)

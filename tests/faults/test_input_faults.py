@@ -5,13 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from faultlib import cli, one_line_error
 from PIL import Image
 
 from autokd.data import load_data
 from autokd.space import load_space, space_fingerprint
 from autokd.space.spec import CONFIG_DIR
-
-from conftest import cli, one_line_error
 
 SEED = 14
 
@@ -30,8 +29,8 @@ SPEC_CORPUS = {
 SPACE_CORPUS = {
     "unclosed.yaml": ("levels: [{name: feature_distance, options: [l2, kl]\n", "not valid YAML"),
     "python_tag.yaml": ("levels: !!python/name:os.system\n", "not valid YAML"),
-    "requires_scalar.yaml": ("levels:\n  - {name: logit_distance, options: [kl, pearson]}\n"
-                             "  - {name: temperature, options: [1, 4], requires: logit_distance}\n",
+    "requires_scalar.yaml": (("levels:\n  - {name: logit_distance, options: [kl, pearson]}\n"
+                              "  - {name: temperature, options: [1, 4], requires: logit_distance}\n"),
                              "expected 'requires' to be a mapping"),
     "options_scalar.yaml": ("levels:\n  - {name: feature_distance, options: l2}\n",
                             "expected 'options' to be a list"),
@@ -102,7 +101,7 @@ def _npz_corpus(tmp_path):
 
 
 def test_malformed_and_suspicious_npz(tmp_path, faults):
-    for name, (path, words) in _npz_corpus(tmp_path).items():
+    for path, words in _npz_corpus(tmp_path).values():
         faults.injected("malformed or suspicious npz")
         r = cli("train-teacher", "--data", f"npz:{path}", "--out", tmp_path / "out")
         one_line_error(r, str(path), words)

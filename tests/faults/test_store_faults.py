@@ -6,10 +6,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from faultlib import cli, one_line_error
 
 from autokd.store import FeatureStore, StoreError
-
-from conftest import cli, one_line_error
 
 SEED = 14
 DAMAGE = ("header checksum", "truncated file", "file size")
@@ -51,7 +50,7 @@ def _read_everything(store, batch=16):
 
 
 def test_bit_flips_in_the_data_never_reach_a_reader(tmp_path, store_file, faults):
-    path, good, data_offset, good_store = store_file
+    _, good, data_offset, good_store = store_file
     rng = random.Random(SEED)
     for _ in range(24):
         pos = rng.randrange(data_offset, len(good))
@@ -75,7 +74,7 @@ def test_bit_flips_in_the_data_never_reach_a_reader(tmp_path, store_file, faults
 
 
 def test_bit_flips_in_the_header_and_truncations_refuse_to_open(tmp_path, store_file, faults):
-    path, good, data_offset, _ = store_file
+    _, good, _, _ = store_file
     header_bytes = int.from_bytes(good[16:24], "little")
     rng = random.Random(SEED + 1)
     for _ in range(24):
@@ -101,7 +100,7 @@ def test_bit_flips_in_the_header_and_truncations_refuse_to_open(tmp_path, store_
 
 
 def test_cache_verify_reports_ok_or_the_damage(tmp_path, store_file, faults):
-    path, good, data_offset, _ = store_file
+    path, good, _, _ = store_file
     r = cli("cache", "--verify", "--store", path)
     assert r.exit_code == 0 and "OK" in r.output, r.output
     bad = bytearray(good)
