@@ -70,6 +70,8 @@ def test_stop_after_epoch_k_and_resume_is_bit_identical(setup, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     monkeypatch.setattr(final, "atomic_torch_save", real_save)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == k - 1  # epochs 0 .. k-1 finished: the resume starts inside the run
     torch.manual_seed(12345)  # a new process would start from other global RNG states
     resumed = run(tmp_path / "cut")
     _same_student(tmp_path / "full", tmp_path / "cut")
