@@ -289,9 +289,10 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         sched = _schedule(data, epochs, batch_size, lr)
         ctx.check_batch(sched["batch_size"])
         name = os.path.splitext(os.path.basename(spec))[0]
+        run_dir_option = "--run-dir" if run_dir else "--out"
         run_dir = run_dir or os.path.join(out, f"distill-{name}-{seed}")
         if ctx.is_main:  # rank 0 alone writes
-            _writable(run_dir, "--run-dir")
+            _writable(run_dir, run_dir_option)
             if _teacher_to_train(out, teacher_checkpoint) or (
                     offline and not os.path.exists(os.path.join(out, "teacher_features.akds"))):
                 _writable(out, "--out")

@@ -6,9 +6,9 @@ never surfaces as a traceback.
   was. Any OSError (ENOSPC, EACCES, EROFS, EIO) comes out as an OSError naming ``path``, also
   where torch would raise its own RuntimeError (``torch.save`` reports a failed write as
   "unexpected pos ..." with the OSError only in ``__context__``).
-- ``check_writable_dir``: a folder a command will write into, created and probed with a real
-  write before any work starts, so a read-only ``--out`` is found in the first second and not
-  after an epoch of training.
+- ``check_writable_dir``: a folder a command will write into, probed with a real write before
+  any work starts, so a read-only ``--out`` is found in the first second and not after an
+  epoch of training.
 - ``os_error_message``: the one line the CLI prints for an OSError (what, which file, what to do).
 """
 from __future__ import annotations
@@ -84,26 +84,26 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def check_writable_dir(path: str, what: str) -> str:
-    """Create folder ``path`` if needed and prove a file can be written in it; PipelineError
-    naming ``what`` (the option, e.g. "--out") otherwise. Returns the path."""
-    path = os.fspath(path)
+    """Prove that files can be written in folder ``path`` (or, when it does not exist yet, that
+    it can be created: a probe file in its nearest existing ancestor), without leaving anything
+    behind; PipelineError naming ``what`` (the option, e.g. "--out") otherwise."""
+    path = os.path.abspath(os.fspath(path))
+    probe_in = path
+    while not os.path.exists(probe_in) and os.path.dirname(probe_in) != probe_in:
+        probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        raise PipelineError(f"{what} {path}: {probe_in} is a file, expected a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"{what} {path}: cannot create the folder ({e.strerror}); "
-                            "choose another folder or fix its permissions") from None
-    if not os.path.isdir(path):
-        raise PipelineError(f"{what} {path}: expected a folder, found a file")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".autokd-write-probe-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".autokd-write-probe-", dir=probe_in)
         try:
             os.write(fd, b"x")
         finally:
             os.close(fd)
             os.remove(probe)
     except OSError as e:
-        raise PipelineError(f"{what} {path}: the folder is not writable ({e.strerror}); "
-                            "choose another folder or fix its permissions") from None
+        where = "the folder" if probe_in == path else f"its parent {probe_in}"
+        raise PipelineError(f"{what} {path}: {where} is not writable ({e.strerror}); choose "
+                            "another folder or fix its permissions") from None
     return path
 
 
