@@ -105,7 +105,8 @@ class Journal:
         """Open (or create) the journal at ``path``.
 
         ``config``: the search configuration; stored on creation, compared on reopening. Keys
-        whose values differ are named in the error.
+        whose values differ are named in the error. With a ``config`` (a search that will
+        append trials) a journal that cannot be written is refused here, at open.
         """
         self.path = str(path)
         # Compare configurations as their JSON forms (tuples and lists are the same thing there).
@@ -174,6 +175,14 @@ class Journal:
                     f"{self.path}: the journal belongs to a search with another configuration "
                     f"({'; '.join(parts)}); use another --out folder or the same options"
                 )
+            # A search will append trials: prove now that it can (a read-only file would
+            # otherwise be found when the first trial has trained, and that trial lost).
+            # (a write rolled back: BEGIN IMMEDIATE alone succeeds on a read-only connection)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('write-probe', '')")
+            finally:
+                db.execute("ROLLBACK")
         return
 
     @property

@@ -67,6 +67,30 @@ def test_read_only_run_folder_is_not_called_a_corrupt_journal(tmp_path, faults):
     faults.survived("journal in a read-only folder")
 
 
+def test_a_read_only_journal_is_found_when_a_search_opens_it(tmp_path, faults):
+    path = tmp_path / "journal.sqlite"
+    with Journal(str(path), {"space": "autokd"}) as j:
+        j.add(DESIGN, 0.5, "ok")
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode:
+            pytest.skip("cannot make a file read-only here")
+    else:
+        os.chmod(path, 0o444)
+    try:
+        faults.injected("read-only journal file")
+        with pytest.raises(JournalError) as e:
+            Journal(str(path), {"space": "autokd"})  # a search: it will append trials
+        assert "read-only" in str(e.value) and "while opening" in str(e.value), str(e.value)
+        with Journal(str(path)) as j:  # reading (autokd-cli report) still works
+            assert len(j.trials()) == 1
+        faults.survived("read-only journal file")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+        else:
+            os.chmod(path, 0o644)
+
+
 def _row_offsets(raw: bytes, marker: bytes):
     k = raw.find(marker)
     assert k > 0
