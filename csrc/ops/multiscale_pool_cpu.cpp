@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -794,6 +795,12 @@ void forward_small_nested_f32(const at::Tensor& input, const PoolGeometry& geo, 
   });
 }
 
+// MEASUREMENT ONLY (removed after): AUTOKD_POOL_GENERIC lists the paths to bypass.
+bool off(const char* name) {
+  const char* v = std::getenv("AUTOKD_POOL_GENERIC");
+  return v != nullptr && std::strstr(v, name) != nullptr;
+}
+
 at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) {
   check_multiscale_pool_inputs(input, grids);
   const PoolGeometry geo(input.size(2), input.size(3), grids);
@@ -809,13 +816,19 @@ at::Tensor multiscale_pool_cpu(const at::Tensor& input, c10::IntArrayRef grids) 
                                         large = large_nested_code(geo);
                                       }
                                     }
-                                    if (!rows_contiguous && channels_inner) {
+                                    // MEASUREMENT ONLY (removed after): force generic paths.
+                                    if (code == 422 && off("s8x8")) code = 0;
+                                    if (code != 0 && code != 422 && off("ssmall")) code = 0;
+                                    if (large == 408 && off("l32x32")) large = 0;
+                                    if (large != 0 && large != 408 && off("llarge")) large = 0;
+                                    const bool pf32 = !off("pf32");
+                                    if (!rows_contiguous && channels_inner && !off("chlast")) {
                                       forward_channels_last<scalar_t>(input, geo, out);
                                     } else if (code != 0) {
                                       forward_small_nested_f32(input, geo, code, out);
                                     } else if (large != 0) {
                                       forward_large_nested_f32(input, geo, large, out);
-                                    } else if (std::is_same_v<scalar_t, float> &&
+                                    } else if (std::is_same_v<scalar_t, float> && pf32 &&
                                                rows_contiguous &&
                                                input.size(2) * input.size(3) >=
                                                    kPerPlaneMinPixels) {
@@ -966,7 +979,7 @@ at::Tensor multiscale_pool_backward_cpu(const at::Tensor& grad, c10::IntArrayRef
   const PoolGeometry geo(input_size[2], input_size[3], grids);
   at::Tensor grad_input = at::empty(input_size, grad.options());
   const int code = grad.scalar_type() == at::kFloat ? small_nested_code(geo) : 0;
-  if (code != 0) {
+  if (code != 0 && !off("bsmall")) {
     backward_small_nested_f32(grad, geo, code, grad_input);
     return grad_input;
   }
