@@ -137,9 +137,11 @@ def open_or_build_store(
 
 
 def make_augment(data, seed: int):
-    """The replayable augmentation of a data set: crop with padding 1/8 of the side, flip where
-    the data allow it (not for digits, whose classes are not mirror-symmetric)."""
+    """The replayable augmentation of a data set: crop with the padding teacher training uses
+    (``autokd.data.augment.default_padding``: 1/8 of the shorter side), flip where the data
+    allow it (not for digits, whose classes are not mirror-symmetric)."""
+    from autokd.data.augment import default_padding
     from autokd.store import ReplayAugment
 
-    pad = max(1, data.image_size[0] // 8)
+    pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))
