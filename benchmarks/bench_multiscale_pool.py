@@ -18,7 +18,10 @@ from autokd.ops import multiscale_pool
 from autokd.reference import multiscale_pool as reference
 
 GRIDS = (1, 2, 4)
-CASES = {"x".join(map(str, s)): s for s in [(64, 64, 32, 32), (64, 256, 8, 8), (8, 512, 28, 28)]}
+# The digits pair's features after the adapter (the one geometry with a kernel of its own),
+# then ResNet layer1 / layer3 of CIFAR pairs and an ImageNet-sized map.
+SHAPES = [(32, 64, 4, 4), (64, 64, 32, 32), (64, 256, 8, 8), (8, 512, 28, 28)]
+CASES = {"x".join(map(str, s)): s for s in SHAPES}
 PROVIDERS = common.op_providers(multiscale_pool, reference)
 
 
