@@ -17,8 +17,9 @@ whole training split.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class DataSetKind:
     """One kind of data set: how to read it, and what a run on it uses when the user names no
     models and no schedule (pipeline.default_models / default_training, the CLI's help)."""
 
-    read: Callable[[str, Optional[Tuple[int, int]]], formats.RawData]  # (path, image size)
+    read: Callable[[str, tuple[int, int] | None], formats.RawData]  # (path, image size)
     needs_path: bool  # spec 'kind:PATH' (else plain 'kind')
     teacher: str  # zoo names
     student: str

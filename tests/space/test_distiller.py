@@ -11,7 +11,6 @@ import torch.nn as nn
 from autokd.distill import Distiller
 from autokd.space import DistillerSpec
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
