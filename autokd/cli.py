@@ -10,6 +10,7 @@ from typing import Optional
 
 import click
 
+from autokd.data import DATASETS
 from autokd.errors import PipelineError
 
 DEFAULT_OUT = "runs/digits"
@@ -46,6 +47,15 @@ def _schedule(data, epochs, batch_size, lr):
     return {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
 
 
+def _default_help(field: str) -> str:
+    """'[default: 60 on digits; 240 on cifar10, cifar100, ...]': a default of the data-set
+    registry (autokd.data.DATASETS) by data set kind, as the commands apply it."""
+    kinds_by_value: dict = {}
+    for kind in DATASETS:
+        kinds_by_value.setdefault(getattr(DATASETS.get(kind), field), []).append(kind)
+    return "[default: " + "; ".join(f"{v} on {', '.join(k)}" for v, k in kinds_by_value.items()) + "]"
+
+
 def _taps(value: Optional[str]):
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
@@ -54,11 +64,11 @@ def _proxy_options(f):
     opts = [
         click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help="Epochs of the full schedule; early stop trains a fraction of them "
-                     "[default: 60 on digits, 240 otherwise]."),
+                     f"{_default_help('epochs')}."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="[default: 32 on digits, 64 otherwise]"),
+                     help=_default_help("batch_size")),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Initial SGD learning rate, cosine schedule [default: 0.1 on digits, 0.05 otherwise]."),
+                     help=f"Initial SGD learning rate, cosine schedule {_default_help('lr')}."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -71,13 +81,13 @@ def _common_options(f):
         click.option("--data", default="digits", show_default=True,
                      help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
         click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME or package.module:factory "
-                     "[default: digits_teacher on digits, resnet56 otherwise]."),
+                     f"{_default_help('teacher')}."),
         click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
                      help="Teacher weights (from train-teacher or torch.save of a state_dict). "
                      "Default: <out>/teacher.pt, trained on the first run."),
         click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Epochs when the teacher has to be trained."),
-        click.option("--student", default=None, help="Student model [default: digits_student on digits, resnet20 otherwise]."),
+        click.option("--student", default=None, help=f"Student model {_default_help('student')}."),
         click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
         click.option("--seed", type=int, default=0, show_default=True,

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from autokd.data import data_kind
 from autokd.errors import PipelineError
 
 Log = Callable[[str], None]
@@ -27,24 +28,17 @@ class TeacherInfo:
 
 
 def default_models(data_name: str):
-    """(teacher, student) model names that suit a data set when the user names none."""
-    if data_name.split(":", 1)[0] == "digits":
-        return "digits_teacher", "digits_student"
-    return "resnet56", "resnet20"
+    """(teacher, student) model names that suit a data set when the user names none: its kind's
+    entry in the data-set registry (autokd.data.DATASETS)."""
+    kind = data_kind(data_name)
+    return kind.teacher, kind.student
 
 
 def default_training(data_name: str) -> dict:
-    """Training schedule defaults (epochs of the full schedule, batch size, learning rate).
-
-    CIFAR-style data: the 240-epoch, batch-64, lr-0.05 schedule of the distillation literature.
-    digits: 1,295 training images and a 1.4k-parameter student, which learns nothing in the
-    paper's proxy budget at batch 64 (6 epochs of 20% of the data is 30 steps; measured: 10%
-    held-out accuracy for every design); batch 32 at lr 0.1 over a 60-epoch schedule gives the
-    proxy ~110 steps, in which students reach 55-75% and designs separate.
-    """
-    if data_name.split(":", 1)[0] == "digits":
-        return {"epochs": 60, "batch_size": 32, "lr": 0.1}
-    return {"epochs": 240, "batch_size": 64, "lr": 0.05}
+    """Training schedule defaults (epochs of the full schedule, batch size, learning rate) of a
+    data set: its kind's entry in the data-set registry (autokd.data.DATASETS, where the
+    choices are explained)."""
+    return data_kind(data_name).training()
 
 
 def resolve_taps(model_name: str, taps: Optional[Sequence[str]]) -> List[str]:
@@ -211,9 +205,11 @@ def _build_store(path, teacher, data, augment, views, dtype, batch_size, device,
 
 
 def make_augment(data, seed: int):
-    """The replayable augmentation of a data set: crop with padding 1/8 of the side, flip where
-    the data allow it (not for digits, whose classes are not mirror-symmetric)."""
+    """The replayable augmentation of a data set: crop with the padding teacher training uses
+    (``autokd.data.augment.default_padding``: 1/8 of the shorter side), flip where the data
+    allow it (not for digits, whose classes are not mirror-symmetric)."""
+    from autokd.data.augment import default_padding
     from autokd.store import ReplayAugment
 
-    pad = max(1, data.image_size[0] // 8)
+    pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))

@@ -1,25 +1,16 @@
-"""cka: eager reference vs torch.compile'd reference vs autokd, forward and forward+backward
-(both inputs require grad, as in a CKA loss between two trained networks) on [N, D] features
-(CPU float32; CUDA too when present).
+"""cka: eager reference vs torch.compile'd reference vs autokd on [N, D] features, both inputs
+requiring grad in the backward modes, as in a CKA loss between two trained networks (runner:
+common.py; peak and workspace bytes in extra_info).
 
-    pytest benchmarks/bench_cka.py --benchmark-group-by=group
-Peak memory of one call (bytes above what was live before) is in extra_info.
+    pytest -o python_files='bench_*.py' benchmarks/bench_cka.py --benchmark-group-by=group
 """
-import pytest
+import common
 import torch
-from common import peak_memory_bytes
 
 from autokd.ops import cka
-from autokd.reference import cka as ref_cka
+from autokd.reference import cka as reference
 
-torch._dynamo.config.recompile_limit = 64
-torch._dynamo.config.accumulated_recompile_limit = 256
-
-PROVIDERS = {
-    "eager": ref_cka,
-    "compiled": torch.compile(ref_cka, dynamic=False),
-    "autokd": cka,
-}
+PROVIDERS = common.op_providers(cka, reference)
 
 # name: (N, Dx, Dy, debiased)
 CASES = {
@@ -29,40 +20,12 @@ CASES = {
     "N256 Dx1024 Dy2048 debiased": (256, 1024, 2048, True),
 }
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_cka(benchmark, provider, passes, case, device):
+@common.parametrize_op(CASES, PROVIDERS)
+def test_cka(benchmark, provider, mode, case, device):
     n, dx, dy, debiased = CASES[case]
-    f = PROVIDERS[provider]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, dx, generator=gen).relu().to(device)
+    x = torch.randn(n, dx, generator=gen).relu().to(device)  # post-ReLU features
     y = torch.randn(n, dy, generator=gen).relu().to(device)
-    if passes == "fwd":
-
-        def run():
-            f(x, y, debiased)
-            _sync(device)
-
-    else:
-        x.requires_grad_()
-        y.requires_grad_()
-
-        def run():
-            x.grad = y.grad = None
-            f(x, y, debiased).backward()
-            _sync(device)
-
-    run()  # compile / warm up
-    benchmark.group = f"cka {device} {case} {passes}"
-    benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(run, device)
-    benchmark.pedantic(run, rounds=9 if device == "cpu" else 50, warmup_rounds=1, iterations=1)
+    common.run_op(benchmark, "cka", provider, PROVIDERS[provider], (x, y, debiased), mode=mode,
+                  device=device, case=case, grad=(0, 1))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from a checkout
-from common import copy_seconds  # noqa: E402
+from common import copy_seconds, median_seconds  # noqa: E402
 
 from autokd import _engine  # noqa: E402
 from autokd.store import FeatureStore  # noqa: E402
@@ -69,21 +68,6 @@ def write_random_store(path, samples, views, seed=0, threads=4):
             )
     writer.finish()
     return FeatureStore.open(path, num_threads=threads)
-
-
-def median_seconds(fn, repeats, warmup=2, sync=None):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class Bench:
@@ -149,21 +133,22 @@ class Bench:
 
 def measure(path, samples, views, device, threads=4):
     b = Bench(path, samples, views, device, threads)
-    sync = torch.cuda.synchronize if b.device.type == "cuda" else None
+    dev = b.device.type
     res = {
         "record_bytes": b.record_bytes,
         "batch_bytes": b.batch_bytes,
         "verify_GBps": b.verify_gbps,
     }
-    res["gather_s"] = median_seconds(b.gather, 200)
-    res["copy_s"] = median_seconds(b.copy, 200) * b.batch_bytes / (BATCH * b.record_bytes)
+    res["gather_s"] = median_seconds(b.gather, 200, warmup=2)
+    res["copy_s"] = (median_seconds(b.copy, 200, warmup=2) * b.batch_bytes
+                     / (BATCH * b.record_bytes))
     res["hot_copy_s"] = copy_seconds(b.batch_bytes, repeats=200)
-    res["memmap_s"] = median_seconds(b.memmap, 200)
+    res["memmap_s"] = median_seconds(b.memmap, 200, warmup=2)
     res["online_s"] = median_seconds(
         b.teacher(),
-        3 if b.device.type == "cpu" else 50,
-        warmup=1 if b.device.type == "cpu" else 5,
-        sync=sync,
+        3 if dev == "cpu" else 50,
+        warmup=1 if dev == "cpu" else 5,
+        device=dev,
     )
     if b.device.type == "cuda":  # gather into pinned buffers, then to the GPU: the trainer's path
         pinned = b.store.empty_batch(BATCH, pin_memory=True)
@@ -173,7 +158,7 @@ def measure(path, samples, views, device, threads=4):
             got = b.store.gather(idx, v, out=pinned)
             return {k: t.to(b.device, non_blocking=True) for k, t in got.items()}
 
-        res["gather_to_gpu_s"] = median_seconds(to_gpu, 200, sync=sync)
+        res["gather_to_gpu_s"] = median_seconds(to_gpu, 200, warmup=2, device=dev)
     return res
 
 
@@ -218,8 +203,9 @@ def bench(tmp_path_factory):
 
 
 def test_gather(benchmark, bench):
-    copy = median_seconds(bench.copy, 50) * bench.batch_bytes / (BATCH * bench.record_bytes)
-    benchmark.extra_info["copy_fraction"] = copy / median_seconds(bench.gather, 50)
+    copy = (median_seconds(bench.copy, 50, warmup=2) * bench.batch_bytes
+            / (BATCH * bench.record_bytes))
+    benchmark.extra_info["copy_fraction"] = copy / median_seconds(bench.gather, 50, warmup=2)
     benchmark(bench.gather)
 
 

@@ -1,12 +1,16 @@
 import os
 import pathlib
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A warm Inductor cache makes torch.compile tests cheap after the first run (cold: 7-11 s).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+# tests/helpers.py holds the helpers the test files share (`from helpers import ...`).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import torch_threads
 
 import autokd  # noqa: E402,F401
 
@@ -24,3 +28,19 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# One torch thread for tests that train small models: two threads per tiny model on a loaded
+# shared machine make them many times slower. Files opt in with
+# `pytestmark = pytest.mark.usefixtures("one_thread")` (per test) or "one_thread_module" (for
+# the whole module, so that module-scoped fixtures run on one thread too).
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with torch_threads(1):
+        yield

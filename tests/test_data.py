@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from click.testing import CliRunner
 from PIL import Image
 
-from autokd.data import apply_augmentation, augment, load_data, sample_augmentation
+from autokd.cli import main
+from autokd.data import DATASETS, apply_augmentation, augment, load_data, sample_augmentation
 from autokd.data.formats import stratified_split
+from autokd.pipeline import default_models, default_training
 
 
 def _denorm(bundle, x):
@@ -293,3 +296,29 @@ def test_stratified_split_properties(labels, fraction, seed):
         assert h_c == min(int(round(n_c * fraction)), n_c - 1)
     again = stratified_split(y, fraction, seed)
     assert np.array_equal(again[1], held)
+
+
+# ---------------------------------------------------------------------- registry defaults
+
+
+def test_each_data_kind_carries_the_defaults_of_a_run_on_it():
+    # What a run uses when the user names no models and no schedule.
+    assert default_models("digits") == ("digits_teacher", "digits_student")
+    assert default_training("digits") == {"epochs": 60, "batch_size": 32, "lr": 0.1}
+    for spec in ("cifar10:/data", "cifar100:/data", "folder:/data", "npz:/data/x.npz"):
+        assert default_models(spec) == ("resnet56", "resnet20")
+        assert default_training(spec) == {"epochs": 240, "batch_size": 64, "lr": 0.05}
+        kind = DATASETS.get(spec.split(":")[0])
+        assert (kind.teacher, kind.student) == default_models(spec)
+    with pytest.raises(KeyError, match="unknown data set 'digit'; did you mean 'digits'"):
+        default_training("digit")
+
+
+def test_cli_help_states_the_defaults_the_commands_apply():
+    out = CliRunner().invoke(main, ["search", "--help"], terminal_width=1000).output
+    text = " ".join(out.split())
+    assert "[default: resnet56 on cifar10, cifar100, folder, npz; digits_teacher on digits]" in text
+    assert "[default: resnet20 on cifar10, cifar100, folder, npz; digits_student on digits]" in text
+    assert "[default: 240 on cifar10, cifar100, folder, npz; 60 on digits]" in text
+    assert "[default: 64 on cifar10, cifar100, folder, npz; 32 on digits]" in text
+    assert "[default: 0.05 on cifar10, cifar100, folder, npz; 0.1 on digits]" in text

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 
 
 def default_padding(image_size: Tuple[int, int]) -> int:
-    """Crop padding of 1/8 of the image side (4 pixels on 32x32, 1 on 8x8)."""
+    """Crop padding of 1/8 of the shorter image side, at least 1 (4 pixels on 32x32, 1 on 8x8,
+    2 on 16x40): the one rule for teacher training (train/teacher.py) and the replayable views
+    of the search and distillation (pipeline.make_augment), so a teacher sees the crops the
+    student is distilled on. The shorter side, because one padding serves both axes and more
+    than 1/8 of the short side would crop away much of a narrow image."""
     return max(1, min(image_size) // 8)
 
 

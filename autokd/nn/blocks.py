@@ -447,7 +447,9 @@ def needs_size_match(spec) -> bool:
     """Whether the design compares positions (then the larger map is pooled to the smaller)."""
     if spec.feature_distance.key == "none" or FEATURE_DISTANCES.get(spec.feature_distance.key).embedding:
         return False
-    if spec.global_transform.key in ("attention", "mask"):
+    # A global transform that relates the two maps position by position declares it
+    # (needs_same_size); then the maps are pooled to one size whatever the later levels.
+    if TRANSFORMS.get(f"global/{spec.global_transform.key}").needs_same_size:
         return True
     return not (spec.inter_spatial.key == "sample-wise" and spec.feature_distance.key == "gram_l2")
 

@@ -149,26 +149,6 @@ class SearchSpace:
             del design[lv.name]
         yield from walk(0, {})
 
-    def num_designs(self) -> int:
-        """Number of complete designs (leaves of the tree)."""
-        referenced = {k for lv in self.levels for k in lv.requires}
-
-        def count(i, design):
-            if i == len(self.levels):
-                return 1
-            lv = self.levels[i]
-            if not lv.active(design):
-                return count(i + 1, design)
-            if lv.name not in referenced:
-                return len(lv.options) * count(i + 1, design)
-            total = 0
-            for o in lv.options:
-                design[lv.name] = o
-                total += count(i + 1, design)
-            del design[lv.name]
-            return total
-        return count(0, {})
-
     def sample(self, rng) -> Dict[str, str]:
         """A uniform random rollout (each level's option uniformly), ``rng`` a random.Random."""
         design: Dict[str, str] = {}
@@ -241,8 +221,11 @@ class SearchSpace:
                                  f"{getattr(spec, f)!r}, the space fixes {getattr(canonical, f)!r}")
         return design
 
+    # The number of designs is the MCTS engine's count, the one count of the project (exact,
+    # big-integer): autokd.search.mcts.MCTS(space.engine_levels()).num_designs().
+
     def __repr__(self):
-        return f"SearchSpace({self.name!r}, levels={[lv.name for lv in self.levels]}, designs={self.num_designs()})"
+        return f"SearchSpace({self.name!r}, levels={[lv.name for lv in self.levels]})"
 
 
 def space_fingerprint(space: SearchSpace) -> str:

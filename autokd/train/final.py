@@ -27,18 +27,16 @@ from autokd.fsutil import atomic_torch_save, atomic_write_text
 
 
 def resolve_spec(spec: str):
-    """A DistillerSpec from a YAML path, a classic distiller's name (configs/distillers), or
-    ``none`` (the student alone)."""
-    from autokd.space import DistillerSpec
+    """A DistillerSpec from a YAML path, or else a classic distiller's name (configs/distillers,
+    ``none`` for the student alone) looked up by ``autokd.space.load_distiller``, whose error
+    names close matches and the known names."""
+    from autokd.space import DistillerSpec, load_distiller
 
     if os.path.exists(spec):
         return DistillerSpec.from_yaml(spec)
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "distillers")
-    path = os.path.join(here, f"{spec}.yaml")
-    if os.path.exists(path):
-        return DistillerSpec.from_yaml(path)
-    known = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml"))
-    raise PipelineError(f"--spec {spec!r}: no such file, and not a known distiller (known: {', '.join(known)})")
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        raise PipelineError(f"--spec {spec!r}: no such file")
+    return load_distiller(spec)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 under the mask, opcheck, torch.compile, and input errors."""
 import pytest
 import torch
+from helpers import assert_low_precision_close, clone_all, raises_value_error
 
 import autokd
 from autokd.reference import masked_sgd_step as ref_step
@@ -22,10 +23,6 @@ def _make(shapes, dtype, device="cpu", mask_p=0.5, with_none=True, gen_seed=0):
     return params, grads, masks, bufs
 
 
-def _clone(ts):
-    return [None if t is None else t.clone() for t in ts]
-
-
 CONFIGS = [
     dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
     dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False),
@@ -39,7 +36,7 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_reference(cfg, first_step, dtype):
     params, grads, masks, bufs = _make(SHAPES, dtype)
-    p2, b2 = _clone(params), _clone(bufs)
+    p2, b2 = clone_all(params), clone_all(bufs)
     autokd.ops.masked_sgd_step(params, grads, masks, bufs, 0.05, first_step=first_step, **cfg)
     ref_step(p2, grads, masks, b2, 0.05, first_step=first_step, **cfg)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
@@ -54,16 +51,14 @@ def test_half_precision_error_bounded_by_reference():
     # fp16 kernel vs fp32 reference: at most 2x the error of the reference run in fp16.
     params, grads, masks, bufs = _make(SHAPES, torch.float32)
     cfg = dict(momentum=0.9, weight_decay=1e-3, nesterov=True)
-    gold_p, gold_b = _clone(params), _clone(bufs)
+    gold_p, gold_b = clone_all(params), clone_all(bufs)
     ref_step(gold_p, grads, masks, gold_b, 0.1, **cfg)
     h = lambda ts: [None if t is None else t.half() for t in ts]  # noqa: E731
     kp, kb, rp, rb = h(params), h(bufs), h(params), h(bufs)
     autokd.ops.masked_sgd_step(kp, h(grads), masks, kb, 0.1, **cfg)
     ref_step(rp, h(grads), masks, rb, 0.1, **cfg)
     for gold, k, r in zip(gold_p, kp, rp):
-        err_k = (k.float() - gold).abs().max()
-        err_r = (r.float() - gold).abs().max()
-        assert err_k <= 2 * err_r + 1e-6
+        assert_low_precision_close(k, gold, r, floor=1e-6)
 
 
 def test_non_contiguous_grads_and_masks():
@@ -116,7 +111,7 @@ def test_pruned_weights_and_momentum_stay_exactly_zero():
 
 def test_without_momentum_buffers_may_be_empty():
     params, grads, masks, _ = _make(SHAPES, torch.float64)
-    p2 = _clone(params)
+    p2 = clone_all(params)
     autokd.ops.masked_sgd_step(params, grads, masks, [], 0.1, weight_decay=1e-2)
     ref_step(p2, grads, masks, [], 0.1, weight_decay=1e-2)
     for a, b in zip(params, p2):
@@ -137,7 +132,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     params, grads, masks, bufs = _make(SHAPES[:3], torch.float32)
-    p2, b2 = _clone(params), _clone(bufs)
+    p2, b2 = clone_all(params), clone_all(bufs)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(ps, gs, ms, bs):
@@ -149,11 +144,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def _err(match, *args):
-    with pytest.raises(ValueError, match=match):
-        op(*args)
-
-
 def test_errors():
     p = [torch.zeros(4, 3), torch.zeros(5)]
     g = [torch.zeros(4, 3), torch.zeros(5)]
@@ -161,24 +151,24 @@ def test_errors():
     ok_m = [torch.ones(4, 3, dtype=torch.bool), None]
     h = (0.1, 0.9, 0.0, 0.0, False, False)
     pre = r"autokd::masked_sgd_step: expected "
-    _err(pre + r"masks\[0\] of the same shape as params\[0\] \[4, 3\], got \[3, 4\]",
+    raises_value_error(op, pre + r"masks\[0\] of the same shape as params\[0\] \[4, 3\], got \[3, 4\]",
          p, g, [torch.ones(3, 4, dtype=torch.bool), None], b, *h)
-    _err(pre + r"masks\[0\] of dtype Bool, got Float", p, g, [torch.ones(4, 3), None], b, *h)
-    _err(pre + r"grads of length 2 \(as params\), got 1", p, g[:1], ok_m, b, *h)
-    _err(pre + r"masks of length 2 \(as params\), got 1", p, g, ok_m[:1], b, *h)
-    _err(pre + r"momentum_buffers of length 2 \(as params\), got 1", p, g, ok_m, b[:1], *h)
-    _err(pre + r"params\[0\] to be a floating-point tensor .*, got Long",
+    raises_value_error(op, pre + r"masks\[0\] of dtype Bool, got Float", p, g, [torch.ones(4, 3), None], b, *h)
+    raises_value_error(op, pre + r"grads of length 2 \(as params\), got 1", p, g[:1], ok_m, b, *h)
+    raises_value_error(op, pre + r"masks of length 2 \(as params\), got 1", p, g, ok_m[:1], b, *h)
+    raises_value_error(op, pre + r"momentum_buffers of length 2 \(as params\), got 1", p, g, ok_m, b[:1], *h)
+    raises_value_error(op, pre + r"params\[0\] to be a floating-point tensor .*, got Long",
          [torch.zeros(4, 3, dtype=torch.long)], [torch.zeros(4, 3, dtype=torch.long)], [None],
          [torch.zeros(4, 3, dtype=torch.long)], *h)
-    _err(pre + r"params\[1\] of the same dtype as params\[0\] \(Float\), got Double",
+    raises_value_error(op, pre + r"params\[1\] of the same dtype as params\[0\] \(Float\), got Double",
          [p[0], p[1].double()], [g[0], g[1].double()], ok_m, [b[0], b[1].double()], *h)
-    _err(pre + r"grads\[1\] of the same shape as params\[1\] \[5\], got \[6\]",
+    raises_value_error(op, pre + r"grads\[1\] of the same shape as params\[1\] \[5\], got \[6\]",
          p, [g[0], torch.zeros(6)], ok_m, b, *h)
-    _err(pre + r"params\[0\] to be contiguous", [torch.zeros(3, 4).t()], [torch.zeros(4, 3)],
+    raises_value_error(op, pre + r"params\[0\] to be contiguous", [torch.zeros(3, 4).t()], [torch.zeros(4, 3)],
          [None], [torch.zeros(4, 3)], *h)
-    _err(pre + r"momentum > 0 and dampening == 0 with nesterov=True",
+    raises_value_error(op, pre + r"momentum > 0 and dampening == 0 with nesterov=True",
          p, g, ok_m, b, 0.1, 0.9, 0.1, 0.0, True, False)
-    _err(pre + r"lr >= 0 and finite, got -1", p, g, ok_m, b, -1.0, 0.9, 0.0, 0.0, False, False)
+    raises_value_error(op, pre + r"lr >= 0 and finite, got -1", p, g, ok_m, b, -1.0, 0.9, 0.0, 0.0, False, False)
 
 
 def test_error_parameters_on_different_devices():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_low_precision_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,15 +21,6 @@ LAYOUTS = {
 # gradient is eps-sized and any kernel returns the rounding of two cancelling terms.
 SHAPES = [(7, 13), (1, 5), (5, 1), (1, 1), (3, 4), (128, 100), (33, 1000)]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4, atol=2e-6)}
-
-
-def _low_precision_close(got, want64, ref_low):
-    """Error vs the float64 truth at most twice that of the reference run in the same precision
-    (plus one unit of rounding of the result)."""
-    err = (got.double() - want64).abs().max()
-    ref_err = (ref_low.double() - want64).abs().max()
-    floor = torch.finfo(got.dtype).eps * want64.abs().max()
-    assert err <= 2 * ref_err + floor, (err.item(), ref_err.item())
 
 
 def _source_shape(shape, layout):
@@ -90,8 +82,8 @@ def test_confident_and_flat_predictions(tau):
         outs.append((got, torch.autograd.grad(got[0] + got[1], s32)[0]))
     (got, grad), (ref32, ref_grad) = outs
     for g, w, r in zip(got, want, ref32):
-        _low_precision_close(g, w, r)
-    _low_precision_close(grad, want_grad, ref_grad)
+        assert_low_precision_close(g, w, r)
+    assert_low_precision_close(grad, want_grad, ref_grad)
 
 
 def test_perfect_agreement_gives_zero():
@@ -109,7 +101,7 @@ def test_low_precision_cpu(dtype):
     ref_low = reference(s32.to(dtype), t32.to(dtype), 2.0)
     for g, w, r in zip(got, want, ref_low):
         assert g.dtype == dtype
-        assert (g.double() - w).abs() <= 2 * (r.double() - w).abs() + torch.finfo(dtype).eps * w
+        assert_low_precision_close(g, w, r)
 
 
 def test_teacher_gets_no_gradient():
@@ -253,8 +245,8 @@ def test_cuda_matches_reference(shape, dtype):
                                    atol=1e-5)
     else:
         for g, w, r in zip(got, want, ref_low):
-            _low_precision_close(g, w, r)
-        _low_precision_close(grad, want_grad, ref_grad)
+            assert_low_precision_close(g, w, r)
+        assert_low_precision_close(grad, want_grad, ref_grad)
 
 
 @pytest.mark.cuda

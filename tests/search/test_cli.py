@@ -112,7 +112,7 @@ def test_search_killed_with_sigkill_resumes_losing_nothing(tmp_path):
         (["search", "--data", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
         (["search", "--student", "resnet21"], "resnet21"),
         (["search", "--data", "imagenet21k"], "imagenet21k"),
-        (["distill", "--spec", "no_such_distiller"], "not a known distiller"),
+        (["distill", "--spec", "no_such_distiller"], "unknown distiller 'no_such_distiller'"),
         (["report", "--out", "/nonexistent/run"], "does not exist"),
     ],
 )

@@ -43,16 +43,9 @@ def _journal(out):
     return columns, rows, config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process trials on one thread, as each CPU worker on this 2-core machine gets: two
-    threads per tiny trial on a loaded shared machine make trials many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process trials on one thread, as each CPU worker on this 2-core machine gets (module scope:
+# the module-scoped `serial` search runs on one thread too).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ import torch.nn as nn
 from autokd.distill import Distiller
 from autokd.space import DistillerSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -10,12 +10,7 @@ from autokd.space import list_distillers, load_distiller
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more
 
 
 def feats(n=4, cs=6, ct=6, hs=4, ws=4, ht=None, wt=None):

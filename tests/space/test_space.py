@@ -6,21 +6,20 @@ import pytest
 import torch
 
 from autokd import Registry
+from autokd.errors import PipelineError
 from autokd.nn import DistillLoss
+from autokd.nn.blocks import needs_size_match
+from autokd.search.mcts import MCTS
 from autokd.space import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS, DistillerSpec,
-                          SearchSpace, SpecError, list_distillers, load_distiller, load_space)
+                          SearchSpace, SpecError, list_distillers, list_spaces, load_distiller,
+                          load_space)
+from autokd.train.final import resolve_spec
 
 FEATURE_LEVELS = ("global_transform", "intra_spatial", "inter_spatial", "feature_distance")
 LOGIT_LEVELS = ("logit_distance", "temperature")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread start-up would dominate on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more
 
 
 def tiny_inputs():
@@ -52,9 +51,17 @@ def assert_finite_differentiable(spec, inputs, channels=(6, 4)):
     return out
 
 
+@pytest.mark.parametrize("name", list_spaces())
+def test_engine_counts_the_designs_the_space_enumerates(name):
+    # The design count is the engine's (one count in the project); on every shipped space it
+    # must agree with the designs the space enumerates (and builds specs from).
+    space = load_space(name)
+    assert MCTS(space.engine_levels()).num_designs() == sum(1 for _ in space.designs())
+
+
 def test_paper_space_size_and_engine_levels():
     space = load_space("autokd")
-    assert space.num_designs() == 10692 == sum(1 for _ in space.designs())
+    assert MCTS(space.engine_levels()).num_designs() == 10692
     levels = space.engine_levels()
     assert [lv["name"] for lv in levels] == [
         "global_transform", "intra_spatial", "inter_spatial", "feature_distance", "feature_weight",
@@ -104,7 +111,7 @@ def test_every_paper_design_builds_a_finite_differentiable_loss():
 
 def test_random_extended_designs_build_finite_differentiable_losses():
     space = load_space("extended")
-    assert space.num_designs() == 48951
+    assert MCTS(space.engine_levels()).num_designs() == 48951
     rng = random.Random(0)
     inputs = tiny_inputs()
     seen = set()
@@ -245,7 +252,7 @@ def test_space_from_yaml_path(tmp_path):
     path.write_text("levels:\n  - {name: logit_distance, options: [none, kl]}\n"
                     "  - {name: temperature, options: [1, 4], requires: {logit_distance: kl}}\n")
     space = load_space(path)
-    assert space.name == "mini" and space.num_designs() == 3
+    assert space.name == "mini" and MCTS(space.engine_levels()).num_designs() == 3
     assert space.spec_from_design({"logit_distance": "kl", "temperature": "4"}).temperature == 4.0
 
 
@@ -264,3 +271,34 @@ def test_distill_loss_on_several_feature_levels_like_fpn():
     assert all(torch.isfinite(f.grad).all() for f in fs)
     with pytest.raises(ValueError, match="expected 3 student and teacher feature tensors, got 2 and 3"):
         loss(fs[:2], ft)
+
+
+def test_classic_distillers_are_looked_up_in_one_place(tmp_path):
+    # `autokd-cli distill --spec NAME` (resolve_spec) and DistillerSpec.coerce("NAME") go through
+    # load_distiller: the same spec, the same error with close matches and the known names.
+    assert resolve_spec("cwd") == load_distiller("cwd") == DistillerSpec.coerce("cwd")
+    with pytest.raises(KeyError) as via_cli:
+        resolve_spec("cdw")
+    with pytest.raises(KeyError) as via_space:
+        load_distiller("cdw")
+    assert via_cli.value.args == via_space.value.args
+    assert "did you mean 'cwd'" in via_cli.value.args[0] and "Known: at, cwd" in via_cli.value.args[0]
+    path = tmp_path / "mine.yaml"
+    path.write_text(load_distiller("kd").replace(temperature=8.0).to_yaml())
+    assert resolve_spec(str(path)).temperature == 8.0
+    with pytest.raises(PipelineError, match="no such file"):
+        resolve_spec(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("key", [k for k in TRANSFORMS if k.startswith("global/")])
+def test_global_transforms_that_relate_positions_get_maps_of_one_size(key):
+    # A global transform declares needs_same_size; the feature loss honours it even where the
+    # later levels would not compare positions (a sample-wise Gram compares samples only).
+    spec = DistillerSpec.from_dict({"global_transform": key.split("/", 1)[1],
+                                    "inter_spatial": "sample-wise", "feature_distance": "gram_l2"})
+    assert needs_size_match(spec) == TRANSFORMS.get(key).needs_same_size
+    loss = DistillLoss(spec, [(4, 4)])
+    s = torch.randn(2, 4, 6, 6, requires_grad=True)
+    out = loss([s], [torch.randn(2, 4, 3, 3)], torch.randn(2, 5), torch.randn(2, 5))
+    out.loss_kd.backward()
+    assert torch.isfinite(s.grad).all()

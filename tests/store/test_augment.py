@@ -4,6 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autokd.data import load_data
+from autokd.data.augment import default_padding
+from autokd.pipeline import make_augment
 from autokd.store import AugParams, ReplayAugment
 
 
@@ -66,3 +69,18 @@ def test_identity_names_every_parameter_and_bad_args():
         ReplayAugment(0).params_batch([1, 2, 3], [0, 1])
     with pytest.raises(ValueError, match="integer"):
         ReplayAugment(0).params_batch([1.5], 0)
+
+
+@pytest.mark.parametrize("hw", [(16, 40), (40, 16)])
+def test_store_views_pad_crops_as_teacher_training_does_on_non_square_images(tmp_path, hw):
+    # One padding rule (1/8 of the shorter side): the views a store replays for the search and
+    # for distillation (pipeline.make_augment) are cropped like the teacher's training images
+    # (train/teacher.py, default_padding), whichever side of the image is the longer.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "nonsquare.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (12, *hw, 3), dtype=np.uint8),
+             y_train=np.arange(12) % 2, x_test=rng.integers(0, 256, (4, *hw, 3), dtype=np.uint8),
+             y_test=np.arange(4) % 2)
+    data = load_data(f"npz:{path}")
+    assert data.image_size == hw
+    assert make_augment(data, 0).crop_padding == default_padding(data.image_size) == 2

@@ -1,6 +1,6 @@
 """Test accuracy and training seconds of the embedded default pair trained alone.
 
-    python benchmarks/digits_baselines.py [--seeds 3] [--threads 1]
+    python benchmarks/studies/digits_baselines.py [--seeds 3] [--threads 1]
 
 Prints a markdown table: model, epochs, parameters, test accuracy (mean and std over seeds),
 wall and CPU seconds per training run (CPU time is the steadier figure on a shared machine). Plain supervised training with autokd.train.teacher.train_classifier.
