@@ -1,10 +1,20 @@
 """Monte Carlo tree search over tree-structured design spaces (Python face of the C++ engine).
 
-The algorithm, its formulas and limits are documented in ``csrc/engine/mcts/mcts.h``. In short:
-UCT selection ``Q_i + C * sqrt(2 ln N_parent / N_i)`` with unvisited children first (picked
-uniformly at random), expansion of one child block per walk, a uniform random rollout to a
-complete design, and backpropagation of the told reward along the walked path. Rewards are
-min-max normalised by the running range of told rewards; pending asks carry a virtual loss.
+The algorithm, its formulas and limits are documented in ``csrc/engine/mcts/mcts.h``. Two
+selection rules:
+
+- ``selection="thompson"`` (default): Thompson sampling down the tree. Each child's value is
+  its own mean reward shrunk toward a prior built from statistics every trial shares: the mean
+  reward of its option at that level and of the pair (previous choice, this option), both
+  shrunk toward the global mean with ``prior_strength`` pseudo-observations; the walk follows
+  the largest posterior draw to a complete design. A trial thus informs every branch that
+  makes the same choices, which UCT's per-node statistics cannot (benchmarks/RESULTS.md,
+  search quality: better designs than UCT, random search and TPE at equal budgets).
+- ``selection="uct"``: the Auto-KD paper's rule, UCT ``Q_i + C * sqrt(2 ln N_parent / N_i)``
+  with unvisited children first (picked uniformly at random), expansion of one child block per
+  walk, a uniform random rollout to a complete design, and backpropagation of the told reward
+  along the walked path. Rewards are min-max normalised by the running range of told rewards;
+  pending asks carry a virtual loss.
 
 A space is an ordered list of levels::
 
@@ -52,11 +62,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from autokd import _engine
 
-__all__ = ["MCTS", "DEFAULT_EXPLORATION"]
+__all__ = ["MCTS", "DEFAULT_EXPLORATION", "DEFAULT_PRIOR_STRENGTH"]
 
 #: C in the UCB formula; 1/sqrt(2) is the UCT constant for rewards in [0, 1], which the
 #: min-max normalisation provides.
 DEFAULT_EXPLORATION = 1.0 / math.sqrt(2.0)
+#: k of Thompson selection: how many observations a node's shared-statistics prior is worth.
+DEFAULT_PRIOR_STRENGTH = 4.0
 
 Design = Dict[str, str]
 _LEVEL_KEYS = ("name", "options", "requires")
@@ -114,16 +126,18 @@ class MCTS(_engine.MCTS):
 
     Args:
         levels: ordered levels, each ``{"name", "options", "requires"?}``.
-        exploration: C in the UCB formula (>= 0).
+        selection: ``"thompson"`` (default) or ``"uct"`` (the paper's); see the module docstring.
+        prior_strength: Thompson only: pseudo-observations of a node's shared prior (> 0).
+        exploration: UCT only: C in the UCB formula (>= 0).
         seed: seed of the engine's splitmix64 stream (0 <= seed < 2**64).
-        normalize_rewards: min-max normalise rewards by their running range before UCB.
+        normalize_rewards: UCT only: min-max normalise rewards by their running range.
         on_repeat: ``"reuse"`` feeds a known design's reward back and proposes another design
             (subtrees whose designs are all told or pending are skipped; after ``max_retries``
             retries, or once every design is told or pending, a repeat is returned);
             ``"average"`` returns the repeat to be evaluated again and averages its rewards.
         max_nodes: node budget of the tree (root included); when reached, the tree stops
             growing and walks roll out from the deepest existing node.
-        virtual_loss: virtual visits (of normalised reward 0) per pending ask on its path.
+        virtual_loss: UCT only: virtual visits (of normalised reward 0) per pending ask on its path.
         max_retries: ``"reuse"`` only: retries of a repeated proposal per ask.
 
     Inherited from the C++ engine (no Python layer in the loop):
@@ -134,12 +148,15 @@ class MCTS(_engine.MCTS):
         num_told, num_pending, num_reused (known rewards fed back by "reuse"; root visits ==
         num_told + num_reused), num_nodes, best() -> (design, mean reward) or None,
         num_designs() -> exact size of the dependent space (ValueError in the rare space whose
-        dependencies are too entangled to count), tree(), level_stats(), serialize().
+        dependencies are too entangled to count), tree(), level_stats(), pair_stats(),
+        serialize().
     """
 
     def __init__(
         self,
         levels: Sequence[Mapping[str, Any]],
+        selection: str = "thompson",
+        prior_strength: float = DEFAULT_PRIOR_STRENGTH,
         exploration: float = DEFAULT_EXPLORATION,
         seed: int = 0,
         normalize_rewards: bool = True,
@@ -149,15 +166,20 @@ class MCTS(_engine.MCTS):
         max_retries: int = 100,
     ):
         parsed = _parse_levels(levels)
+        if selection not in ("uct", "thompson"):
+            raise ValueError(f"MCTS: expected selection 'uct' or 'thompson', got {selection!r}")
         if on_repeat not in ("reuse", "average"):
             raise ValueError(f"MCTS: expected on_repeat 'reuse' or 'average', got {on_repeat!r}")
-        for name, v in (("exploration", exploration), ("virtual_loss", virtual_loss)):
+        for name, v in (("exploration", exploration), ("virtual_loss", virtual_loss),
+                        ("prior_strength", prior_strength)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"MCTS: expected {name} a number, got {v!r}")
         if not isinstance(normalize_rewards, bool):
             raise ValueError(f"MCTS: expected normalize_rewards a bool, got {normalize_rewards!r}")
         super().__init__(
             parsed,
+            selection,
+            float(prior_strength),
             float(exploration),
             _check_int("seed", seed, 0, 2**64 - 1),
             normalize_rewards,
@@ -223,7 +245,7 @@ class MCTS(_engine.MCTS):
             designs = "?"
         return (
             f"MCTS(levels={len(self.levels)}, designs={designs}, told={self.num_told}, "
-            f"pending={self.num_pending}, nodes={self.num_nodes}, exploration={o['exploration']:.4g}, "
+            f"pending={self.num_pending}, nodes={self.num_nodes}, selection={o['selection']!r}, "
             f"on_repeat={o['on_repeat']!r})"
         )
 

@@ -9,10 +9,9 @@ search and Optuna's TPE, so that comparisons run through one driver at equal bud
   strategy's handle for it; ``tell(proposal, reward)`` in any order.
 - ``history`` (a resumed search's finished trials, in journal order) is replayed at
   construction; the strategy then goes on as if it had proposed them.
-- Every strategy avoids proposing a design it has already been told (a known design's reward
-  is fed back instead, as the MCTS engine's ``on_repeat="reuse"`` does): the search is over
-  deterministic designs and a repeat would spend a trial on a known answer. Only when the
-  space is exhausted (or after ``max_retries`` tries) may a repeat come back.
+- MCTS and random search avoid proposing a design already evaluated (MCTS feeds a known
+  design's reward back instead, ``on_repeat="reuse"``): a repeat spends a trial on a known
+  answer. TPE is Optuna's, unchanged: its repeats are evaluated again.
 - ``recommend(trials)`` is the design the strategy hands back at the end (see each class).
 
 Optuna is optional (``pip install 'autokd[tpe]'``); without it ``--strategy tpe`` says how to
@@ -144,11 +143,11 @@ class TPEStrategy(Strategy):
     the level exists (define-by-run), so TPE sees the same tree. With several designs in
     flight, pending trials take the constant-liar value, Optuna's own remedy for parallel asks.
 
-    ``multivariate`` (Optuna's joint TPE over the parameters that co-occur) is off by default,
-    as in Optuna itself."""
+    Plain Optuna in every other respect (the comparison this strategy exists for): a design TPE
+    proposes again is evaluated again (another seed), and ``multivariate`` (joint TPE over the
+    parameters that co-occur) is off by default, as in Optuna itself."""
 
     name = "tpe"
-    max_retries = 100
 
     def __init__(self, space: SearchSpace, seed: int = 0, history: History = (),
                  n_startup_trials: int = 10, multivariate: bool = False):
@@ -159,57 +158,27 @@ class TPEStrategy(Strategy):
             seed=seed, n_startup_trials=n_startup_trials, multivariate=multivariate,
             group=multivariate, constant_liar=True)
         self._study = optuna.create_study(direction="maximize", sampler=sampler)
-        self._dists = {lv.name: optuna.distributions.CategoricalDistribution(list(lv.options))
-                       for lv in space.levels}
-        self._known: Dict[Tuple, List[float]] = {}  # design -> [sum, count] of told rewards
-        self._pending: Dict[int, Any] = {}  # trial number -> optuna trial
+        dists = {lv.name: optuna.distributions.CategoricalDistribution(list(lv.options))
+                 for lv in space.levels}
         for design, reward in history:
-            self._add_known(design, reward)
-
-    def _add_known(self, design: Design, reward: float) -> None:
-        optuna = self._optuna
-        self._study.add_trial(optuna.trial.create_trial(
-            params=dict(design), distributions={k: self._dists[k] for k in design}, value=reward))
-        s = self._known.setdefault(design_key(design), [0.0, 0])
-        s[0] += reward
-        s[1] += 1
-
-    def _sample(self, trial) -> Design:
-        design: Design = {}
-        for lv in self.space.levels:
-            if lv.active(design):
-                design[lv.name] = trial.suggest_categorical(lv.name, list(lv.options))
-        return design
+            self._study.add_trial(optuna.trial.create_trial(
+                params=dict(design), distributions={k: dists[k] for k in design}, value=reward))
+        self._pending: Dict[int, Any] = {}  # trial number -> optuna trial
 
     def ask(self, k: int = 1) -> List[Proposal]:
         out = []
-        in_flight = {design_key(d) for d in (p.params for p in self._pending.values())}
         for _ in range(k):
-            for attempt in range(self.max_retries + 1):
-                trial = self._study.ask()
-                design = self._sample(trial)
-                key = design_key(design)
-                known = self._known.get(key)
-                if attempt == self.max_retries:
-                    break
-                if known is not None:  # feed the known reward back, ask again
-                    self._study.tell(trial, known[0] / known[1])
-                    continue
-                if key in in_flight:  # being evaluated: this proposal adds nothing
-                    self._study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
-                    continue
-                break
-            in_flight.add(key)
+            trial = self._study.ask()
+            design: Design = {}
+            for lv in self.space.levels:
+                if lv.active(design):
+                    design[lv.name] = trial.suggest_categorical(lv.name, list(lv.options))
             self._pending[trial.number] = trial
             out.append(Proposal(trial.number, design))
         return out
 
     def tell(self, proposal: Proposal, reward: float) -> None:
-        trial = self._pending.pop(proposal.trial_id)
-        self._study.tell(trial, reward)
-        s = self._known.setdefault(design_key(proposal.design), [0.0, 0])
-        s[0] += reward
-        s[1] += 1
+        self._study.tell(self._pending.pop(proposal.trial_id), reward)
 
 
 def make_strategy(name: str, space: SearchSpace, seed: int, history: History = (),

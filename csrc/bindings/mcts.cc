@@ -33,12 +33,9 @@ class PyMCTS {
   }
 
   py::dict design_dict(const int32_t* d) const {
-    const size_t L = names_.size();
-    auto out = py::reinterpret_steal<py::dict>(_PyDict_NewPresized(Py_ssize_t(L)));
-    if (!out) throw py::error_already_set();
-    for (size_t l = 0; l < L; ++l)
-      if (d[l] >= 0 && PyDict_SetItem(out.ptr(), names_[l].ptr(), options_[l][size_t(d[l])].ptr()) != 0)
-        throw py::error_already_set();
+    py::dict out;
+    for (size_t l = 0; l < names_.size(); ++l)
+      if (d[l] >= 0) out[names_[l]] = options_[l][size_t(d[l])];
     return out;
   }
   py::dict design_dict(const Design& d) const { return design_dict(d.data()); }
@@ -99,7 +96,8 @@ py::array as_array(const py::object& obj) {
 
 py::object maybe(bool ok, double v) { return ok ? py::object(py::float_(v)) : py::object(py::none()); }
 
-std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_t seed, bool normalize,
+std::unique_ptr<PyMCTS> make(const py::list& levels, const std::string& selection, double prior_strength,
+                             double exploration, uint64_t seed, bool normalize,
                              const std::string& on_repeat, uint64_t max_nodes, double virtual_loss,
                              uint32_t max_retries) {
   autokd::mcts::Options o;
@@ -113,6 +111,10 @@ std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_
     lv.requires_ = t[2].cast<std::vector<std::pair<std::string, std::vector<std::string>>>>();
     o.levels.push_back(std::move(lv));
   }
+  if (selection == "uct") o.selection = autokd::mcts::Selection::kUct;
+  else if (selection == "thompson") o.selection = autokd::mcts::Selection::kThompson;
+  else throw std::invalid_argument("MCTS: expected selection 'uct' or 'thompson', got '" + selection + "'");
+  o.prior_strength = prior_strength;
   o.exploration = exploration;
   o.seed = seed;
   o.normalize_rewards = normalize;
@@ -125,50 +127,29 @@ std::unique_ptr<PyMCTS> make(const py::list& levels, double exploration, uint64_
   return std::make_unique<PyMCTS>(std::make_unique<MCTS>(std::move(o)));
 }
 
-// ask(k) as [(trial_id, {level: option})]: one list, one tuple and one dict per design (the
-// dicts from interned names, no string allocation).
+// ask(k) as [(trial_id, {level: option})].
 py::list ask_list(PyMCTS& self, int64_t k) {
   if (k < 0) throw std::invalid_argument("MCTS.ask: expected k >= 0, got " + std::to_string(k));
   const size_t L = self.engine().num_levels();
-  // One design on the stack: building the Python objects can run arbitrary Python code (a
-  // collection's finalizers), which may ask again on this engine, from this or another thread.
-  constexpr size_t kStackLevels = 64;
-  uint64_t id1;
-  int32_t row1[kStackLevels];
-  std::vector<uint64_t> ids;
-  std::vector<int32_t> rows;
-  uint64_t* id_at = &id1;
-  int32_t* row_at = row1;
-  if (k > 1 || L > kStackLevels) {
-    ids.resize(size_t(std::max<int64_t>(k, 1)));
-    rows.resize(size_t(std::max<int64_t>(k, 1)) * L);
-    id_at = ids.data();
-    row_at = rows.data();
-  }
+  // The proposals land in local buffers first: building the Python objects can run arbitrary
+  // Python code (a collection's finalizers), which may ask again on this engine.
+  const size_t n = static_cast<size_t>(k);
+  std::vector<uint64_t> ids(n);
+  std::vector<int32_t> rows(n * L);
   if (k < kReleaseGilFrom) {
-    self.engine().ask_many(uint64_t(k), id_at, row_at);
+    self.engine().ask_many(uint64_t(k), ids.data(), rows.data());
   } else {
     py::gil_scoped_release nogil;
-    self.engine().ask_many(uint64_t(k), id_at, row_at);
+    self.engine().ask_many(uint64_t(k), ids.data(), rows.data());
   }
-  PyObject* out = PyList_New(Py_ssize_t(k));
-  if (!out) throw py::error_already_set();
-  auto list = py::reinterpret_steal<py::list>(out);
-  for (int64_t i = 0; i < k; ++i) {
-    PyObject* t = PyTuple_New(2);
-    if (!t) throw py::error_already_set();
-    PyList_SET_ITEM(out, i, t);
-    PyObject* id = PyLong_FromUnsignedLongLong(id_at[i]);
-    if (!id) throw py::error_already_set();
-    PyTuple_SET_ITEM(t, 0, id);
-    PyTuple_SET_ITEM(t, 1, self.design_dict(row_at + size_t(i) * L).release().ptr());
-  }
-  return list;
+  py::list out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = py::make_tuple(ids[i], self.design_dict(rows.data() + i * L));
+  return out;
 }
 
-void tell_one(PyMCTS& self, PyObject* id_obj, double reward) {
-  // Negative or over 2^64: an id no ask ever gave.
-  const unsigned long long id = PyLong_AsUnsignedLongLong(id_obj);
+// tell(trial_id, reward): a Python int of any size; negative or over 2^64 is an id no ask gave.
+void tell_one(PyMCTS& self, const py::int_& id_obj, double reward) {
+  const unsigned long long id = PyLong_AsUnsignedLongLong(id_obj.ptr());
   if (id == (unsigned long long)-1 && PyErr_Occurred()) {
     if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
     PyErr_Clear();
@@ -177,111 +158,13 @@ void tell_one(PyMCTS& self, PyObject* id_obj, double reward) {
   self.engine().tell(uint64_t(id), reward);  // ~0.3 us: cheaper than a GIL release
 }
 
-// ask and tell are the inner loop of every search, so they skip pybind11's generic dispatch
-// (argument tuple, overload resolution, type lookup of self): plain METH_FASTCALL functions on
-// the class, with pybind11's exception translation. Arguments and errors are those of a
-// pybind11 method: ask(k=1), tell(trial_id, reward).
-PyTypeObject* g_type = nullptr;
-
-PyMCTS& self_of(PyObject* self) {
-  if (!PyObject_TypeCheck(self, g_type))  // the method descriptor checks this already
-    throw py::type_error(std::string("MCTS: expected an MCTS engine, got ") + Py_TYPE(self)->tp_name);
-  auto* inst = reinterpret_cast<py::detail::instance*>(self);
-  // Simple layout: the engine is the first (only) C++ value; otherwise look it up by type.
-  auto vh = inst->get_value_and_holder(inst->simple_layout ? nullptr : py::detail::get_type_info(g_type), false);
-  if (!vh || !vh.holder_constructed() || !vh.value_ptr())
-    throw py::type_error("MCTS: the engine is not initialised (its __init__ did not run)");
-  return *static_cast<PyMCTS*>(vh.value_ptr());
-}
-
-// Positional and keyword arguments into out[n]; false with a TypeError set on a mismatch.
-bool parse_args(const char* fn, const char* const* names, size_t n, size_t required,
-                PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, PyObject** out) {
-  if (size_t(nargs) > n) {
-    PyErr_Format(PyExc_TypeError, "%s() takes at most %zu arguments (%zd given)", fn, n, nargs);
-    return false;
-  }
-  for (size_t i = 0; i < n; ++i) out[i] = i < size_t(nargs) ? args[i] : nullptr;
-  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-  for (Py_ssize_t j = 0; j < nkw; ++j) {
-    PyObject* key = PyTuple_GET_ITEM(kwnames, j);
-    size_t i = 0;
-    while (i < n && PyUnicode_CompareWithASCIIString(key, names[i]) != 0) ++i;
-    if (i == n) {
-      PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fn, key);
-      return false;
-    }
-    if (out[i]) {
-      PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fn, names[i]);
-      return false;
-    }
-    out[i] = args[nargs + j];
-  }
-  for (size_t i = 0; i < required; ++i)
-    if (!out[i]) {
-      PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
-      return false;
-    }
-  return true;
-}
-
-template <class F>
-PyObject* guarded(F&& f) {
-  try {
-    return f();
-  } catch (py::error_already_set& e) {
-    e.restore();
-  } catch (...) {
-    py::detail::try_translate_exceptions();
-  }
-  return nullptr;
-}
-
-PyObject* fast_ask(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  return guarded([&]() -> PyObject* {
-    static const char* const names[] = {"k"};
-    PyObject* a[1];
-    if (!parse_args("ask", names, 1, 0, args, nargs, kwnames, a)) return nullptr;
-    int64_t k = 1;
-    if (a[0]) {
-      if (!PyLong_Check(a[0]))
-        throw py::type_error("MCTS.ask: expected k an integer, got " + std::string(Py_TYPE(a[0])->tp_name));
-      int overflow = 0;
-      k = PyLong_AsLongLongAndOverflow(a[0], &overflow);
-      if (overflow) throw std::invalid_argument("MCTS.ask: expected k >= 0 and below 2^63, got " + std::string(py::str(a[0])));
-    }
-    return ask_list(self_of(self), k).release().ptr();
-  });
-}
-
-PyObject* fast_tell(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  return guarded([&]() -> PyObject* {
-    static const char* const names[] = {"trial_id", "reward"};
-    PyObject* a[2];
-    if (!parse_args("tell", names, 2, 2, args, nargs, kwnames, a)) return nullptr;
-    if (!PyLong_Check(a[0]))
-      throw py::type_error("MCTS.tell: expected trial_id an integer, got " + std::string(Py_TYPE(a[0])->tp_name));
-    const double reward = PyFloat_AsDouble(a[1]);
-    if (reward == -1.0 && PyErr_Occurred()) throw py::error_already_set();
-    tell_one(self_of(self), a[0], reward);
-    Py_RETURN_NONE;
-  });
-}
-
-PyMethodDef g_fast_methods[] = {
-    {"ask", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_ask)), METH_FASTCALL | METH_KEYWORDS,
-     "ask(k=1): k proposals [(trial_id, {level: option})], each pending until told."},
-    {"tell", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_tell)), METH_FASTCALL | METH_KEYWORDS,
-     "tell(trial_id, reward): reward of a pending trial, in any order; NaN/Inf or an unknown or "
-     "already told id -> ValueError."},
-};
-
 void bind(py::module_& m) {
   // Base class of autokd.search.mcts.MCTS, which adds argument parsing; ask and tell stay
-  // pybind11 methods so a search loop pays no extra Python call.
+  // methods of this class so a search loop pays no extra Python call.
   py::class_<PyMCTS> cls(m, "MCTS", "C++ MCTS engine; use autokd.search.mcts.MCTS");
   cls
-      .def(py::init(&make), py::arg("levels"), py::arg("exploration"), py::arg("seed"),
+      .def(py::init(&make), py::arg("levels"), py::arg("selection"), py::arg("prior_strength"),
+           py::arg("exploration"), py::arg("seed"),
            py::arg("normalize_rewards"), py::arg("on_repeat"), py::arg("max_nodes"),
            py::arg("virtual_loss"), py::arg("max_retries"))
       .def(py::init([](const py::bytes& blob) {
@@ -294,6 +177,11 @@ void bind(py::module_& m) {
              return std::make_unique<PyMCTS>(std::move(e));
            }),
            py::arg("blob"))
+      .def("ask", &ask_list, py::arg("k") = 1,
+           "ask(k=1): k proposals [(trial_id, {level: option})], each pending until told.")
+      .def("tell", &tell_one, py::arg("trial_id"), py::arg("reward"),
+           "tell(trial_id, reward): reward of a pending trial, in any order; NaN/Inf or an unknown or "
+           "already told id -> ValueError.")
       .def("ask_many",
            [](PyMCTS& self, int64_t k) {
              if (k < 0) throw std::invalid_argument("MCTS.ask_many: expected k >= 0, got " + std::to_string(k));
@@ -458,6 +346,22 @@ void bind(py::module_& m) {
              }
              return out;
            })
+      .def("pair_stats",
+           [](PyMCTS& s) {
+             py::list out;
+             for (const auto& p : s.engine().pair_stats()) {
+               py::dict e;
+               e["prev_level"] = s.names()[size_t(p.prev_level)];
+               e["prev_option"] = s.option_names()[size_t(p.prev_level)][size_t(p.prev_option)];
+               e["level"] = s.names()[size_t(p.level)];
+               e["option"] = s.option_names()[size_t(p.level)][size_t(p.option)];
+               e["visits"] = p.visits;
+               e["mean"] = p.sum / double(p.visits);
+               out.append(std::move(e));
+             }
+             return out;
+           },
+           "Statistics of consecutive choices: [{prev_level, prev_option, level, option, visits, mean}].")
       .def("_levels_list",
            [](PyMCTS& s) {
              py::list out;
@@ -478,6 +382,8 @@ void bind(py::module_& m) {
            [](PyMCTS& s) {
              const auto& o = s.engine().options();
              py::dict d;
+             d["selection"] = o.selection == autokd::mcts::Selection::kUct ? "uct" : "thompson";
+             d["prior_strength"] = o.prior_strength;
              d["exploration"] = o.exploration;
              d["seed"] = o.seed;
              d["normalize_rewards"] = o.normalize_rewards;
@@ -497,12 +403,6 @@ void bind(py::module_& m) {
              return py::bytes(blob);
            })
       ;
-  g_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
-  for (PyMethodDef& def : g_fast_methods) {
-    auto descr = py::reinterpret_steal<py::object>(PyDescr_NewMethod(g_type, &def));
-    if (!descr) throw py::error_already_set();
-    cls.attr(def.ml_name) = descr;
-  }
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 """Pure-Python reference of the MCTS engine (csrc/engine/mcts/mcts.h), the spec the engine is
-tested against: with the same seed and the same calls, it proposes the identical designs.
+tested against: with the same seed and the same calls, it proposes the identical designs, under
+both selection rules (UCT and Thompson).
 
 Written for clarity, not speed; floating-point formulas follow the header's order exactly.
 """
@@ -33,6 +34,12 @@ class SplitMix64:
             if x >= threshold:
                 return x % n
 
+    def normal(self) -> float:
+        """Box-Muller on two 53-bit uniforms, u1 in (0, 1], u2 in [0, 1); the sine is unused."""
+        u1 = float((self.next() >> 11) + 1) * 2.0 ** -53
+        u2 = float(self.next() >> 11) * 2.0 ** -53
+        return math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2)
+
 
 class _Node:
     __slots__ = ("parent", "level", "option", "children", "visits", "pending", "sum", "best", "closed")
@@ -45,8 +52,9 @@ class _Node:
 
 
 class ReferenceMCTS:
-    def __init__(self, levels, exploration=1.0 / math.sqrt(2.0), seed=0, normalize_rewards=True,
-                 on_repeat="reuse", max_nodes=1_000_000, virtual_loss=1.0, max_retries=100):
+    def __init__(self, levels, selection="thompson", prior_strength=4.0, exploration=1.0 / math.sqrt(2.0),
+                 seed=0, normalize_rewards=True, on_repeat="reuse", max_nodes=1_000_000, virtual_loss=1.0,
+                 max_retries=100):
         self.names = [lv["name"] for lv in levels]
         self.options = [list(lv["options"]) for lv in levels]
         index = {n: i for i, n in enumerate(self.names)}
@@ -55,6 +63,10 @@ class ReferenceMCTS:
             [(index[k], {self.options[index[k]].index(a) for a in v}) for k, v in (lv.get("requires") or {}).items()]
             for lv in levels
         ]
+        self.selection, self.k = selection, prior_strength
+        self.option_stats = [[[0, 0.0] for _ in opts] for opts in self.options]  # [n, sum]
+        self.pairs = {}  # (prev_level, prev_option, level, option) -> [n, sum]
+        self.tell_sum = self.tell_sumsq = 0.0
         self.c, self.normalize, self.on_repeat = exploration, normalize_rewards, on_repeat
         self.max_nodes, self.vl, self.max_retries = max_nodes, virtual_loss, max_retries
         self.rng = SplitMix64(seed)
@@ -131,7 +143,53 @@ class ReferenceMCTS:
         self.nodes.extend(_Node(node_id, level, o) for o in range(n))
         return True
 
+    def _thompson_pick(self, kids, level, prev, open_only, gm, sigma):
+        k, pick, best = self.k, -1, 0.0
+        for o in range(len(self.options[level])):
+            c = self.nodes[kids[o]] if kids is not None else None
+            if c is not None and open_only and c.closed:
+                continue
+            n_o, s_o = self.option_stats[level][o]
+            q = (s_o + k * gm) / (float(n_o) + k)
+            if prev is not None and (prev[0], prev[1], level, o) in self.pairs:
+                n_p, s_p = self.pairs[(prev[0], prev[1], level, o)]
+                q = (s_p + k * q) / (float(n_p) + k)
+            n = float(c.visits) if c is not None else 0.0
+            total = c.sum if c is not None else 0.0
+            mean = (total + k * q) / (n + k)
+            draw = mean + sigma / math.sqrt(n + k) * self.rng.normal()
+            if pick < 0 or draw > best:
+                best, pick = draw, o
+        return pick
+
+    def _descend_thompson(self):
+        design = [-1] * len(self.names)
+        path, node, after, prev, in_tree = [0], 0, -1, None, True
+        n_all = float(self.num_told)
+        gm = self.tell_sum / n_all if self.num_told > 0 else 0.0
+        var = self.tell_sumsq / n_all - gm * gm if self.num_told > 1 else 0.0
+        sigma = math.sqrt(var) if var > 0.0 else 1.0
+        while True:
+            lvl = self.next_level(after, design)
+            if lvl < 0:
+                break
+            if in_tree and self.nodes[node].children is None and not self._expand(node, lvl):
+                in_tree = False
+            if in_tree:
+                kids = self.nodes[node].children
+                open_only = any(not self.nodes[c].closed for c in kids)
+                o = self._thompson_pick(kids, lvl, prev, open_only, gm, sigma)
+                node = kids[o]
+                path.append(node)
+            else:
+                o = self._thompson_pick(None, lvl, prev, False, gm, sigma)
+            design[lvl] = o
+            after, prev = lvl, (lvl, o)
+        return path, tuple(design), in_tree
+
     def _descend(self):
+        if self.selection == "thompson":
+            return self._descend_thompson()
         design = [-1] * len(self.names)
         path, node, after = [0], 0, -1
         while True:
@@ -221,6 +279,20 @@ class ReferenceMCTS:
         entry[1] -= 1
         entry[2] += reward
         self.num_told += 1
+        self.tell_sum += reward
+        self.tell_sumsq += reward * reward
+        prev = None
+        for lvl, o in enumerate(design):
+            if o < 0:
+                continue
+            st = self.option_stats[lvl][o]
+            st[0] += 1
+            st[1] += reward
+            if prev is not None:
+                ps = self.pairs.setdefault((prev[0], prev[1], lvl, o), [0, 0.0])
+                ps[0] += 1
+                ps[1] += reward
+            prev = (lvl, o)
 
     def named(self, design):
         return {self.names[lv]: self.options[lv][o] for lv, o in enumerate(design) if o >= 0}

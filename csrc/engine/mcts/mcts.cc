@@ -15,12 +15,13 @@
 #include <limits>
 #include <map>
 #include <stdexcept>
+#include <tuple>
 
 namespace autokd::mcts {
 namespace {
 
 constexpr char kMagic[8] = {'A', 'K', 'D', 'M', 'C', 'T', 'S', '\0'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 2: selection, prior strength, pair statistics
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -176,6 +177,9 @@ MCTS::MCTS(MCTS&& o) noexcept
       two_ln_(std::move(o.two_ln_)),
       scores_(std::move(o.scores_)),
       stats_(std::move(o.stats_)),
+      pairs_(std::move(o.pairs_)),
+      tell_sum_(o.tell_sum_),
+      tell_sumsq_(o.tell_sumsq_),
       next_id_(o.next_id_),
       num_told_(o.num_told_),
       num_reused_(o.num_reused_),
@@ -196,6 +200,10 @@ void MCTS::validate_and_index() {
     fail("MCTS: expected max_nodes in [1, 2147483647], got " + std::to_string(opt_.max_nodes));
   if (opt_.on_repeat != OnRepeat::kReuse && opt_.on_repeat != OnRepeat::kAverage)
     fail("MCTS: expected on_repeat 'reuse' or 'average'");
+  if (opt_.selection != Selection::kUct && opt_.selection != Selection::kThompson)
+    fail("MCTS: expected selection 'uct' or 'thompson'");
+  if (!std::isfinite(opt_.prior_strength) || opt_.prior_strength <= 0)
+    fail("MCTS: expected prior_strength finite and > 0, got " + num(opt_.prior_strength));
 
   level_by_name_.clear();
   reqs_.assign(L.size(), {});
@@ -410,6 +418,81 @@ int32_t MCTS::ucb_pick(const Node& parent, bool any_open) {
   return pick;
 }
 
+double MCTS::normal() {
+  // u1 in (0, 1] (no log(0)), u2 in [0, 1), 53 random bits each; the sine of the pair is unused.
+  const double u1 = double((next_u64() >> 11) + 1) * 0x1.0p-53;
+  const double u2 = double(next_u64() >> 11) * 0x1.0p-53;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+int32_t MCTS::thompson_pick(int32_t parent, int32_t lvl, int32_t prev_lvl, int32_t prev_opt, bool any_open,
+                            double gm, double sigma) {
+  const double k = opt_.prior_strength;
+  const uint32_t m = uint32_t(opt_.levels[size_t(lvl)].options.size());
+  const Node* child = parent >= 0 ? nodes_.data() + nodes_[size_t(parent)].first_child : nullptr;
+  int32_t pick = -1;
+  double best = 0.0;
+  for (uint32_t o = 0; o < m; ++o) {
+    if (child && any_open && child[o].closed) continue;
+    const OptionStats& st = stats_[size_t(lvl)][o];
+    double q = (st.sum + k * gm) / (double(st.visits) + k);
+    if (prev_lvl >= 0) {
+      auto it = pairs_.find(pair_key(prev_lvl, prev_opt, lvl, int32_t(o)));
+      if (it != pairs_.end()) q = (it->second.second + k * q) / (double(it->second.first) + k);
+    }
+    const double n = child ? double(child[o].visits) : 0.0;
+    const double sum = child ? child[o].sum : 0.0;
+    const double mean = (sum + k * q) / (n + k);
+    const double draw = mean + sigma / std::sqrt(n + k) * normal();
+    if (pick < 0 || draw > best) {
+      best = draw;
+      pick = int32_t(o);
+    }
+  }
+  return pick;
+}
+
+bool MCTS::descend_thompson(std::vector<int32_t>* path, Design* design) {
+  design->assign(opt_.levels.size(), -1);
+  path->assign(1, 0);
+  const double n_all = double(num_told_);
+  const double gm = num_told_ > 0 ? tell_sum_ / n_all : 0.0;
+  const double var = num_told_ > 1 ? tell_sumsq_ / n_all - gm * gm : 0.0;
+  const double sigma = var > 0.0 ? std::sqrt(var) : 1.0;
+  int32_t node = 0, after = -1, prev_lvl = -1, prev_opt = -1;
+  bool in_tree = true;
+  for (;;) {
+    const int32_t lvl = next_level(after, *design);
+    if (lvl < 0) break;
+    if (in_tree && nodes_[size_t(node)].first_child < 0) {
+      const size_t n = opt_.levels[size_t(lvl)].options.size();
+      if (nodes_.size() + n > opt_.max_nodes) {
+        in_tree = false;  // budget reached: the rest is chosen as unvisited children would be
+      } else {
+        nodes_[size_t(node)].first_child = int32_t(nodes_.size());
+        nodes_[size_t(node)].num_children = uint32_t(n);
+        for (size_t o = 0; o < n; ++o)
+          nodes_.push_back(Node{node, -1, lvl, int32_t(o), 0, 0, 0, 0, 0.0, -kInf});
+      }
+    }
+    int32_t o;
+    if (in_tree) {
+      const Node& nd = nodes_[size_t(node)];
+      bool any_open = false;
+      for (uint32_t i = 0; i < nd.num_children; ++i) any_open |= !nodes_[size_t(nd.first_child) + i].closed;
+      o = thompson_pick(node, lvl, prev_lvl, prev_opt, any_open, gm, sigma);
+      node = nd.first_child + o;
+      path->push_back(node);
+    } else {
+      o = thompson_pick(-1, lvl, prev_lvl, prev_opt, false, gm, sigma);
+    }
+    (*design)[size_t(lvl)] = o;
+    after = prev_lvl = lvl;
+    prev_opt = o;
+  }
+  return in_tree;
+}
+
 bool MCTS::descend(std::vector<int32_t>* path, Design* design) {
   design->assign(opt_.levels.size(), -1);
   path->assign(1, 0);
@@ -544,13 +627,22 @@ void MCTS::record_tell(uint32_t entry, double reward) {
   Entry& e = entries_[entry];
   e.count += 1;
   e.sum += reward;
+  tell_sum_ += reward;
+  tell_sumsq_ += reward * reward;
   const int32_t* d = entry_design(entry);
+  int32_t prev = -1;
   for (size_t l = 0; l < opt_.levels.size(); ++l) {
     if (d[l] < 0) continue;
     OptionStats& s = stats_[l][size_t(d[l])];
     s.visits += 1;
     s.sum += reward;
     if (reward > s.best) s.best = reward;
+    if (prev >= 0) {
+      auto& ps = pairs_[pair_key(prev, d[prev], int32_t(l), d[l])];
+      ps.first += 1;
+      ps.second += reward;
+    }
+    prev = int32_t(l);
   }
   ++num_told_;
 }
@@ -625,7 +717,8 @@ uint64_t MCTS::ask_one(int32_t* design_out) {
   std::vector<std::vector<int32_t>> held;  // temporary virtual losses on pending repeats
   int64_t known = -1;                      // entry of the final proposal when already seen
   for (uint32_t attempt = 0;; ++attempt) {
-    const bool leaf = descend(&path_, &design_);
+    const bool leaf = opt_.selection == Selection::kThompson ? descend_thompson(&path_, &design_)
+                                                             : descend(&path_, &design_);
     if (leaf && opt_.on_repeat == OnRepeat::kReuse) close(path_.back());
     hash = hash_of(design_.data(), design_.size());
     known = find_entry(design_.data(), hash);
@@ -766,7 +859,10 @@ void MCTS::tell_design(const Design& design, double reward) {
     const int32_t child = nodes_[size_t(node)].first_child + design[size_t(lvl)];
     path.push_back(child);
     after = lvl;
-    if (nodes_[size_t(child)].visits == 0 && nodes_[size_t(child)].pending == 0) break;
+    // UCT's walk ends at the first unvisited child (expansion); Thompson's walks the whole design.
+    if (opt_.selection == Selection::kUct && nodes_[size_t(child)].visits == 0 &&
+        nodes_[size_t(child)].pending == 0)
+      break;
     node = child;
   }
   if (opt_.on_repeat == OnRepeat::kReuse && next_level(after, design) < 0) close(path.back());
@@ -860,9 +956,25 @@ std::vector<std::vector<OptionStats>> MCTS::level_stats() const {
   return stats_;
 }
 
+std::vector<PairStats> MCTS::pair_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<PairStats> out;
+  out.reserve(pairs_.size());
+  for (const auto& [key, st] : pairs_)
+    out.push_back(PairStats{int32_t((key >> 48) & 0xFFFF), int32_t((key >> 32) & 0xFFFF),
+                            int32_t((key >> 16) & 0xFFFF), int32_t(key & 0xFFFF), st.first, st.second});
+  std::sort(out.begin(), out.end(), [](const PairStats& a, const PairStats& b) {
+    return std::tie(a.level, a.option, a.prev_level, a.prev_option) <
+           std::tie(b.level, b.option, b.prev_level, b.prev_option);
+  });
+  return out;
+}
+
 std::string MCTS::serialize() const {
   std::lock_guard<std::mutex> lock(mu_);
   Writer w;
+  w.put<uint8_t>(uint8_t(opt_.selection));
+  w.put(opt_.prior_strength);
   w.put(opt_.exploration);
   w.put(opt_.seed);
   w.put<uint8_t>(opt_.normalize_rewards);
@@ -889,6 +1001,8 @@ std::string MCTS::serialize() const {
   w.put<uint8_t>(have_reward_);
   w.put(lo_);
   w.put(hi_);
+  w.put(tell_sum_);
+  w.put(tell_sumsq_);
   w.put<uint64_t>(nodes_.size());
   for (const Node& n : nodes_) {
     w.put(n.parent);
@@ -928,6 +1042,15 @@ std::string MCTS::serialize() const {
       w.put(s.sum);
       w.put(s.best);
     }
+  // Pair statistics sorted by key, so equal engines give equal bytes.
+  std::vector<std::pair<uint64_t, std::pair<uint64_t, double>>> pairs(pairs_.begin(), pairs_.end());
+  std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  w.put<uint64_t>(pairs.size());
+  for (const auto& [key, st] : pairs) {
+    w.put(key);
+    w.put(st.first);
+    w.put(st.second);
+  }
   std::string out(kMagic, sizeof kMagic);
   Writer head;
   head.put(kVersion);
@@ -958,6 +1081,10 @@ MCTS MCTS::deserialize(const std::string& blob) {
   Reader r{blob.data() + start, size_t(len)};
   const uint64_t cap = len;  // no count can exceed the payload's byte length
   Options o;
+  const uint8_t sel = r.get<uint8_t>();
+  if (sel > 1) fail(pre + "bad selection");
+  o.selection = Selection(sel);
+  o.prior_strength = r.get<double>();
   o.exploration = r.get<double>();
   o.seed = r.get<uint64_t>();
   o.normalize_rewards = r.get<uint8_t>() != 0;
@@ -991,6 +1118,10 @@ MCTS MCTS::deserialize(const std::string& blob) {
   m.hi_ = r.get<double>();
   if (m.have_reward_ && !(std::isfinite(m.lo_) && std::isfinite(m.hi_) && m.lo_ <= m.hi_))
     fail(pre + "bad reward range");
+  m.tell_sum_ = r.get<double>();
+  m.tell_sumsq_ = r.get<double>();
+  if (!std::isfinite(m.tell_sum_) || !std::isfinite(m.tell_sumsq_) || m.tell_sumsq_ < 0)
+    fail(pre + "bad reward sums");
 
   const uint64_t nn = r.count(std::min<uint64_t>(cap, m.opt_.max_nodes), "nodes");
   if (nn < 1) fail(pre + "no root node");
@@ -1092,6 +1223,20 @@ MCTS MCTS::deserialize(const std::string& blob) {
       s.sum = r.get<double>();
       s.best = r.get<double>();
     }
+  const uint64_t npairs = r.count(cap, "pair statistics");
+  uint64_t last = 0;
+  for (uint64_t i = 0; i < npairs; ++i) {
+    const uint64_t key = r.get<uint64_t>();
+    const uint64_t visits = r.get<uint64_t>();
+    const double sum = r.get<double>();
+    const int32_t pl = int32_t((key >> 48) & 0xFFFF), po = int32_t((key >> 32) & 0xFFFF);
+    const int32_t l = int32_t((key >> 16) & 0xFFFF), o = int32_t(key & 0xFFFF);
+    if ((i > 0 && key <= last) || pl >= l || size_t(l) >= L || po >= nopts(pl) || o >= nopts(l) ||
+        visits == 0 || visits > m.num_told_ || !std::isfinite(sum))
+      fail(pre + "bad pair statistics");
+    m.pairs_.emplace(key, std::make_pair(visits, sum));
+    last = key;
+  }
   if (r.at != r.n) fail(pre + "trailing bytes");
   return m;
 }
