@@ -182,6 +182,11 @@ class Distiller(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether ``forward`` needs ``labels=`` (DKD-style designs read the ground truth)."""
+        return self.loss.needs_labels
+
     def set_progress(self, fraction: float) -> None:
         """Fraction of training done (0..1), for the warm-up / early-stop weight schedules."""
         self.loss.set_progress(fraction)
@@ -198,7 +203,10 @@ class Distiller(nn.Module):
             feats.append(hooks.take())
         return feats, logits
 
-    def forward(self, images: Tensor, teacher_features=None, teacher_logits=None) -> DistillerOutput:
+    def forward(self, images: Tensor, teacher_features=None, teacher_logits=None,
+                labels: Optional[Tensor] = None) -> DistillerOutput:
+        """``labels`` [N]: the batch's class indices, needed by designs whose logit distance
+        reads the ground truth (DKD; see ``needs_labels``), ignored by the others."""
         student_logits = self.student(images)
         s_feats = self._student_hooks.take()
         if teacher_features is None and teacher_logits is None and self.teachers:
@@ -221,7 +229,7 @@ class Distiller(nn.Module):
                     ft.append(t_feats[j][t_tap])
         if self.loss.has_logit and not t_logits:
             raise ValueError(f"Distiller: design {self.spec.label()} needs teacher logits")
-        out = self.loss(fs, ft, student_logits, t_logits if self.loss.has_logit else None)
+        out = self.loss(fs, ft, student_logits, t_logits if self.loss.has_logit else None, labels)
         return DistillerOutput(out.loss_kd, out.loss_feature, out.loss_logit, student_logits, s_feats,
                                t_feats, t_logits, out.mu)
 

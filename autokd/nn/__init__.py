@@ -5,17 +5,20 @@
 """
 from autokd.nn.blocks import (Adapter, AttentionMap, ChannelWise, DistillLoss, FeatureLoss,
                               GlobalOriginal, GramL2Distance, GramL2Embedding, InterOriginal,
-                              IntraOriginal, KLDistance, L2Distance, LocalPatches, LogitKL, LogitLoss,
-                              LogitPearson, LogitStandardKL, LossOutput, MultiScale, RandomMask,
-                              RenyiDistance, SampleWise, SpatialAttention, feature_entropy,
+                              IntraOriginal, KLDistance, L2Distance, LocalPatches, LogitDistance,
+                              LogitDKD, LogitKL, LogitLoss, LogitMultiLevel, LogitPearson,
+                              LogitStandardDKD, LogitStandardKL, LogitStandardMultiLevel,
+                              LossOutput, MultiScale, RandomMask, RenyiDistance, SampleWise,
+                              SpatialAttention, feature_entropy, standardize_logits,
                               train_free_factors)
 
 __all__ = [
     "Adapter", "AttentionMap", "ChannelWise", "DistillLoss", "FeatureLoss", "GlobalOriginal",
     "GramL2Distance", "GramL2Embedding", "InterOriginal", "IntraOriginal", "KLDistance",
-    "L2Distance", "LocalPatches", "LogitKL", "LogitLoss", "LogitPearson", "LogitStandardKL",
-    "LossOutput", "MultiScale", "RandomMask", "RenyiDistance", "SampleWise", "SpatialAttention",
-    "feature_entropy", "train_free_factors",
+    "L2Distance", "LocalPatches", "LogitDKD", "LogitDistance", "LogitKL", "LogitLoss",
+    "LogitMultiLevel", "LogitPearson", "LogitStandardDKD", "LogitStandardKL",
+    "LogitStandardMultiLevel", "LossOutput", "MultiScale", "RandomMask", "RenyiDistance",
+    "SampleWise", "SpatialAttention", "feature_entropy", "standardize_logits", "train_free_factors",
 ]
 
 # The kernels' own thin modules.

@@ -254,7 +254,7 @@ def train_student(
             if tf is not None:
                 tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
                 tl = tl.to(device, non_blocking=True).float() if tl is not None else None
-            out = model(x, teacher_features=tf, teacher_logits=tl)
+            out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
             loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
             if distributed:
                 # equal shares, so the mean of the rank means is the global batch mean; every
