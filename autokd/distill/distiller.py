@@ -12,7 +12,6 @@ tree, in eval mode, run under no_grad; move them to the device yourself.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from autokd.nn.blocks import DistillLoss
+from autokd.nn.taps import FeatureTaps
 from autokd.space.spec import DistillerSpec
 
 Tensor = torch.Tensor
@@ -37,44 +37,6 @@ class DistillerOutput:
     teacher_features: List[Dict[str, Tensor]] = field(default_factory=list)
     teacher_logits: List[Tensor] = field(default_factory=list)
     mu: Optional[Tensor] = None
-
-
-def _find_module(model: nn.Module, path: str, who: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if path not in modules:
-        known = [k for k in modules if k]
-        close = difflib.get_close_matches(path, known, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Distiller: {who} has no module {path!r}{hint} Modules: {', '.join(known[:40])}"
-                         + (" ..." if len(known) > 40 else ""))
-    return modules[path]
-
-
-class _Taps:
-    """Forward hooks that keep the latest output of named modules."""
-
-    def __init__(self, model: nn.Module, paths: Sequence[str], who: str):
-        self.values: Dict[str, Tensor] = {}
-        self.handles = []
-        for p in paths:
-            self.handles.append(_find_module(model, p, who).register_forward_hook(self._hook(p, who)))
-
-    def _hook(self, path, who):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"Distiller: {who} module {path!r} returned {type(output).__name__}, "
-                                "expected a tensor; tap a module that outputs one")
-            self.values[path] = output
-        return hook
-
-    def take(self) -> Dict[str, Tensor]:
-        out, self.values = self.values, {}
-        return out
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 class Distiller(nn.Module):
@@ -133,8 +95,8 @@ class Distiller(nn.Module):
                 raise ValueError(f"Distiller: expected one teacher tap per student tap "
                                  f"({len(self.student_taps)}), got {taps!r}")
         self.teacher_taps = per_teacher
-        self._student_hooks = _Taps(student, self.student_taps, "student")
-        self.__dict__["_teacher_hooks"] = [_Taps(t, taps, f"teacher {j}")
+        self._student_hooks = FeatureTaps(student, self.student_taps, "Distiller: student")
+        self.__dict__["_teacher_hooks"] = [FeatureTaps(t, taps, f"Distiller: teacher {j}")
                                           for j, (t, taps) in enumerate(zip(teachers, per_teacher))]
 
         uses_features = self.spec.feature_distance.key != "none"

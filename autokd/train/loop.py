@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autokd.nn.taps import FeatureTaps
+
 
 @dataclass
 class TrainConfig:
@@ -72,36 +74,13 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return torch.from_numpy(np.sort(np.concatenate(keep))).long()
 
 
-class FeatureTaps:
-    """Forward hooks that record the outputs of named modules (``taps``) of ``model``."""
-
-    def __init__(self, model: nn.Module, taps: Sequence[str]):
-        modules = dict(model.named_modules())
-        missing = [t for t in taps if t not in modules]
-        if missing:
-            raise ValueError(f"feature taps {missing} are not modules of {type(model).__name__}")
-        self.outputs: Dict[str, torch.Tensor] = {}
-        self._handles = [modules[t].register_forward_hook(self._hook(t)) for t in taps]
-
-    def _hook(self, name):
-        def fn(_module, _inputs, output):
-            self.outputs[name] = output
-
-        return fn
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
 @torch.no_grad()
 def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = (), batch_size: int = 512,
                 device: str = "cpu"):
     """Logits [N, K] and tap features {tap: [N, ...]} of ``model`` on ``images`` (eval mode)."""
     was_training = model.training
     model.eval()
-    hooks = FeatureTaps(model, taps) if taps else None
+    hooks = FeatureTaps(model, taps, "forward_all") if taps else None
     logits, feats = [], {t: [] for t in taps}
     try:
         for i in range(0, len(images), batch_size):
