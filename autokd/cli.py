@@ -27,11 +27,16 @@ def _fail(e: Exception):
     raise click.ClickException(str(msg))
 
 
-def _schedule(data, epochs, batch_size, lr):
-    from autokd.pipeline import default_training
+def _schedule(data, epochs, batch_size, lr, student=None):
+    """TrainConfig fields: the data set's schedule, then the student's optimizer defaults (ViTs:
+    AdamW with warm-up, autokd.models.training_defaults), then what the user gave."""
+    from autokd.models import training_defaults
+    from autokd.pipeline import default_models, default_training
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    return {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
+    sched = {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
+    model = training_defaults(student or default_models(data)[1], sched["epochs"])
+    return {**sched, **model, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _taps(value: Optional[str]):
@@ -46,7 +51,8 @@ def _proxy_options(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="[default: 32 on digits, 64 otherwise]"),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Initial SGD learning rate, cosine schedule [default: 0.1 on digits, 0.05 otherwise]."),
+                     help="Peak learning rate (after any warm-up), cosine schedule [default: SGD 0.1 on "
+                     "digits, 0.05 otherwise; ViT and timm: students AdamW 1e-3 with warm-up]."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -188,7 +194,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     try:
-        sched = _schedule(data, epochs, batch_size, lr)
+        sched = _schedule(data, epochs, batch_size, lr, student)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
                             sparsity=sparsity, offline=not online, seed=seed, device=device)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
@@ -241,7 +247,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         log = click.echo if ctx.is_main else (lambda _m: None)
         quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
-        sched = _schedule(data, epochs, batch_size, lr)
+        sched = _schedule(data, epochs, batch_size, lr, student)
         ctx.check_batch(sched["batch_size"])
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)

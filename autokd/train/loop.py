@@ -20,13 +20,25 @@ from torch import nn
 from autokd.nn.taps import FeatureTaps
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30  # the full schedule; early stop trains a fraction of it
     batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: float = 0.05  # the peak: after the warm-up, then cosine to 0
+    momentum: float = 0.9  # SGD (Nesterov) only
     weight_decay: float = 5e-4
+    # "sgd" (Nesterov) or "adamw" (betas 0.9, 0.999; no decay on biases, norms and the
+    # parameters the model's no_weight_decay() names, as timm); both fused and masked under
+    # sparsity (autokd.train.sparse.make_optimizer). autokd.models.training_defaults(name) gives
+    # a model's defaults: ViTs train with adamw.
+    optimizer: str = "sgd"
+    # linear warm-up from 0 to lr over this many epochs of the full schedule, then cosine; an
+    # early-stopped proxy compresses both alike (the warm-up is warmup_epochs / epochs of the
+    # steps it trains)
+    warmup_epochs: float = 0.0
     subset: float = 1.0  # fraction of the training split used (stratified, fixed per seed)
     stop_fraction: float = 1.0  # early stop: train ceil(epochs * stop_fraction) epochs
     sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
@@ -43,6 +55,9 @@ class TrainConfig:
             ("subset", 0 < self.subset <= 1, "in (0, 1]"),
             ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
             ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
+             f"in [0, epochs = {self.epochs})"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -95,8 +110,22 @@ def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = ()
     return torch.cat(logits), {t: torch.cat(v) for t, v in feats.items()}
 
 
-def cosine_lr(base: float, step: int, total: int) -> float:
+def cosine_lr(base: float, step: int, total: int, warmup: int = 0) -> float:
+    """lr at ``step`` of ``total``: linear from base/warmup to base over the first ``warmup``
+    steps, then cosine from base to 0 over the rest (plain cosine when warmup is 0)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    step, total = step - warmup, total - warmup
     return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _no_decay(model: nn.Module):
+    """Names of the parameters AdamW should not decay: biases, norm weights (every parameter
+    with fewer than 2 dims) and those the model's ``no_weight_decay()`` names (timm's
+    convention: position embeddings, class tokens)."""
+    named = getattr(model, "no_weight_decay", None)
+    skip = set(named()) if callable(named) else set()
+    return {n for n, p in model.named_parameters() if p.dim() < 2 or n in skip}
 
 
 @dataclass
@@ -190,11 +219,17 @@ def train_student(
     )
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total_steps = cfg.run_epochs * steps_per_epoch
+    warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
     # Sparsity applies to the student's weights; the distiller's adapters stay dense (they are
     # not part of the student that is kept).
+    if cfg.optimizer == "sgd":
+        optim_kwargs = {"momentum": cfg.momentum, "nesterov": True}
+    else:
+        optim_kwargs = {"no_decay": _no_decay(student)}
     optimizer, sparsity = make_optimizer(
-        student, kind="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        nesterov=True, sparsity=cfg.sparsity, sparsity_kwargs={"seed": cfg.seed}, total_steps=total_steps,
+        student, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        sparsity=cfg.sparsity, sparsity_kwargs={"seed": cfg.seed}, total_steps=total_steps,
+        **optim_kwargs,
     )
     if extra:
         optimizer.add_param_group({"params": extra})
@@ -225,7 +260,7 @@ def train_student(
     for epoch in range(start_epoch, cfg.run_epochs):
         total, count = 0.0, 0
         for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler):
-            lr = cosine_lr(cfg.lr, step, total_steps)
+            lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             distiller.set_progress(step / max(total_steps, 1))
