@@ -1,4 +1,4 @@
-"""Full-training test accuracy of every classic distiller on the embedded default task, from the CLI.
+"""Full-training test accuracy of the classic distillers on the embedded default, from the CLI.
 
     python benchmarks/studies/distillers_table.py                     # all classics, seeds 0 1 2
     python benchmarks/studies/distillers_table.py --specs none kd dkd --seeds 0 1 2 3 4
@@ -26,7 +26,9 @@ from autokd.space import list_distillers
 
 
 def run_one(args, spec: str, seed: int) -> float:
-    run_dir = os.path.join(args.out, f"distill-{spec}-{seed}")
+    # a spec file (e.g. a search's best.yaml) is named by its file name
+    name = os.path.splitext(os.path.basename(spec))[0]
+    run_dir = os.path.join(args.out, f"distill-{name}-{seed}")
     result = os.path.join(run_dir, "result.json")
     if not os.path.exists(result):
         cmd = [sys.executable, "-m", "autokd.cli", "distill", "--spec", spec, "--seed", str(seed),
@@ -41,7 +43,8 @@ def run_one(args, spec: str, seed: int) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--specs", nargs="+", default=None, help="default: none and every classic")
+    p.add_argument("--specs", nargs="+", default=None,
+                   help="classic names or spec files [default: none and every classic]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--student", default=None, help="default: the data set's default student")
     p.add_argument("--out", default="runs/distillers")
