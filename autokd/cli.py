@@ -64,15 +64,19 @@ def _common_options(f):
     opts = [
         click.option("--data", default="digits", show_default=True,
                      help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
-        click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME or package.module:factory "
+        click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
+                     "package.module:factory, each optionally NAME?key=value&... (constructor options) "
                      "[default: digits_teacher on digits, resnet56 otherwise]."),
         click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
                      help="Teacher weights (from train-teacher or torch.save of a state_dict). "
                      "Default: <out>/teacher.pt, trained on the first run."),
         click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Epochs when the teacher has to be trained."),
-        click.option("--student", default=None, help="Student model [default: digits_student on digits, resnet20 otherwise]."),
-        click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher [default: the zoo's]."),
+        click.option("--student", default=None, help="Student model, named as --teacher (e.g. vit_compact, "
+                     "timm:vit_tiny_patch16_224?img_size=32&patch_size=4) [default: digits_student on "
+                     "digits, resnet20 otherwise]."),
+        click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher, "
+                     "PATH:KEY for an entry of a dict/list output [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, the augmentation, the search and the initialisations."),

@@ -25,3 +25,8 @@ __all__ = [
 from autokd.nn.losses import DIST, CKALoss, GramL2, MultiScalePool, SoftmaxKL  # noqa: E402
 
 __all__ += ["CKALoss", "DIST", "GramL2", "MultiScalePool", "SoftmaxKL"]
+
+# Forward hooks that read named modules' outputs (the Distiller's feature taps).
+from autokd.nn.taps import FeatureTaps  # noqa: E402
+
+__all__ += ["FeatureTaps"]
