@@ -157,6 +157,8 @@ def test_vit_trains_with_adamw_without_decay_on_norms_and_embeddings(sparsity):
     w = student.blocks[0].mlp[0].weight
     if sparsity:
         assert (w == 0).float().mean().item() >= 0.45  # masked AdamW keeps the pruned weights 0
+    # position embeddings and the class token are never pruned
+    assert (student.pos_embed != 0).all() and (student.cls_token != 0).all()
 
 
 def test_cli_vit_student_distills_and_searches_with_adamw(tmp_path):

@@ -119,13 +119,18 @@ def cosine_lr(base: float, step: int, total: int, warmup: int = 0) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-def _no_decay(model: nn.Module):
-    """Names of the parameters AdamW should not decay: biases, norm weights (every parameter
-    with fewer than 2 dims) and those the model's ``no_weight_decay()`` names (timm's
-    convention: position embeddings, class tokens)."""
+def _embeddings(model: nn.Module):
+    """Parameters the model's ``no_weight_decay()`` names (timm's convention: position
+    embeddings, class and distillation tokens), as far as the model has them."""
     named = getattr(model, "no_weight_decay", None)
     skip = set(named()) if callable(named) else set()
-    return {n for n, p in model.named_parameters() if p.dim() < 2 or n in skip}
+    return {n for n, _ in model.named_parameters() if n in skip}
+
+
+def _no_decay(model: nn.Module):
+    """Names of the parameters AdamW should not decay: biases, norm weights (every parameter
+    with fewer than 2 dims) and the embeddings ``no_weight_decay()`` names."""
+    return {n for n, p in model.named_parameters() if p.dim() < 2} | _embeddings(model)
 
 
 @dataclass
@@ -208,7 +213,7 @@ def train_student(
     caller converts BN layers (``convert_sync_batchnorm``) before building the distiller.
     Losses reported (history, ``final_loss``) are global means.
     """
-    from autokd.train.sparse import make_optimizer
+    from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
     device = torch.device(cfg.device)
     student_params = list(student.parameters())
@@ -222,13 +227,17 @@ def train_student(
     warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
     # Sparsity applies to the student's weights; the distiller's adapters stay dense (they are
     # not part of the student that is kept).
+    sparsity_kwargs = {"seed": cfg.seed}
+    if _embeddings(student):
+        # position embeddings and class tokens are not connections: never prune them
+        sparsity_kwargs["exclude"] = EXCLUDE_KEYS + tuple(sorted(_embeddings(student)))
     if cfg.optimizer == "sgd":
         optim_kwargs = {"momentum": cfg.momentum, "nesterov": True}
     else:
         optim_kwargs = {"no_decay": _no_decay(student)}
     optimizer, sparsity = make_optimizer(
         student, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        sparsity=cfg.sparsity, sparsity_kwargs={"seed": cfg.seed}, total_steps=total_steps,
+        sparsity=cfg.sparsity, sparsity_kwargs=sparsity_kwargs, total_steps=total_steps,
         **optim_kwargs,
     )
     if extra:
