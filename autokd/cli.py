@@ -40,11 +40,16 @@ def _fail(e: Exception):
     raise click.ClickException(" ".join(part.strip() for part in str(msg).splitlines()))
 
 
-def _schedule(data, epochs, batch_size, lr):
-    from autokd.pipeline import default_training
+def _schedule(data, epochs, batch_size, lr, student=None):
+    """TrainConfig fields: the data set's schedule, then the student's optimizer defaults (ViTs:
+    AdamW with warm-up, autokd.models.training_defaults), then what the user gave."""
+    from autokd.models import training_defaults
+    from autokd.pipeline import default_models, default_training
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    return {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
+    sched = {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
+    model = training_defaults(student or default_models(data)[1], sched["epochs"])
+    return {**sched, **model, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _default_help(field: str) -> str:
@@ -68,7 +73,8 @@ def _proxy_options(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help=_default_help("batch_size")),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help=f"Initial SGD learning rate, cosine schedule {_default_help('lr')}."),
+                     help="Peak learning rate (after any warm-up), cosine schedule; SGD "
+                     f"{_default_help('lr')}; ViT and timm students: AdamW 1e-3 with warm-up."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -80,15 +86,19 @@ def _common_options(f):
     opts = [
         click.option("--data", default="digits", show_default=True,
                      help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
-        click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME or package.module:factory "
+        click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
+                     "package.module:factory, each optionally NAME?key=value&... (constructor options) "
                      f"{_default_help('teacher')}."),
         click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
                      help="Teacher weights (from train-teacher or torch.save of a state_dict). "
                      "Default: <out>/teacher.pt, trained on the first run."),
         click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Epochs when the teacher has to be trained."),
-        click.option("--student", default=None, help=f"Student model {_default_help('student')}."),
-        click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher [default: the zoo's]."),
+        click.option("--student", default=None, help="Student model, named as --teacher (e.g. vit_compact, "
+                     "timm:vit_tiny_patch16_224?img_size=32&patch_size=4) "
+                     f"{_default_help('student')}."),
+        click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher, "
+                     "PATH:KEY for an entry of a dict/list output [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, the augmentation, the search and the initialisations."),
@@ -243,7 +253,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
         raise click.UsageError("--ray-address needs --executor ray")
     try:
         _writable(out, "--out")
-        sched = _schedule(data, epochs, batch_size, lr)
+        sched = _schedule(data, epochs, batch_size, lr, student)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
                             sparsity=sparsity, offline=not online, seed=seed, device=device)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
@@ -296,7 +306,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         log = click.echo if ctx.is_main else (lambda _m: None)
         quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
-        sched = _schedule(data, epochs, batch_size, lr)
+        sched = _schedule(data, epochs, batch_size, lr, student)
         ctx.check_batch(sched["batch_size"])
         name = os.path.splitext(os.path.basename(spec))[0]
         run_dir_option = "--run-dir" if run_dir else "--out"

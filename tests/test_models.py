@@ -26,7 +26,7 @@ def _tap_outputs(model, taps, x):
 def test_zoo_lists_the_cifar_family_and_the_digits_pair():
     expected = {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)} | {
         "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2",
-        "shufflenetv1", "shufflenetv2"} | DIGITS
+        "shufflenetv1", "shufflenetv2", "vit_compact", "vit_tiny"} | DIGITS
     assert set(list_models()) == expected
 
 

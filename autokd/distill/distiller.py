@@ -12,14 +12,14 @@ tree, in eval mode, run under no_grad; move them to the device yourself.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from autokd.nn.blocks import DistillLoss
+from autokd.nn.taps import FeatureTaps
 from autokd.space.spec import DistillerSpec
 
 Tensor = torch.Tensor
@@ -27,54 +27,30 @@ Tensor = torch.Tensor
 
 @dataclass
 class DistillerOutput:
-    """loss_kd = loss_feature + loss_logit (weighted, scheduled); add it to the task loss."""
+    """loss_kd = loss_feature + loss_logit (weighted, scheduled); add it to the task loss.
+
+    ``student_output`` is whatever the student returned (a detector's dict of losses in train
+    mode, a segmenter's dict of maps); ``student_logits`` is that output when it is a tensor
+    (a classifier's logits), else None. ``teacher_logits`` likewise holds the teachers' outputs.
+    """
 
     loss_kd: Tensor
     loss_feature: Tensor
     loss_logit: Tensor
-    student_logits: Tensor
+    student_logits: Optional[Tensor]
     student_features: Dict[str, Tensor]
     teacher_features: List[Dict[str, Tensor]] = field(default_factory=list)
     teacher_logits: List[Tensor] = field(default_factory=list)
     mu: Optional[Tensor] = None
+    student_output: Any = None
 
 
-def _find_module(model: nn.Module, path: str, who: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if path not in modules:
-        known = [k for k in modules if k]
-        close = difflib.get_close_matches(path, known, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Distiller: {who} has no module {path!r}{hint} Modules: {', '.join(known[:40])}"
-                         + (" ..." if len(known) > 40 else ""))
-    return modules[path]
-
-
-class _Taps:
-    """Forward hooks that keep the latest output of named modules."""
-
-    def __init__(self, model: nn.Module, paths: Sequence[str], who: str):
-        self.values: Dict[str, Tensor] = {}
-        self.handles = []
-        for p in paths:
-            self.handles.append(_find_module(model, p, who).register_forward_hook(self._hook(p, who)))
-
-    def _hook(self, path, who):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"Distiller: {who} module {path!r} returned {type(output).__name__}, "
-                                "expected a tensor; tap a module that outputs one")
-            self.values[path] = output
-        return hook
-
-    def take(self) -> Dict[str, Tensor]:
-        out, self.values = self.values, {}
-        return out
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+def _describe_output(output) -> str:
+    if isinstance(output, Mapping):
+        return f"{type(output).__name__} with keys {list(output.keys())}"
+    if isinstance(output, (list, tuple)):
+        return f"{type(output).__name__} of {len(output)}"
+    return type(output).__name__
 
 
 class Distiller(nn.Module):
@@ -82,12 +58,17 @@ class Distiller(nn.Module):
 
     Args:
         spec: a DistillerSpec, a mapping, YAML text/path or a classic distiller's name ("kd").
-        student: the student; its forward returns logits [N, K].
-        student_taps: module paths of the student's distilled features.
+        student: the student; its forward returns logits [N, K], or anything else (a
+            torchvision detector's dict of losses, a segmenter's dict of maps) with a design
+            that has no logit term.
+        student_taps: module paths of the student's distilled features; ``path:KEY`` picks one
+            entry of a dict, list or tuple output (``"backbone:0"``: the finest level of a
+            torchvision FPN), see ``autokd.nn.taps``.
         teacher_taps: the teacher's paths paired with ``student_taps`` (default: the same
             paths); one list for every teacher or one list per teacher.
         teacher: None (offline), a module, or a list of modules (multi-teacher).
-        example_input: a small batch (two samples suffice) for the dry run.
+        example_input: a small batch (two samples suffice) for the dry run: whatever the
+            student's forward takes first (a list of images for a torchvision detector).
         teacher_shapes: offline: {tap: (C, H, W), "logits": (K,)}, or a list of them for
             several teachers (ignored when ``teacher`` is given).
 
@@ -133,18 +114,22 @@ class Distiller(nn.Module):
                 raise ValueError(f"Distiller: expected one teacher tap per student tap "
                                  f"({len(self.student_taps)}), got {taps!r}")
         self.teacher_taps = per_teacher
-        self._student_hooks = _Taps(student, self.student_taps, "student")
-        self.__dict__["_teacher_hooks"] = [_Taps(t, taps, f"teacher {j}")
+        self._student_hooks = FeatureTaps(student, self.student_taps, "Distiller: student")
+        self.__dict__["_teacher_hooks"] = [FeatureTaps(t, taps, f"Distiller: teacher {j}")
                                           for j, (t, taps) in enumerate(zip(teachers, per_teacher))]
 
         uses_features = self.spec.feature_distance.key != "none"
         if uses_features and not self.student_taps:
             raise ValueError(f"Distiller: design {self.spec.label()} distils features; give student_taps")
         channels = []
+        s_shapes = None
+        if example_input is not None and (uses_features or self.spec.logit_distance.key != "none"):
+            # the dry run also catches a logit term on a student without class logits, now
+            # rather than at the first training step
+            s_shapes = self._dry_run(example_input)
         if uses_features:
             if example_input is None:
                 raise ValueError("Distiller: example_input is needed to learn the feature shapes")
-            s_shapes = self._dry_run(example_input)
             if teachers:
                 t_shapes = [self._teacher_dry_run(j, example_input) for j in range(len(teachers))]
             elif shapes_list:
@@ -161,26 +146,42 @@ class Distiller(nn.Module):
 
     # -- construction helpers ---------------------------------------------------------------
 
-    def _dry_run(self, x: Tensor) -> Dict[str, tuple]:
+    def _dry_run(self, x) -> Dict[str, tuple]:
         was_training = self.student.training
         self.student.eval()
         try:
             with torch.no_grad():
-                self.student(x)
+                output = self.student(x)
         finally:
             self.student.train(was_training)
         feats = self._student_hooks.take()
+        self._check_logits(output)
         return {k: tuple(v.shape[1:]) for k, v in feats.items()}
 
-    def _teacher_dry_run(self, j: int, x: Tensor) -> Dict[str, tuple]:
+    def _check_logits(self, output) -> None:
+        if self.spec.logit_distance.key != "none" and not isinstance(output, Tensor):
+            raise ValueError(
+                f"Distiller: design {self.spec.label()} has a logit term "
+                f"({self.spec.logit_distance.key!r}), but the student returns "
+                f"{_describe_output(output)}, not class logits [N, K]; a detector or segmenter "
+                "distils through its feature taps: use a design with logit_distance none "
+                "(feature terms only, e.g. 'cwd' or 'fitnet')")
+
+    def _teacher_dry_run(self, j: int, x) -> Dict[str, tuple]:
         with torch.no_grad():
-            logits = self.teachers[j](x)
+            output = self.teachers[j](x)
         feats = self._teacher_hooks[j].take()
         shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
-        shapes["logits"] = tuple(logits.shape[1:])
+        if isinstance(output, Tensor):
+            shapes["logits"] = tuple(output.shape[1:])
         return shapes
 
     # -- training ---------------------------------------------------------------------------
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether ``forward`` needs ``labels=`` (DKD-style designs read the ground truth)."""
+        return self.loss.needs_labels
 
     def set_progress(self, fraction: float) -> None:
         """Fraction of training done (0..1), for the warm-up / early-stop weight schedules."""
@@ -190,7 +191,8 @@ class Distiller(nn.Module):
         """The parameters the design adds (adapters, generators), without the student's."""
         return self.loss.parameters()
 
-    def run_teachers(self, images: Tensor):
+    def run_teachers(self, images):
+        """Each teacher on ``images`` (eval mode, no_grad): (features by tap, outputs)."""
         feats, logits = [], []
         for t, hooks in zip(self.teachers, self._teacher_hooks):
             with torch.no_grad():
@@ -198,9 +200,21 @@ class Distiller(nn.Module):
             feats.append(hooks.take())
         return feats, logits
 
-    def forward(self, images: Tensor, teacher_features=None, teacher_logits=None) -> DistillerOutput:
-        student_logits = self.student(images)
+    def forward(self, images, *student_args, teacher_features=None, teacher_logits=None,
+                labels: Optional[Tensor] = None, **student_kwargs) -> DistillerOutput:
+        """The student on ``student(images, *student_args, **student_kwargs)`` (e.g. a
+        detector's ``targets`` in train mode), the teachers on ``images`` alone; the KD loss of
+        the design on their taps (and logits).
+
+        ``labels`` [N]: the batch's class indices, needed by designs whose logit distance reads
+        the ground truth (DKD; see ``needs_labels``), ignored by the others. A student whose
+        output is not a tensor (a dict of losses or maps) works with feature-only designs; its
+        output is ``student_output``.
+        """
+        output = self.student(images, *student_args, **student_kwargs)
         s_feats = self._student_hooks.take()
+        self._check_logits(output)
+        student_logits = output if isinstance(output, Tensor) else None
         if teacher_features is None and teacher_logits is None and self.teachers:
             t_feats, t_logits = self.run_teachers(images)
         else:
@@ -221,9 +235,15 @@ class Distiller(nn.Module):
                     ft.append(t_feats[j][t_tap])
         if self.loss.has_logit and not t_logits:
             raise ValueError(f"Distiller: design {self.spec.label()} needs teacher logits")
-        out = self.loss(fs, ft, student_logits, t_logits if self.loss.has_logit else None)
+        if self.loss.has_logit:
+            bad = next((t for t in t_logits if not isinstance(t, Tensor)), None)
+            if bad is not None:
+                raise ValueError(f"Distiller: design {self.spec.label()} has a logit term, but a "
+                                 f"teacher returns {_describe_output(bad)}, not class logits "
+                                 "[N, K]; use a design with logit_distance none")
+        out = self.loss(fs, ft, student_logits, t_logits if self.loss.has_logit else None, labels)
         return DistillerOutput(out.loss_kd, out.loss_feature, out.loss_logit, student_logits, s_feats,
-                               t_feats, t_logits, out.mu)
+                               t_feats, t_logits, out.mu, output)
 
     def remove_hooks(self) -> None:
         self._student_hooks.remove()

@@ -1,14 +1,24 @@
 """Models by name, and the feature taps distillation reads from them.
 
-Three kinds of names:
-- a zoo name (``resnet20``, ``wrn_40_2``, ``digits_teacher``, ...; see ``list_models()``);
+Four kinds of names:
+- a zoo name (``resnet20``, ``wrn_40_2``, ``digits_teacher``, ``vit_compact``, ...; see
+  ``list_models()``);
 - ``tv:<name>``: a torchvision model built with ``weights=None`` (nothing is downloaded); its
   first convolution is rebuilt when the data does not have 3 channels;
+- ``timm:<name>``: a timm model, ``pretrained=False`` always, with ``num_classes`` and
+  ``in_chans`` of the data, its final features exposed as a map at the tap ``token_map``
+  (ViT tokens reshaped to the patch grid, see ``autokd.models.vit``);
 - ``package.module:factory`` (or ``path/to/file.py:factory``): the user's own factory, called
   as ``factory(num_classes=..., in_channels=...)`` and expected to return an ``nn.Module``.
 
+Any name may end in ``?key=value&key=value``: keyword arguments for the constructor (numbers,
+true/false, or text), e.g. ``timm:vit_tiny_patch16_224?img_size=32&patch_size=4`` or
+``vit_compact?patch_size=4``; zoo CNNs take none.
+
 ``default_taps(name)`` gives the module paths (as in ``named_modules()``) whose outputs are the
-distilled features: the last stage before global pooling.
+distilled features: the last stage before global pooling (``token_map`` for ViTs and timm).
+``training_defaults(name)`` gives the optimizer settings a model trains with when the user sets
+none: SGD for CNNs, AdamW with warm-up for transformers.
 """
 from __future__ import annotations
 
@@ -18,28 +28,39 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from autokd.models import cifar, digits
+from autokd.models import cifar, digits, vit
 from autokd.registry import Registry
 
-__all__ = ["MODELS", "build_model", "default_taps", "list_models", "count_parameters"]
+__all__ = ["MODELS", "build_model", "count_parameters", "default_taps", "list_models",
+           "split_name", "training_defaults"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _TAPS = {}
+_OPTIONS = {}  # zoo name -> the constructor keywords a name's ?query may set
+_TRANSFORMERS = set()
+
+# AdamW with linear warm-up then cosine, as ViTs are trained (DeiT: lr 5e-4 x batch/512, wd
+# 0.05, 5 warm-up epochs of 300); lr 1e-3 suits the small batches of CPU runs. SGD at the CNN
+# schedule's rates does not train a ViT from scratch.
+TRANSFORMER_TRAINING = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+                        "warmup_epochs": 5.0}
 
 
-def _zoo(name: str, taps: Sequence[str], make: Callable[[int, int], nn.Module]) -> None:
-    def factory(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-        return make(num_classes, in_channels)
+def _zoo(name: str, taps: Sequence[str], make: Callable[..., nn.Module],
+         options: Sequence[str] = ()) -> None:
+    def factory(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+        return make(num_classes, in_channels, **kwargs)
 
     factory.__name__ = name
     factory.__doc__ = f"Zoo model {name!r}; default taps {list(taps)}."
     MODELS.register(name, factory)
     _TAPS[name] = list(taps)
+    _OPTIONS[name] = list(options)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
@@ -60,11 +81,67 @@ _zoo("shufflenetv1", ["layer3"], lambda nc, ic: cifar.ShuffleNetV1(nc, ic))
 _zoo("shufflenetv2", ["conv2"], lambda nc, ic: cifar.ShuffleNetV2(nc, ic))
 _zoo("digits_teacher", ["features"], lambda nc, ic: digits.DigitsTeacher(nc, ic))
 _zoo("digits_student", ["features"], lambda nc, ic: digits.DigitsStudent(nc, ic))
+_VIT_OPTIONS = ("img_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
+# ~0.2M parameters: 8x8 digits in 2x2 patches (a 4x4 token grid, the digits CNNs' tap size);
+# for 32x32 images use vit_compact?patch_size=4 (an 8x8 grid)
+_zoo("vit_compact", ["token_map"], lambda nc, ic, **kw: vit.VisionTransformer(
+    nc, ic, **{"img_size": 8, "patch_size": 2, "dim": 64, "depth": 6, "heads": 4,
+               "mlp_ratio": 2.0, **kw}), _VIT_OPTIONS)
+# DeiT-Tiny's width and depth (dim 192, 12 blocks, 3 heads; 5.4M parameters) on 32x32 images
+# in 4x4 patches (an 8x8 grid)
+_zoo("vit_tiny", ["token_map"], lambda nc, ic, **kw: vit.VisionTransformer(
+    nc, ic, **{"img_size": 32, "patch_size": 4, "dim": 192, "depth": 12, "heads": 3,
+               "mlp_ratio": 4.0, **kw}), _VIT_OPTIONS)
+_TRANSFORMERS.update({"vit_compact", "vit_tiny"})
 
 
 def list_models() -> List[str]:
-    """Zoo names (``tv:<name>`` and ``module:factory`` names are accepted besides these)."""
+    """Zoo names (``tv:<name>``, ``timm:<name>`` and ``module:factory`` names are accepted
+    besides these)."""
     return MODELS.keys()
+
+
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_name(name: str) -> Tuple[str, Dict[str, object]]:
+    """``"timm:vit_tiny_patch16_224?img_size=32&patch_size=4"`` -> (``"timm:vit_tiny_patch16_224"``,
+    ``{"img_size": 32, "patch_size": 4}``); values are ints, floats, true/false or text."""
+    base, sep, query = name.partition("?")
+    options: Dict[str, object] = {}
+    if sep:
+        for part in query.split("&"):
+            key, eq, value = part.partition("=")
+            if not key or not eq or not value:
+                raise ValueError(f"model {name!r}: expected options as '?key=value&key=value', "
+                                 f"got {part!r}")
+            if key in options:
+                raise ValueError(f"model {name!r}: option {key!r} given twice")
+            options[key] = _option_value(value)
+    return base, options
+
+
+def training_defaults(name: str, epochs: Optional[int] = None) -> Dict[str, object]:
+    """TrainConfig fields a model trains with unless the user sets them: {} (the data set's SGD
+    schedule) for CNNs; AdamW, lr 1e-3, weight decay 0.05 and a warm-up of 5 epochs (at most
+    a tenth of ``epochs`` when given) for the zoo's ViTs and every ``timm:`` model (timm's
+    recipes train its models with AdamW)."""
+    base, _ = split_name(name)
+    if base in _TRANSFORMERS or base.startswith("timm:"):
+        out = dict(TRANSFORMER_TRAINING)
+        if epochs is not None:
+            out["warmup_epochs"] = min(out["warmup_epochs"], 0.1 * epochs)
+        return out
+    return {}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -79,11 +156,19 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise ValueError(f"model {name!r}: expected num_classes >= 1, got {num_classes!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"model {name!r}: expected in_channels >= 1, got {in_channels!r}")
-    if name.startswith("tv:"):
-        return _build_torchvision(name[3:], num_classes, in_channels)
-    if ":" in name:
-        return _build_user(name, num_classes, in_channels)
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
+    base, options = split_name(name)
+    if base.startswith("tv:"):
+        return _build_torchvision(base[3:], num_classes, in_channels, options)
+    if base.startswith("timm:"):
+        return _build_timm(base[5:], num_classes, in_channels, options, name)
+    if ":" in base:
+        return _build_user(base, num_classes, in_channels, options)
+    factory = MODELS.get(base)
+    bad = sorted(set(options) - set(_OPTIONS[base]))
+    if bad:
+        valid = ", ".join(_OPTIONS[base]) or "none"
+        raise ValueError(f"model {name!r}: unknown option(s) {bad} for {base!r}; valid: {valid}")
+    return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
@@ -93,23 +178,27 @@ def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
     with 10 classes and 3 channels when not given) and keeping the last direct child that
     outputs a [N, C, H, W] map before global pooling.
     """
-    if name.startswith("tv:"):
+    base, _ = split_name(name)
+    if base.startswith("timm:"):
+        return ["token_map"]
+    if base.startswith("tv:"):
         if model is None:
             model = build_model(name, num_classes=10, in_channels=3)
         return [_last_spatial_child(name, model)]
-    if ":" in name:
+    if ":" in base:
         raise ValueError(
             f"model {name!r} is the user's own: it has no default feature taps; give the taps "
             f"explicitly as module paths from named_modules() (e.g. 'layer3')"
         )
-    MODELS.get(name)  # unknown names raise with close matches
-    return list(_TAPS[name])
+    MODELS.get(base)  # unknown names raise with close matches
+    return list(_TAPS[base])
 
 
 # ------------------------------------------------------------------------------ torchvision
 
 
-def _build_torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+def _build_torchvision(arch: str, num_classes: int, in_channels: int,
+                       options: Optional[Dict[str, object]] = None) -> nn.Module:
     try:
         import torchvision
     except ImportError as e:  # pragma: no cover - torchvision is a requirement
@@ -123,7 +212,13 @@ def _build_torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Modu
     if arch.startswith("inception") or arch == "googlenet":
         # Auxiliary heads change the output type in training mode; distillation wants logits.
         kwargs.update(aux_logits=False, init_weights=True)
-    model = torchvision.models.get_model(arch, **kwargs)
+    _check_no_weights(f"tv:{arch}", options)
+    kwargs.update(options or {})
+    try:
+        model = torchvision.models.get_model(arch, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model 'tv:{arch}': torchvision cannot build it with options "
+                         f"{options}: {e}") from None
     if in_channels != 3:
         _adapt_first_conv(model, in_channels, arch)
     return model
@@ -189,6 +284,46 @@ def _last_spatial_child(name: str, model: nn.Module) -> str:
     return max(outputs, key=outputs.get)
 
 
+# ------------------------------------------------------------------------------------- timm
+
+_WEIGHT_OPTIONS = ("pretrained", "weights", "weights_backbone", "pretrained_cfg",
+                   "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def _check_no_weights(name: str, options: Optional[Dict[str, object]]) -> None:
+    given = sorted(set(options or {}) & set(_WEIGHT_OPTIONS))
+    if given:
+        raise ValueError(f"model {name!r}: option(s) {given} would load or download weights; "
+                         "autokd builds models randomly initialised (load trained weights with "
+                         "a checkpoint instead)")
+
+
+def _build_timm(arch: str, num_classes: int, in_channels: int, options: Dict[str, object],
+                full: str) -> nn.Module:
+    try:
+        import timm  # lazy: an optional dependency (pip install 'autokd[timm]')
+    except ImportError:
+        raise ImportError(f"model {full!r} needs timm: pip install 'autokd[timm]'") from None
+    if not timm.is_model(arch):
+        known = timm.list_models()
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise KeyError(f"unknown timm model 'timm:{arch}'{hint} ({len(known)} known: see "
+                       "timm.list_models())")
+    _check_no_weights(full, options)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                  in_chans=in_channels, **options)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"model {full!r}: timm cannot build it ({type(e).__name__}: "
+                         f"{first})") from None
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise ValueError(f"model {full!r}: expected a timm classifier with forward_features and "
+                         "forward_head")
+    return vit.TimmFeatures(model)
+
+
 # ------------------------------------------------------------------------------- user models
 
 
@@ -219,7 +354,8 @@ def _import_module(module_name: str, full: str):
         ) from None
 
 
-def _build_user(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def _build_user(name: str, num_classes: int, in_channels: int,
+                options: Optional[Dict[str, object]] = None) -> nn.Module:
     module_name, _, attr = name.rpartition(":")
     if not module_name or not attr:
         raise ValueError(f"model {name!r}: expected 'package.module:factory', got {name!r}")
@@ -231,16 +367,19 @@ def _build_user(name: str, num_classes: int, in_channels: int) -> nn.Module:
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         what = "is not callable" if factory is not None else "not found"
         raise AttributeError(f"model {name!r}: factory {attr!r} {what} in {module_name!r}{hint}")
+    options = dict(options or {})
     try:
-        inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels)
+        inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels,
+                                        **options)
     except TypeError:
+        extra = f" and the options {sorted(options)}" if options else ""
         raise TypeError(
             f"model {name!r}: the factory must accept keyword arguments num_classes= and "
-            f"in_channels=; its signature is {attr}{inspect.signature(factory)}"
+            f"in_channels={extra}; its signature is {attr}{inspect.signature(factory)}"
         ) from None
     except ValueError:  # builtins without a signature: let the call decide
         pass
-    model = factory(num_classes=num_classes, in_channels=in_channels)
+    model = factory(num_classes=num_classes, in_channels=in_channels, **options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r}: the factory returned {type(model).__name__}, "
                         f"expected an nn.Module")

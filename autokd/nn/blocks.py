@@ -345,8 +345,35 @@ class RenyiDistance(FeatureDistance):
 # Logit distances on [N, K]
 # --------------------------------------------------------------------------------------------
 
+class LogitDistance(nn.Module):
+    """A logit distance: ``forward(s [N, K], t [N, K], tau) -> scalar``. A distance that reads
+    the ground-truth classes (DKD) sets ``needs_labels``; it is then called with ``labels`` [N]
+    (class indices) as a fourth argument. Every other distance keeps the three-argument call."""
+
+    needs_labels = False
+
+
+def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardisation (Sun et al. 2024): per sample z -> (z - mean(z)) / (std(z) + eps),
+    unbiased std over the K classes, as the published code."""
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"standardisation eps: expected a number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _non_negative(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 @LOGIT_DISTANCES.register("kl")
-class LogitKL(nn.Module):
+class LogitKL(LogitDistance):
     """Hinton KD: tau^2 * mean_n KL(softmax(p_T/tau) || softmax(p_S/tau))."""
 
     def forward(self, s: Tensor, t: Tensor, tau: float) -> Tensor:
@@ -354,7 +381,7 @@ class LogitKL(nn.Module):
 
 
 @LOGIT_DISTANCES.register("pearson")
-class LogitPearson(nn.Module):
+class LogitPearson(LogitDistance):
     """DIST: inter + intra, each tau^2 * mean of 1 - Pearson(softmax(p_S/tau), softmax(p_T/tau))
     over samples (inter, per row) and over classes (intra, per column)."""
 
@@ -368,20 +395,173 @@ class LogitPearson(nn.Module):
 
 
 @LOGIT_DISTANCES.register("kl_std")
-class LogitStandardKL(nn.Module):
+class LogitStandardKL(LogitDistance):
     """KL on standardised logits (logit standardisation): z -> (z - mean(z)) / (std(z) + eps)
     per sample (unbiased std), then tau^2 * KL of softmax(z/tau); 1/tau is the scale factor of
     the z-scores."""
 
     def __init__(self, eps: float = 1e-7):
         super().__init__()
-        self.eps = float(eps)
+        self.eps = _check_eps(eps)
 
     def _standardize(self, z: Tensor) -> Tensor:
-        return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + self.eps)
+        return standardize_logits(z, self.eps)
 
     def forward(self, s: Tensor, t: Tensor, tau: float) -> Tensor:
         return kernels.softmax_kl(self._standardize(s), self._standardize(t), tau)
+
+
+def _check_labels(labels, s: Tensor, who: str) -> Tensor:
+    n, k = s.shape
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point \
+            or labels.dtype.is_complex or labels.dtype == torch.bool:
+        got = f"{labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"{who}: expected labels as an integer tensor of class indices [N], got {got}")
+    if labels.shape != (n,):
+        raise ValueError(f"{who}: expected labels of shape [{n}] (one class index per sample), got "
+                         f"{list(labels.shape)}")
+    # one host sync per call; an out-of-range index would otherwise be a device-side assert
+    if n and bool((labels.min() < 0) | (labels.max() >= k)):
+        raise ValueError(f"{who}: expected labels in [0, {k - 1}], got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
+    return labels.to(device=s.device, dtype=torch.long)
+
+
+@LOGIT_DISTANCES.register("dkd")
+class LogitDKD(LogitDistance):
+    """Decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD on softmax(p/tau), with the
+    ground-truth class y of each sample (``labels``).
+
+    TCKD = tau^2 * mean_n KL(b_T || b_S), b = [p_y, 1 - p_y] the binary target / non-target
+    probabilities; NCKD = tau^2 * mean_n KL(q_T || q_S), q = softmax over the K - 1 non-target
+    logits (the target class removed, not down-weighted). KD itself is TCKD + (1 - p_y^T) NCKD;
+    DKD drops the (1 - p_y^T) factor and weighs the two parts freely. Published CIFAR-100
+    setting: alpha 1, beta 8, tau 4, the loss weight ramped over the first 20 of 240 epochs
+    (configs/distillers/dkd.yaml). Computed in log space (log(1 - p_y) is a logsumexp over the
+    non-target logits), in float32 or wider. Needs K >= 2; with K = 2 NCKD is 0.
+    """
+
+    needs_labels = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0):
+        super().__init__()
+        self.alpha = _non_negative("dkd alpha", alpha)
+        self.beta = _non_negative("dkd beta", beta)
+
+    def _prepare(self, z: Tensor) -> Tensor:
+        return z
+
+    def parts(self, s: Tensor, t: Tensor, tau: float, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(TCKD, NCKD), each already times tau^2 and averaged over the batch."""
+        who = f"logit distance {type(self).__name__}"
+        if s.dim() != 2 or s.shape[1] < 2:
+            raise ValueError(
+                f"{who}: expected logits [N, K] with K >= 2 classes, got {list(s.shape)}")
+        labels = _check_labels(labels, s, who)
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        zs = self._prepare(s.to(dtype)) / tau  # [N, K]
+        zt = self._prepare(t.detach().to(dtype)) / tau
+        n, k = zs.shape
+        target = F.one_hot(labels, k).bool()  # [N, K]
+        # the K - 1 non-target logits of each row, in class order: [N, K - 1]
+        ns, nt = zs[~target].view(n, k - 1), zt[~target].view(n, k - 1)
+        lse_s, lse_t = torch.logsumexp(zs, dim=1), torch.logsumexp(zt, dim=1)  # [N]
+        lse_ns, lse_nt = torch.logsumexp(ns, dim=1), torch.logsumexp(nt, dim=1)
+        y = labels[:, None]
+        # log [p_y, 1 - p_y] per sample: [N, 2]
+        log_bs = torch.stack([zs.gather(1, y)[:, 0] - lse_s, lse_ns - lse_s], dim=1)
+        log_bt = torch.stack([zt.gather(1, y)[:, 0] - lse_t, lse_nt - lse_t], dim=1)
+        tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=1).mean()
+        log_qs, log_qt = ns - lse_ns[:, None], nt - lse_nt[:, None]
+        nckd = (log_qt.exp() * (log_qt - log_qs)).sum(dim=1).mean()
+        return tckd * tau ** 2, nckd * tau ** 2
+
+    def forward(self, s: Tensor, t: Tensor, tau: float, labels: Tensor) -> Tensor:
+        tckd, nckd = self.parts(s, t, tau, labels)
+        return self.alpha * tckd + self.beta * nckd
+
+
+@LOGIT_DISTANCES.register("dkd_std")
+class LogitStandardDKD(LogitDKD):
+    """DKD on standardised logits (Sun et al. 2024): both logits z-scored per sample as in
+    ``kl_std``, then ``dkd``. The released LS-DKD run on CIFAR-100 is
+    configs/distillers/ls_dkd.yaml."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, eps: float = 1e-7):
+        super().__init__(alpha, beta)
+        self.eps = _check_eps(eps)
+
+    def _prepare(self, z: Tensor) -> Tensor:
+        return standardize_logits(z, self.eps)
+
+
+@LOGIT_DISTANCES.register("mlkd")
+class LogitMultiLevel(LogitDistance):
+    """Multi-level logit distillation (Jin et al. 2023): instance-, batch- and class-level
+    alignment of the predictions P = softmax(p/T) [N, K], summed over the temperatures
+    T in {tau} + ``temperatures`` ("prediction augmentation"; the published CIFAR-100 setting is
+    tau 4 plus 2, 3, 5, 6):
+
+        instance: T^2 * mean_n KL(P_T[n] || P_S[n])
+        batch:    ||P_S P_S^T - P_T P_T^T||_F^2 / N      (N x N sample similarity)
+        class:    ||P_S^T P_S - P_T^T P_T||_F^2 / K      (K x K class correlation)
+
+    each part times its weight (``instance``, ``batch``, ``klass``). This is the loss on one view
+    of each image. The published method also trains on a weak and a strong augmentation of
+    every image (two student and two teacher forwards per step) and masks the weak view's terms
+    by teacher confidence: that is a training procedure, not a distance between one student
+    and one teacher prediction, so it is not part of this distance (nor of the feature store,
+    which caches one view per sample and epoch).
+    """
+
+    def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0), instance: float = 1.0,
+                 batch: float = 1.0, klass: float = 1.0):
+        super().__init__()
+        if isinstance(temperatures, (int, float)):
+            temperatures = [temperatures]
+        temps = list(temperatures)
+        for v in temps:
+            _positive("mlkd temperatures entry", v)
+        self.temperatures = [float(v) for v in temps]
+        self.instance = _non_negative("mlkd instance", instance)
+        self.batch = _non_negative("mlkd batch", batch)
+        self.klass = _non_negative("mlkd klass", klass)
+
+    def _prepare(self, z: Tensor) -> Tensor:
+        return z
+
+    def parts(self, s: Tensor, t: Tensor, tau: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """(instance, batch, class), each summed over the temperatures, unweighted."""
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        zs, zt = self._prepare(s.to(dtype)), self._prepare(t.detach().to(dtype))
+        n, k = zs.shape
+        inst = bat = cls = zs.new_zeros(())
+        for temp in [float(tau)] + self.temperatures:
+            log_ps, log_pt = F.log_softmax(zs / temp, dim=1), F.log_softmax(zt / temp, dim=1)
+            ps, pt = log_ps.exp(), log_pt.exp()
+            inst = inst + temp ** 2 * (pt * (log_pt - log_ps)).sum(dim=1).mean()
+            bat = bat + (ps @ ps.t() - pt @ pt.t()).pow(2).sum() / n
+            cls = cls + (ps.t() @ ps - pt.t() @ pt).pow(2).sum() / k
+        return inst, bat, cls
+
+    def forward(self, s: Tensor, t: Tensor, tau: float) -> Tensor:
+        inst, bat, cls = self.parts(s, t, tau)
+        return self.instance * inst + self.batch * bat + self.klass * cls
+
+
+@LOGIT_DISTANCES.register("mlkd_std")
+class LogitStandardMultiLevel(LogitMultiLevel):
+    """``mlkd`` on standardised logits (both z-scored per sample, as ``kl_std``), the LS-MLKD
+    combination of Sun et al. 2024."""
+
+    def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0), instance: float = 1.0,
+                 batch: float = 1.0, klass: float = 1.0, eps: float = 1e-7):
+        super().__init__(temperatures, instance, batch, klass)
+        self.eps = _check_eps(eps)
+
+    def _prepare(self, z: Tensor) -> Tensor:
+        return standardize_logits(z, self.eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,13 +578,26 @@ class Constant:
 
 @SCHEDULES.register("warm-up")
 class WarmUp:
-    """Linear ramp 0 -> 1 over the first ``fraction`` of training, then 1."""
+    """Linear ramp 0 -> 1 over the first ``fraction`` of training, then 1.
 
-    def __init__(self, fraction: float = 0.2):
+    ``stages`` = 0 (default): continuous, factor = min(1, progress / fraction). ``stages`` = E:
+    the ramp moves in E equal steps that start at 1/E, factor = min(1, (floor(progress / fraction
+    * E) + 1) / E): with fraction 20/240 and E = 20 that is DKD's per-epoch min(epoch / 20, 1)
+    (epochs counted from 1) on its 240-epoch schedule, and the same shape on any other length.
+    """
+
+    def __init__(self, fraction: float = 0.2, stages: int = 0):
         self.fraction = _positive("warm-up fraction", fraction)
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
+            raise ValueError(
+                f"warm-up stages: expected an integer >= 0 (0: continuous), got {stages!r}")
+        self.stages = stages
 
     def __call__(self, progress: float) -> float:
-        return min(1.0, max(0.0, progress) / self.fraction)
+        ramp = max(0.0, progress) / self.fraction
+        if self.stages:
+            return min(1.0, (math.floor(ramp * self.stages) + 1) / self.stages)
+        return min(1.0, ramp)
 
 
 @SCHEDULES.register("early-stop")
@@ -519,18 +712,32 @@ class FeatureLoss(nn.Module):
 
 
 class LogitLoss(nn.Module):
-    """D_p(p_S/tau, p_T/tau) of a spec, unweighted."""
+    """D_p(p_S/tau, p_T/tau) of a spec, unweighted. ``labels`` [N] (class indices) reach the
+    distances that read the ground truth (``needs_labels``, e.g. DKD) and are ignored by the
+    others."""
 
     def __init__(self, spec):
         super().__init__()
+        self.spec = spec
         self.tau = float(spec.temperature)
         self.distance = LOGIT_DISTANCES.build(spec.logit_distance.as_config())
 
-    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+    @property
+    def needs_labels(self) -> bool:
+        return bool(self.distance.needs_labels)
+
+    def forward(self, s: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if s.dim() != 2 or s.shape != t.shape:
             raise ValueError(f"LogitLoss: expected student and teacher logits of one shape [N, K], "
                              f"got {list(s.shape)} and {list(t.shape)}")
-        return self.distance(s, t.detach(), self.tau)
+        if not self.distance.needs_labels:
+            return self.distance(s, t.detach(), self.tau)
+        if labels is None:
+            raise ValueError(
+                f"LogitLoss: design {self.spec.label()} uses the logit distance "
+                f"{self.spec.logit_distance.key!r}, which needs the ground-truth labels; pass "
+                f"labels= (class indices [N]) with the logits")
+        return self.distance(s, t.detach(), self.tau, labels)
 
 
 @dataclass
@@ -619,8 +826,15 @@ class DistillLoss(nn.Module):
     def weight_factor(self) -> float:
         return float(self.schedule(self.progress))
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether ``forward`` needs ``labels`` (the design's logit distance reads them)."""
+        return self.logit is not None and self.logit.needs_labels
+
     def forward(self, student_features=None, teacher_features=None, student_logits=None,
-                teacher_logits=None) -> LossOutput:
+                teacher_logits=None, labels=None) -> LossOutput:
+        """``labels`` [N]: ground-truth class indices, read only by distances that need them
+        (DKD); None is fine for every other design."""
         factor = self.weight_factor()
         candidates = [student_features] if isinstance(student_features, Tensor) else list(student_features or [])
         ref = next((x for x in candidates + [student_logits] if isinstance(x, Tensor)), None)
@@ -652,6 +866,6 @@ class DistillLoss(nn.Module):
                 raise ValueError(f"DistillLoss: design {self.spec.label()} has a logit distance and "
                                  "needs student and teacher logits")
             tl = [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits)
-            d = sum(self.logit(student_logits, t) for t in tl) / len(tl)
+            d = sum(self.logit(student_logits, t, labels) for t in tl) / len(tl)
             loss_p = (self.spec.logit_weight * factor) * d
         return LossOutput(loss_f + loss_p, loss_f, loss_p, mu, pair_losses)

@@ -72,7 +72,16 @@ class OpChoice:
         return self.key if not self.kwargs else {"key": self.key, "kwargs": dict(self.kwargs)}
 
     def __hash__(self):
-        return hash((self.key, tuple(sorted(self.kwargs.items()))))
+        # list-valued kwargs (multi-scale grids, mlkd temperatures) hash as tuples
+        return hash((self.key, tuple(sorted((k, _hashable(v)) for k, v in self.kwargs.items()))))
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
 
 
 def allowed_options(field_name: str):

@@ -5,7 +5,6 @@ gathers batches of stored features straight into torch tensors, with the GIL rel
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from autokd import _engine
+from autokd.nn.taps import FeatureTaps, find_module
 from autokd.store.augment import ReplayAugment
 
 StoreError = _engine.StoreError
@@ -367,18 +367,12 @@ class FeatureStore:
         n = len(dataset)
         if n == 0:
             raise ValueError("autokd store build: expected a non-empty data set, got 0 samples")
-        modules = dict(teacher.named_modules())
         for tap in taps:
             if tap == LOGITS:
                 raise ValueError(
                     f"autokd store build: tap name {LOGITS!r} is reserved for the teacher output"
                 )
-            if tap not in modules or tap == "":
-                close = difflib.get_close_matches(tap, [m for m in modules if m], n=5)
-                raise ValueError(
-                    f"autokd store build: expected taps to name modules of the teacher, got {tap!r}"
-                    f" (close matches: {close})"
-                )
+            find_module(teacher, tap, "autokd store build: teacher")
         if len(set(taps)) != len(taps):
             raise ValueError(f"autokd store build: expected distinct taps, got {taps}")
         augment = (
@@ -391,20 +385,7 @@ class FeatureStore:
         store_dtypes = {tap: dtype for tap in taps}
         store_dtypes[LOGITS] = logits_dtype or dtype
 
-        captured: Dict[str, torch.Tensor] = {}
-
-        def hook_for(tap):
-            def hook(_module, _inputs, output):
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(
-                        f"autokd store build: expected tap {tap!r} to output a tensor, "
-                        f"got {type(output).__name__}"
-                    )
-                captured[tap] = output
-
-            return hook
-
-        handles = [modules[t].register_forward_hook(hook_for(t)) for t in taps]
+        hooks = FeatureTaps(teacher, taps, "autokd store build: teacher")
         was_training = teacher.training
         teacher.eval()
         writer = None
@@ -424,13 +405,14 @@ class FeatureStore:
                         idx = np.arange(s, min(n, s + batch_size), dtype=np.int64)
                         imgs, _ = load_batch(dataset, idx)
                         x = augment.apply_batch(imgs, idx, v).to(device)
-                        captured.clear()
+                        hooks.take()
                         logits = teacher(x)
                         if not isinstance(logits, torch.Tensor):
                             raise TypeError(
                                 "autokd store build: expected the teacher to return a logits "
                                 f"tensor, got {type(logits).__name__}"
                             )
+                        captured = hooks.take()
                         outputs = {t: captured[t] for t in taps}
                         outputs[LOGITS] = logits
                         if writer is None:
@@ -464,8 +446,7 @@ class FeatureStore:
         finally:
             if bar is not None:
                 bar.close()
-            for h in handles:
-                h.remove()
+            hooks.remove()
             teacher.train(was_training)
         return cls.open(
             path, expect_teacher_hash=t_hash, expect_dataset_id=dataset_id, num_threads=num_threads

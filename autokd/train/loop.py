@@ -17,14 +17,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autokd.nn.taps import FeatureTaps
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
 
 @dataclass
 class TrainConfig:
     epochs: int = 30  # the full schedule; early stop trains a fraction of it
     batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: float = 0.05  # the peak: after the warm-up, then cosine to 0
+    momentum: float = 0.9  # SGD (Nesterov) only
     weight_decay: float = 5e-4
+    # "sgd" (Nesterov) or "adamw" (betas 0.9, 0.999; no decay on biases, norms and the
+    # parameters the model's no_weight_decay() names, as timm); both fused and masked under
+    # sparsity (autokd.train.sparse.make_optimizer). autokd.models.training_defaults(name) gives
+    # a model's defaults: ViTs train with adamw.
+    optimizer: str = "sgd"
+    # linear warm-up from 0 to lr over this many epochs of the full schedule, then cosine; an
+    # early-stopped proxy compresses both alike (the warm-up is warmup_epochs / epochs of the
+    # steps it trains)
+    warmup_epochs: float = 0.0
     subset: float = 1.0  # fraction of the training split used (stratified, fixed per seed)
     stop_fraction: float = 1.0  # early stop: train ceil(epochs * stop_fraction) epochs
     sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
@@ -41,6 +55,9 @@ class TrainConfig:
             ("subset", 0 < self.subset <= 1, "in (0, 1]"),
             ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
             ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
+             f"in [0, epochs = {self.epochs})"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -72,36 +89,13 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return torch.from_numpy(np.sort(np.concatenate(keep))).long()
 
 
-class FeatureTaps:
-    """Forward hooks that record the outputs of named modules (``taps``) of ``model``."""
-
-    def __init__(self, model: nn.Module, taps: Sequence[str]):
-        modules = dict(model.named_modules())
-        missing = [t for t in taps if t not in modules]
-        if missing:
-            raise ValueError(f"feature taps {missing} are not modules of {type(model).__name__}")
-        self.outputs: Dict[str, torch.Tensor] = {}
-        self._handles = [modules[t].register_forward_hook(self._hook(t)) for t in taps]
-
-    def _hook(self, name):
-        def fn(_module, _inputs, output):
-            self.outputs[name] = output
-
-        return fn
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
 @torch.no_grad()
 def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = (), batch_size: int = 512,
                 device: str = "cpu"):
     """Logits [N, K] and tap features {tap: [N, ...]} of ``model`` on ``images`` (eval mode)."""
     was_training = model.training
     model.eval()
-    hooks = FeatureTaps(model, taps) if taps else None
+    hooks = FeatureTaps(model, taps, "forward_all") if taps else None
     logits, feats = [], {t: [] for t in taps}
     try:
         for i in range(0, len(images), batch_size):
@@ -116,8 +110,27 @@ def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = ()
     return torch.cat(logits), {t: torch.cat(v) for t, v in feats.items()}
 
 
-def cosine_lr(base: float, step: int, total: int) -> float:
+def cosine_lr(base: float, step: int, total: int, warmup: int = 0) -> float:
+    """lr at ``step`` of ``total``: linear from base/warmup to base over the first ``warmup``
+    steps, then cosine from base to 0 over the rest (plain cosine when warmup is 0)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    step, total = step - warmup, total - warmup
     return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _embeddings(model: nn.Module):
+    """Parameters the model's ``no_weight_decay()`` names (timm's convention: position
+    embeddings, class and distillation tokens), as far as the model has them."""
+    named = getattr(model, "no_weight_decay", None)
+    skip = set(named()) if callable(named) else set()
+    return {n for n, _ in model.named_parameters() if n in skip}
+
+
+def _no_decay(model: nn.Module):
+    """Names of the parameters AdamW should not decay: biases, norm weights (every parameter
+    with fewer than 2 dims) and the embeddings ``no_weight_decay()`` names."""
+    return {n for n, p in model.named_parameters() if p.dim() < 2} | _embeddings(model)
 
 
 @dataclass
@@ -201,7 +214,7 @@ def train_student(
     caller converts BN layers (``convert_sync_batchnorm``) before building the distiller.
     Losses reported (history, ``final_loss``) are global means.
     """
-    from autokd.train.sparse import make_optimizer
+    from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
     device = torch.device(cfg.device)
     student_params = list(student.parameters())
@@ -212,11 +225,21 @@ def train_student(
     )
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total_steps = cfg.run_epochs * steps_per_epoch
+    warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
     # Sparsity applies to the student's weights; the distiller's adapters stay dense (they are
     # not part of the student that is kept).
+    sparsity_kwargs = {"seed": cfg.seed}
+    if _embeddings(student):
+        # position embeddings and class tokens are not connections: never prune them
+        sparsity_kwargs["exclude"] = EXCLUDE_KEYS + tuple(sorted(_embeddings(student)))
+    if cfg.optimizer == "sgd":
+        optim_kwargs = {"momentum": cfg.momentum, "nesterov": True}
+    else:
+        optim_kwargs = {"no_decay": _no_decay(student)}
     optimizer, sparsity = make_optimizer(
-        student, kind="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        nesterov=True, sparsity=cfg.sparsity, sparsity_kwargs={"seed": cfg.seed}, total_steps=total_steps,
+        student, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        sparsity=cfg.sparsity, sparsity_kwargs=sparsity_kwargs, total_steps=total_steps,
+        **optim_kwargs,
     )
     if extra:
         optimizer.add_param_group({"params": extra})
@@ -252,7 +275,7 @@ def train_student(
     for epoch in range(start_epoch, cfg.run_epochs):
         total, count = 0.0, 0
         for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler):
-            lr = cosine_lr(cfg.lr, step, total_steps)
+            lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             distiller.set_progress(step / max(total_steps, 1))
@@ -260,7 +283,7 @@ def train_student(
             if tf is not None:
                 tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
                 tl = tl.to(device, non_blocking=True).float() if tl is not None else None
-            out = model(x, teacher_features=tf, teacher_logits=tl)
+            out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
             loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
             if distributed:
                 # equal shares, so the mean of the rank means is the global batch mean; every

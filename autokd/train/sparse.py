@@ -582,6 +582,7 @@ def make_optimizer(
     sparsity: float = 0.0,
     sparsity_kwargs: Optional[Mapping[str, object]] = None,
     total_steps: Optional[int] = None,
+    no_decay: Optional[Iterable[str]] = None,
     **optim_kwargs,
 ) -> Tuple[torch.optim.Optimizer, Optional[SparsityManager]]:
     """The trainer's one entry: ``(optimizer, manager_or_None)`` for ``model``.
@@ -590,17 +591,34 @@ def make_optimizer(
     Otherwise a :class:`SparsityManager` (``sparsity_kwargs`` are its options; ``end_step``
     defaults to 75% of ``total_steps`` when that is given) and the masked optimizer over all of
     ``model``'s parameters. ``optim_kwargs`` go to the optimizer (momentum, weight_decay,
-    nesterov, dampening for "sgd"; betas, eps, weight_decay for "adamw").
+    nesterov, dampening for "sgd"; betas, eps, weight_decay for "adamw"). ``no_decay``: names
+    of parameters (as ``named_parameters()``) put in a second group with weight decay 0
+    (biases, norms, position embeddings of a ViT under AdamW).
     """
     kind = _choice("optimizer kind", kind, OPTIMIZERS)
     sparsity = _check_sparsity(sparsity)
     kwargs = dict(sparsity_kwargs or {})
+    params = _param_groups(model, no_decay)
     if sparsity == 0.0:
         SparsityManager.create(model, 0.0, **kwargs)  # validates the names only
         cls = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
-        return cls(model.parameters(), lr=lr, **optim_kwargs), None
+        return cls(params, lr=lr, **optim_kwargs), None
     if total_steps is not None and kwargs.get("end_step") is None:
         kwargs["end_step"] = max(1, int(0.75 * total_steps))
     manager = SparsityManager.create(model, sparsity, **kwargs)
     cls = MaskedSGD if kind == "sgd" else MaskedAdamW
-    return cls(model.parameters(), masks=manager, lr=lr, **optim_kwargs), manager
+    return cls(params, masks=manager, lr=lr, **optim_kwargs), manager
+
+
+def _param_groups(model: nn.Module, no_decay: Optional[Iterable[str]]):
+    """``model.parameters()``, or two groups (decayed, then weight decay 0) for ``no_decay``."""
+    if no_decay is None:
+        return model.parameters()
+    skip = set(no_decay)
+    named = dict(model.named_parameters())
+    unknown = sorted(skip - set(named))
+    if unknown:
+        raise ValueError(f"no_decay: {unknown} are not parameters of {type(model).__name__}")
+    decay = [p for n, p in named.items() if n not in skip]
+    rest = [p for n, p in named.items() if n in skip]
+    return [g for g in ({"params": decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]

@@ -178,7 +178,7 @@ def test_space_fingerprint_pins_content_not_the_file(tmp_path):
     assert space_fingerprint(load_space(str(renamed))) == space_fingerprint(base)
     edited = tmp_path / "edited.yaml"
     edited.write_text(original.replace("[1, 5, 25, 50]", "[1, 5, 25]"))
-    assert load_space(str(edited)).num_designs() < base.num_designs()
+    assert len(list(load_space(str(edited)).designs())) < len(list(base.designs()))
     assert space_fingerprint(load_space(str(edited))) != space_fingerprint(base)
     fixed = tmp_path / "fixed.yaml"
     fixed.write_text(original.replace("adapter: auto", "adapter: always"))

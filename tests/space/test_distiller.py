@@ -197,7 +197,8 @@ def test_set_progress_reaches_the_schedule():
 def test_errors():
     s, t = student(), teacher()
     x = images()
-    with pytest.raises(ValueError, match=r"student has no module 'layer3'; did you mean 'layer2', 'layer1'"):
+    with pytest.raises(ValueError, match=r"student: 'layer3' names no module of Net; did you mean "
+                                         r"'layer2', 'layer1'.*Module paths: layer1, layer2, fc"):
         Distiller(SPEC, s, ["layer3"], teacher=t, example_input=x[:2])
     with pytest.raises(ValueError, match="example_input is needed"):
         Distiller(SPEC, s, ["layer2"], teacher=t)

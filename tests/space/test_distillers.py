@@ -172,6 +172,47 @@ def test_ls_kd():
     check(m, ours, theirs, [s])
 
 
+def _dkd(s, t, y, tau, alpha, beta):
+    """Decoupled KD written from the paper: binary KL on [p_y, 1 - p_y] plus KL among the other
+    classes (softmax of the non-target logits), both times tau^2, batch mean."""
+    n, k = s.shape
+    keep = torch.ones(n, k, dtype=torch.bool)
+    keep[torch.arange(n), y] = False
+    ps, pt = F.softmax(s / tau, 1), F.softmax(t / tau, 1)
+    bs = torch.stack([ps[torch.arange(n), y], ps[keep].view(n, -1).sum(1)], 1)
+    bt = torch.stack([pt[torch.arange(n), y], pt[keep].view(n, -1).sum(1)], 1)
+    tckd = F.kl_div(bs.log(), bt, reduction="batchmean")
+    nckd = F.kl_div(F.log_softmax(s[keep].view(n, -1) / tau, 1),
+                    F.softmax(t[keep].view(n, -1) / tau, 1), reduction="batchmean")
+    return tau ** 2 * (alpha * tckd + beta * nckd)
+
+
+def test_dkd():
+    spec = load_distiller("dkd")
+    s, t = logits()
+    y = torch.tensor([0, 6, 3, 3, 1])
+    m = DistillLoss(spec)
+    m.set_progress(2.5 / 240)  # epoch 3 of the 20-epoch warm-up: weight 3/20
+    ours = m(student_logits=s, teacher_logits=t, labels=y).loss_kd
+    theirs = 3 / 20 * _dkd(s, t, y, 4.0, 1.0, 8.0)
+    check(m, ours, theirs, [s])
+
+
+def test_ls_dkd():
+    spec = load_distiller("ls_dkd")
+    s, t = logits()
+    y = torch.tensor([2, 2, 5, 0, 4])
+    m = DistillLoss(spec)
+    m.set_progress(0.5)
+
+    def z(x):
+        return (x - x.mean(-1, keepdim=True)) / (1e-7 + x.std(-1, keepdim=True))
+
+    ours = m(student_logits=s, teacher_logits=t, labels=y).loss_kd
+    theirs = _dkd(z(s), z(t), y, 4.0, 9.0, 81.0)  # alpha 1 * 9, beta 9 * 9 (the released run)
+    check(m, ours, theirs, [s])
+
+
 def test_pkd():
     spec = load_distiller("pkd")
     s, t = feats(cs=6, ct=6, hs=3, ws=5)
