@@ -24,6 +24,9 @@ class _Ctx:
 # ValueErrors, KeyError for unknown names) and the file system's refusals (OSError: missing
 # files, permissions, a full disk), which name the file and say what to do.
 _USER_ERRORS = (ValueError, KeyError, OSError)
+# Names for the search's options (the lazy imports below keep `--help` fast; these are light).
+DEFAULT_ANCHORS = ("none", "kd", "dkd", "dist", "ls_kd")
+SELECT_METRICS = ("reward", "val_acc", "val_ce")
 
 
 def _fail(e: Exception):
@@ -40,13 +43,13 @@ def _fail(e: Exception):
     raise click.ClickException(" ".join(part.strip() for part in str(msg).splitlines()))
 
 
-def _schedule(data, epochs, batch_size, lr, student=None):
+def _schedule(data, epochs, batch_size, lr, student=None, data_fraction=None):
     """TrainConfig fields: the data set's schedule, then the student's optimizer defaults (ViTs:
     AdamW with warm-up, autokd.models.training_defaults), then what the user gave."""
     from autokd.models import training_defaults
     from autokd.pipeline import default_models, default_training
 
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "data_fraction": data_fraction}
     sched = {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
     model = training_defaults(student or default_models(data)[1], sched["epochs"])
     return {**sched, **model, **{k: v for k, v in given.items() if v is not None}}
@@ -75,6 +78,9 @@ def _proxy_options(f):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak learning rate (after any warm-up), cosine schedule; SGD "
                      f"{_default_help('lr')}; ViT and timm students: AdamW 1e-3 with warm-up."),
+        click.option("--data-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="The student's share of the training split (a fixed stratified cut; the "
+                     f"teacher trains on all of it) {_default_help('data_fraction')}."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -230,10 +236,23 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
               help="Address of a running Ray cluster (e.g. ray://head:10001 or auto) [default: "
               "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
               "shared file system.")
+@click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Selection stage: the search's best designs (by estimated reward) that meet the classics.")
+@click.option("--anchors", default=",".join(DEFAULT_ANCHORS), show_default=True,
+              help="Selection stage: classic distillers (configs/distillers, or none) measured against "
+              "the search's best; best.yaml is a classic when the search did not beat it.")
+@click.option("--select-budget", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Selection stage's cost, in full trainings of the student (0: no stage; best.yaml is "
+              "then the search's design of best estimate).")
+@click.option("--select-seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Selection stage: seeds per candidate after the first round.")
+@click.option("--select-metric", type=click.Choice(list(SELECT_METRICS)), default="reward", show_default=True,
+              help="Selection stage: held-out score to rank by.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-               epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, executor, workers, ray_address, quiet):
+               epochs, batch_size, lr, data_fraction, device, space, strategy, budget, time_limit, subset, stop_fraction,
+               sparsity, online, views, exploration, executor, workers, ray_address, finalists, anchors,
+               select_budget, select_seeds, select_metric, quiet):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -247,28 +266,38 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     system every node can read.
     """
     from autokd.search.driver import SearchConfig, run_search
+    from autokd.search.selection import SelectionConfig
     from autokd.train.loop import TrainConfig
 
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     try:
         _writable(out, "--out")
-        sched = _schedule(data, epochs, batch_size, lr, student)
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
                             sparsity=sparsity, offline=not online, seed=seed, device=device)
+        selection = SelectionConfig(finalists=finalists, anchors=_taps(anchors) or (),
+                                    budget=select_budget, seeds=select_seeds, metric=select_metric)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
-                           proxy=proxy, executor=executor, workers=workers, ray_address=ray_address)
+                           proxy=proxy, executor=executor, workers=workers, ray_address=ray_address,
+                           selection=selection)
         res = run_search(cfg, log=click.echo, progress=not quiet)
     except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"{len(res.trials)} trials ({res.new_trials} new) in {res.seconds:.0f} s")
     if res.best_spec_path:
-        click.echo(f"best spec:  {res.best_spec_path}  (reward {res.best.reward:.4f})")
+        if res.selection is not None:
+            w = res.selection.winner
+            what = "a classic: the search's best did not beat it" if w.is_anchor else "searched"
+            click.echo(f"best spec:  {res.best_spec_path}  ({w.label}, {what})")
+        else:
+            click.echo(f"best spec:  {res.best_spec_path}  (estimated reward {res.best.reward:.4f})")
     click.echo(f"report:     {res.report_path}")
-    click.echo(f"next:       autokd-cli distill --data {data} --out {out} --spec {res.best_spec_path or 'kd'}")
+    click.echo(f"next:       autokd-cli compare --data {data} --out {out}   "
+               "# full training: best.yaml vs classics vs the student alone, 3 seeds")
 
 
 @main.command("distill")
@@ -285,7 +314,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
               help="Under torchrun: BatchNorm statistics over the global batch (as one process), or per process.")
 @click.option("--quiet", is_flag=True)
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet):
+                epochs, batch_size, lr, data_fraction, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet):
     """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy.
 
     \b
@@ -306,7 +335,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         log = click.echo if ctx.is_main else (lambda _m: None)
         quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
-        sched = _schedule(data, epochs, batch_size, lr, student)
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
         ctx.check_batch(sched["batch_size"])
         name = os.path.splitext(os.path.basename(spec))[0]
         run_dir_option = "--run-dir" if run_dir else "--out"
@@ -359,6 +388,71 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         f"checkpoint {res.checkpoint}")
 
 
+@main.command("compare")
+@_common_options
+@_proxy_options
+@click.option("--specs", default=None,
+              help="Comma-separated specs: YAML files or classic distillers (kd, dkd, dist, none, ...) "
+              "[default: <out>/best.yaml if a search wrote one, then kd, dkd, dist, none].")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds per spec: --seed, --seed + 1, ...")
+@click.option("--offline", is_flag=True, help="Read teacher features from the feature store instead of running the teacher.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views in the feature store (with --offline).")
+@click.option("--quiet", is_flag=True)
+def compare_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed,
+                out, epochs, batch_size, lr, data_fraction, device, specs, seeds, offline, views, quiet):
+    """Full training of several specs with several seeds: what the search was worth.
+
+    Each (spec, seed) is a distill run in <out>/compare/<spec>-<seed> (resumable; finished runs
+    are never rerun). The table (mean +- std and per seed) goes to <out>/compare.md and
+    compare.json, and into report.html when <out> holds a search.
+    """
+    from autokd.compare import default_specs, run_compare, table_text
+    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
+    from autokd.search.driver import RunFolderLock
+    from autokd.train.loop import TrainConfig
+
+    try:
+        _writable(out, "--out")
+        names = _taps(specs) or default_specs(out)
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
+        with RunFolderLock(out, "compare"):
+            bundle = _load(data, seed)
+            t_name, s_name = default_models(data)
+            s_name = student or s_name
+            info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint,
+                                         os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
+                                         _taps(teacher_taps), log=click.echo, progress=not quiet)
+            augment = make_augment(bundle, seed)
+            store = None
+            if offline:
+                store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment,
+                                            views, "fp16", device=device, log=click.echo, progress=not quiet)
+            rows = run_compare(
+                names, [seed + i for i in range(seeds)], bundle, info, s_name,
+                resolve_taps(s_name, _taps(student_taps)),
+                lambda s: TrainConfig(**sched, offline=offline, seed=s, device=device), out, store=store,
+                augment=augment, log=click.echo)
+            if os.path.exists(os.path.join(out, "journal.sqlite")):
+                _rebuild_report(out)
+    except _USER_ERRORS as e:
+        _fail(e)
+    click.echo(table_text(rows))
+    click.echo(f"table: {os.path.join(out, 'compare.md')}")
+
+
+def _rebuild_report(out: str) -> None:
+    from autokd.search.journal import Journal
+    from autokd.search.report import write_outputs
+    from autokd.space import load_space
+
+    with Journal(os.path.join(out, "journal.sqlite")) as j:
+        trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
+    write_outputs(out, trials, load_space(config.get("space", "autokd")), log=lambda _m: None,
+                  config=config, evaluations=evaluations)
+
+
 @main.command("report")
 @click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True, help="A search's output folder.")
 @click.option("--space", default=None, help="Space of the search [default: the one in the journal].")
@@ -373,9 +467,9 @@ def report_cmd(out, space):
         if not os.path.exists(path):
             raise PipelineError(f"{path} does not exist: is {out} the --out folder of a search?")
         with Journal(path) as j:
-            trials, config = j.trials(), j.stored_config
+            trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
         sp = load_space(space or config.get("space", "autokd"))
-        res = write_outputs(out, trials, sp, log=click.echo, config=config)
+        res = write_outputs(out, trials, sp, log=click.echo, config=config, evaluations=evaluations)
     except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"report: {res['report']}")

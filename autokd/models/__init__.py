@@ -79,8 +79,8 @@ _zoo("vgg13", ["block4"], lambda nc, ic: cifar.CifarVGG(
 _zoo("mobilenetv2", ["conv2"], lambda nc, ic: cifar.CifarMobileNetV2(nc, ic, width=0.5))
 _zoo("shufflenetv1", ["layer3"], lambda nc, ic: cifar.ShuffleNetV1(nc, ic))
 _zoo("shufflenetv2", ["conv2"], lambda nc, ic: cifar.ShuffleNetV2(nc, ic))
-_zoo("digits_teacher", ["features"], lambda nc, ic: digits.DigitsTeacher(nc, ic))
-_zoo("digits_student", ["features"], lambda nc, ic: digits.DigitsStudent(nc, ic))
+_zoo("digits_teacher", ["features"], lambda nc, ic, **kw: digits.DigitsTeacher(nc, ic, **kw), ("width",))
+_zoo("digits_student", ["features"], lambda nc, ic, **kw: digits.DigitsStudent(nc, ic, **kw), ("width",))
 _VIT_OPTIONS = ("img_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
 # ~0.2M parameters: 8x8 digits in 2x2 patches (a 4x4 token grid, the digits CNNs' tap size);
 # for 32x32 images use vit_compact?patch_size=4 (an 8x8 grid)

@@ -36,7 +36,8 @@ from autokd.data import load_data
 from autokd.distill import Distiller
 from autokd.errors import PipelineError
 from autokd.models import build_model
-from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, open_store
+from autokd.pipeline import (check_model_fits, load_or_train_teacher, make_augment,
+                             open_or_build_store, open_store)
 from autokd.search.reward import proxy_reward
 from autokd.space.spec import DistillerSpec
 from autokd.train.loop import Diverged, TrainConfig, forward_all, train_student
@@ -87,8 +88,10 @@ def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     log(f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} "
         f"test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
-    # A wrong student name or tap fails now, not after the teacher has been trained.
-    build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels)
+    # A wrong student name or tap, or images too small for the student, fail now, not after
+    # the teacher has been trained.
+    check_model_fits(build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels),
+                     cfg.student, data, "student")
     student_taps = resolve_taps(cfg.student, cfg.student_taps)
     teacher = load_or_train_teacher(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),

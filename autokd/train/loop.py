@@ -39,7 +39,12 @@ class TrainConfig:
     # early-stopped proxy compresses both alike (the warm-up is warmup_epochs / epochs of the
     # steps it trains)
     warmup_epochs: float = 0.0
-    subset: float = 1.0  # fraction of the training split used (stratified, fixed per seed)
+    # The student's share of the training split: a stratified cut, the same for every seed and
+    # every run (seeded by DATA_FRACTION_SEED), for a teacher trained on the whole split that
+    # distils into a student with fewer labelled images (the embedded digits task). The
+    # proxy's subset is taken within it.
+    data_fraction: float = 1.0
+    subset: float = 1.0  # fraction of the student's data used (stratified, fixed per seed)
     stop_fraction: float = 1.0  # early stop: train ceil(epochs * stop_fraction) epochs
     sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
     offline: bool = True  # teacher features from the feature store instead of the teacher
@@ -52,6 +57,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "> 0"),
+            ("data_fraction", 0 < self.data_fraction <= 1, "in (0, 1]"),
             ("subset", 0 < self.subset <= 1, "in (0, 1]"),
             ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
             ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
@@ -69,6 +75,19 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+#: The seed of the student's data cut (TrainConfig.data_fraction): part of the task's
+#: definition, like a data set's test split, not of a run.
+DATA_FRACTION_SEED = 20240607
+
+
+def student_indices(labels: torch.Tensor, cfg: "TrainConfig") -> torch.Tensor:
+    """The training-split indices a run trains on: the data_fraction cut, then the proxy's
+    subset of it (seeded by subset_seed, else the run's seed)."""
+    cut = stratified_subset(labels, cfg.data_fraction, DATA_FRACTION_SEED)
+    seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    return cut[stratified_subset(labels[cut], cfg.subset, seed)]
 
 
 class Diverged(RuntimeError):
@@ -220,9 +239,7 @@ def train_student(
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
     extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
-    indices = stratified_subset(
-        data.train.labels, cfg.subset, cfg.seed if cfg.subset_seed is None else cfg.subset_seed
-    )
+    indices = student_indices(data.train.labels, cfg)
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total_steps = cfg.run_epochs * steps_per_epoch
     warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
