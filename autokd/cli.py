@@ -5,6 +5,7 @@ User mistakes end with a one-line message (exit code 2); ``--debug`` shows the t
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -319,7 +320,13 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     if res.best_spec_path:
         click.echo(f"best spec:  {res.best_spec_path}  (reward {res.best.reward:.4f})")
     click.echo(f"report:     {res.report_path}")
-    click.echo(f"next:       autokd-cli distill --data {data} --out {out} --spec {res.best_spec_path or 'kd'}")
+    # the models the search had, so that distill trains the student it searched for
+    models = "".join(f" {opt} {shlex.quote(v)}" for opt, v in (
+        ("--teacher", teacher), ("--teacher-checkpoint", teacher_checkpoint),
+        ("--teacher-taps", teacher_taps), ("--student", student), ("--student-taps", student_taps))
+        if v)
+    click.echo(f"next:       autokd-cli distill --data {data} --out {out}{models} "
+               f"--spec {res.best_spec_path or 'kd'}")
 
 
 @main.command("distill")
@@ -395,9 +402,11 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
                     raise PipelineError(
                         f"{p} does not exist: under torchrun with --offline the feature store must "
                         f"exist; run `autokd-cli cache --data {data} --out {out}{also}` first")
+        s_taps = resolve_taps(s_name, _taps(student_taps))
         infos = load_or_train_teachers(bundle, teacher or t_name, teacher_checkpoint,
                                        os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
-                                       _taps(teacher_taps), log=log, progress=not quiet)
+                                       _taps(teacher_taps), log=log, progress=not quiet,
+                                       student_taps=s_taps)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
@@ -410,7 +419,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
                 f"= {ctx.world_size} x {cfg.batch_size // ctx.world_size}, "
                 f"{'synchronised' if sync_bn else 'per-process'} BatchNorm")
         teachers = infos[0] if len(infos) == 1 else infos
-        res = run_distill(the_spec, bundle, teachers, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
+        res = run_distill(the_spec, bundle, teachers, s_name, s_taps, cfg,
                           run_dir, store=store, augment=augment,
                           log=log, progress=not quiet, dist=ctx)
     except _USER_ERRORS as e:

@@ -193,15 +193,24 @@ def load_or_train_teachers(
     taps=None,
     log: Log = print,
     progress: bool = True,
+    student_taps: Optional[Sequence[str]] = None,
 ) -> List[TeacherInfo]:
     """The teachers of a run (``teacher_plan(names, checkpoints, taps)``), each loaded or trained
     as ``load_or_train_teacher`` does, teacher j to ``teacher_file(train_to, j)`` with seed
     ``seed + j``. One teacher: exactly ``load_or_train_teacher``. Several: every name, tap,
     image size and checkpoint is checked before any teacher trains, so a mistake in the last
-    entry does not cost the training of the first."""
+    entry does not cost the training of the first. ``student_taps``: the student's, paired
+    with each teacher's taps; a teacher with another number of taps is refused first."""
     plan = teacher_plan(names, checkpoints, taps)
+
+    def check_pairs(t_taps: List[str], who: str) -> None:
+        if student_taps is not None and len(t_taps) != len(student_taps):
+            raise PipelineError(f"{who}expected as many student taps as teacher taps, got "
+                                f"{list(student_taps)} and {t_taps}")
+
     if len(plan) == 1:
         e = plan[0]
+        check_pairs(resolve_taps(e.name, e.taps), "")
         return [load_or_train_teacher(data, e.name, e.checkpoint, train_to, epochs, seed, device,
                                       e.taps, log=log, progress=progress)]
     from autokd.models import build_model
@@ -213,12 +222,14 @@ def load_or_train_teachers(
         who = f"teacher {j + 1} of {n} ({e.name})"
         try:
             model = build_model(e.name, num_classes=data.num_classes, in_channels=data.channels)
-            for tap in resolve_taps(e.name, e.taps):
+            t_taps = resolve_taps(e.name, e.taps)
+            for tap in t_taps:
                 find_module(model, tap, who)
         except (KeyError, ValueError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             where = "" if msg.startswith(who) else f"teacher {j + 1} of {n}: "
             raise PipelineError(where + msg) from None
+        check_pairs(t_taps, f"{who}: ")
         check_model_fits(model, e.name, data, f"teacher {j + 1} of {n}")
         if e.checkpoint is not None and not os.path.exists(e.checkpoint):
             raise PipelineError(f"{who}: checkpoint {e.checkpoint} does not exist")

@@ -112,15 +112,8 @@ def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     teachers = load_or_train_teachers(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps,
-        log=log, progress=progress,
+        log=log, progress=progress, student_taps=student_taps,
     )
-    for j, teacher in enumerate(teachers):
-        if len(student_taps) != len(teacher.taps):
-            who = "" if len(teachers) == 1 else f"teacher {j + 1} ({teacher.name}): "
-            raise PipelineError(
-                f"{who}expected as many student taps as teacher taps, got {student_taps} and "
-                f"{teacher.taps}"
-            )
     augment = make_augment(data, cfg.seed)
     store = None
     if cfg.proxy.offline:
