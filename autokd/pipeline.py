@@ -158,7 +158,9 @@ def teacher_plan(names, checkpoints=None, taps=None) -> List[TeacherEntry]:
     described = f"{n} teacher{'s' if n > 1 else ''}: {', '.join(listed)}"
     cks: List[Optional[str]] = [None] * n
     if checkpoints is not None and checkpoints != "":
-        given = _entries(checkpoints)
+        # a file whose name holds a comma is one checkpoint, as it always was for one teacher
+        whole = isinstance(checkpoints, str) and os.path.isfile(checkpoints)
+        given = [checkpoints] if whole else _entries(checkpoints)
         if len(given) != n:
             raise PipelineError(
                 f"expected one --teacher-checkpoint per --teacher ({described}), got "

@@ -11,8 +11,8 @@ Teachers (fp16 records, random bytes: gather speed does not depend on the values
   A: a CIFAR ResNet-56's taps (layer1 [16,32,32], layer2 [32,16,16], layer3 [64,8,8], logits)
   B: a ResNet-32x4's last stage (layer3 [256,8,8], logits [100])
 
-    python benchmarks/bench_teacher_stores.py [--samples 4096 --views 2 --device cpu]  # table
-    pytest benchmarks/bench_teacher_stores.py --benchmark-only                         # pytest-benchmark
+    python benchmarks/bench_teacher_stores.py [--samples 4096 --views 2 --device cpu]  # a table
+    pytest benchmarks/bench_teacher_stores.py --benchmark-only
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import median_seconds  # noqa: E402
+from common import median_seconds
 
-from autokd import _engine  # noqa: E402
-from autokd.store import FeatureStore  # noqa: E402
+from autokd import _engine
+from autokd.store import FeatureStore
 
 BATCH = 128
 TEACHER_A = {"layer1": [16, 32, 32], "layer2": [32, 16, 16], "layer3": [64, 8, 8], "logits": [100]}
@@ -115,21 +115,22 @@ def measure(folder, samples, views, device, threads):
 
 def report(res, args):
     extra = res["per_teacher_s"] - res["one_store_s"]
-    return "\n".join([
-        f"Command: `python benchmarks/bench_teacher_stores.py --samples {args.samples} --views "
-        f"{args.views} --device {args.device} --threads {args.threads}`",
+    rows = [
+        (f"Command: `python benchmarks/bench_teacher_stores.py --samples {args.samples} --views "
+         f"{args.views} --device {args.device} --threads {args.threads}`"),
         "",
-        f"Batch: {BATCH} random samples of one view, {res['batch_bytes'] / 1e6:.2f} MB of payload "
-        "(teachers A and B, fp16), warm page cache.",
+        (f"Batch: {BATCH} random samples of one view, {res['batch_bytes'] / 1e6:.2f} MB of "
+         "payload (teachers A and B, fp16), warm page cache."),
         "",
         "| path | median per batch | ratio |",
         "|---|---|---|",
-        f"| one store per teacher: 2 gathers | {res['per_teacher_s'] * 1e3:.3f} ms | "
-        f"{res['per_teacher_s'] / res['one_store_s']:.2f} x one store |",
+        (f"| one store per teacher: 2 gathers | {res['per_teacher_s'] * 1e3:.3f} ms | "
+         f"{res['per_teacher_s'] / res['one_store_s']:.2f} x one store |"),
         f"| one store of both teachers: 1 gather | {res['one_store_s'] * 1e3:.3f} ms | 1 |",
-        f"| ResNet-20 student step, fwd+bwd+SGD ({args.device}) | {res['step_s'] * 1e3:.3f} ms | "
-        f"the second gather's cost = {100 * extra / res['step_s']:.2f}% of a step |",
-    ])
+        (f"| ResNet-20 student step, fwd+bwd+SGD ({args.device}) | {res['step_s'] * 1e3:.3f} ms "
+         f"| the second gather's cost = {100 * extra / res['step_s']:.2f}% of a step |"),
+    ]
+    return "\n".join(rows)
 
 
 # --- pytest-benchmark ------------------------------------------------------------------------

@@ -76,12 +76,18 @@ def test_plan_pairs_names_checkpoints_and_taps():
     assert [(e.name, e.checkpoint, e.taps) for e in one] == [("a", "a.pt", ["t1", "t2"])]
 
 
+def test_a_checkpoint_whose_name_holds_a_comma_is_one_file(tmp_path):
+    path = tmp_path / "teacher,v2.pt"
+    path.write_bytes(b"x")
+    assert [e.checkpoint for e in teacher_plan("a", str(path))] == [str(path)]
+
+
 @pytest.mark.parametrize("names, checkpoints, taps, message", [
-    ("a,b", "a.pt", None, "expected one --teacher-checkpoint per --teacher (2 teachers: a, b), "
-                          "got 1"),
+    ("a,b", "a.pt", None, ("expected one --teacher-checkpoint per --teacher (2 teachers: a, b), "
+                           "got 1")),
     ("a", "a.pt,b.pt", None, "(1 teacher: a), got 2"),
-    ("a,b", None, [["x"], ["y"], ["z"]], "expected one --teacher-taps list per teacher "
-                                         "(2 teachers: a, b"),
+    ("a,b", None, [["x"], ["y"], ["z"]], ("expected one --teacher-taps list per teacher "
+                                          "(2 teachers: a, b")),
     ("a,,b", None, None, "got an empty entry"),
 ])
 def test_plan_refuses_lists_that_do_not_fit(names, checkpoints, taps, message):
@@ -163,7 +169,7 @@ def two_stores(tmp_path_factory):
 
 
 def test_teacher_stores_give_each_teacher_its_own_features_of_the_same_images(two_stores):
-    data, augment, teachers, taps, stores = two_stores
+    data, augment, teachers, _taps, stores = two_stores
     both = TeacherStores(stores)
     sb = both.batches(data.train, augment, batch_size=16, epoch=1, seed=3)
     alone = stores[1].batches(data.train, augment, batch_size=16, epoch=1, seed=3)
@@ -185,7 +191,7 @@ def test_teacher_stores_give_each_teacher_its_own_features_of_the_same_images(tw
 def test_offline_loss_from_two_stores_equals_the_online_loss(two_stores):
     data, augment, teachers, taps, stores = two_stores
     sb = TeacherStores(stores).batches(data.train, augment, batch_size=16, epoch=0)
-    imgs, labels, feats = sb.batch(sb.order()[:16])
+    imgs, _labels, feats = sb.batch(sb.order()[:16])
     student = build_model("digits_student", num_classes=10, in_channels=1)
     shapes = [{k: tuple(v.shape[1:]) for k, v in f.items()} for f in feats]
     torch.manual_seed(1)
@@ -267,7 +273,8 @@ def test_distill_with_two_teachers_online_and_offline(searched):
                                       "--run-dir", os.path.join(out, run), "--quiet", *extra])
         assert r.exit_code == 0, r.output
         assert "teacher 2/2 resnet8: loaded" in r.output
-        result = json.load(open(os.path.join(out, run, "result.json")))
+        with open(os.path.join(out, run, "result.json")) as f:
+            result = json.load(f)
         assert 0.0 <= result["test_accuracy"] <= 1.0
         ck = torch.load(os.path.join(out, run, "checkpoint.pt"), weights_only=True)
         assert ck["pinned"]["teacher_hash"] == _config(out)["teacher_hash"]
@@ -309,8 +316,8 @@ def test_train_teacher_trains_each_teacher_to_the_files_a_search_finds(tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (["--teacher", TEACHERS, "--teacher-checkpoint", "a.pt"],
-     "expected one --teacher-checkpoint per --teacher (2 teachers: digits_teacher, resnet8), "
-     "got 1 ('a.pt')"),
+     ("expected one --teacher-checkpoint per --teacher (2 teachers: digits_teacher, resnet8), "
+      "got 1 ('a.pt')")),
     (["--teacher", TEACHERS, "--teacher-taps", "features;layer3;layer2"],
      "expected one --teacher-taps list per teacher"),
     (["--teacher", "digits_teacher,resnet21"],

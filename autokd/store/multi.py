@@ -9,7 +9,7 @@ teachers' order.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class TeacherStores:
         self.stores = stores
 
     @property
-    def paths(self) -> List[str]:
+    def paths(self) -> list[str]:
         return [s.path for s in self.stores]
 
     @property
@@ -63,7 +63,7 @@ class TeacherStores:
 
     def batches(self, dataset, aug: ReplayAugment, batch_size: int = 128, indices=None,
                 epoch: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                pin_memory: bool = False) -> "TeacherStoreBatches":
+                pin_memory: bool = False) -> TeacherStoreBatches:
         """One epoch of (imgs_aug, labels, [feats of teacher 1, feats of teacher 2, ...])."""
         self.check_compatible(dataset, aug)
         return TeacherStoreBatches(self, StoreBatches(
@@ -88,7 +88,7 @@ class TeacherStoreBatches:
     def order(self) -> np.ndarray:
         return self.first.order()
 
-    def batch(self, idx) -> Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]:
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
         imgs, labels, feats = self.first.batch(idx)
         idx = np.asarray(idx, dtype=np.int64)
         rest = [s.gather(idx, self.view, pin_memory=self.first.pin_memory)
