@@ -5,6 +5,7 @@ User mistakes end with a one-line message (exit code 2); ``--debug`` shows the t
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -65,7 +66,22 @@ def _default_help(field: str) -> str:
 
 
 def _taps(value: Optional[str]):
-    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+    """``"a,b"``: one list (for every teacher); ``"a1,a2;b1,b2"``: one list per teacher, an
+    empty one (``"a1;"``) for that teacher's default taps."""
+    if not value:
+        return None
+    if ";" in value:
+        return [[t.strip() for t in part.split(",") if t.strip()] or None
+                for part in value.split(";")]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _teachers(data, teacher, teacher_checkpoint, teacher_taps):
+    """The run's teachers (autokd.pipeline.teacher_plan), checked before anything is read or
+    trained: lists of different lengths end here, in one line."""
+    from autokd.pipeline import default_models, teacher_plan
+
+    return teacher_plan(teacher or default_models(data)[0], teacher_checkpoint, _taps(teacher_taps))
 
 
 def _proxy_options(f):
@@ -93,18 +109,23 @@ def _common_options(f):
         click.option("--data", default="digits", show_default=True,
                      help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
         click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
-                     "package.module:factory, each optionally NAME?key=value&... (constructor options) "
+                     "package.module:factory, each optionally NAME?key=value&... (constructor "
+                     "options); several teachers separated by commas (a,b) "
                      f"{_default_help('teacher')}."),
         click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Teacher weights (from train-teacher or torch.save of a state_dict). "
-                     "Default: <out>/teacher.pt, trained on the first run."),
+                     help="Teacher weights (from train-teacher or torch.save of a state_dict); one "
+                     "per teacher, separated by commas, an empty entry (a.pt,) for the default. "
+                     "Default: <out>/teacher.pt (teacher-1.pt, ... for the next teachers), trained "
+                     "on the first run (teacher j with --seed + j)."),
         click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Epochs when the teacher has to be trained."),
         click.option("--student", default=None, help="Student model, named as --teacher (e.g. vit_compact, "
                      "timm:vit_tiny_patch16_224?img_size=32&patch_size=4) "
                      f"{_default_help('student')}."),
         click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher, "
-                     "PATH:KEY for an entry of a dict/list output [default: the zoo's]."),
+                     "PATH:KEY for an entry of a dict/list output; several teachers: one list for "
+                     "all, or one per teacher separated by ';' (a1,a2;b1,b2; an empty one: that "
+                     "teacher's default) [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, the augmentation, the search and the initialisations."),
@@ -138,8 +159,15 @@ def _writable(folder: str, option: str) -> None:
     check_writable_dir(folder or ".", option)
 
 
-def _teacher_to_train(out: str, teacher_checkpoint: str | None) -> bool:
-    return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
+def _teacher_to_train(out: str, teacher_checkpoint: str | None, plan=None) -> bool:
+    """Whether a teacher will be trained into ``out`` (``plan``: the run's teachers)."""
+    if plan is None or len(plan) == 1:
+        return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
+    from autokd.pipeline import teacher_file
+
+    own = os.path.join(out, "teacher.pt")
+    return any(e.checkpoint is None and not os.path.exists(teacher_file(own, j))
+               for j, e in enumerate(plan))
 
 
 def _load(data, seed, val_fraction=0.1):
@@ -153,18 +181,27 @@ def _load(data, seed, val_fraction=0.1):
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint path [default: <out>/teacher.pt].")
 @click.option("--device", default="cpu", show_default=True)
 def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device):
-    """Train a teacher on the training split and save its checkpoint."""
-    from autokd.pipeline import default_models, load_or_train_teacher
+    """Train a teacher on the training split and save its checkpoint.
+
+    Several teachers (--teacher a,b): each is trained, teacher j with --seed + j, to --output
+    (default <out>/teacher.pt) and, for j >= 1, teacher-<j>.pt beside it: the files a search or
+    distill with the same --teacher list and --out finds.
+    """
+    from autokd.pipeline import load_or_train_teachers, teacher_file
 
     try:
+        plan = _teachers(data, teacher, None, teacher_taps)
         path = output or os.path.join(out, "teacher.pt")
-        if os.path.exists(path):
-            raise PipelineError(f"{path} exists; remove it or pass another --output")
+        for p in (teacher_file(path, j) for j in range(len(plan))):
+            if os.path.exists(p):
+                raise PipelineError(f"{p} exists; remove it or pass another --output")
         _writable(os.path.dirname(path), "--output" if output else "--out")
         bundle = _load(data, seed)
-        name = teacher or default_models(data)[0]
-        info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
-        click.echo(f"teacher saved to {info.checkpoint} (test accuracy {info.test_accuracy:.4f})")
+        infos = load_or_train_teachers(bundle, [e.name for e in plan], None, path, teacher_epochs,
+                                       seed, device, _taps(teacher_taps), log=click.echo)
+        for info in infos:
+            click.echo(f"teacher saved to {info.checkpoint} "
+                       f"(test accuracy {info.test_accuracy:.4f})")
     except _USER_ERRORS as e:
         _fail(e)
 
@@ -184,28 +221,42 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 
     An existing store of the same teacher and data is checked chunk by chunk and kept; a damaged
     one is rebuilt; one of another teacher or other data is refused and left as it is.
+
+    Several teachers (--teacher a,b): one store each, teacher j's at <store> for the first and
+    <store stem>-<j>.akds for the next (teacher_features-1.akds, ...).
     """
-    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store
+    from autokd.pipeline import (
+        load_or_train_teachers,
+        make_augment,
+        open_or_build_stores,
+        teacher_file,
+    )
 
     try:
         path = store or os.path.join(out, "teacher_features.akds")
+        # only a named list of teachers says how many stores to check: --verify reads no model
+        plan = _teachers(data, teacher, teacher_checkpoint, teacher_taps) if (
+            teacher or not verify_only) else None
+        paths = [teacher_file(path, j) for j in range(len(plan) if plan else 1)]
         if verify_only:
             from autokd.store import FeatureStore
 
-            s = FeatureStore.open(path, verify="open")
-            click.echo(f"store {path}: OK ({s.num_samples} samples x {s.num_views} views, "
-                       f"{s.num_chunks} data chunks and the header match their checksums)")
+            for p in paths:
+                s = FeatureStore.open(p, verify="open")
+                click.echo(f"store {p}: OK ({s.num_samples} samples x {s.num_views} views, "
+                           f"{s.num_chunks} data chunks and the header match their checksums)")
             return
         _writable(os.path.dirname(path), "--store" if store else "--out")
-        if _teacher_to_train(out, teacher_checkpoint):
+        if _teacher_to_train(out, teacher_checkpoint, plan):
             _writable(out, "--out")
         bundle = _load(data, seed)
-        info = load_or_train_teacher(bundle, teacher or default_models(data)[0], teacher_checkpoint,
-                                     os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
-                                     _taps(teacher_taps), log=click.echo)
-        s = open_or_build_store(path, info, bundle, make_augment(bundle, seed), views, dtype, device=device,
-                                log=click.echo, repair=True)
-        click.echo(f"store {path}: {s.num_samples} samples x {s.num_views} views")
+        infos = load_or_train_teachers(bundle, [e.name for e in plan], teacher_checkpoint,
+                                       os.path.join(out, "teacher.pt"), teacher_epochs, seed,
+                                       device, _taps(teacher_taps), log=click.echo)
+        opened = open_or_build_stores(path, infos, bundle, make_augment(bundle, seed), views, dtype,
+                                      device=device, log=click.echo, repair=True)
+        for p, s in zip(paths, getattr(opened, "stores", [opened])):
+            click.echo(f"store {p}: {s.num_samples} samples x {s.num_views} views")
     except _USER_ERRORS as e:
         _fail(e)
 
@@ -272,6 +323,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     try:
+        _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
@@ -296,8 +348,15 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
         else:
             click.echo(f"best spec:  {res.best_spec_path}  (estimated reward {res.best.reward:.4f})")
     click.echo(f"report:     {res.report_path}")
-    click.echo(f"next:       autokd-cli compare --data {data} --out {out}   "
+    # the models the search had, so that compare and distill train the student it searched for
+    models = "".join(f" {opt} {shlex.quote(v)}" for opt, v in (
+        ("--teacher", teacher), ("--teacher-checkpoint", teacher_checkpoint),
+        ("--teacher-taps", teacher_taps), ("--student", student), ("--student-taps", student_taps))
+        if v)
+    click.echo(f"next:       autokd-cli compare --data {data} --out {out}{models}   "
                "# full training: best.yaml vs classics vs the student alone, 3 seeds")
+    click.echo(f"            autokd-cli distill --data {data} --out {out}{models} "
+               f"--spec {res.best_spec_path or 'kd'}")
 
 
 @main.command("distill")
@@ -323,7 +382,14 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     alone writes logs, checkpoints and results; the teacher (and, with --offline, the feature
     store) must exist first: run train-teacher (and cache) in one process.
     """
-    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
+    from autokd.pipeline import (
+        default_models,
+        load_or_train_teachers,
+        make_augment,
+        open_or_build_stores,
+        resolve_taps,
+        teacher_file,
+    )
     from autokd.train.distributed import DistContext
     from autokd.train.final import resolve_spec, run_distill
     from autokd.train.loop import TrainConfig
@@ -332,6 +398,7 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     try:
         ctx = DistContext.from_env(device, sync_bn=sync_bn)
         device = ctx.device
+        plan = _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         log = click.echo if ctx.is_main else (lambda _m: None)
         quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
@@ -340,40 +407,49 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         name = os.path.splitext(os.path.basename(spec))[0]
         run_dir_option = "--run-dir" if run_dir else "--out"
         run_dir = run_dir or os.path.join(out, f"distill-{name}-{seed}")
+        store_path = os.path.join(out, "teacher_features.akds")
+        store_paths = [teacher_file(store_path, j) for j in range(len(plan))]
         if ctx.is_main:  # rank 0 alone writes
             _writable(run_dir, run_dir_option)
-            if _teacher_to_train(out, teacher_checkpoint) or (
-                    offline and not os.path.exists(os.path.join(out, "teacher_features.akds"))):
+            if _teacher_to_train(out, teacher_checkpoint, plan) or (
+                    offline and not all(os.path.exists(p) for p in store_paths)):
                 _writable(out, "--out")
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)
         s_name = student or s_name
-        t_path = teacher_checkpoint or os.path.join(out, "teacher.pt")
-        store_path = os.path.join(out, "teacher_features.akds")
         if ctx.distributed:
             # one process prepares these, before the data-parallel run: a rank training a
             # teacher for hours would leave the others waiting past any collective's timeout
-            if not teacher_checkpoint and not os.path.exists(t_path):
-                raise PipelineError(f"{t_path} does not exist: under torchrun the teacher must exist; run "
-                                    f"`autokd-cli train-teacher --data {data} --out {out}` first")
-            if offline and not os.path.exists(store_path):
-                raise PipelineError(f"{store_path} does not exist: under torchrun with --offline the feature "
-                                    f"store must exist; run `autokd-cli cache --data {data} --out {out}` first")
-        info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
-                                     teacher_epochs, seed, device, _taps(teacher_taps), log=log,
-                                     progress=not quiet)
+            also = f" --teacher {teacher}" if len(plan) > 1 else ""
+            for j, e in enumerate(plan):
+                t_path = teacher_file(os.path.join(out, "teacher.pt"), j)
+                if not e.checkpoint and not os.path.exists(t_path):
+                    raise PipelineError(
+                        f"{t_path} does not exist: under torchrun the teacher must exist; run "
+                        f"`autokd-cli train-teacher --data {data} --out {out}{also}` first")
+            for p in store_paths:
+                if offline and not os.path.exists(p):
+                    raise PipelineError(
+                        f"{p} does not exist: under torchrun with --offline the feature store must "
+                        f"exist; run `autokd-cli cache --data {data} --out {out}{also}` first")
+        s_taps = resolve_taps(s_name, _taps(student_taps))
+        infos = load_or_train_teachers(bundle, teacher or t_name, teacher_checkpoint,
+                                       os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
+                                       _taps(teacher_taps), log=log, progress=not quiet,
+                                       student_taps=s_taps)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
-            store = open_or_build_store(store_path, info, bundle, augment, views,
-                                        "fp16", device=device, log=log, progress=not quiet)
+            store = open_or_build_stores(store_path, infos, bundle, augment, views,
+                                         "fp16", device=device, log=log, progress=not quiet)
         cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device)
         ctx.init()
         if ctx.distributed:
             log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "
                 f"= {ctx.world_size} x {cfg.batch_size // ctx.world_size}, "
                 f"{'synchronised' if sync_bn else 'per-process'} BatchNorm")
-        res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
+        teachers = infos[0] if len(infos) == 1 else infos
+        res = run_distill(the_spec, bundle, teachers, s_name, s_taps, cfg,
                           run_dir, store=store, augment=augment,
                           log=log, progress=not quiet, dist=ctx)
     except _USER_ERRORS as e:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from autokd.errors import PipelineError
-from autokd.pipeline import default_models, default_training
+from autokd.pipeline import default_models, default_training, teacher_plan
 from autokd.search import executors
 from autokd.search.journal import Journal, Trial
 from autokd.search.report import write_outputs
@@ -58,6 +58,8 @@ Log = Callable[[str], None]
 @dataclass
 class SearchConfig:
     data: str = "digits"
+    # Several teachers: "a,b" (or a list), with one checkpoint entry per teacher and taps
+    # shared or one list per teacher; autokd.pipeline.teacher_plan has the rules.
     teacher: Optional[str] = None  # model name; None: the data set's default
     teacher_checkpoint: Optional[str] = None  # None: <out>/teacher.pt, trained on the first run
     teacher_epochs: int = 30
@@ -112,12 +114,13 @@ class SearchConfig:
         self.teacher = self.teacher or teacher
         self.student = self.student or student
 
-    def pinned(self, data_identity: str, teacher_hash: str, space=None) -> Dict[str, Any]:
+    def pinned(self, data_identity: str, teacher_hash, space=None) -> Dict[str, Any]:
         """What a resumed search must share with the journal it resumes (the space by its
-        content: a space file edited between two runs is another search)."""
+        content: a space file edited between two runs is another search). ``teacher_hash``:
+        the teacher's, or (several teachers) the list of every teacher's, in order."""
         proxy = self.proxy.to_dict()
         proxy.pop("device")
-        return {
+        pinned = {
             "data": data_identity,
             "teacher_hash": teacher_hash,
             "student": self.student,
@@ -130,6 +133,10 @@ class SearchConfig:
             "views": self.views,
             "proxy": proxy,
         }
+        if not isinstance(teacher_hash, str):  # several teachers: their names too (not for one:
+            # a one-teacher journal keeps the keys it always had, so it still resumes)
+            pinned["teachers"] = [e.name for e in teacher_plan(self.teacher)]
+        return pinned
 
 
 @dataclass
@@ -376,7 +383,7 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
                             "copy the folder somewhere writable (the journal is not damaged)")
     prepared = prepare(cfg, log=log, progress=progress)
     data, teacher = prepared.data, prepared.teacher
-    journal = Journal(journal_path, cfg.pinned(data.identity, teacher.hash, space))
+    journal = Journal(journal_path, cfg.pinned(data.identity, prepared.teacher_hash, space))
     done = journal.trials()
     strategy = make_strategy(cfg.strategy, space, cfg.seed, [(t.design, t.reward) for t in done],
                              **({"exploration": cfg.exploration} if cfg.strategy == "mcts" else {}))

@@ -15,6 +15,7 @@ from autokd.store.feature_store import (
     load_batch,
     teacher_hash,
 )
+from autokd.store.multi import TeacherStoreBatches, TeacherStores
 
 __all__ = [
     "AugParams",
@@ -23,6 +24,8 @@ __all__ = [
     "ReplayAugment",
     "StoreBatches",
     "StoreError",
+    "TeacherStoreBatches",
+    "TeacherStores",
     "load_batch",
     "teacher_hash",
 ]

@@ -170,6 +170,9 @@ def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, sto
 
         def from_store(idx):
             imgs, labels, teacher = sb.batch(idx)
+            if isinstance(teacher, list):  # several teachers (autokd.store.TeacherStores)
+                feats = [{k: v for k, v in t.items() if k != "logits"} for t in teacher]
+                return imgs, labels, feats, [t.get("logits") for t in teacher]
             logits = teacher.get("logits")
             return imgs, labels, {k: v for k, v in teacher.items() if k != "logits"}, logits
 
@@ -185,6 +188,16 @@ def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, sto
         return x, labels[idx], None, None
 
     return order, from_memory
+
+
+def _teacher_on(device, tf, tl):
+    """Stored teacher features and logits on ``device`` in float32: one teacher's dict and
+    tensor, or (several teachers) a list of each, one entry per teacher."""
+    if isinstance(tf, list):
+        moved = [_teacher_on(device, f, t) for f, t in zip(tf, tl)]
+        return [f for f, _ in moved], [t for _, t in moved]
+    tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
+    return tf, (tl.to(device, non_blocking=True).float() if tl is not None else None)
 
 
 def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment, sampler=None):
@@ -298,8 +311,7 @@ def train_student(
             distiller.set_progress(step / max(total_steps, 1))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if tf is not None:
-                tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
-                tl = tl.to(device, non_blocking=True).float() if tl is not None else None
+                tf, tl = _teacher_on(device, tf, tl)
             out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
             loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
             if distributed:
