@@ -270,9 +270,12 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
               "(pip install 'autokd[tpe]').")
 @click.option("--budget", type=click.IntRange(min=0), default=100, show_default=True, help="Total trials (a resumed search counts its finished trials).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
-@click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Fraction of the training split per trial.")
-@click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Early stop: fraction of --epochs trained per trial.")
-@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="Fraction of student weights pruned during trials (0: dense).")
+@click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Fraction of the student's training data per trial {_default_help('proxy_subset')}.")
+@click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Early stop: fraction of --epochs trained per trial {_default_help('proxy_stop_fraction')}.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help=f"Fraction of student weights pruned during trials (0: dense) {_default_help('proxy_sparsity')}.")
 @click.option("--online", is_flag=True, help="Run the teacher in every trial instead of reading the feature store.")
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
               help="Augmented views cached per training sample; epoch e reads view e mod K.")
@@ -292,9 +295,10 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @click.option("--anchors", default=",".join(DEFAULT_ANCHORS), show_default=True,
               help="Selection stage: classic distillers (configs/distillers, or none) measured against "
               "the search's best; best.yaml is a classic when the search did not beat it.")
-@click.option("--select-budget", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Selection stage's cost, in full trainings of the student (0: no stage; best.yaml is "
-              "then the search's design of best estimate).")
+@click.option("--select-fidelity", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Selection stage: the last round's fraction of the full schedule (1: full trainings); "
+              "earlier rounds run at half the next. The stage costs about 10x this in full trainings "
+              "(8 candidates, 2 seeds). 0: no stage; best.yaml is then the search's design of best estimate.")
 @click.option("--select-seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Selection stage: seeds per candidate after the first round.")
 @click.option("--select-metric", type=click.Choice(list(SELECT_METRICS)), default="reward", show_default=True,
@@ -303,7 +307,7 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
                epochs, batch_size, lr, data_fraction, device, space, strategy, budget, time_limit, subset, stop_fraction,
                sparsity, online, views, exploration, executor, workers, ray_address, finalists, anchors,
-               select_budget, select_seeds, select_metric, quiet):
+               select_fidelity, select_seeds, select_metric, quiet):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -316,6 +320,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
     system every node can read.
     """
+    from autokd.pipeline import default_proxy
     from autokd.search.driver import SearchConfig, run_search
     from autokd.search.selection import SelectionConfig
     from autokd.train.loop import TrainConfig
@@ -326,10 +331,11 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
         _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
-        proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
-                            sparsity=sparsity, offline=not online, seed=seed, device=device)
+        given = {"subset": subset, "stop_fraction": stop_fraction, "sparsity": sparsity}
+        accel = {k: (v if v is not None else default_proxy(data)[k]) for k, v in given.items()}
+        proxy = TrainConfig(**sched, **accel, offline=not online, seed=seed, device=device)
         selection = SelectionConfig(finalists=finalists, anchors=_taps(anchors) or (),
-                                    budget=select_budget, seeds=select_seeds, metric=select_metric)
+                                    fidelity=select_fidelity, seeds=select_seeds, metric=select_metric)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,

@@ -41,6 +41,12 @@ def default_training(data_name: str) -> dict:
     return data_kind(data_name).training()
 
 
+def default_proxy(data_name: str) -> dict:
+    """A search's proxy-trial settings on a data set (subset, stop_fraction, sparsity): its
+    kind's entry in the data-set registry."""
+    return data_kind(data_name).proxy()
+
+
 def resolve_taps(model_name: str, taps: Optional[Sequence[str]]) -> List[str]:
     from autokd.models import default_taps
 

@@ -300,9 +300,11 @@ def test_workers_open_every_teacher_and_store_of_the_driver(searched):
 
 def test_one_teacher_pins_the_keys_it_always_had():
     cfg = SearchConfig()
+    # the keys of every search (the space pinned by its content too); several teachers add
+    # "teachers"
     assert set(cfg.pinned("data", "sha256:x")) == {
-        "data", "teacher_hash", "student", "teacher_taps", "student_taps", "space", "strategy",
-        "seed", "views", "proxy"}
+        "data", "teacher_hash", "student", "teacher_taps", "student_taps", "space",
+        "space_fingerprint", "strategy", "seed", "views", "proxy"}
     assert cfg.pinned("data", "sha256:x")["teacher_hash"] == "sha256:x"
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from autokd.errors import PipelineError
-from autokd.pipeline import default_models, default_training, teacher_plan
+from autokd.pipeline import default_models, default_proxy, default_training, teacher_plan
 from autokd.search import executors
 from autokd.search.journal import Journal, Trial
 from autokd.search.report import write_outputs
@@ -77,8 +77,8 @@ class SearchConfig:
     store: Optional[str] = None  # None: <out>/teacher_features.akds
     exploration: Optional[float] = None  # None: the engine's default
     val_fraction: float = 0.1
-    # None: the paper's accelerations (20% subset, 20% of the epochs, 50% sparse, offline) on the
-    # data set's default schedule (pipeline.default_training).
+    # None: the data set's proxy (pipeline.default_proxy: the paper's accelerations, 20% subset,
+    # 20% of the epochs, 50% sparse, except on digits) on its schedule, offline.
     proxy: Optional[TrainConfig] = None
     # Where trials run; not part of the pinned configuration (a search may resume on more or
     # fewer workers). local + 1 worker: in this process, the serial search.
@@ -108,8 +108,8 @@ class SearchConfig:
         if self.views < 1:
             raise PipelineError(f"search: expected views >= 1, got {self.views}")
         if self.proxy is None:
-            self.proxy = TrainConfig(**default_training(self.data), subset=0.2, stop_fraction=0.2,
-                                     sparsity=0.5, offline=True)
+            self.proxy = TrainConfig(**default_training(self.data), **default_proxy(self.data),
+                                     offline=True)
         teacher, student = default_models(self.data)
         self.teacher = self.teacher or teacher
         self.student = self.student or student
@@ -410,7 +410,7 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
             selection = run_selection(space, trials, journal,
                                       lambda tasks: run_batch(executor, tasks, log), cfg.selection,
                                       epochs=cfg.proxy.epochs, seed=cfg.seed, log=log)
-        elif not finished and cfg.selection.budget > 0:
+        elif not finished and cfg.selection.fidelity > 0:
             log(f"selection stage: waits for the budget of {cfg.budget} trials ({len(trials)} done)")
     finally:
         executor.close()

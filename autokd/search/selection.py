@@ -8,21 +8,29 @@ this problem. So after the budget of trials:
 1. Candidates: the ``finalists`` best designs of the search by estimated reward
    (``autokd.search.estimate.rank``), and the ``anchors``, classic distillers (configs/
    distillers: kd, dkd, dist, ls_kd, and ``none``, the student alone), all as specs.
-2. Successive halving: round 1 trains every candidate once at fidelity f; each later round
-   keeps the better half (the best anchor always stays, so the last round compares the
-   search's best with the best classic), doubles the fidelity and trains ``seeds`` seeds of
-   each (the same seeds for every candidate: common random numbers). A run's fidelity is a
-   fraction of the full schedule's epochs, on the whole training split, dense, with the
-   search's teacher features; its score is the held-out ``metric``.
-3. ``best.yaml`` is the best candidate of the last round: a searched design, or a classic
-   when the search's best did not beat it. The search never hands back a design its own
-   highest-fidelity evaluation ranks below the best classic.
+2. Successive halving: round 1 trains every candidate once; each later round keeps the better
+   half (the best anchor and the search's best always stay, so the last round compares them),
+   doubles the fidelity and trains ``seeds`` seeds of each (the same seeds for every
+   candidate: common random numbers). The last round runs at ``fidelity`` (a fraction of the
+   full schedule's epochs; 1.0 is a full training), each earlier one at half the next. Every
+   run trains on the student's whole training data, dense, with the search's teacher
+   features; its score is the held-out ``metric``.
+3. ``best.yaml`` is the best candidate of the last round: the search's best design when it
+   beats the best classic by more than the uncertainty of the difference (the two means'
+   standard errors over seeds, combined), else that classic. The search never hands back a
+   design its own highest-fidelity evaluation ranks below the best classic.
 
-Cost. A run at fidelity f costs f full trainings of work (sample-epochs); f is chosen so the
-stage's total is ``budget`` full trainings: f = budget / sum over rounds of (candidates x
-seeds x 2^round). Every run is a journal row (table ``evaluations``) keyed by spec, seed and
-fidelity: an interrupted stage resumes without rerunning finished runs, and a stage rerun
-with other settings reuses every run that matches.
+Why so high a fidelity: the ranking of distillers changes late in training. Measured on the
+embedded default (benchmarks/results/proxy_fidelity.md, e2e runs in RESULTS.md): DKD, whose
+weight warms up over the first twelfth of training, ranked first among the classics at 15% of
+the schedule and last at full training; proxies below a third of the schedule rank designs
+with Kendall tau near 0.5 only.
+
+Cost. A run at fidelity f costs f full trainings of work (sample-epochs); with 8 candidates
+(3 finalists and 5 anchors) and 2 seeds the stage costs 10 x ``fidelity`` full trainings. Every
+run is a journal row (table ``evaluations``) keyed by spec, seed, fidelity and metric: an
+interrupted stage resumes without rerunning finished runs, and a stage rerun with other
+settings reuses every run that matches.
 """
 from __future__ import annotations
 
@@ -54,15 +62,16 @@ METRICS = {
 class SelectionConfig:
     finalists: int = 3  # best designs of the search taken into the stage
     anchors: Sequence[str] = DEFAULT_ANCHORS
-    budget: float = 1.0  # full trainings of work for the whole stage; 0: no stage
+    fidelity: float = 0.5  # the last round's fraction of the schedule; 0: no stage
     seeds: int = 2  # seeds per candidate in every round after the first
     metric: str = "reward"
 
     def __post_init__(self):
         if isinstance(self.finalists, bool) or not isinstance(self.finalists, int) or self.finalists < 1:
             raise PipelineError(f"selection: expected finalists an integer >= 1, got {self.finalists!r}")
-        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget >= 0):
-            raise PipelineError(f"selection: expected budget >= 0 (full trainings), got {self.budget!r}")
+        if not (isinstance(self.fidelity, (int, float)) and 0 <= self.fidelity <= 1):
+            raise PipelineError(f"selection: expected fidelity in [0, 1] (the last round's fraction of "
+                                f"the schedule; 0: no stage), got {self.fidelity!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise PipelineError(f"selection: expected seeds an integer >= 1, got {self.seeds!r}")
         if self.metric not in METRICS:
@@ -140,9 +149,7 @@ class SelectionResult:
             r.seconds += e.seconds
         ordered = [rounds[i] for i in sorted(rounds)]
         last = ordered[-1]
-        winner = max(last.scores, key=lambda k: _signed(metric, last.mean(k)))
-        anchors = [k for k in last.scores if cands[k].is_anchor]
-        best_classic = max(anchors, key=lambda k: _signed(metric, last.mean(k))) if anchors else None
+        winner, best_classic = _decide(last, cands, metric)
         work = sum(r.fidelity * sum(len(v) for v in r.scores.values()) for r in ordered)
         return cls(list(cands.values()), ordered, cands[winner],
                    cands[best_classic] if best_classic else None, metric, work,
@@ -198,20 +205,22 @@ def _spec_key(spec: Dict[str, Any]) -> str:
 
 
 def plan(n: int, cfg: SelectionConfig) -> List[tuple]:
-    """[(candidates in the round, seeds, relative fidelity 2^round)] of successive halving from
-    ``n`` candidates down to two."""
+    """[(candidates in the round, seeds, fidelity)] of successive halving from ``n`` candidates
+    down to two, the last round at ``cfg.fidelity`` and each earlier one at half the next."""
     rounds, seeds = [], 1
     while True:
-        rounds.append((n, seeds, 2 ** len(rounds)))
+        rounds.append([n, seeds])
         if n <= 2:
-            return rounds
+            break
         n, seeds = max(2, math.ceil(n / 2)), cfg.seeds
+    rounds[-1][1] = cfg.seeds  # the deciding round always has every seed
+    last = len(rounds) - 1
+    return [(c, s, cfg.fidelity / 2 ** (last - i)) for i, (c, s) in enumerate(rounds)]
 
 
-def base_fidelity(n: int, cfg: SelectionConfig) -> float:
-    """The first round's fidelity that makes the stage cost ``cfg.budget`` full trainings."""
-    units = sum(c * s * f for c, s, f in plan(n, cfg))
-    return cfg.budget / units
+def stage_cost(n: int, cfg: SelectionConfig) -> float:
+    """Full trainings of work of a stage over ``n`` candidates."""
+    return sum(c * s * f for c, s, f in plan(n, cfg))
 
 
 def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask]], List[Dict]],
@@ -219,18 +228,16 @@ def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask
     """The stage (see the module docstring); ``run(tasks)`` trains tasks (through the search's
     executor) and returns their results in order. None when the budget is 0 or the search
     found nothing."""
-    if cfg.budget <= 0:
+    if cfg.fidelity <= 0:
         return None
     cands = candidates(space, trials, cfg)
     if not any(not c.is_anchor for c in cands):
         return None
     by_label = {c.label: c for c in cands}
-    f1 = base_fidelity(len(cands), cfg)
     alive = [c.label for c in cands]
     rounds: List[Round] = []
     work, seconds, reused = 0.0, 0.0, 0
-    for i, (n, n_seeds, rel) in enumerate(plan(len(cands), cfg)):
-        fidelity = min(1.0, f1 * rel)
+    for i, (n, n_seeds, fidelity) in enumerate(plan(len(cands), cfg)):
         # at least one epoch: a shorter run measures the initialisation
         fidelity = max(fidelity, 1.0 / epochs)
         seeds = [seed * 100_003 + 50_000 + s for s in range(n_seeds)]
@@ -266,13 +273,34 @@ def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask
         log(f"selection round {i + 1}: " + ", ".join(f"{k} {rnd.mean(k):.4f}" for k in ranked))
         if i + 1 < len(plan(len(cands), cfg)):
             alive = _keep(ranked, plan(len(cands), cfg)[i + 1][0], by_label)
-    last = rounds[-1]
-    winner = max(alive, key=lambda k: _signed(cfg.metric, last.mean(k)))
-    anchors = [k for k in alive if by_label[k].is_anchor]
-    best_classic = max(anchors, key=lambda k: _signed(cfg.metric, last.mean(k))) if anchors else None
+    winner, best_classic = _decide(rounds[-1], by_label, cfg.metric)
     return SelectionResult(cands, rounds, by_label[winner],
                            by_label[best_classic] if best_classic else None, cfg.metric, work,
                            seconds, reused)
+
+
+def _decide(last: Round, by_label: Dict[str, Candidate], metric: str):
+    """(winner, best classic) of the last round. A searched design wins only by more than the
+    uncertainty of the difference (the standard errors of the two means, combined): a margin
+    inside the seed noise is no evidence, and then the well-known classic is the safer
+    answer (measured: a searched design ahead by 0.006 reward at half the schedule trained to
+    1.5 points below KD)."""
+    labels = list(last.scores)
+    best = max(labels, key=lambda k: _signed(metric, last.mean(k)))
+    anchors = [k for k in labels if by_label[k].is_anchor]
+    if not anchors:
+        return best, None
+    classic = max(anchors, key=lambda k: _signed(metric, last.mean(k)))
+    if by_label[best].is_anchor:
+        return best, classic
+
+    def se2(k):
+        xs = last.scores[k]
+        return statistics.variance(xs) / len(xs) if len(xs) > 1 else 0.0
+
+    margin = math.sqrt(se2(best) + se2(classic))
+    gain = _signed(metric, last.mean(best)) - _signed(metric, last.mean(classic))
+    return (best if gain > margin else classic), classic
 
 
 def _keep(ranked: List[str], n: int, by_label: Dict[str, Candidate]) -> List[str]:

@@ -84,7 +84,7 @@ def main(argv=None):
 
     # 1. the designs
     search_out = os.path.join(args.out, "search")
-    cfg = SearchConfig(out=search_out, budget=100, selection=SelectionConfig(budget=0.0))
+    cfg = SearchConfig(out=search_out, budget=100, selection=SelectionConfig(fidelity=0.0))
     if not os.path.exists(os.path.join(search_out, "journal.sqlite")) or \
             len(Journal(os.path.join(search_out, "journal.sqlite"))) < cfg.budget:
         run_search(cfg, log=lambda _m: None, progress=False)
