@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,13 @@ def teacher_hash(model: torch.nn.Module) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return "sha256:" + h.hexdigest()
+
+
+def pinned_teacher_hash(teachers: Sequence) -> Union[str, List[str]]:
+    """The teachers' identity as a journal or checkpoint pins it, from their ``.hash``
+    (``teacher_hash`` of each; ``autokd.pipeline.TeacherInfo``): one teacher's hash (the key a
+    one-teacher run always had), or the list of every teacher's hash in order."""
+    return teachers[0].hash if len(teachers) == 1 else [t.hash for t in teachers]
 
 
 def _as_index_array(x, what: str) -> np.ndarray:
@@ -391,7 +398,7 @@ class FeatureStore:
         writer = None
         bar = None
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # only when a progress bar is asked for
 
             bar = tqdm(
                 total=n * views,
