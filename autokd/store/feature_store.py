@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def teacher_hash(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def pinned_teacher_hash(teachers: Sequence) -> Union[str, List[str]]:
+def pinned_teacher_hash(teachers: Sequence) -> str | list[str]:
     """The teachers' identity as a journal or checkpoint pins it, from their ``.hash``
     (``teacher_hash`` of each; ``autokd.pipeline.TeacherInfo``): one teacher's hash (the key a
     one-teacher run always had), or the list of every teacher's hash in order."""
