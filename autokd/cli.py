@@ -11,8 +11,33 @@ from typing import Optional
 
 import click
 
-from autokd.data import DATASETS
+from autokd.compare import default_specs, run_compare, table_text
+from autokd.data import DATASETS, load_data
 from autokd.errors import PipelineError
+from autokd.fsutil import check_writable_dir, os_error_message
+from autokd.models import training_defaults
+from autokd.pipeline import (
+    default_models,
+    default_proxy,
+    default_training,
+    load_or_train_teacher,
+    load_or_train_teachers,
+    make_augment,
+    open_or_build_store,
+    open_or_build_stores,
+    resolve_taps,
+    teacher_file,
+    teacher_plan,
+)
+from autokd.search.driver import RunFolderLock, SearchConfig, run_search
+from autokd.search.journal import Journal
+from autokd.search.report import write_outputs
+from autokd.search.selection import SelectionConfig
+from autokd.space import load_space
+from autokd.store import FeatureStore
+from autokd.train.distributed import DistContext
+from autokd.train.final import resolve_spec, run_distill
+from autokd.train.loop import TrainConfig
 
 DEFAULT_OUT = "runs/digits"
 
@@ -25,7 +50,7 @@ class _Ctx:
 # ValueErrors, KeyError for unknown names) and the file system's refusals (OSError: missing
 # files, permissions, a full disk), which name the file and say what to do.
 _USER_ERRORS = (ValueError, KeyError, OSError)
-# Names for the search's options (the lazy imports below keep `--help` fast; these are light).
+# Names for the search's options.
 DEFAULT_ANCHORS = ("none", "kd", "dkd", "dist", "ls_kd")
 SELECT_METRICS = ("reward", "val_acc", "val_ce")
 
@@ -35,8 +60,6 @@ def _fail(e: Exception):
     if _Ctx.debug:
         raise e
     if isinstance(e, OSError) and e.errno is not None:
-        from autokd.fsutil import os_error_message
-
         msg = os_error_message(e)
     else:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -47,9 +70,6 @@ def _fail(e: Exception):
 def _schedule(data, epochs, batch_size, lr, student=None, data_fraction=None):
     """TrainConfig fields: the data set's schedule, then the student's optimizer defaults (ViTs:
     AdamW with warm-up, autokd.models.training_defaults), then what the user gave."""
-    from autokd.models import training_defaults
-    from autokd.pipeline import default_models, default_training
-
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "data_fraction": data_fraction}
     sched = {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
     model = training_defaults(student or default_models(data)[1], sched["epochs"])
@@ -79,8 +99,6 @@ def _taps(value: Optional[str]):
 def _teachers(data, teacher, teacher_checkpoint, teacher_taps):
     """The run's teachers (autokd.pipeline.teacher_plan), checked before anything is read or
     trained: lists of different lengths end here, in one line."""
-    from autokd.pipeline import default_models, teacher_plan
-
     return teacher_plan(teacher or default_models(data)[0], teacher_checkpoint, _taps(teacher_taps))
 
 
@@ -154,8 +172,6 @@ def main(debug):
 
 def _writable(folder: str, option: str) -> None:
     """Refuse an unwritable output folder now, before data are read or anything trains."""
-    from autokd.fsutil import check_writable_dir
-
     check_writable_dir(folder or ".", option)
 
 
@@ -163,16 +179,12 @@ def _teacher_to_train(out: str, teacher_checkpoint: str | None, plan=None) -> bo
     """Whether a teacher will be trained into ``out`` (``plan``: the run's teachers)."""
     if plan is None or len(plan) == 1:
         return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
-    from autokd.pipeline import teacher_file
-
     own = os.path.join(out, "teacher.pt")
     return any(e.checkpoint is None and not os.path.exists(teacher_file(own, j))
                for j, e in enumerate(plan))
 
 
 def _load(data, seed, val_fraction=0.1):
-    from autokd.data import load_data
-
     return load_data(data, val_fraction=val_fraction, seed=seed)
 
 
@@ -187,8 +199,6 @@ def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student
     (default <out>/teacher.pt) and, for j >= 1, teacher-<j>.pt beside it: the files a search or
     distill with the same --teacher list and --out finds.
     """
-    from autokd.pipeline import load_or_train_teachers, teacher_file
-
     try:
         plan = _teachers(data, teacher, None, teacher_taps)
         path = output or os.path.join(out, "teacher.pt")
@@ -225,13 +235,6 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
     Several teachers (--teacher a,b): one store each, teacher j's at <store> for the first and
     <store stem>-<j>.akds for the next (teacher_features-1.akds, ...).
     """
-    from autokd.pipeline import (
-        load_or_train_teachers,
-        make_augment,
-        open_or_build_stores,
-        teacher_file,
-    )
-
     try:
         path = store or os.path.join(out, "teacher_features.akds")
         # only a named list of teachers says how many stores to check: --verify reads no model
@@ -239,8 +242,6 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
             teacher or not verify_only) else None
         paths = [teacher_file(path, j) for j in range(len(plan) if plan else 1)]
         if verify_only:
-            from autokd.store import FeatureStore
-
             for p in paths:
                 s = FeatureStore.open(p, verify="open")
                 click.echo(f"store {p}: OK ({s.num_samples} samples x {s.num_views} views, "
@@ -320,11 +321,6 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
     system every node can read.
     """
-    from autokd.pipeline import default_proxy
-    from autokd.search.driver import SearchConfig, run_search
-    from autokd.search.selection import SelectionConfig
-    from autokd.train.loop import TrainConfig
-
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     try:
@@ -388,18 +384,6 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     alone writes logs, checkpoints and results; the teacher (and, with --offline, the feature
     store) must exist first: run train-teacher (and cache) in one process.
     """
-    from autokd.pipeline import (
-        default_models,
-        load_or_train_teachers,
-        make_augment,
-        open_or_build_stores,
-        resolve_taps,
-        teacher_file,
-    )
-    from autokd.train.distributed import DistContext
-    from autokd.train.final import resolve_spec, run_distill
-    from autokd.train.loop import TrainConfig
-
     ctx = None
     try:
         ctx = DistContext.from_env(device, sync_bn=sync_bn)
@@ -490,11 +474,6 @@ def compare_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     are never rerun). The table (mean +- std and per seed) goes to <out>/compare.md and
     compare.json, and into report.html when <out> holds a search.
     """
-    from autokd.compare import default_specs, run_compare, table_text
-    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
-    from autokd.search.driver import RunFolderLock
-    from autokd.train.loop import TrainConfig
-
     try:
         _writable(out, "--out")
         names = _taps(specs) or default_specs(out)
@@ -525,10 +504,6 @@ def compare_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
 
 
 def _rebuild_report(out: str) -> None:
-    from autokd.search.journal import Journal
-    from autokd.search.report import write_outputs
-    from autokd.space import load_space
-
     with Journal(os.path.join(out, "journal.sqlite")) as j:
         trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
     write_outputs(out, trials, load_space(config.get("space", "autokd")), log=lambda _m: None,
@@ -540,10 +515,6 @@ def _rebuild_report(out: str) -> None:
 @click.option("--space", default=None, help="Space of the search [default: the one in the journal].")
 def report_cmd(out, space):
     """Rebuild best.yaml, top.yaml and report.html from a search's journal."""
-    from autokd.search.journal import Journal
-    from autokd.search.report import write_outputs
-    from autokd.space import load_space
-
     try:
         path = os.path.join(out, "journal.sqlite")
         if not os.path.exists(path):

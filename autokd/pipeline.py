@@ -12,7 +12,12 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from autokd.data import data_kind
+from autokd.data.augment import default_padding
 from autokd.errors import PipelineError
+from autokd.models import build_model, check_model_fits, default_taps
+from autokd.nn.taps import find_module
+from autokd.store import FeatureStore, ReplayAugment, StoreError, TeacherStores, teacher_hash
+from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
 
 Log = Callable[[str], None]
 
@@ -48,8 +53,6 @@ def default_proxy(data_name: str) -> dict:
 
 
 def resolve_taps(model_name: str, taps: Optional[Sequence[str]]) -> List[str]:
-    from autokd.models import default_taps
-
     if taps:
         return list(taps)
     return list(default_taps(model_name))
@@ -71,10 +74,6 @@ def load_or_train_teacher(
     """The teacher of a run: from ``checkpoint`` when given; else from ``train_to`` when that file
     exists (an earlier run trained it); else trained now and saved to ``train_to``. ``label``:
     how log lines name it (default ``teacher NAME``; several teachers number themselves)."""
-    from autokd.models import build_model
-    from autokd.store import teacher_hash
-    from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
-
     # seeded before the model is built: its initial weights are part of what the seed fixes
     # (a teacher trained twice from the same command is the same teacher)
     torch.manual_seed(seed)
@@ -224,10 +223,6 @@ def load_or_train_teachers(
         check_pairs(resolve_taps(e.name, e.taps), "")
         return [load_or_train_teacher(data, e.name, e.checkpoint, train_to, epochs, seed, device,
                                       e.taps, log=log, progress=progress)]
-    from autokd.models import build_model
-    from autokd.nn.taps import find_module
-    from autokd.train.teacher import load_checkpoint
-
     n = len(plan)
     for j, e in enumerate(plan):
         who = f"teacher {j + 1} of {n} ({e.name})"
@@ -264,40 +259,11 @@ def load_or_train_teachers(
     ]
 
 
-def pinned_teacher_hash(teachers: Sequence[TeacherInfo]):
-    """The teachers' identity as a journal or checkpoint pins it: one teacher's hash (the key a
-    one-teacher run always had), or the list of every teacher's hash in order."""
-    return teachers[0].hash if len(teachers) == 1 else [t.hash for t in teachers]
-
-
-def check_model_fits(model: torch.nn.Module, name: str, data, role: str) -> None:
-    """A forward pass of two training images through ``model`` (eval mode, no grad): images too
-    small for the model (or of a layout it cannot take) fail here, before any training, with
-    the model and the image size named instead of a traceback from deep inside a layer."""
-    x = data.train.images[:2]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        c, h, w = x.shape[1:]
-        raise PipelineError(
-            f"{role} {name} cannot take the {c}x{h}x{w} images of {data.spec} ({first}); use "
-            "larger images or a model made for this size"
-        ) from None
-    finally:
-        model.train(was_training)
-
-
 def open_store(path: str, teacher: TeacherInfo, data, verify: str = "touch"):
     """The existing feature store at ``path``, checked to hold ``teacher``'s features of
     ``data``'s training split. Another teacher or other data is a PipelineError naming both
     that says the file is left as it is; damage is the store's own StoreError (it names the
     chunk or header check and says how to rebuild). ``verify``: see FeatureStore.open."""
-    from autokd.store import FeatureStore, StoreError
-
     try:
         return FeatureStore.open(path, expect_teacher_hash=teacher.hash,
                                  expect_dataset_id=data.identity, verify=verify)
@@ -321,8 +287,6 @@ def open_store(path: str, teacher: TeacherInfo, data, verify: str = "touch"):
 def open_stores(path: str, teachers: Sequence[TeacherInfo], data, verify: str = "touch"):
     """``open_store`` for every teacher of a run, teacher j's at ``teacher_file(path, j)``: a
     FeatureStore for one teacher, an ``autokd.store.TeacherStores`` for several."""
-    from autokd.store import TeacherStores
-
     stores = [open_store(teacher_file(path, j), t, data, verify) for j, t in enumerate(teachers)]
     return stores[0] if len(stores) == 1 else TeacherStores(stores)
 
@@ -341,8 +305,6 @@ def open_or_build_stores(path: str, teachers: Sequence[TeacherInfo], data, augme
     new teacher alone instead of rebuilding everything); each is built, checked and repaired
     on its own. Reading costs one more gather per batch and teacher (memory-mapped and GIL-free
     like the first); the images are still augmented once per batch, not once per teacher."""
-    from autokd.store import TeacherStores
-
     stores = [open_or_build_store(teacher_file(path, j), t, data, augment, views, dtype,
                                   batch_size=batch_size, device=device, log=log, progress=progress,
                                   repair=repair)
@@ -374,8 +336,6 @@ def open_or_build_store(
     as it is (it may be another run's). A damaged store is refused too, except with ``repair``
     (``autokd-cli cache``): then an existing store has every chunk checked now, and a damaged
     one is rebuilt (its bytes are worth nothing; the new file replaces it atomically)."""
-    from autokd.store import StoreError
-
     if os.path.exists(path):
         try:
             store = open_store(path, teacher, data, verify="open" if repair else "touch")
@@ -398,8 +358,6 @@ def open_or_build_store(
 
 
 def _build_store(path, teacher, data, augment, views, dtype, batch_size, device, log, progress):
-    from autokd.store import FeatureStore
-
     log(f"feature store: caching teacher features of {len(data.train)} samples x {views} views to {path}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return FeatureStore.build(
@@ -412,8 +370,5 @@ def make_augment(data, seed: int):
     """The replayable augmentation of a data set: crop with the padding teacher training uses
     (``autokd.data.augment.default_padding``: 1/8 of the shorter side), flip where the data
     allow it (not for digits, whose classes are not mirror-symmetric)."""
-    from autokd.data.augment import default_padding
-    from autokd.store import ReplayAugment
-
     pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))

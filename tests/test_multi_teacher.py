@@ -20,14 +20,13 @@ from autokd.nn.blocks import DistillLoss
 from autokd.pipeline import (
     load_or_train_teachers,
     make_augment,
-    pinned_teacher_hash,
     teacher_file,
     teacher_plan,
 )
 from autokd.search.driver import SearchConfig
 from autokd.search.trial import TrialSetup, prepare
 from autokd.space import DistillerSpec
-from autokd.store import FeatureStore, TeacherStores
+from autokd.store import FeatureStore, TeacherStores, pinned_teacher_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -27,7 +27,7 @@ class RawData:
 
 
 def read_digits() -> RawData:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: ~1.2 s to import, only digits need it
 
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float32)[:, None] / 16.0  # [1797, 1, 8, 8] in [0, 1]
@@ -146,7 +146,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
-    from PIL import Image
+    from PIL import Image  # lazy: only image folders need Pillow
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"folder: path {path!r} does not exist or is not a folder")

@@ -33,11 +33,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from autokd.errors import PipelineError
 from autokd.models import cifar, digits, vit
 from autokd.registry import Registry
 
-__all__ = ["MODELS", "build_model", "count_parameters", "default_taps", "list_models",
-           "split_name", "training_defaults"]
+__all__ = ["MODELS", "build_model", "check_model_fits", "count_parameters", "default_taps",
+           "list_models", "split_name", "training_defaults"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _TAPS = {}
@@ -171,6 +172,27 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
+def check_model_fits(model: torch.nn.Module, name: str, data, role: str) -> None:
+    """A forward pass of two training images through ``model`` (eval mode, no grad): images too
+    small for the model (or of a layout it cannot take) fail here, before any training, with
+    the model and the image size named instead of a traceback from deep inside a layer."""
+    x = data.train.images[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        c, h, w = x.shape[1:]
+        raise PipelineError(
+            f"{role} {name} cannot take the {c}x{h}x{w} images of {data.spec} ({first}); use "
+            "larger images or a model made for this size"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
     """Module paths whose outputs are the distilled features by default.
 
@@ -200,7 +222,7 @@ def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
 def _build_torchvision(arch: str, num_classes: int, in_channels: int,
                        options: Optional[Dict[str, object]] = None) -> nn.Module:
     try:
-        import torchvision
+        import torchvision  # lazy: ~1.7 s to import, and only tv: names need it
     except ImportError as e:  # pragma: no cover - torchvision is a requirement
         raise ImportError(f"model 'tv:{arch}' needs torchvision, which is not installed") from e
     known = torchvision.models.list_models(module=torchvision.models)

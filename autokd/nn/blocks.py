@@ -16,12 +16,16 @@ the R x R Gram matrices of each group; L2 compares all values (so L2 reads the s
 view). Embedding distances (renyi, gram_l2_embed) work on globally pooled features [N, C] and
 skip the transforms. Logit distances work on [N, K] logits.
 
-Every block registers itself in ``autokd.space.registry``; a ``DistillerSpec`` names blocks by
-their keys. The primitives with fused kernels go through ``autokd.space.kernels``.
+Every block registers itself in ``autokd.nn.registry``; a ``DistillerSpec`` names blocks by
+their keys. The primitives with fused kernels go through ``autokd.nn.kernels``. This layer
+reads a spec's fields and never imports ``autokd.space`` (which sits above it and validates
+specs against these registries).
 """
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autokd.space import kernels
-from autokd.space.registry import FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS
+from autokd.nn import kernels
+from autokd.nn.registry import FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS
 
 Tensor = torch.Tensor
 
@@ -810,10 +814,13 @@ class DistillLoss(nn.Module):
 
     def __init__(self, spec, channels: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None):
         super().__init__()
-        from autokd.space.spec import DistillerSpec
-
-        if not isinstance(spec, DistillerSpec):
-            spec = DistillerSpec.coerce(spec)
+        if isinstance(spec, (str, os.PathLike, Mapping)):
+            # autokd.nn sits below autokd.space and never imports it: a name, a mapping or YAML
+            # becomes a spec there
+            raise TypeError(
+                f"DistillLoss: expected a DistillerSpec, got {type(spec).__name__} {spec!r}; "
+                "build one with autokd.space.DistillerSpec.coerce(...) (a classic distiller's "
+                "name, a mapping, YAML text or a path)")
         self.spec = spec
         if channels is None:
             channels = [(None, None)]

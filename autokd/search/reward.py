@@ -22,14 +22,12 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from autokd import ops
 from autokd.train.loop import forward_all
 
 
 def _cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import autokd
-
-    fn = getattr(autokd.ops, "cka", None) or autokd.reference.cka
-    return fn(x.double(), y.double(), False)
+    return ops.cka(x.double(), y.double(), False)
 
 
 def reward_floor(num_classes: int) -> float:

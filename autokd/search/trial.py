@@ -35,18 +35,18 @@ import torch
 from autokd.data import load_data
 from autokd.distill import Distiller
 from autokd.errors import PipelineError
-from autokd.models import build_model
+from autokd.models import build_model, check_model_fits
 from autokd.pipeline import (
-    check_model_fits,
     load_or_train_teachers,
     make_augment,
     open_or_build_stores,
     open_stores,
-    pinned_teacher_hash,
+    resolve_taps,
     teacher_file,
 )
 from autokd.search.reward import proxy_reward
 from autokd.space.spec import DistillerSpec
+from autokd.store import pinned_teacher_hash
 from autokd.train.loop import Diverged, TrainConfig, forward_all, train_student
 
 Log = Callable[[str], None]
@@ -101,8 +101,6 @@ class Prepared:
 def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     """The driver's set-up: data, teacher (trained on the first run), feature store (built on
     the first run), each checked against the configuration."""
-    from autokd.pipeline import resolve_taps
-
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     log(f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} "
         f"test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")

@@ -13,6 +13,7 @@ from autokd.store.feature_store import (
     StoreBatches,
     StoreError,
     load_batch,
+    pinned_teacher_hash,
     teacher_hash,
 )
 from autokd.store.multi import TeacherStoreBatches, TeacherStores
@@ -27,5 +28,6 @@ __all__ = [
     "TeacherStoreBatches",
     "TeacherStores",
     "load_batch",
+    "pinned_teacher_hash",
     "teacher_hash",
 ]

@@ -22,16 +22,22 @@ from typing import Callable, Optional
 
 import torch
 
+from autokd.distill import Distiller
 from autokd.errors import PipelineError
 from autokd.fsutil import atomic_torch_save, atomic_write_text
+from autokd.models import build_model, check_model_fits
+from autokd.space import DistillerSpec, load_distiller
+from autokd.store import pinned_teacher_hash
+from autokd.train import rng
+from autokd.train.distributed import DistContext, convert_sync_batchnorm
+from autokd.train.loop import Diverged, forward_all, train_student
+from autokd.train.teacher import evaluate
 
 
 def resolve_spec(spec: str):
     """A DistillerSpec from a YAML path, or else a classic distiller's name (configs/distillers,
     ``none`` for the student alone) looked up by ``autokd.space.load_distiller``, whose error
     names close matches and the known names."""
-    from autokd.space import DistillerSpec, load_distiller
-
     if os.path.exists(spec):
         return DistillerSpec.from_yaml(spec)
     if spec.endswith((".yaml", ".yml")) or os.sep in spec:
@@ -69,14 +75,6 @@ def run_distill(
 
     ``teacher``: a ``TeacherInfo``, or a list of them (several teachers, combined by the
     Distiller; ``store`` is then their ``TeacherStores``)."""
-    from autokd.distill import Distiller
-    from autokd.models import build_model
-    from autokd.pipeline import check_model_fits, pinned_teacher_hash
-    from autokd.train import rng
-    from autokd.train.distributed import DistContext, convert_sync_batchnorm
-    from autokd.train.loop import Diverged, forward_all, train_student
-    from autokd.train.teacher import evaluate
-
     dist = dist or DistContext(device=cfg.device)
     dist.check_batch(cfg.batch_size)  # first: a mistake must surface before any collective
     main = dist.is_main
@@ -128,7 +126,7 @@ def run_distill(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only when a progress bar is asked for
 
         bar = tqdm(total=cfg.run_epochs, initial=start_epoch, desc="distill", unit="epoch")
 

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autokd.nn.taps import FeatureTaps
+from autokd.train import rng
+from autokd.train.distributed import EpochShardSampler
+from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -246,8 +249,6 @@ def train_student(
     caller converts BN layers (``convert_sync_batchnorm``) before building the distiller.
     Losses reported (history, ``final_loss``) are global means.
     """
-    from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
-
     device = torch.device(cfg.device)
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
@@ -284,8 +285,6 @@ def train_student(
     sampler = None
     model = distiller
     if distributed:
-        from autokd.train.distributed import EpochShardSampler
-
         dist.check_batch(cfg.batch_size)
         sampler = EpochShardSampler(
             lambda e: _epoch_source(data, cfg, indices, e, store, augment)[0], len(indices),
@@ -294,8 +293,6 @@ def train_student(
         dist.reseed(cfg.seed)
     if resume is not None and resume.get("rng") is not None:
         # last, after reseed: the resumed epochs draw what the uninterrupted run drew
-        from autokd.train import rng
-
         rng.restore_mine(resume["rng"], distiller, cfg.device, dist)
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
