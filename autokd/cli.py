@@ -82,6 +82,20 @@ def _proxy_options(f):
     return f
 
 
+def _precision_options(f):
+    """--precision and --channels-last (autokd/train/precision.py) of the training commands."""
+    opts = [
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="Training precision: autocast of the forward passes "
+                     "to bfloat16 or float16 (with a gradient scaler); losses stay float32."),
+        click.option("--channels-last", is_flag=True, help="Input batches in channels-last "
+                     "(NHWC) memory format; faster convolutions on most hardware."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _common_options(f):
     opts = [
         click.option("--data", default="digits", show_default=True,
@@ -146,7 +160,9 @@ def _load(data, seed, val_fraction=0.1):
 @_common_options
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint path [default: <out>/teacher.pt].")
 @click.option("--device", default="cpu", show_default=True)
-def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device):
+@_precision_options
+def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device,
+                      precision, channels_last):
     """Train a teacher on the training split and save its checkpoint."""
     from autokd.pipeline import default_models, load_or_train_teacher
 
@@ -157,7 +173,8 @@ def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student
         _writable(os.path.dirname(path), "--output" if output else "--out")
         bundle = _load(data, seed)
         name = teacher or default_models(data)[0]
-        info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo)
+        info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo,
+                                     precision=precision, channels_last=channels_last)
         click.echo(f"teacher saved to {info.checkpoint} (test accuracy {info.test_accuracy:.4f})")
     except _USER_ERRORS as e:
         _fail(e)
@@ -231,9 +248,11 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
               "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
               "shared file system.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_precision_options
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
                epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, executor, workers, ray_address, quiet):
+               sparsity, online, views, exploration, executor, workers, ray_address, quiet, precision,
+               channels_last):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -255,7 +274,8 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
         _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr, student)
         proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
-                            sparsity=sparsity, offline=not online, seed=seed, device=device)
+                            sparsity=sparsity, offline=not online, seed=seed, device=device,
+                            precision=precision, channels_last=channels_last)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
@@ -284,8 +304,10 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 @click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
               help="Under torchrun: BatchNorm statistics over the global batch (as one process), or per process.")
 @click.option("--quiet", is_flag=True)
+@_precision_options
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet):
+                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet,
+                precision, channels_last):
     """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy.
 
     \b
@@ -332,13 +354,15 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
                                     f"store must exist; run `autokd-cli cache --data {data} --out {out}` first")
         info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
                                      teacher_epochs, seed, device, _taps(teacher_taps), log=log,
-                                     progress=not quiet)
+                                     progress=not quiet, precision=precision,
+                                     channels_last=channels_last)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
             store = open_or_build_store(store_path, info, bundle, augment, views,
                                         "fp16", device=device, log=log, progress=not quiet)
-        cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device)
+        cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device,
+                          precision=precision, channels_last=channels_last)
         ctx.init()
         if ctx.distributed:
             log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "

@@ -60,9 +60,12 @@ def load_or_train_teacher(
     taps: Optional[Sequence[str]] = None,
     log: Log = print,
     progress: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> TeacherInfo:
     """The teacher of a run: from ``checkpoint`` when given; else from ``train_to`` when that file
-    exists (an earlier run trained it); else trained now and saved to ``train_to``."""
+    exists (an earlier run trained it); else trained now and saved to ``train_to`` (with
+    ``precision`` and ``channels_last``, autokd/train/precision.py)."""
     from autokd.models import build_model
     from autokd.store import teacher_hash
     from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
@@ -82,7 +85,8 @@ def load_or_train_teacher(
             raise PipelineError("no teacher checkpoint given and nowhere to train one")
         log(f"teacher {name}: training for {epochs} epochs (first run; saved to {train_to})")
         torch.manual_seed(seed)
-        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress)
+        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress,
+                         precision=precision, channels_last=channels_last)
         acc, _ = evaluate(model, data.test, device=device)
         os.makedirs(os.path.dirname(os.path.abspath(train_to)), exist_ok=True)
         save_checkpoint(

@@ -93,7 +93,8 @@ def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     teacher = load_or_train_teacher(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps,
-        log=log, progress=progress,
+        log=log, progress=progress, precision=cfg.proxy.precision,
+        channels_last=cfg.proxy.channels_last,
     )
     if len(student_taps) != len(teacher.taps):
         raise PipelineError(

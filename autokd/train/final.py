@@ -125,7 +125,7 @@ def run_distill(
 
     t_run = time.perf_counter()
 
-    def on_epoch_end(epoch, optimizer, sparsity):
+    def on_epoch_end(epoch, optimizer, sparsity, scaler=None):
         rng_state = rng.capture_all(distiller, cfg.device, dist)  # a collective: every rank
         if not main:
             return
@@ -136,7 +136,8 @@ def run_distill(
             "epoch": epoch,
             "distiller": distiller.state_dict(),
             "optim": {"optimizer": optimizer.state_dict(),
-                      "sparsity": sparsity.state_dict() if sparsity is not None else None},
+                      "sparsity": sparsity.state_dict() if sparsity is not None else None,
+                      "scaler": scaler.state_dict() if scaler is not None else None},
         }
         atomic_torch_save(state, ckpt_path)
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autokd.nn.taps import FeatureTaps
+from autokd.train import precision as amp
+from autokd.train.precision import PRECISIONS
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -46,6 +48,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, batch order, sparsity masks
     subset_seed: Optional[int] = None  # which subset; None: `seed`. A search fixes it for all trials
     device: str = "cpu"
+    # autokd/train/precision.py: fp32 | bf16 (autocast) | fp16 (autocast + GradScaler); losses
+    # stay float32 either way. channels_last: input batches in NHWC strides.
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self):
         checks = [
@@ -58,6 +64,8 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
              f"in [0, epochs = {self.epochs})"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("channels_last", isinstance(self.channels_last, bool), "a bool"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -206,7 +214,8 @@ def train_student(
     ``store``), teacher features come from the store with
     exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
     when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
-    ``distill`` writes checkpoints.
+    ``distill`` writes checkpoints (with ``scaler=`` the GradScaler of an fp16 run, whose state
+    ``resume["scaler"]`` restores).
 
     ``dist`` (an ``autokd.train.distributed.DistContext`` with a process group) trains data
     parallel: ``cfg.batch_size`` is the global batch, each rank takes its share of every batch
@@ -217,6 +226,7 @@ def train_student(
     from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
     device = torch.device(cfg.device)
+    amp.check_precision(cfg.precision, device)
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
     extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
@@ -250,6 +260,9 @@ def train_student(
             sparsity.load_state_dict(resume["sparsity"])
         distiller.load_state_dict(resume["distiller"])
         optimizer.load_state_dict(resume["optimizer"])
+    scaler = amp.grad_scaler(cfg.precision, device)
+    if scaler is not None and resume is not None and resume.get("scaler") is not None:
+        scaler.load_state_dict(resume["scaler"])
     distributed = dist is not None and dist.distributed
     sampler = None
     model = distiller
@@ -280,11 +293,14 @@ def train_student(
                 group["lr"] = lr
             distiller.set_progress(step / max(total_steps, 1))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = amp.memory_format(x, cfg.channels_last)
             if tf is not None:
                 tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
                 tl = tl.to(device, non_blocking=True).float() if tl is not None else None
-            out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
-            loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
+            with amp.autocast(cfg.precision, device):
+                out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
+            # float32 whatever the precision: the distiller returns its loss in float32
+            loss = F.cross_entropy(out.student_logits.float(), y) + out.loss_kd
             if distributed:
                 # equal shares, so the mean of the rank means is the global batch mean; every
                 # rank sees the same value and stops together when it is not finite
@@ -294,9 +310,10 @@ def train_student(
             if not math.isfinite(loss_value):
                 raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if sparsity is not None:
+            stepped = amp.backward_step(loss, optimizer, scaler)
+            # a step the fp16 scaler skipped (overflowing gradients) moves no weight; the
+            # topology update waits for a step with finite gradients
+            if sparsity is not None and stepped:
                 sparsity.step(step)
             step += 1
             total += loss_value * len(y)
@@ -305,5 +322,8 @@ def train_student(
         if progress is not None:
             progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
         if on_epoch_end is not None:
-            on_epoch_end(epoch, optimizer, sparsity)
+            if scaler is None:
+                on_epoch_end(epoch, optimizer, sparsity)
+            else:  # its scale is state a resumed fp16 run needs
+                on_epoch_end(epoch, optimizer, sparsity, scaler=scaler)
     return TrainResult(cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history)

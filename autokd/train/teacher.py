@@ -22,6 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from autokd.data.augment import apply_augmentation, default_padding, sample_augmentation
+from autokd.train import precision as amp
 
 __all__ = ["train_classifier", "evaluate", "save_checkpoint", "load_checkpoint",
            "load_model", "train_and_save", "resolve_device"]
@@ -79,12 +80,14 @@ def _batches(dataset, batch_size: int):
 def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128, lr: float = 0.1,
                      momentum: float = 0.9, weight_decay: float = 5e-4, augment: bool = True,
                      seed: int = 0, device: Optional[Any] = None, progress: bool = True,
-                     log: Optional[Callable[[str], None]] = None) -> List[Dict[str, float]]:
+                     log: Optional[Callable[[str], None]] = None, precision: str = "fp32",
+                     channels_last: bool = False) -> List[Dict[str, float]]:
     """Train ``model`` on ``data.train`` (a ``DataBundle``); returns one dict per epoch with
     ``epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds`` (val_* are NaN when the
     bundle has no validation split). ``seed`` fixes the batch order and the augmentation (not
     the initial weights: seed torch before building the model). The model is left on ``device``
-    in eval mode."""
+    in eval mode. ``precision`` and ``channels_last``: see autokd/train/precision.py (the
+    forward under autocast, the loss in float32, a GradScaler for fp16)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"train_classifier: expected epochs >= 1, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -92,6 +95,8 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     if not lr > 0:
         raise ValueError(f"train_classifier: expected lr > 0, got {lr!r}")
     dev = resolve_device(device)
+    amp.check_precision(precision, dev)
+    scaler = amp.grad_scaler(precision, dev)
     model.to(dev)
     images = data.train.images.to(dev)  # [N, C, H, W]
     labels = data.train.labels.to(dev)  # [N]
@@ -127,11 +132,11 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
                 y = labels[idx.to(dev)]
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                with amp.autocast(precision, dev):
+                    logits = model(amp.memory_format(x, channels_last))
+                loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                amp.backward_step(loss, opt, scaler)
                 step += 1
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.detach().argmax(1) == y).sum()
