@@ -88,9 +88,11 @@ def run_distill(
     sync_bn = dist.distributed and dist.sync_bn
     if sync_bn:  # before the distiller hooks its taps: conversion replaces BN modules
         student = convert_sync_batchnorm(student, cfg.device)
-    _, tfeats = forward_all(teacher.model, data.train.images[:2], teacher.taps)
-    shapes = {t: tuple(f.shape[1:]) for t, f in tfeats.items()}
-    shapes["logits"] = (data.num_classes,)
+    shapes = None
+    if spec.uses_teacher():  # the student alone never runs the teacher, not even once
+        _, tfeats = forward_all(teacher.model, data.train.images[:2], teacher.taps)
+        shapes = {t: tuple(f.shape[1:]) for t, f in tfeats.items()}
+        shapes["logits"] = (data.num_classes,)
     offline = cfg.offline and store is not None
     distiller = Distiller(
         spec, student, student_taps=student_taps, teacher_taps=teacher.taps,
