@@ -239,10 +239,14 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where trials run: local processes, or Ray tasks (pip install 'autokd[ray]').")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Trials at once. local: 1 runs in this process (serial); N starts N worker processes, "
               "with --device cuda pinned round-robin to the visible GPUs. ray: tasks in flight, 1 GPU "
-              "(--device cuda) or 1 CPU each.")
+              "(--device cuda) or 1 CPU each. [default: 1; with --workers-per-gpu K, K per GPU]")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=None,
+              help="With --device cuda: K trials share each GPU (small students leave one GPU mostly "
+              "idle); --workers defaults to K x visible GPUs (Ray: K x the cluster's GPUs, 1/K GPU "
+              "per task).")
 @click.option("--ray-address", default=None,
               help="Address of a running Ray cluster (e.g. ray://head:10001 or auto) [default: "
               "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
@@ -251,8 +255,8 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @_precision_options
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
                epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, executor, workers, ray_address, quiet, precision,
-               channels_last):
+               sparsity, online, views, exploration, executor, workers, workers_per_gpu, ray_address,
+               quiet, precision, channels_last):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -261,6 +265,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     \b
     Several trials at once:
       autokd-cli search --device cuda --workers 4            # 4 local GPUs, one worker each
+      autokd-cli search --device cuda --workers-per-gpu 4    # 4 trials on every local GPU
       autokd-cli search --executor ray --device cuda --workers 16 --ray-address auto
     On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
     system every node can read.
@@ -270,6 +275,10 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
+    if workers_per_gpu is not None and not device.startswith("cuda"):
+        raise click.UsageError(f"--workers-per-gpu needs --device cuda (got --device {device})")
+    if workers is None and workers_per_gpu is None:
+        workers = 1
     try:
         _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr, student)
@@ -280,7 +289,8 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
-                           proxy=proxy, executor=executor, workers=workers, ray_address=ray_address)
+                           proxy=proxy, executor=executor, workers=workers, ray_address=ray_address,
+                           workers_per_gpu=workers_per_gpu)
         res = run_search(cfg, log=click.echo, progress=not quiet)
     except _USER_ERRORS as e:
         _fail(e)

@@ -211,9 +211,14 @@ def _build_store(path, teacher, data, augment, views, dtype, batch_size, device,
 def make_augment(data, seed: int):
     """The replayable augmentation of a data set: crop with the padding teacher training uses
     (``autokd.data.augment.default_padding``: 1/8 of the shorter side), flip where the data
-    allow it (not for digits, whose classes are not mirror-symmetric)."""
+    allow it (not for digits, whose classes are not mirror-symmetric). A streamed folder
+    (autokd.data.stream) gets the random-resized crop of its image size instead."""
     from autokd.data.augment import default_padding
-    from autokd.store import ReplayAugment
+    from autokd.store import ReplayAugment, ReplayResizedCrop
+
+    if getattr(data.train, "streaming", False):
+        return ReplayResizedCrop(seed=seed, size=data.image_size[0],
+                                 flip=bool(getattr(data, "allow_flip", True)))
 
     pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))

@@ -171,35 +171,41 @@ def _resident(split, device: torch.device):
     return cache[1], cache[2]
 
 
-def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
-                  features: bool = True):
-    """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
-    turns ids into (images, labels, teacher_features or None, teacher_logits or None).
+def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
+                features: bool = True):
+    """(order, view, read_images, read_teacher) of one epoch: the sample ids in batch order, the
+    augmentation view the epoch reads, ids -> (images, labels) from an in-memory split, and
+    ids -> (teacher_features, teacher_logits), both None without a store or ``features``.
 
     With a store (offline) the epoch reads view ``epoch % K`` in the store's own order
     (``FeatureStore.batches``), images augmented exactly as stored; ``features=False`` (a
     design without a teacher term) keeps that order and those images but reads nothing from
-    the store. Teacher records are gathered into pinned memory on CUDA, so their copy to the
-    device (non_blocking in the loop) overlaps the step; the pinned blocks are torch's cached
-    host allocations, reused only after their copy has finished."""
+    the store. Without a store the view is the epoch. Teacher records are gathered into pinned
+    memory on CUDA, so their copy to the device (non_blocking in the loop) overlaps the step;
+    the pinned blocks are torch's cached host allocations, reused only after their copy has
+    finished."""
     device = torch.device(cfg.device)
     images, labels = _resident(data.train, device)
+
+    def no_teacher(idx):
+        return None, None
+
     if cfg.offline and store is not None:
         sb = store.batches(data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
                            shuffle=True, seed=cfg.seed)
         view, pin = sb.view, device.type == "cuda"
 
-        def from_store(idx):
+        def read_images(idx):
             # what StoreBatches.batch gives, gathered from the (resident) tensors in one index
             x = augment.apply_batch(images[idx.to(images.device)], idx, view)
-            y = labels[idx.to(labels.device)]
-            if not features:
-                return x, y, None, None
-            teacher = store.gather(idx.numpy(), view, pin_memory=pin)
-            logits = teacher.pop("logits", None)
-            return x, y, teacher, logits
+            return x, labels[idx.to(labels.device)]
 
-        return torch.from_numpy(sb.order()), from_store
+        def read_teacher(idx):
+            teacher = store.gather(idx.numpy(), view, pin_memory=pin)
+            return teacher, teacher.pop("logits", None)
+
+        return (torch.from_numpy(sb.order()), view, read_images,
+                read_teacher if features else no_teacher)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = indices[torch.randperm(len(indices), generator=g)]
 
@@ -207,26 +213,43 @@ def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, sto
         x = images[idx.to(images.device)]
         if augment is not None:
             x = augment.apply_batch(x, idx, torch.full_like(idx, epoch))
-        return x, labels[idx.to(labels.device)], None, None
+        return x, labels[idx.to(labels.device)]
 
-    return order, from_memory
+    return order, epoch, from_memory, no_teacher
+
+
+def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
+                  features: bool = True):
+    """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
+    turns ids into (images, labels, teacher_features or None, teacher_logits or None); see
+    ``_epoch_plan``."""
+    order, _, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store, augment,
+                                                      features)
+    return order, lambda idx: (*read_images(idx), *read_teacher(idx))
 
 
 def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
-                   sampler=None, features: bool = True):
+                   sampler=None, features: bool = True, stream=None):
     """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch:
     batches of ``cfg.batch_size`` in the epoch's order, or, with a data-parallel ``sampler``
-    (``EpochShardSampler`` over that order), this rank's share of each of those batches."""
-    order, make_batch = _epoch_source(data, cfg, indices, epoch, store, augment, features)
+    (``EpochShardSampler`` over that order), this rank's share of each of those batches.
+    ``stream``: the StreamLoader of a streamed split (autokd.data.stream), whose worker
+    processes decode and crop the images of those batches ahead of the step."""
+    order, view, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store,
+                                                         augment, features)
     if sampler is None:
-        for i in range(0, len(order), cfg.batch_size):
-            yield make_batch(order[i : i + cfg.batch_size])
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    else:
+        sampler.set_epoch(epoch)
+        local = torch.as_tensor(list(sampler), dtype=torch.long)
+        per_rank = cfg.batch_size // sampler.num_replicas
+        batches = [local[i : i + per_rank] for i in range(0, len(local), per_rank)]
+    if stream is None:
+        for idx in batches:
+            yield (*read_images(idx), *read_teacher(idx))
         return
-    sampler.set_epoch(epoch)
-    local = torch.as_tensor(list(sampler), dtype=torch.long)
-    per_rank = cfg.batch_size // sampler.num_replicas
-    for i in range(0, len(local), per_rank):
-        yield make_batch(local[i : i + per_rank])
+    for idx, (x, y) in zip(batches, stream.batches(batches, view)):
+        yield (x, y, *read_teacher(idx))
 
 
 def train_student(
@@ -325,46 +348,53 @@ def train_student(
     t0 = time.perf_counter()
     loss_value = float("nan")
     distiller.train()
-    for epoch in range(start_epoch, cfg.run_epochs):
-        total, count = 0.0, 0
-        for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler,
-                                           features=uses_teacher):
-            lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            distiller.set_progress(step / max(total_steps, 1))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = amp.memory_format(x, cfg.channels_last)
-            if tf is not None:
-                tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
-                tl = tl.to(device, non_blocking=True).float() if tl is not None else None
-            with amp.autocast(cfg.precision, device):
-                out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
-            # float32 whatever the precision: the distiller returns its loss in float32
-            loss = F.cross_entropy(out.student_logits.float(), y) + out.loss_kd
-            if distributed:
-                # equal shares, so the mean of the rank means is the global batch mean; every
-                # rank sees the same value and stops together when it is not finite
-                loss_value = dist.all_sum([float(loss.detach())])[0] / dist.world_size
-            else:
-                loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            stepped = amp.backward_step(loss, optimizer, scaler)
-            # a step the fp16 scaler skipped (overflowing gradients) moves no weight; the
-            # topology update waits for a step with finite gradients
-            if sparsity is not None and stepped:
-                sparsity.step(step)
-            step += 1
-            total += loss_value * len(y)
-            count += len(y)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), "lr": lr})
-        if progress is not None:
-            progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
-        if on_epoch_end is not None:
-            if scaler is None:
-                on_epoch_end(epoch, optimizer, sparsity)
-            else:  # its scale is state a resumed fp16 run needs
-                on_epoch_end(epoch, optimizer, sparsity, scaler=scaler)
+    # a streamed folder: one persistent DataLoader (its worker processes) for every epoch
+    stream = (data.train.loader(augment, device=device)
+              if getattr(data.train, "streaming", False) else None)
+    try:
+        for epoch in range(start_epoch, cfg.run_epochs):
+            total, count = 0.0, 0
+            for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler,
+                                               features=uses_teacher, stream=stream):
+                lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                distiller.set_progress(step / max(total_steps, 1))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = amp.memory_format(x, cfg.channels_last)
+                if tf is not None:
+                    tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
+                    tl = tl.to(device, non_blocking=True).float() if tl is not None else None
+                with amp.autocast(cfg.precision, device):
+                    out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
+                # float32 whatever the precision: the distiller returns its loss in float32
+                loss = F.cross_entropy(out.student_logits.float(), y) + out.loss_kd
+                if distributed:
+                    # equal shares, so the mean of the rank means is the global batch mean; every
+                    # rank sees the same value and stops together when it is not finite
+                    loss_value = dist.all_sum([float(loss.detach())])[0] / dist.world_size
+                else:
+                    loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                stepped = amp.backward_step(loss, optimizer, scaler)
+                # a step the fp16 scaler skipped (overflowing gradients) moves no weight; the
+                # topology update waits for a step with finite gradients
+                if sparsity is not None and stepped:
+                    sparsity.step(step)
+                step += 1
+                total += loss_value * len(y)
+                count += len(y)
+            history.append({"epoch": epoch, "loss": total / max(count, 1), "lr": lr})
+            if progress is not None:
+                progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
+            if on_epoch_end is not None:
+                if scaler is None:
+                    on_epoch_end(epoch, optimizer, sparsity)
+                else:  # its scale is state a resumed fp16 run needs
+                    on_epoch_end(epoch, optimizer, sparsity, scaler=scaler)
+    finally:
+        if stream is not None:
+            stream.close()
     return TrainResult(cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history)

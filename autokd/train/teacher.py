@@ -68,7 +68,15 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _batches(dataset, batch_size: int):
-    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+    if getattr(dataset, "streaming", False):  # a streamed folder: DataLoader workers decode
+        n = len(dataset)
+        batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+        stream = dataset.loader(None)
+        try:
+            yield from stream.batches(batches, 0)
+        finally:
+            stream.close()
+    elif hasattr(dataset, "images") and hasattr(dataset, "labels"):
         for i in range(0, len(dataset), batch_size):
             yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
     else:
@@ -98,13 +106,24 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     amp.check_precision(precision, dev)
     scaler = amp.grad_scaler(precision, dev)
     model.to(dev)
-    images = data.train.images.to(dev)  # [N, C, H, W]
-    labels = data.train.labels.to(dev)  # [N]
-    n = labels.shape[0]
+    flip = bool(getattr(data, "allow_flip", True))
+    stream = None
+    if getattr(data.train, "streaming", False):
+        # a streamed folder (autokd.data.stream): DataLoader workers decode random-resized
+        # crops, view = epoch, from another seed than the feature store's views
+        from autokd.store import ReplayResizedCrop
+
+        crop = ReplayResizedCrop(seed=(int(seed) * 1_000_003 + 7) % 2**64,
+                                 size=data.train.size, flip=flip) if augment else None
+        stream = data.train.loader(crop, device=dev)
+        n = len(data.train)
+    else:
+        images = data.train.images.to(dev)  # [N, C, H, W]
+        labels = data.train.labels.to(dev)  # [N]
+        n = labels.shape[0]
+        pad = default_padding(tuple(images.shape[-2:]))
     if n == 0:
         raise ValueError("train_classifier: the training split is empty")
-    pad = default_padding(tuple(images.shape[-2:]))
-    flip = bool(getattr(data, "allow_flip", True))
     # BatchNorm cannot train on a batch of one; such a remainder is dropped.
     steps_per_epoch = n // batch_size + (1 if n % batch_size > 1 else 0) if n > 1 else 1
     total_steps = epochs * steps_per_epoch
@@ -119,17 +138,16 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
             t0 = time.perf_counter()
             model.train()
             order = torch.randperm(n, generator=gen)
-            if augment:
-                offsets, flips = sample_augmentation(n, pad, flip, gen)
+            batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(steps_per_epoch)]
+            if stream is not None:
+                source = stream.batches(batches, epoch)
+            else:
+                crops = sample_augmentation(n, pad, flip, gen) if augment else None
+                source = _memory_batches(images, labels, batches, crops, pad)
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             seen = 0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                x = images[idx.to(dev)]
-                if augment:
-                    x = apply_augmentation(x, offsets[idx], flips[idx], pad)
-                y = labels[idx.to(dev)]
+            for x, y in source:
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
                 with amp.autocast(precision, dev):
@@ -166,8 +184,21 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     finally:
         if bar is not None:
             bar.close()
+        if stream is not None:
+            stream.close()
     model.eval()
     return history
+
+
+def _memory_batches(images, labels, batches, crops, pad: int):
+    """(images, labels) of each batch of ids from tensors on the training device, cropped and
+    flipped with ``crops`` = (offsets, flips) of every sample when given."""
+    dev = images.device
+    for idx in batches:
+        x = images[idx.to(dev)]
+        if crops is not None:
+            x = apply_augmentation(x, crops[0][idx], crops[1][idx], pad)
+        yield x, labels[idx.to(dev)]
 
 
 def _progress(total: int, enabled: bool):
