@@ -99,7 +99,9 @@ def _precision_options(f):
 def _common_options(f):
     opts = [
         click.option("--data", default="digits", show_default=True,
-                     help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
+                     help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only). "
+                     "folder:PATH?stream=1 streams an ImageNet-layout folder through DataLoader workers "
+                     "(&size=224, &classes=100 for a seeded class subset, &workers=8)."),
         click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
                      "package.module:factory, each optionally NAME?key=value&... (constructor options) "
                      f"{_default_help('teacher')}."),

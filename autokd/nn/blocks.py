@@ -866,13 +866,14 @@ class DistillLoss(nn.Module):
 
         Mixed precision: half-precision inputs (what autocast hands over) are cast to float32
         once, here, and the loss runs with autocast off, so every term is computed and
-        returned in float32 whatever the caller's precision. Measured on CPU (bf16 student,
-        [64, 64, 8, 8] features, [64, 100] logits, forward + backward, one thread): cast-once
-        costs 0.20 / 0.91 / 3.05 ms for kd / cwd / a multi-scale attention KL + Pearson design
-        against 0.11 / 0.93 / 2.84 ms with the kernels on bfloat16 inputs (they accept them),
-        while the loss's relative error vs float32 is 3e-6 against 1e-3..6e-3 in bfloat16 (the
-        teacher's targets lose their low bits too), and some eager transforms (the random mask)
-        refuse mixed dtypes. The loss is a small share of a step: float32 it is."""
+        returned in float32 whatever the caller's precision. Measured on CPU
+        (benchmarks/bench_precision.py: bf16 student, [64, 64, 8, 8] features, [64, 100]
+        logits, forward + backward, one thread): cast-once costs 0.27 / 0.97 / 2.56 ms for kd /
+        cwd / a multi-scale attention KL + Pearson design against 0.25 / 0.99 / 2.57 ms with
+        the kernels on bfloat16 inputs (they accept them): the same, within noise; the loss's
+        relative error vs float32 is 3e-6..6e-5 against 1e-3..2e-3 in bfloat16 (the teacher's
+        targets lose their low bits too), and some eager transforms (the random mask) refuse
+        mixed dtypes. The loss is a small share of a step: float32 it is."""
         if _low_precision(student_features, teacher_features, student_logits, teacher_logits):
             device_type = next(x.device.type for x in _tensors(
                 student_features, teacher_features, student_logits, teacher_logits))

@@ -16,11 +16,12 @@ per op; the masked fused optimizer steps see float32 as before).
 ``channels_last``: the input batches are made channels-last (NHWC strides); convolutions then
 pick their channels-last kernels and keep the layout through the network. Parameters are not
 converted: the masked optimizer steps of the sparse proxy need contiguous parameters, and
-converting the model measured no faster than converting the inputs alone (CPU, ResNet-20 on
-[64, 3, 32, 32], one thread: fp32 contiguous 221 ms/step, channels-last input 177 ms, model and
-input 175 ms; bf16 118 / 94 / 92 ms; see benchmarks/results/throughput.md). Off by default:
-on a GPU it is a win for convolutions under bf16/fp16 (tensor cores want NHWC) and unmeasured
-here.
+converting the model measured no better than converting the inputs alone
+(benchmarks/bench_precision.py, CPU, ResNet-20 step on [64, 3, 32, 32], one thread, two runs:
+channels-last inputs 1.25x / 1.40x the contiguous fp32 step, model and inputs 1.26x / 1.23x;
+bf16 contiguous 1.86x / 1.86x, bf16 channels-last inputs 2.35x / 2.74x, model too 2.39x /
+3.04x; benchmarks/results/throughput.md). Off by default: on a GPU channels-last is expected
+to help convolutions under bf16/fp16 (tensor cores want NHWC), unmeasured here (no GPU lent).
 
 On CPU use bf16 (native on CPUs with AVX512-BF16/AMX; 1.9x fp32 on ResNet-20 above): fp16
 convolutions take a slow path in this torch (digits_teacher, 5 epochs: 90 s against 1.1 s in
