@@ -140,7 +140,7 @@ class LazyImages:
         if isinstance(key, (int, np.integer)):
             return self._split[int(key)][0]
         if isinstance(key, slice):
-            ids = list(range(n))[key]
+            ids = range(n)[key]  # O(1) whatever n: a range slices without a list
         else:
             ids = [int(i) for i in torch.as_tensor(key).reshape(-1).tolist()]
         split = self._split
