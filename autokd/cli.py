@@ -5,13 +5,39 @@ User mistakes end with a one-line message (exit code 2); ``--debug`` shows the t
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import Optional
 
 import click
 
-from autokd.data import DATASETS
+from autokd.compare import default_specs, run_compare, table_text
+from autokd.data import DATASETS, load_data
 from autokd.errors import PipelineError
+from autokd.fsutil import check_writable_dir, os_error_message
+from autokd.models import training_defaults
+from autokd.pipeline import (
+    default_models,
+    default_proxy,
+    default_training,
+    load_or_train_teacher,
+    load_or_train_teachers,
+    make_augment,
+    open_or_build_store,
+    open_or_build_stores,
+    resolve_taps,
+    teacher_file,
+    teacher_plan,
+)
+from autokd.search.driver import RunFolderLock, SearchConfig, run_search
+from autokd.search.journal import Journal
+from autokd.search.report import write_outputs
+from autokd.search.selection import SelectionConfig
+from autokd.space import load_space
+from autokd.store import FeatureStore
+from autokd.train.distributed import DistContext
+from autokd.train.final import resolve_spec, run_distill
+from autokd.train.loop import TrainConfig
 
 DEFAULT_OUT = "runs/digits"
 
@@ -24,6 +50,9 @@ class _Ctx:
 # ValueErrors, KeyError for unknown names) and the file system's refusals (OSError: missing
 # files, permissions, a full disk), which name the file and say what to do.
 _USER_ERRORS = (ValueError, KeyError, OSError)
+# Names for the search's options.
+DEFAULT_ANCHORS = ("none", "kd", "dkd", "dist", "ls_kd")
+SELECT_METRICS = ("reward", "val_acc", "val_ce")
 
 
 def _fail(e: Exception):
@@ -31,8 +60,6 @@ def _fail(e: Exception):
     if _Ctx.debug:
         raise e
     if isinstance(e, OSError) and e.errno is not None:
-        from autokd.fsutil import os_error_message
-
         msg = os_error_message(e)
     else:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -40,13 +67,10 @@ def _fail(e: Exception):
     raise click.ClickException(" ".join(part.strip() for part in str(msg).splitlines()))
 
 
-def _schedule(data, epochs, batch_size, lr, student=None):
+def _schedule(data, epochs, batch_size, lr, student=None, data_fraction=None):
     """TrainConfig fields: the data set's schedule, then the student's optimizer defaults (ViTs:
     AdamW with warm-up, autokd.models.training_defaults), then what the user gave."""
-    from autokd.models import training_defaults
-    from autokd.pipeline import default_models, default_training
-
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "data_fraction": data_fraction}
     sched = {k: (v if v is not None else default_training(data)[k]) for k, v in given.items()}
     model = training_defaults(student or default_models(data)[1], sched["epochs"])
     return {**sched, **model, **{k: v for k, v in given.items() if v is not None}}
@@ -62,7 +86,20 @@ def _default_help(field: str) -> str:
 
 
 def _taps(value: Optional[str]):
-    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+    """``"a,b"``: one list (for every teacher); ``"a1,a2;b1,b2"``: one list per teacher, an
+    empty one (``"a1;"``) for that teacher's default taps."""
+    if not value:
+        return None
+    if ";" in value:
+        return [[t.strip() for t in part.split(",") if t.strip()] or None
+                for part in value.split(";")]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _teachers(data, teacher, teacher_checkpoint, teacher_taps):
+    """The run's teachers (autokd.pipeline.teacher_plan), checked before anything is read or
+    trained: lists of different lengths end here, in one line."""
+    return teacher_plan(teacher or default_models(data)[0], teacher_checkpoint, _taps(teacher_taps))
 
 
 def _proxy_options(f):
@@ -75,6 +112,9 @@ def _proxy_options(f):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak learning rate (after any warm-up), cosine schedule; SGD "
                      f"{_default_help('lr')}; ViT and timm students: AdamW 1e-3 with warm-up."),
+        click.option("--data-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="The student's share of the training split (a fixed stratified cut; the "
+                     f"teacher trains on all of it) {_default_help('data_fraction')}."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
     ]
     for o in reversed(opts):
@@ -103,18 +143,23 @@ def _common_options(f):
                      "folder:PATH?stream=1 streams an ImageNet-layout folder through DataLoader workers "
                      "(&size=224, &classes=100 for a seeded class subset, &workers=8)."),
         click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
-                     "package.module:factory, each optionally NAME?key=value&... (constructor options) "
+                     "package.module:factory, each optionally NAME?key=value&... (constructor "
+                     "options); several teachers separated by commas (a,b) "
                      f"{_default_help('teacher')}."),
         click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Teacher weights (from train-teacher or torch.save of a state_dict). "
-                     "Default: <out>/teacher.pt, trained on the first run."),
+                     help="Teacher weights (from train-teacher or torch.save of a state_dict); one "
+                     "per teacher, separated by commas, an empty entry (a.pt,) for the default. "
+                     "Default: <out>/teacher.pt (teacher-1.pt, ... for the next teachers), trained "
+                     "on the first run (teacher j with --seed + j)."),
         click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Epochs when the teacher has to be trained."),
         click.option("--student", default=None, help="Student model, named as --teacher (e.g. vit_compact, "
                      "timm:vit_tiny_patch16_224?img_size=32&patch_size=4) "
                      f"{_default_help('student')}."),
         click.option("--teacher-taps", default=None, help="Comma-separated module paths in the teacher, "
-                     "PATH:KEY for an entry of a dict/list output [default: the zoo's]."),
+                     "PATH:KEY for an entry of a dict/list output; several teachers: one list for "
+                     "all, or one per teacher separated by ';' (a1,a2;b1,b2; an empty one: that "
+                     "teacher's default) [default: the zoo's]."),
         click.option("--student-taps", default=None, help="Comma-separated module paths in the student [default: the zoo's]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, the augmentation, the search and the initialisations."),
@@ -143,18 +188,19 @@ def main(debug):
 
 def _writable(folder: str, option: str) -> None:
     """Refuse an unwritable output folder now, before data are read or anything trains."""
-    from autokd.fsutil import check_writable_dir
-
     check_writable_dir(folder or ".", option)
 
 
-def _teacher_to_train(out: str, teacher_checkpoint: str | None) -> bool:
-    return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
+def _teacher_to_train(out: str, teacher_checkpoint: str | None, plan=None) -> bool:
+    """Whether a teacher will be trained into ``out`` (``plan``: the run's teachers)."""
+    if plan is None or len(plan) == 1:
+        return not teacher_checkpoint and not os.path.exists(os.path.join(out, "teacher.pt"))
+    own = os.path.join(out, "teacher.pt")
+    return any(e.checkpoint is None and not os.path.exists(teacher_file(own, j))
+               for j, e in enumerate(plan))
 
 
 def _load(data, seed, val_fraction=0.1):
-    from autokd.data import load_data
-
     return load_data(data, val_fraction=val_fraction, seed=seed)
 
 
@@ -165,19 +211,26 @@ def _load(data, seed, val_fraction=0.1):
 @_precision_options
 def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device,
                       precision, channels_last):
-    """Train a teacher on the training split and save its checkpoint."""
-    from autokd.pipeline import default_models, load_or_train_teacher
+    """Train a teacher on the training split and save its checkpoint.
 
+    Several teachers (--teacher a,b): each is trained, teacher j with --seed + j, to --output
+    (default <out>/teacher.pt) and, for j >= 1, teacher-<j>.pt beside it: the files a search or
+    distill with the same --teacher list and --out finds.
+    """
     try:
+        plan = _teachers(data, teacher, None, teacher_taps)
         path = output or os.path.join(out, "teacher.pt")
-        if os.path.exists(path):
-            raise PipelineError(f"{path} exists; remove it or pass another --output")
+        for p in (teacher_file(path, j) for j in range(len(plan))):
+            if os.path.exists(p):
+                raise PipelineError(f"{p} exists; remove it or pass another --output")
         _writable(os.path.dirname(path), "--output" if output else "--out")
         bundle = _load(data, seed)
-        name = teacher or default_models(data)[0]
-        info = load_or_train_teacher(bundle, name, None, path, teacher_epochs, seed, device, _taps(teacher_taps), log=click.echo,
-                                     precision=precision, channels_last=channels_last)
-        click.echo(f"teacher saved to {info.checkpoint} (test accuracy {info.test_accuracy:.4f})")
+        infos = load_or_train_teachers(bundle, [e.name for e in plan], None, path, teacher_epochs,
+                                       seed, device, _taps(teacher_taps), log=click.echo,
+                                       precision=precision, channels_last=channels_last)
+        for info in infos:
+            click.echo(f"teacher saved to {info.checkpoint} "
+                       f"(test accuracy {info.test_accuracy:.4f})")
     except _USER_ERRORS as e:
         _fail(e)
 
@@ -197,28 +250,33 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 
     An existing store of the same teacher and data is checked chunk by chunk and kept; a damaged
     one is rebuilt; one of another teacher or other data is refused and left as it is.
-    """
-    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store
 
+    Several teachers (--teacher a,b): one store each, teacher j's at <store> for the first and
+    <store stem>-<j>.akds for the next (teacher_features-1.akds, ...).
+    """
     try:
         path = store or os.path.join(out, "teacher_features.akds")
+        # only a named list of teachers says how many stores to check: --verify reads no model
+        plan = _teachers(data, teacher, teacher_checkpoint, teacher_taps) if (
+            teacher or not verify_only) else None
+        paths = [teacher_file(path, j) for j in range(len(plan) if plan else 1)]
         if verify_only:
-            from autokd.store import FeatureStore
-
-            s = FeatureStore.open(path, verify="open")
-            click.echo(f"store {path}: OK ({s.num_samples} samples x {s.num_views} views, "
-                       f"{s.num_chunks} data chunks and the header match their checksums)")
+            for p in paths:
+                s = FeatureStore.open(p, verify="open")
+                click.echo(f"store {p}: OK ({s.num_samples} samples x {s.num_views} views, "
+                           f"{s.num_chunks} data chunks and the header match their checksums)")
             return
         _writable(os.path.dirname(path), "--store" if store else "--out")
-        if _teacher_to_train(out, teacher_checkpoint):
+        if _teacher_to_train(out, teacher_checkpoint, plan):
             _writable(out, "--out")
         bundle = _load(data, seed)
-        info = load_or_train_teacher(bundle, teacher or default_models(data)[0], teacher_checkpoint,
-                                     os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
-                                     _taps(teacher_taps), log=click.echo)
-        s = open_or_build_store(path, info, bundle, make_augment(bundle, seed), views, dtype, device=device,
-                                log=click.echo, repair=True)
-        click.echo(f"store {path}: {s.num_samples} samples x {s.num_views} views")
+        infos = load_or_train_teachers(bundle, [e.name for e in plan], teacher_checkpoint,
+                                       os.path.join(out, "teacher.pt"), teacher_epochs, seed,
+                                       device, _taps(teacher_taps), log=click.echo)
+        opened = open_or_build_stores(path, infos, bundle, make_augment(bundle, seed), views, dtype,
+                                      device=device, log=click.echo, repair=True)
+        for p, s in zip(paths, getattr(opened, "stores", [opened])):
+            click.echo(f"store {p}: {s.num_samples} samples x {s.num_views} views")
     except _USER_ERRORS as e:
         _fail(e)
 
@@ -232,9 +290,12 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
               "(pip install 'autokd[tpe]').")
 @click.option("--budget", type=click.IntRange(min=0), default=100, show_default=True, help="Total trials (a resumed search counts its finished trials).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
-@click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Fraction of the training split per trial.")
-@click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True, help="Early stop: fraction of --epochs trained per trial.")
-@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="Fraction of student weights pruned during trials (0: dense).")
+@click.option("--subset", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Fraction of the student's training data per trial {_default_help('proxy_subset')}.")
+@click.option("--stop-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Early stop: fraction of --epochs trained per trial {_default_help('proxy_stop_fraction')}.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help=f"Fraction of student weights pruned during trials (0: dense) {_default_help('proxy_sparsity')}.")
 @click.option("--online", is_flag=True, help="Run the teacher in every trial instead of reading the feature store.")
 @click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
               help="Augmented views cached per training sample; epoch e reads view e mod K.")
@@ -253,12 +314,25 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
               help="Address of a running Ray cluster (e.g. ray://head:10001 or auto) [default: "
               "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
               "shared file system.")
+@click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Selection stage: the search's best designs (by estimated reward) that meet the classics.")
+@click.option("--anchors", default=",".join(DEFAULT_ANCHORS), show_default=True,
+              help="Selection stage: classic distillers (configs/distillers, or none) measured against "
+              "the search's best; best.yaml is a classic when the search did not beat it.")
+@click.option("--select-fidelity", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Selection stage: the last round's fraction of the full schedule (1: full trainings); "
+              "earlier rounds run at half the next. The stage costs about 10x this in full trainings "
+              "(8 candidates, 2 seeds). 0: no stage; best.yaml is then the search's design of best estimate.")
+@click.option("--select-seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Selection stage: seeds per candidate after the first round.")
+@click.option("--select-metric", type=click.Choice(list(SELECT_METRICS)), default="reward", show_default=True,
+              help="Selection stage: held-out score to rank by.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_precision_options
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-               epochs, batch_size, lr, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, executor, workers, workers_per_gpu, ray_address,
-               quiet, precision, channels_last):
+               epochs, batch_size, lr, data_fraction, device, space, strategy, budget, time_limit, subset, stop_fraction,
+               sparsity, online, views, exploration, executor, workers, workers_per_gpu, ray_address, finalists,
+               anchors, select_fidelity, select_seeds, select_metric, quiet, precision, channels_last):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -272,9 +346,6 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
     system every node can read.
     """
-    from autokd.search.driver import SearchConfig, run_search
-    from autokd.train.loop import TrainConfig
-
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
     if workers_per_gpu is not None and not device.startswith("cuda"):
@@ -282,25 +353,42 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     if workers is None and workers_per_gpu is None:
         workers = 1
     try:
+        _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         _writable(out, "--out")
-        sched = _schedule(data, epochs, batch_size, lr, student)
-        proxy = TrainConfig(**sched, subset=subset, stop_fraction=stop_fraction,
-                            sparsity=sparsity, offline=not online, seed=seed, device=device,
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
+        given = {"subset": subset, "stop_fraction": stop_fraction, "sparsity": sparsity}
+        accel = {k: (v if v is not None else default_proxy(data)[k]) for k, v in given.items()}
+        proxy = TrainConfig(**sched, **accel, offline=not online, seed=seed, device=device,
                             precision=precision, channels_last=channels_last)
+        selection = SelectionConfig(finalists=finalists, anchors=_taps(anchors) or (),
+                                    fidelity=select_fidelity, seeds=select_seeds, metric=select_metric)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                            teacher_epochs=teacher_epochs, student=student, teacher_taps=_taps(teacher_taps),
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
                            proxy=proxy, executor=executor, workers=workers, ray_address=ray_address,
-                           workers_per_gpu=workers_per_gpu)
+                           selection=selection, workers_per_gpu=workers_per_gpu)
         res = run_search(cfg, log=click.echo, progress=not quiet)
     except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"{len(res.trials)} trials ({res.new_trials} new) in {res.seconds:.0f} s")
     if res.best_spec_path:
-        click.echo(f"best spec:  {res.best_spec_path}  (reward {res.best.reward:.4f})")
+        if res.selection is not None:
+            w = res.selection.winner
+            what = "a classic: the search's best did not beat it" if w.is_anchor else "searched"
+            click.echo(f"best spec:  {res.best_spec_path}  ({w.label}, {what})")
+        else:
+            click.echo(f"best spec:  {res.best_spec_path}  (estimated reward {res.best.reward:.4f})")
     click.echo(f"report:     {res.report_path}")
-    click.echo(f"next:       autokd-cli distill --data {data} --out {out} --spec {res.best_spec_path or 'kd'}")
+    # the models the search had, so that compare and distill train the student it searched for
+    models = "".join(f" {opt} {shlex.quote(v)}" for opt, v in (
+        ("--teacher", teacher), ("--teacher-checkpoint", teacher_checkpoint),
+        ("--teacher-taps", teacher_taps), ("--student", student), ("--student-taps", student_taps))
+        if v)
+    click.echo(f"next:       autokd-cli compare --data {data} --out {out}{models}   "
+               "# full training: best.yaml vs classics vs the student alone, 3 seeds")
+    click.echo(f"            autokd-cli distill --data {data} --out {out}{models} "
+               f"--spec {res.best_spec_path or 'kd'}")
 
 
 @main.command("distill")
@@ -318,7 +406,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 @click.option("--quiet", is_flag=True)
 @_precision_options
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-                epochs, batch_size, lr, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet,
+                epochs, batch_size, lr, data_fraction, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet,
                 precision, channels_last):
     """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy.
 
@@ -328,51 +416,55 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
     alone writes logs, checkpoints and results; the teacher (and, with --offline, the feature
     store) must exist first: run train-teacher (and cache) in one process.
     """
-    from autokd.pipeline import default_models, load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
-    from autokd.train.distributed import DistContext
-    from autokd.train.final import resolve_spec, run_distill
-    from autokd.train.loop import TrainConfig
-
     ctx = None
     try:
         ctx = DistContext.from_env(device, sync_bn=sync_bn)
         device = ctx.device
+        plan = _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         log = click.echo if ctx.is_main else (lambda _m: None)
         quiet = quiet or not ctx.is_main
         the_spec = resolve_spec(spec)
-        sched = _schedule(data, epochs, batch_size, lr, student)
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
         ctx.check_batch(sched["batch_size"])
         name = os.path.splitext(os.path.basename(spec))[0]
         run_dir_option = "--run-dir" if run_dir else "--out"
         run_dir = run_dir or os.path.join(out, f"distill-{name}-{seed}")
+        store_path = os.path.join(out, "teacher_features.akds")
+        store_paths = [teacher_file(store_path, j) for j in range(len(plan))]
         if ctx.is_main:  # rank 0 alone writes
             _writable(run_dir, run_dir_option)
-            if _teacher_to_train(out, teacher_checkpoint) or (
-                    offline and not os.path.exists(os.path.join(out, "teacher_features.akds"))):
+            if _teacher_to_train(out, teacher_checkpoint, plan) or (
+                    offline and not all(os.path.exists(p) for p in store_paths)):
                 _writable(out, "--out")
         bundle = _load(data, seed)
         t_name, s_name = default_models(data)
         s_name = student or s_name
-        t_path = teacher_checkpoint or os.path.join(out, "teacher.pt")
-        store_path = os.path.join(out, "teacher_features.akds")
         if ctx.distributed:
             # one process prepares these, before the data-parallel run: a rank training a
             # teacher for hours would leave the others waiting past any collective's timeout
-            if not teacher_checkpoint and not os.path.exists(t_path):
-                raise PipelineError(f"{t_path} does not exist: under torchrun the teacher must exist; run "
-                                    f"`autokd-cli train-teacher --data {data} --out {out}` first")
-            if offline and not os.path.exists(store_path):
-                raise PipelineError(f"{store_path} does not exist: under torchrun with --offline the feature "
-                                    f"store must exist; run `autokd-cli cache --data {data} --out {out}` first")
-        info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint, os.path.join(out, "teacher.pt"),
-                                     teacher_epochs, seed, device, _taps(teacher_taps), log=log,
-                                     progress=not quiet, precision=precision,
-                                     channels_last=channels_last)
+            also = f" --teacher {teacher}" if len(plan) > 1 else ""
+            for j, e in enumerate(plan):
+                t_path = teacher_file(os.path.join(out, "teacher.pt"), j)
+                if not e.checkpoint and not os.path.exists(t_path):
+                    raise PipelineError(
+                        f"{t_path} does not exist: under torchrun the teacher must exist; run "
+                        f"`autokd-cli train-teacher --data {data} --out {out}{also}` first")
+            for p in store_paths:
+                if offline and not os.path.exists(p):
+                    raise PipelineError(
+                        f"{p} does not exist: under torchrun with --offline the feature store must "
+                        f"exist; run `autokd-cli cache --data {data} --out {out}{also}` first")
+        s_taps = resolve_taps(s_name, _taps(student_taps))
+        infos = load_or_train_teachers(bundle, teacher or t_name, teacher_checkpoint,
+                                       os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
+                                       _taps(teacher_taps), log=log, progress=not quiet,
+                                       student_taps=s_taps, precision=precision,
+                                       channels_last=channels_last)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
-            store = open_or_build_store(store_path, info, bundle, augment, views,
-                                        "fp16", device=device, log=log, progress=not quiet)
+            store = open_or_build_stores(store_path, infos, bundle, augment, views,
+                                         "fp16", device=device, log=log, progress=not quiet)
         cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device,
                           precision=precision, channels_last=channels_last)
         ctx.init()
@@ -380,7 +472,8 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
             log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "
                 f"= {ctx.world_size} x {cfg.batch_size // ctx.world_size}, "
                 f"{'synchronised' if sync_bn else 'per-process'} BatchNorm")
-        res = run_distill(the_spec, bundle, info, s_name, resolve_taps(s_name, _taps(student_taps)), cfg,
+        teachers = infos[0] if len(infos) == 1 else infos
+        res = run_distill(the_spec, bundle, teachers, s_name, s_taps, cfg,
                           run_dir, store=store, augment=augment,
                           log=log, progress=not quiet, dist=ctx)
     except _USER_ERRORS as e:
@@ -395,23 +488,75 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         f"checkpoint {res.checkpoint}")
 
 
+@main.command("compare")
+@_common_options
+@_proxy_options
+@click.option("--specs", default=None,
+              help="Comma-separated specs: YAML files or classic distillers (kd, dkd, dist, none, ...) "
+              "[default: <out>/best.yaml if a search wrote one, then kd, dkd, dist, none].")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds per spec: --seed, --seed + 1, ...")
+@click.option("--offline", is_flag=True, help="Read teacher features from the feature store instead of running the teacher.")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views in the feature store (with --offline).")
+@click.option("--quiet", is_flag=True)
+def compare_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed,
+                out, epochs, batch_size, lr, data_fraction, device, specs, seeds, offline, views, quiet):
+    """Full training of several specs with several seeds: what the search was worth.
+
+    Each (spec, seed) is a distill run in <out>/compare/<spec>-<seed> (resumable; finished runs
+    are never rerun). The table (mean +- std and per seed) goes to <out>/compare.md and
+    compare.json, and into report.html when <out> holds a search.
+    """
+    try:
+        _writable(out, "--out")
+        names = _taps(specs) or default_specs(out)
+        sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
+        with RunFolderLock(out, "compare"):
+            bundle = _load(data, seed)
+            t_name, s_name = default_models(data)
+            s_name = student or s_name
+            info = load_or_train_teacher(bundle, teacher or t_name, teacher_checkpoint,
+                                         os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
+                                         _taps(teacher_taps), log=click.echo, progress=not quiet)
+            augment = make_augment(bundle, seed)
+            store = None
+            if offline:
+                store = open_or_build_store(os.path.join(out, "teacher_features.akds"), info, bundle, augment,
+                                            views, "fp16", device=device, log=click.echo, progress=not quiet)
+            rows = run_compare(
+                names, [seed + i for i in range(seeds)], bundle, info, s_name,
+                resolve_taps(s_name, _taps(student_taps)),
+                lambda s: TrainConfig(**sched, offline=offline, seed=s, device=device), out, store=store,
+                augment=augment, log=click.echo)
+            if os.path.exists(os.path.join(out, "journal.sqlite")):
+                _rebuild_report(out)
+    except _USER_ERRORS as e:
+        _fail(e)
+    click.echo(table_text(rows))
+    click.echo(f"table: {os.path.join(out, 'compare.md')}")
+
+
+def _rebuild_report(out: str) -> None:
+    with Journal(os.path.join(out, "journal.sqlite")) as j:
+        trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
+    write_outputs(out, trials, load_space(config.get("space", "autokd")), log=lambda _m: None,
+                  config=config, evaluations=evaluations)
+
+
 @main.command("report")
 @click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True, help="A search's output folder.")
 @click.option("--space", default=None, help="Space of the search [default: the one in the journal].")
 def report_cmd(out, space):
     """Rebuild best.yaml, top.yaml and report.html from a search's journal."""
-    from autokd.search.journal import Journal
-    from autokd.search.report import write_outputs
-    from autokd.space import load_space
-
     try:
         path = os.path.join(out, "journal.sqlite")
         if not os.path.exists(path):
             raise PipelineError(f"{path} does not exist: is {out} the --out folder of a search?")
         with Journal(path) as j:
-            trials, config = j.trials(), j.stored_config
+            trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
         sp = load_space(space or config.get("space", "autokd"))
-        res = write_outputs(out, trials, sp, log=click.echo, config=config)
+        res = write_outputs(out, trials, sp, log=click.echo, config=config, evaluations=evaluations)
     except _USER_ERRORS as e:
         _fail(e)
     click.echo(f"report: {res['report']}")

@@ -111,13 +111,15 @@ def test_batched_reward_is_the_trivial_reward():
 
 
 # -- pytest-benchmark -------------------------------------------------------------------------
+@pytest.mark.parametrize("selection", ["thompson", "uct"])
 @pytest.mark.parametrize("on_repeat", ["reuse", "average"])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_serial(benchmark, provider, on_repeat):
-    benchmark.group = f"mcts ask(1)+tell x{ITERS}, on_repeat={on_repeat}"
+def test_serial(benchmark, provider, on_repeat, selection):
+    benchmark.group = f"mcts ask(1)+tell x{ITERS}, on_repeat={on_repeat}, selection={selection}"
     benchmark.extra_info["iterations_per_round"] = ITERS
     rounds = 15 if provider == "engine" else 3
-    benchmark.pedantic(serial, args=(PROVIDERS[provider],), kwargs={"on_repeat": on_repeat},
+    benchmark.pedantic(serial, args=(PROVIDERS[provider],),
+                       kwargs={"on_repeat": on_repeat, "selection": selection},
                        rounds=rounds, warmup_rounds=1, iterations=1)
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from autokd.cli import main
 from autokd.data import DATASETS, apply_augmentation, augment, load_data, sample_augmentation
 from autokd.data.formats import stratified_split
-from autokd.pipeline import default_models, default_training
+from autokd.pipeline import default_models, default_proxy, default_training
 
 
 def _denorm(bundle, x):
@@ -304,10 +304,15 @@ def test_stratified_split_properties(labels, fraction, seed):
 def test_each_data_kind_carries_the_defaults_of_a_run_on_it():
     # What a run uses when the user names no models and no schedule.
     assert default_models("digits") == ("digits_teacher", "digits_student")
-    assert default_training("digits") == {"epochs": 60, "batch_size": 32, "lr": 0.1}
+    # digits: the student has a fixed 20% of the training split and a proxy of its own
+    assert default_training("digits") == {"epochs": 60, "batch_size": 32, "lr": 0.1,
+                                          "data_fraction": 0.2}
+    assert default_proxy("digits") == {"subset": 1.0, "stop_fraction": 0.1, "sparsity": 0.0}
     for spec in ("cifar10:/data", "cifar100:/data", "folder:/data", "npz:/data/x.npz"):
         assert default_models(spec) == ("resnet56", "resnet20")
-        assert default_training(spec) == {"epochs": 240, "batch_size": 64, "lr": 0.05}
+        assert default_training(spec) == {"epochs": 240, "batch_size": 64, "lr": 0.05,
+                                          "data_fraction": 1.0}
+        assert default_proxy(spec) == {"subset": 0.2, "stop_fraction": 0.2, "sparsity": 0.5}
         kind = DATASETS.get(spec.split(":")[0])
         assert (kind.teacher, kind.student) == default_models(spec)
     with pytest.raises(KeyError, match="unknown data set 'digit'; did you mean 'digits'"):

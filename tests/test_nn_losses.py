@@ -1,9 +1,12 @@
-"""autokd.nn's kernel modules agree with the eager references and reject bad settings."""
+"""autokd.nn's kernel modules agree with the eager references and reject bad settings; the
+whole-design loss takes a spec."""
 import pytest
 import torch
 
 import autokd
+from autokd.nn import DistillLoss
 from autokd.nn.losses import DIST, CKALoss, GramL2, MultiScalePool, SoftmaxKL
+from autokd.space import DistillerSpec
 
 ref = autokd.reference
 
@@ -40,3 +43,15 @@ def test_bad_settings():
         SoftmaxKL(tau=0)
     with pytest.raises(ValueError, match="mode one of sample, channel"):
         GramL2("pixel")
+
+
+def test_distill_loss_takes_a_spec_and_refuses_what_only_space_can_read():
+    # autokd.nn sits below autokd.space: names, mappings and YAML become specs there
+    spec = DistillerSpec.coerce("kd")
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    out = DistillLoss(spec)(student_logits=s, teacher_logits=t)
+    assert torch.isfinite(out.loss_kd)
+    for value in ("kd", {"logit_distance": "kl"}):
+        with pytest.raises(TypeError, match=r"DistillLoss: expected a DistillerSpec, got "
+                                            r"(str|dict) .*DistillerSpec\.coerce"):
+            DistillLoss(value)

@@ -27,7 +27,7 @@ class RawData:
 
 
 def read_digits() -> RawData:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: ~1.2 s to import, only digits need it
 
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float32)[:, None] / 16.0  # [1797, 1, 8, 8] in [0, 1]
@@ -217,7 +217,7 @@ def index_folder(path: str, classes: Optional[int] = None, class_seed: int = 0) 
 def image_mode(path: str) -> str:
     """"L" for a grayscale image file, "RGB" otherwise: the first training image sets the mode
     of a whole folder."""
-    from PIL import Image
+    from PIL import Image  # lazy: only image folders need Pillow
 
     try:
         with Image.open(path) as first:
@@ -230,7 +230,7 @@ def image_mode(path: str) -> str:
 def bad_image_errors() -> tuple:
     """What PIL raises for a bad image file: OSError (unreadable, truncated, a symlink loop),
     ValueError or SyntaxError (some corrupt headers) and DecompressionBombError."""
-    from PIL import Image  # PIL only where images are read
+    from PIL import Image  # lazy: only image folders need Pillow
 
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -250,7 +250,7 @@ _BYTES_PER_VALUE = 9
 
 def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optional[int] = None,
                 class_seed: int = 0) -> RawData:
-    from PIL import Image
+    from PIL import Image  # lazy: only image folders need Pillow
 
     index = index_folder(path, classes, class_seed)
     train_files, test_files, classes = index.train, index.test, index.classes

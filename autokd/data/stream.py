@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from autokd.data import formats
-from autokd.store.augment import ReplayResizedCrop
+from autokd.data.augment import ReplayResizedCrop
 
 DEFAULT_SIZE = 224
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then centre-crop size
@@ -198,8 +198,8 @@ class StreamedSplit(torch.utils.data.Dataset):
         """Image ``i`` as uint8 [C, S, S]: view ``view`` of ``augment`` (a ReplayResizedCrop),
         or the eval transform when ``augment`` is None. A file that cannot be decoded is a
         ValueError naming it."""
-        from PIL import Image  # PIL and torchvision only where images are decoded
-        from torchvision.transforms import functional as TF
+        from PIL import Image  # lazy: only image folders need Pillow
+        from torchvision.transforms import functional as TF  # lazy: ~1.7 s to import
 
         path = self.files[i]
         try:
@@ -349,7 +349,7 @@ def _statistics(files: Sequence[str], mode: str, size: int) -> tuple[list[float]
 def load_streamed_folder(spec: str, path: str, options: FolderOptions, val_fraction: float,
                          seed: int):
     """The DataBundle of a streamed folder (see the module docstring)."""
-    from autokd.data import DataBundle  # the bundle type lives with load_data
+    from autokd.data import DataBundle  # lazy: defined by autokd.data, which imports this module
 
     index = formats.index_folder(path, options.classes, options.class_seed)
     mode = formats.image_mode(index.train[0][0])

@@ -73,7 +73,8 @@ class Distiller(nn.Module):
             several teachers (ignored when ``teacher`` is given).
 
     Feature pairs are (student tap i, teacher j tap i) for every teacher j; several pairs are
-    combined by ``spec.layer_weighting`` (train-free mu_q by default).
+    combined by ``spec.layer_weighting`` (train-free mu_q by default). The logit term of several
+    teachers is the mean of the per-teacher logit distances (``DistillLoss`` says why).
     """
 
     def __init__(self, spec, student: nn.Module, student_taps: Sequence[str] = (),

@@ -33,11 +33,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from autokd.errors import PipelineError
 from autokd.models import cifar, digits, vit
 from autokd.registry import Registry
 
-__all__ = ["MODELS", "build_model", "count_parameters", "default_taps", "list_models",
-           "split_name", "training_defaults"]
+__all__ = ["MODELS", "build_model", "check_model_fits", "count_parameters", "default_taps",
+           "list_models", "split_name", "training_defaults"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _TAPS = {}
@@ -79,8 +80,8 @@ _zoo("vgg13", ["block4"], lambda nc, ic: cifar.CifarVGG(
 _zoo("mobilenetv2", ["conv2"], lambda nc, ic: cifar.CifarMobileNetV2(nc, ic, width=0.5))
 _zoo("shufflenetv1", ["layer3"], lambda nc, ic: cifar.ShuffleNetV1(nc, ic))
 _zoo("shufflenetv2", ["conv2"], lambda nc, ic: cifar.ShuffleNetV2(nc, ic))
-_zoo("digits_teacher", ["features"], lambda nc, ic: digits.DigitsTeacher(nc, ic))
-_zoo("digits_student", ["features"], lambda nc, ic: digits.DigitsStudent(nc, ic))
+_zoo("digits_teacher", ["features"], lambda nc, ic, **kw: digits.DigitsTeacher(nc, ic, **kw), ("width",))
+_zoo("digits_student", ["features"], lambda nc, ic, **kw: digits.DigitsStudent(nc, ic, **kw), ("width",))
 _VIT_OPTIONS = ("img_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
 # ~0.2M parameters: 8x8 digits in 2x2 patches (a 4x4 token grid, the digits CNNs' tap size);
 # for 32x32 images use vit_compact?patch_size=4 (an 8x8 grid)
@@ -171,6 +172,27 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
 
 
+def check_model_fits(model: torch.nn.Module, name: str, data, role: str) -> None:
+    """A forward pass of two training images through ``model`` (eval mode, no grad): images too
+    small for the model (or of a layout it cannot take) fail here, before any training, with
+    the model and the image size named instead of a traceback from deep inside a layer."""
+    x = data.train.images[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        c, h, w = x.shape[1:]
+        raise PipelineError(
+            f"{role} {name} cannot take the {c}x{h}x{w} images of {data.spec} ({first}); use "
+            "larger images or a model made for this size"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
     """Module paths whose outputs are the distilled features by default.
 
@@ -200,7 +222,7 @@ def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
 def _build_torchvision(arch: str, num_classes: int, in_channels: int,
                        options: Optional[Dict[str, object]] = None) -> nn.Module:
     try:
-        import torchvision
+        import torchvision  # lazy: ~1.7 s to import, and only tv: names need it
     except ImportError as e:  # pragma: no cover - torchvision is a requirement
         raise ImportError(f"model 'tv:{arch}' needs torchvision, which is not installed") from e
     known = torchvision.models.list_models(module=torchvision.models)

@@ -16,12 +16,16 @@ the R x R Gram matrices of each group; L2 compares all values (so L2 reads the s
 view). Embedding distances (renyi, gram_l2_embed) work on globally pooled features [N, C] and
 skip the transforms. Logit distances work on [N, K] logits.
 
-Every block registers itself in ``autokd.space.registry``; a ``DistillerSpec`` names blocks by
-their keys. The primitives with fused kernels go through ``autokd.space.kernels``.
+Every block registers itself in ``autokd.nn.registry``; a ``DistillerSpec`` names blocks by
+their keys. The primitives with fused kernels go through ``autokd.nn.kernels``. This layer
+reads a spec's fields and never imports ``autokd.space`` (which sits above it and validates
+specs against these registries).
 """
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autokd.space import kernels
-from autokd.space.registry import FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS
+from autokd.nn import kernels
+from autokd.nn.registry import FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS
 
 Tensor = torch.Tensor
 
@@ -824,16 +828,27 @@ class DistillLoss(nn.Module):
     ``channels``: one (student_channels, teacher_channels) per feature pair (a bare pair for
     one). Feature pairs are compared in order; several pairs (layers or teachers) are weighted
     by ``spec.layer_weighting``: "tf" (train-free mu_q, sum 1), "mean" (1/Q) or "sum" (1 each).
-    Several teacher logits: the logit distance is averaged over teachers. Usable on any
-    features, e.g. an FPN level per pair in a detector.
+    Usable on any features, e.g. an FPN level per pair in a detector.
+
+    Several teachers' logits [N, K] each (a list): the logit term is the mean of the per-teacher
+    distances, ``mean_j D_p(p_S, p_T^j)``, so W_p stays the total logit weight whatever the
+    number of teachers (as mu_q keeps W_f the total feature weight). Why the mean of the losses
+    rather than one distance to the teachers' mean probabilities: for KL the two are the same
+    training signal (mean_j KL(q_j || s) = KL(mean_j q_j || s) + a term without the student,
+    so equal gradients), while the other distances are defined on each teacher's own logits
+    (Pearson correlation, standardisation, DKD's target/non-target split, MLKD's batch and
+    class correlations), where averaging probabilities first has no meaning of its own.
     """
 
     def __init__(self, spec, channels: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None):
         super().__init__()
-        from autokd.space.spec import DistillerSpec
-
-        if not isinstance(spec, DistillerSpec):
-            spec = DistillerSpec.coerce(spec)
+        if isinstance(spec, (str, os.PathLike, Mapping)):
+            # autokd.nn sits below autokd.space and never imports it: a name, a mapping or YAML
+            # becomes a spec there
+            raise TypeError(
+                f"DistillLoss: expected a DistillerSpec, got {type(spec).__name__} {spec!r}; "
+                "build one with autokd.space.DistillerSpec.coerce(...) (a classic distiller's "
+                "name, a mapping, YAML text or a path)")
         self.spec = spec
         if channels is None:
             channels = [(None, None)]
@@ -916,6 +931,15 @@ class DistillLoss(nn.Module):
                 raise ValueError(f"DistillLoss: design {self.spec.label()} has a logit distance and "
                                  "needs student and teacher logits")
             tl = [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits)
+            if not tl:
+                raise ValueError(f"DistillLoss: design {self.spec.label()} has a logit distance; "
+                                 "expected the logits of 1 or more teachers, got an empty list")
+            for j, t in enumerate(tl):
+                if not isinstance(t, Tensor) or t.shape != student_logits.shape:
+                    got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"DistillLoss: expected teacher {j}'s logits of the student's shape "
+                        f"{list(student_logits.shape)}, got {got}")
             d = sum(self.logit(student_logits, t, labels) for t in tl) / len(tl)
             loss_p = (self.spec.logit_weight * factor) * d
         return LossOutput(loss_f + loss_p, loss_f, loss_p, mu, pair_losses)

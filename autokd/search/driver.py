@@ -26,31 +26,40 @@ stay in the journal).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from autokd.errors import PipelineError
-from autokd.pipeline import default_models, default_training
+from autokd.pipeline import default_models, default_proxy, default_training, teacher_plan
 from autokd.search import executors
 from autokd.search.journal import Journal, Trial
 from autokd.search.report import write_outputs
 from autokd.search.reward import reward_floor
+from autokd.search.selection import SelectionConfig, SelectionResult, run_selection
 from autokd.search.strategies import STRATEGIES, Proposal, Strategy, make_strategy
 from autokd.search.trial import Prepared, TrialRunner, TrialSetup, TrialTask, prepare
-from autokd.space import load_space
+from autokd.space import load_space, space_fingerprint
 from autokd.train.loop import TrainConfig
 
 EXECUTORS = ("local", "ray")
 #: Attempts per trial: the first run and one retry.
 MAX_ATTEMPTS = 2
+#: Trials in a row that diverged (NaN/Inf loss) before the search stops: a few designs diverge
+#: on their own, a run this long says the schedule or the teacher is at fault.
+MAX_DIVERGED_IN_A_ROW = 10
+LOCK_FILE = ".search.lock"
 Log = Callable[[str], None]
 
 
 @dataclass
 class SearchConfig:
     data: str = "digits"
+    # Several teachers: "a,b" (or a list), with one checkpoint entry per teacher and taps
+    # shared or one list per teacher; autokd.pipeline.teacher_plan has the rules.
     teacher: Optional[str] = None  # model name; None: the data set's default
     teacher_checkpoint: Optional[str] = None  # None: <out>/teacher.pt, trained on the first run
     teacher_epochs: int = 30
@@ -68,8 +77,8 @@ class SearchConfig:
     store: Optional[str] = None  # None: <out>/teacher_features.akds
     exploration: Optional[float] = None  # None: the engine's default
     val_fraction: float = 0.1
-    # None: the paper's accelerations (20% subset, 20% of the epochs, 50% sparse, offline) on the
-    # data set's default schedule (pipeline.default_training).
+    # None: the data set's proxy (pipeline.default_proxy: the paper's accelerations, 20% subset,
+    # 20% of the epochs, 50% sparse, except on digits) on its schedule, offline.
     proxy: Optional[TrainConfig] = None
     # Where trials run; not part of the pinned configuration (a search may resume on more or
     # fewer workers). local + 1 worker: in this process, the serial search.
@@ -78,6 +87,9 @@ class SearchConfig:
     ray_address: Optional[str] = None  # None: Ray's default (RAY_ADDRESS, else a local cluster)
     # K trials share each GPU (autokd.search.executors.place_workers); not pinned either
     workers_per_gpu: Optional[int] = None
+    # The stage after the trials (autokd.search.selection); not pinned: its runs are journaled
+    # by spec, seed and fidelity, so a resumed search may change these and keeps what matches.
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -106,8 +118,8 @@ class SearchConfig:
         if self.views < 1:
             raise PipelineError(f"search: expected views >= 1, got {self.views}")
         if self.proxy is None:
-            self.proxy = TrainConfig(**default_training(self.data), subset=0.2, stop_fraction=0.2,
-                                     sparsity=0.5, offline=True)
+            self.proxy = TrainConfig(**default_training(self.data), **default_proxy(self.data),
+                                     offline=True)
         if self.workers_per_gpu is not None and not self.proxy.device.startswith("cuda"):
             raise PipelineError(f"search: workers_per_gpu needs device cuda, got "
                                 f"{self.proxy.device!r}")
@@ -115,22 +127,29 @@ class SearchConfig:
         self.teacher = self.teacher or teacher
         self.student = self.student or student
 
-    def pinned(self, data_identity: str, teacher_hash: str) -> Dict[str, Any]:
-        """What a resumed search must share with the journal it resumes."""
+    def pinned(self, data_identity: str, teacher_hash, space=None) -> Dict[str, Any]:
+        """What a resumed search must share with the journal it resumes (the space by its
+        content: a space file edited between two runs is another search). ``teacher_hash``:
+        the teacher's, or (several teachers) the list of every teacher's, in order."""
         proxy = self.proxy.to_dict()
         proxy.pop("device")
-        return {
+        pinned = {
             "data": data_identity,
             "teacher_hash": teacher_hash,
             "student": self.student,
             "teacher_taps": self.teacher_taps,
             "student_taps": self.student_taps,
             "space": self.space,
+            "space_fingerprint": space_fingerprint(space or load_space(self.space)),
             "strategy": self.strategy,
             "seed": self.seed,
             "views": self.views,
             "proxy": proxy,
         }
+        if not isinstance(teacher_hash, str):  # several teachers: their names too (not for one:
+            # a one-teacher journal keeps the keys it always had, so it still resumes)
+            pinned["teachers"] = [e.name for e in teacher_plan(self.teacher)]
+        return pinned
 
 
 @dataclass
@@ -142,6 +161,41 @@ class SearchResult:
     report_path: Optional[str]
     new_trials: int
     seconds: float
+    selection: Optional[SelectionResult] = None
+    cost: Optional["SearchCost"] = None
+
+
+@dataclass
+class SearchCost:
+    """What the search spent, in full trainings of the student: ``work`` counts sample-epochs
+    (a trial on a fraction s of the data for a fraction f of the epochs is s * f of a full
+    training, whatever makes it faster or slower); ``time`` divides the seconds spent by the
+    seconds one full training takes at the measured speed of the selection stage's runs
+    (dense, whole training split: the closest thing to a full training the search runs)."""
+
+    trial_work: float
+    selection_work: float
+    trial_seconds: float
+    selection_seconds: float
+    full_training_seconds: Optional[float]
+
+    @property
+    def work(self) -> float:
+        return self.trial_work + self.selection_work
+
+    @property
+    def time(self) -> Optional[float]:
+        if not self.full_training_seconds:
+            return None
+        return (self.trial_seconds + self.selection_seconds) / self.full_training_seconds
+
+    def summary(self) -> str:
+        text = (f"cost: {self.work:.2f} full trainings of work (trials {self.trial_work:.2f} + "
+                f"selection {self.selection_work:.2f}); {self.trial_seconds + self.selection_seconds:.0f} s")
+        if self.time is not None:
+            text += (f", {self.time:.2f} full trainings of time (one full training ~"
+                     f"{self.full_training_seconds:.1f} s)")
+        return text
 
 
 def make_executor(cfg: SearchConfig, prepared: Prepared, log: Log):
@@ -201,12 +255,34 @@ def run_tasks(executor, propose: Callable[[int], List[TrialTask]],
                 )
 
 
+def run_batch(executor, tasks: List[TrialTask], log: Log) -> List[Dict[str, Any]]:
+    """Train ``tasks`` (indices 0..n-1) through ``executor``; their results in order."""
+    queue, results = list(tasks), {}
+
+    def propose(room: int) -> List[TrialTask]:
+        out = queue[:room]
+        del queue[:room]
+        return out
+
+    def record(task: TrialTask, result: Dict[str, Any]) -> None:
+        results[task.index] = result
+
+    run_tasks(executor, propose, record, log)
+    return [results[t.index] for t in tasks]
+
+
 def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal, executor,
                   floor: float, deadline: Optional[float], log: Log, bar) -> int:
     """The budget of proxy trials; returns how many were run by this invocation."""
     launched = len(journal)  # launch order of the next trial: its seed
-    state = {"new": 0, "stopping": False, "in_flight": 0,
-             "best": max((t.reward for t in journal.trials()), default=None)}
+    done = journal.trials()
+    diverged = 0
+    for t in reversed(done):  # the streak a resumed search continues
+        if t.status == "ok":
+            break
+        diverged += t.status == "diverged"
+    state = {"new": 0, "stopping": False, "in_flight": 0, "diverged": diverged,
+             "best": max((t.reward for t in done), default=None)}
 
     def propose(room: int) -> List[TrialTask]:
         nonlocal launched
@@ -237,22 +313,94 @@ def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{trial.reward:.3f}", best=f"{state['best']:.3f}")
+        state["diverged"] = state["diverged"] + 1 if result["status"] == "diverged" else 0
+        if state["diverged"] >= MAX_DIVERGED_IN_A_ROW:
+            raise PipelineError(
+                f"{state['diverged']} trials in a row diverged (the loss became NaN or Inf; last: "
+                f"{result['metrics'].get('error', '?')}): that many designs do not all fail on their "
+                f"own. Lower --lr (now {cfg.proxy.lr:g}) or check the teacher, then run the same "
+                "command to resume (finished trials are kept)")
 
     run_tasks(executor, propose, record, log)
     return state["new"]
 
 
+class RunFolderLock:
+    """An exclusive lock on a run folder (``<out>/.search.lock``, flock): a second search (or
+    compare) on the same folder while one runs would exceed the budget, repeat seeds and train
+    the same teacher twice, so it is refused by name. The lock goes with the process, however
+    it ends (the kernel releases it)."""
+
+    def __init__(self, out: str, what: str = "search"):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, LOCK_FILE)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise PipelineError(
+                f"{out} is in use by {holder}; wait for it to finish, or use another --out "
+                f"(the lock {self.path} is released when that process ends)") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{what} (pid {os.getpid()})".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def run_search(cfg: SearchConfig, log: Log = print, progress: bool = True) -> SearchResult:
+    with RunFolderLock(cfg.out, "a search"):
+        return _run_search(cfg, log, progress)
+
+
+def _cost(cfg: SearchConfig, trials: List[Trial], selection: Optional[SelectionResult]) -> SearchCost:
+    proxy = cfg.proxy
+    full = None
+    if selection is not None:
+        # seconds per run = fixed cost + per-epoch cost x fidelity, fitted over the stage's
+        # rounds (their fidelities differ); a full training is fidelity 1. One fidelity only:
+        # the per-run ratio, which counts the fixed cost too often (an upper bound).
+        points = [(r.fidelity, r.seconds / max(sum(len(v) for v in r.scores.values()), 1))
+                  for r in selection.rounds if r.seconds > 0]
+        xs = {x for x, _ in points}
+        if len(xs) >= 2:
+            mx = statistics.mean(x for x, _ in points)
+            my = statistics.mean(y for _, y in points)
+            slope = (sum((x - mx) * (y - my) for x, y in points)
+                     / sum((x - mx) ** 2 for x, _ in points))
+            full = (my - slope * mx) + slope if slope > 0 else None
+        if full is None and points:
+            full = statistics.median(y / x for x, y in points)
+    return SearchCost(len(trials) * proxy.subset * proxy.run_epochs / proxy.epochs,
+                      selection.work if selection else 0.0, sum(t.seconds for t in trials),
+                      selection.seconds if selection else 0.0, full)
+
+
+def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
     t_start = time.perf_counter()
     if cfg.executor == "ray":  # before the teacher is trained, not after
         executors.require_ray()
     if cfg.executor == "local" and cfg.proxy.device == "cuda" and cfg.workers_per_gpu:
         executors.place_workers(cfg.workers, executors.visible_gpus(), cfg.workers_per_gpu)
-    os.makedirs(cfg.out, exist_ok=True)
     space = load_space(cfg.space)
+    journal_path = os.path.join(cfg.out, "journal.sqlite")
+    if os.path.exists(journal_path) and not os.access(journal_path, os.W_OK):
+        # found now, not after the teacher has trained and the store is built
+        raise PipelineError(f"{journal_path}: the journal is read-only; fix its permissions or "
+                            "copy the folder somewhere writable (the journal is not damaged)")
     prepared = prepare(cfg, log=log, progress=progress)
     data, teacher = prepared.data, prepared.teacher
-    journal = Journal(os.path.join(cfg.out, "journal.sqlite"), cfg.pinned(data.identity, teacher.hash))
+    journal = Journal(journal_path, cfg.pinned(data.identity, prepared.teacher_hash, space))
     done = journal.trials()
     strategy = make_strategy(cfg.strategy, space, cfg.seed, [(t.design, t.reward) for t in done],
                              **({"exploration": cfg.exploration} if cfg.strategy == "mcts" else {}))
@@ -265,17 +413,37 @@ def run_search(cfg: SearchConfig, log: Log = print, progress: bool = True) -> Se
 
         bar = tqdm(total=cfg.budget, initial=min(len(done), cfg.budget), desc="trials", unit="trial")
     deadline = None if cfg.time_limit is None else t_start + cfg.time_limit
+    selection = None
     try:
-        new = _search_stage(cfg, space, strategy, journal, executor, reward_floor(data.num_classes),
-                            deadline, log, bar)
+        try:
+            new = _search_stage(cfg, space, strategy, journal, executor,
+                                reward_floor(data.num_classes), deadline, log, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        trials = journal.trials()
+        finished = len(trials) >= cfg.budget
+        if finished and any(t.status == "ok" for t in trials):
+            selection = run_selection(space, trials, journal,
+                                      lambda tasks: run_batch(executor, tasks, log), cfg.selection,
+                                      epochs=cfg.proxy.epochs, seed=cfg.seed, log=log)
+        elif not finished and cfg.selection.fidelity > 0:
+            log(f"selection stage: waits for the budget of {cfg.budget} trials ({len(trials)} done)")
     finally:
         executor.close()
-        if bar is not None:
-            bar.close()
     trials = journal.trials()
+    evaluations = journal.evaluations()
     journal.close()
-    outputs = write_outputs(cfg.out, trials, space, strategy.engine, log=log)
+    cost = _cost(cfg, trials, selection)
+    outputs = write_outputs(cfg.out, trials, space, strategy.engine, log=log,
+                            config=journal.config, selection=selection, evaluations=evaluations,
+                            cost=cost)
+    if trials and not any(t.status == "ok" for t in trials):
+        counts = {s: sum(t.status == s for t in trials) for s in ("diverged", "failed")}
+        raise PipelineError(
+            f"no trial worked: {counts['diverged']} diverged, {counts['failed']} failed (see "
+            f"{outputs.get('report')}); lower --lr (now {cfg.proxy.lr:g}) or check the teacher")
     return SearchResult(
         cfg.out, trials, outputs.get("best"), outputs.get("best_spec"), outputs.get("report"), new,
-        time.perf_counter() - t_start,
+        time.perf_counter() - t_start, selection, cost,
     )

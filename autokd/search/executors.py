@@ -29,6 +29,7 @@ is a bug or a wrong input, not bad luck, and stops the search as it does in a se
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -37,6 +38,8 @@ import time
 import traceback
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from autokd.errors import PipelineError
 from autokd.search.trial import (TrialError, TrialOutcome, TrialRunner, TrialSetup, TrialTask,
@@ -143,8 +146,6 @@ def _local_worker_main(conn, setup: TrialSetup, device: str, threads: int, paren
     # Ctrl-C reaches the whole process group; the driver decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    import torch
-
     torch.set_num_threads(threads)
     conn.send(("ready", None))
     while True:
@@ -165,8 +166,6 @@ def visible_gpus() -> List[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip()]
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
@@ -376,8 +375,6 @@ class LocalExecutor:
 
 def _ray_trial(setup: TrialSetup, task: TrialTask, device: str, threads: int):
     """Body of a Ray task: the same worker code as a local worker process."""
-    import torch
-
     torch.set_num_threads(threads)
     return run_task(setup, task, device)
 
@@ -395,8 +392,6 @@ class RayExecutor:
             if address is not None:
                 log(f"ray: already connected in this process; --ray-address {address} not used")
         else:
-            import logging
-
             try:
                 ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as e:

@@ -100,6 +100,37 @@ class Trial:
     created: float = 0.0
 
 
+@dataclass
+class Evaluation:
+    """One run of the selection stage (autokd.search.selection): a spec trained with a seed at
+    a fidelity, scored on the held-out split."""
+
+    id: int
+    key: str  # spec + seed + fidelity, the identity of the run
+    label: str  # the candidate ("search #1", "kd", ...)
+    design: Optional[Dict[str, str]]
+    spec: Dict[str, Any]
+    seed: int
+    fidelity: Dict[str, Any]  # TrainConfig overrides
+    round: int
+    status: str
+    score: float
+    metrics: Dict[str, Any]
+    seconds: float
+
+    @staticmethod
+    def key_of(spec: Dict[str, Any], seed: int, fidelity: Dict[str, Any], metric: str) -> str:
+        spec = {k: v for k, v in spec.items() if k != "name"}
+        return json.dumps([spec, int(seed), fidelity, metric], sort_keys=True)
+
+
+_EVALUATIONS = ("CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, key TEXT NOT NULL,"
+                " label TEXT NOT NULL, design TEXT NOT NULL, spec TEXT NOT NULL, seed INTEGER NOT NULL,"
+                " fidelity TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,"
+                " score REAL NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,"
+                " created REAL NOT NULL)")
+
+
 class Journal:
     def __init__(self, path: str, config: Optional[Dict[str, Any]] = None):
         """Open (or create) the journal at ``path``.
@@ -149,6 +180,7 @@ class Journal:
                 " status TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,"
                 " seed INTEGER NOT NULL, strategy TEXT NOT NULL, created REAL NOT NULL)"
             )
+            db.execute(_EVALUATIONS)
             db.execute("INSERT INTO meta VALUES ('magic', ?)", (_MAGIC,))
             db.execute("INSERT INTO meta VALUES ('version', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(config or {}, sort_keys=True),))
@@ -183,6 +215,7 @@ class Journal:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('write-probe', '')")
             finally:
                 db.execute("ROLLBACK")
+            db.execute(_EVALUATIONS)  # journals written before the selection stage existed
         return
 
     @property
@@ -210,6 +243,44 @@ class Journal:
             )
         return Trial(cur.lastrowid, dict(design), float(reward), status, dict(metrics or {}),
                      float(seconds), int(seed), strategy, now)
+
+    _EVAL_COLUMNS = "id, key, label, design, spec, seed, fidelity, round, status, score, metrics, seconds"
+
+    def add_evaluation(self, key, label, design, spec, seed, fidelity, round_, status, score,
+                       metrics, seconds) -> None:
+        """Append one finished run of the selection stage; durable when this returns."""
+        with self._sql("recording a selection run"):
+            self._db.execute(
+                "INSERT INTO evaluations (key, label, design, spec, seed, fidelity, round, status,"
+                " score, metrics, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, label, json.dumps(design, sort_keys=True), json.dumps(spec, sort_keys=True),
+                 int(seed), json.dumps(fidelity, sort_keys=True), int(round_), status, float(score),
+                 json.dumps(metrics or {}, sort_keys=True), float(seconds), time.time()))
+
+    def evaluations(self) -> List[Evaluation]:
+        """Every run of the selection stage, in order (none for journals without the table)."""
+        with self._sql("reading the selection runs"):
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "evaluations" not in tables:
+                return []
+            rows = self._db.execute(
+                f"SELECT {self._EVAL_COLUMNS} FROM evaluations ORDER BY id").fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(Evaluation(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), int(r[5]),
+                                      json.loads(r[6]), int(r[7]), r[8], float(r[9]),
+                                      json.loads(r[10]), float(r[11])))
+            except (TypeError, ValueError) as e:
+                raise JournalError(
+                    f"{self.path}: selection run row {r[0]} is damaged ({e}); delete it to rerun that "
+                    f"run (sqlite3 {self.path} 'DELETE FROM evaluations WHERE id={r[0]}')") from None
+        return out
+
+    def evaluation(self, key: str) -> Optional[Evaluation]:
+        """The latest finished run with this key, or None."""
+        found = [e for e in self.evaluations() if e.key == key]
+        return found[-1] if found else None
 
     _COLUMNS = "id, design, reward, status, metrics, seconds, seed, strategy, created"
 

@@ -12,13 +12,17 @@ import html
 import io
 import json
 import os
+import statistics
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
 from autokd.fsutil import atomic_write_text
+from autokd.search.estimate import rank
 from autokd.search.journal import Trial
+from autokd.search.selection import METRICS, SelectionResult
+from autokd.space.spec import DistillerSpec
 
 TOP_K = 10
 
@@ -31,17 +35,17 @@ def best_trial(trials: Sequence[Trial]) -> Optional[Trial]:
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: loaded by the plot that made fig
 
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def plot_rewards(trials: Sequence[Trial]) -> str:
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s with pyplot, only the report draws
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot loads: no display needed
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     xs = list(range(1, len(trials) + 1))
@@ -61,10 +65,10 @@ def plot_rewards(trials: Sequence[Trial]) -> str:
 
 
 def plot_by_option(trials: Sequence[Trial], level_names: Sequence[str]) -> str:
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s with pyplot, only the report draws
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot loads: no display needed
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     levels = [lv for lv in level_names if any(lv in t.design for t in trials)]
     cols = 3
@@ -105,11 +109,11 @@ def tree_counts(trials: Sequence[Trial], level_names: Sequence[str]):
 
 def plot_tree(trials: Sequence[Trial], level_names: Sequence[str], depth: int = 4) -> str:
     """Icicle chart of the search tree's top levels: width = visits, colour = mean reward."""
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s with pyplot, only the report draws
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import cm, colors
+    matplotlib.use("Agg")  # before pyplot loads: no display needed
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
+    from matplotlib import cm, colors  # lazy: as pyplot above
 
     counts = tree_counts(trials, level_names)
     total = counts.get((), (0, 0.0, 0.0))[0]
@@ -151,22 +155,83 @@ def plot_tree(trials: Sequence[Trial], level_names: Sequence[str], depth: int = 
     return _png(fig)
 
 
-def _table(trials: Sequence[Trial], level_names: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["#", "reward", "val acc", "CKA", "s", *level_names])
+def _table(trials: Sequence[Trial], level_names: Sequence[str],
+           estimates: Optional[Dict[int, float]] = None) -> str:
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in
+                   ["#", "estimate", "reward", "val acc", "CKA", "s", *level_names])
     rows = []
     for t in trials:
-        cells = [str(t.id), f"{t.reward:.4f}", f"{t.metrics.get('val_acc', float('nan')):.3f}",
+        est = (estimates or {}).get(t.id)
+        cells = [str(t.id), "" if est is None else f"{est:.4f}", f"{t.reward:.4f}",
+                 f"{t.metrics.get('val_acc', float('nan')):.3f}",
                  f"{t.metrics.get('val_cka', float('nan')):.3f}", f"{t.seconds:.1f}"]
         cells += [t.design.get(n, "") for n in level_names]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: str, config: Optional[dict] = None) -> str:
-    ranked = sorted(trials, key=lambda t: -t.reward)
+def _selection_html(sel) -> str:
+    """The selection stage: one table, a row per candidate, a column per round."""
+    higher = METRICS[sel.metric][1]
+    parts = [f"<p>Every candidate trained on the whole training split, dense; score: held-out "
+             f"<code>{html.escape(sel.metric)}</code> ({'higher' if higher else 'lower'} is better), "
+             f"mean +- std over seeds. Successive halving: each round keeps the better half (the "
+             f"best classic always goes on) at twice the fidelity. {sel.work:.2f} full trainings "
+             f"of work, {sel.seconds:.0f} s.</p>"]
+    head = "<th>candidate</th><th>design</th>" + "".join(
+        f"<th>round {r.index + 1}<br>{r.fidelity:.3g} of the schedule x {len(r.seeds)}</th>"
+        for r in sel.rounds)
+    rows = []
+    for c in sel.candidates:
+        cells = [html.escape(c.label + (" (chosen)" if c.label == sel.winner.label else "")),
+                 html.escape(", ".join(f"{k}={v}" for k, v in c.design.items()) if c.design
+                             else "classic distiller")]
+        for r in sel.rounds:
+            xs = r.scores.get(c.label)
+            if not xs:
+                cells.append("")
+                continue
+            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}")
+        style = " style='font-weight:bold'" if c.label == sel.winner.label else ""
+        rows.append(f"<tr{style}>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    parts.append(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+    return "".join(parts)
+
+
+def _compare_html(out: str) -> str:
+    """The table of ``autokd-cli compare`` (compare.json in the run folder), when there is one."""
+    path = os.path.join(out, "compare.json")
+    if not os.path.exists(path):
+        return ""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "<p>compare.json is unreadable; run <code>autokd-cli compare</code> again.</p>"
+    head = "<th>spec</th><th>test accuracy (mean +- std)</th><th>seeds</th><th>per seed</th>"
+    body = "".join(
+        f"<tr><td>{html.escape(r['spec'])}</td><td>{100 * r['mean']:.2f} +- {100 * r['std']:.2f}%</td>"
+        f"<td>{len(r['accuracies'])}</td><td>"
+        + ", ".join(f"{100 * a:.2f}" for a in r["accuracies"]) + "</td></tr>" for r in rows)
+    return ("<h2>Full training: what the search was worth (autokd-cli compare)</h2>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: str,
+                  config: Optional[dict] = None, estimates=None, selection=None, cost=None,
+                  out: Optional[str] = None) -> str:
+    est_by_id = {}
+    if estimates:
+        first_of = {}
+        for t in trials:
+            first_of.setdefault(tuple(sorted(t.design.items())), t.id)
+        for e in estimates:
+            est_by_id[first_of[tuple(sorted(e.design.items()))]] = e.estimate
+    by_id = {t.id: t for t in trials}
+    ranked = [by_id[i] for i in est_by_id] if est_by_id else sorted(trials, key=lambda t: -t.reward)
     diverged = sum(t.status != "ok" for t in trials)
     secs = sum(t.seconds for t in trials)
-    best = best_trial(trials)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -174,18 +239,31 @@ def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: st
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
         "th{background:#eee}img{max-width:100%}code,pre{background:#f5f5f5}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>{len(trials)} trials ({diverged} diverged), {secs:.0f} s of proxy training in all, "
-        f"{secs / max(len(trials), 1):.1f} s per trial.</p>",
+        f"<p>{len(trials)} trials ({diverged} diverged or failed), {secs:.0f} s of proxy training "
+        f"in all, {secs / max(len(trials), 1):.1f} s per trial.</p>",
     ]
-    if best is not None:
-        parts.append(f"<h2>Best design (reward {best.reward:.4f})</h2><pre>{html.escape(yaml.safe_dump(best.design, sort_keys=False))}</pre>")
+    if cost is not None:
+        parts.append(f"<p>{html.escape(cost.summary())}.</p>")
+    if selection is not None:
+        parts += ["<h2>Selection stage: the search's best against the classic distillers</h2>",
+                  f"<p>Handed back (best.yaml): <b>{html.escape(selection.winner.label)}</b>.</p>",
+                  _selection_html(selection)]
+    if out:
+        parts.append(_compare_html(out))
+    if ranked:
+        best = ranked[0]
+        parts.append(f"<h2>The search's best design (estimate "
+                     f"{est_by_id.get(best.id, best.reward):.4f}, reward {best.reward:.4f})</h2>"
+                     f"<pre>{html.escape(yaml.safe_dump(best.design, sort_keys=False))}</pre>"
+                     "<p>Estimate: the design's reward shrunk toward what every trial says about "
+                     "its options (autokd.search.estimate), the ranking the search recommends by.</p>")
     if trials:
         parts += [
             "<h2>Reward per trial</h2>", f"<img src='data:image/png;base64,{plot_rewards(trials)}'>",
             "<h2>Reward by option at each level</h2>",
             f"<img src='data:image/png;base64,{plot_by_option(trials, level_names)}'>",
             "<h2>Search tree</h2>", f"<img src='data:image/png;base64,{plot_tree(trials, level_names)}'>",
-            f"<h2>Top {min(TOP_K, len(trials))} designs</h2>", _table(ranked[:TOP_K], level_names),
+            f"<h2>Top {min(TOP_K, len(ranked))} designs</h2>", _table(ranked[:TOP_K], level_names, est_by_id),
         ]
     if config:
         parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2, sort_keys=True))}</pre>")
@@ -194,31 +272,59 @@ def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: st
 
 
 def write_outputs(out: str, trials: Sequence[Trial], space, engine=None, log: Callable[[str], None] = print,
-                  config: Optional[dict] = None) -> dict:
+                  config: Optional[dict] = None, selection=None, evaluations=None, cost=None) -> dict:
     """best.yaml, top.yaml and report.html in ``out``; prints the summary table.
 
+    best.yaml is the selection stage's choice when there was one (a searched design, or the
+    classic distiller the search did not beat), else the search's design of best estimate.
     Each file is written whole or not at all (temporary file, fsync, rename): a full disk or a
     kill leaves the previous version in place, never a truncated one."""
     level_names = [lv.name for lv in space.levels]
-    result: dict = {"best": best_trial(trials)}
-    best = result["best"]
-    if best is not None:
-        spec = space.spec_from_design(best.design)
-        path = os.path.join(out, "best.yaml")
-        atomic_write_text(path, f"# best design of {len(trials)} trials; reward {best.reward:.6f} "
-                                f"(trial {best.id})\n" + spec.to_yaml())
+    ok = [t for t in trials if t.status == "ok"]
+    estimates = rank(space, [(t.design, t.reward) for t in ok])
+    if selection is None and evaluations:
+        selection = SelectionResult.from_evaluations(evaluations)
+    first_of: Dict[tuple, Trial] = {}
+    for t in ok:
+        first_of.setdefault(tuple(sorted(t.design.items())), t)
+    result: dict = {"best": first_of[tuple(sorted(estimates[0].design.items()))] if estimates else None,
+                    "selection": selection}
+    path = os.path.join(out, "best.yaml")
+    if selection is not None:
+        w = selection.winner
+        spec = DistillerSpec.from_dict(w.spec)
+        classic = selection.best_classic.label if selection.best_classic else "none measured"
+        kind = ("a classic distiller: the search did not beat it" if w.is_anchor
+                else "a searched design")
+        head = (f"# chosen by the selection stage: {w.label} ({kind}); best classic: {classic}; "
+                f"held-out {selection.metric}; see report.html\n")
+        atomic_write_text(path, head + spec.to_yaml())
         result["best_spec"] = path
-    ranked = sorted((t for t in trials if t.status == "ok"), key=lambda t: -t.reward)[:TOP_K]
+    elif estimates:
+        best = estimates[0]
+        spec = space.spec_from_design(best.design)
+        atomic_write_text(path, f"# best design of {len(trials)} trials by estimate {best.estimate:.6f} "
+                                f"(mean reward {best.mean:.6f} over {best.count} trial(s))\n" + spec.to_yaml())
+        result["best_spec"] = path
     atomic_write_text(os.path.join(out, "top.yaml"), yaml.safe_dump(
-        [{"trial": t.id, "reward": round(t.reward, 6), "metrics": t.metrics, "design": t.design} for t in ranked],
+        [{"trial": first_of[tuple(sorted(e.design.items()))].id, "estimate": round(e.estimate, 6),
+          "reward": round(e.mean, 6), "trials": e.count,
+          "metrics": first_of[tuple(sorted(e.design.items()))].metrics, "design": e.design}
+         for e in estimates[:TOP_K]],
         sort_keys=False,
     ))
     report = os.path.join(out, "report.html")
     atomic_write_text(report, render_report(
-        trials, level_names, f"autokd search: {os.path.basename(os.path.abspath(out))}", config))
+        trials, level_names, f"autokd search: {os.path.basename(os.path.abspath(out))}", config,
+        estimates, selection, cost, out))
     result["report"] = report
-    if ranked:
-        log(summary_table(ranked[:5], level_names))
+    if estimates:
+        log(summary_table([first_of[tuple(sorted(e.design.items()))] for e in estimates[:5]],
+                          level_names))
+    if selection is not None:
+        log(selection.summary())
+    if cost is not None:
+        log(cost.summary())
     return result
 
 

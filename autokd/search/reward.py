@@ -3,7 +3,9 @@
     R = 1 - (L_CE(p_S, y) + L_CKA(f_S, f_T)),   L_CKA = 1 - linear CKA
 
 over the WHOLE held-out split (never the test set). CKA compares the student's and the
-teacher's tapped features, flattened per sample; with several taps the mean CKA is used.
+teacher's tapped features, flattened per sample; with several taps the mean CKA is used, and
+with several teachers the mean over every (student tap i, teacher j tap i) pair: the pairs the
+Distiller distils.
 
 Rewards are floored at ``reward_floor(K) = 1 - (2 ln K + 1)``: the score of a student with twice
 the cross-entropy of uniform guessing and no feature similarity. Designs that blow the logits
@@ -15,19 +17,17 @@ gets the floor too; the raw reward is kept in the trial's metrics.
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from autokd import ops
 from autokd.train.loop import forward_all
 
 
 def _cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import autokd
-
-    fn = getattr(autokd.ops, "cka", None) or autokd.reference.cka
-    return fn(x.double(), y.double(), False)
+    return ops.cka(x.double(), y.double(), False)
 
 
 def reward_floor(num_classes: int) -> float:
@@ -41,16 +41,21 @@ def proxy_reward(
     images: torch.Tensor,
     labels: torch.Tensor,
     student_taps: Sequence[str],
-    teacher_features: Dict[str, torch.Tensor],
-    teacher_taps: Sequence[str],
+    teacher_features: Union[Mapping[str, torch.Tensor], List[Mapping[str, torch.Tensor]]],
+    teacher_taps: Sequence,
     device: str = "cpu",
 ) -> Tuple[float, Dict[str, float]]:
+    """``teacher_features`` {tap: [N, ...]} and ``teacher_taps`` (paired with ``student_taps``)
+    of one teacher, or a list of each, one per teacher."""
     logits, feats = forward_all(student, images, student_taps, device=device)
     ce = float(F.cross_entropy(logits, labels))
     acc = float((logits.argmax(1) == labels).float().mean())
+    if isinstance(teacher_features, Mapping):
+        teacher_features, teacher_taps = [teacher_features], [teacher_taps]
     ckas = [
-        float(_cka(feats[s].flatten(1), teacher_features[t].flatten(1)))
-        for s, t in zip(student_taps, teacher_taps)
+        float(_cka(feats[s].flatten(1), tf[t].flatten(1)))
+        for tf, taps in zip(teacher_features, teacher_taps)
+        for s, t in zip(student_taps, taps)
     ]
     cka = sum(ckas) / len(ckas)
     raw = 1.0 - (ce + (1.0 - cka))

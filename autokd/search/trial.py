@@ -35,10 +35,18 @@ import torch
 from autokd.data import load_data
 from autokd.distill import Distiller
 from autokd.errors import PipelineError
-from autokd.models import build_model
-from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, open_store
+from autokd.models import build_model, check_model_fits
+from autokd.pipeline import (
+    load_or_train_teachers,
+    make_augment,
+    open_or_build_stores,
+    open_stores,
+    resolve_taps,
+    teacher_file,
+)
 from autokd.search.reward import proxy_reward
 from autokd.space.spec import DistillerSpec
+from autokd.store import pinned_teacher_hash
 from autokd.train.loop import Diverged, TrainConfig, forward_all, train_student
 
 Log = Callable[[str], None]
@@ -73,42 +81,50 @@ class TrialError(RuntimeError):
 @dataclass
 class Prepared:
     data: Any  # autokd.data.DataBundle
-    teacher: Any  # autokd.pipeline.TeacherInfo
-    store: Any  # autokd.store.FeatureStore or None (online trials)
+    teacher: Any  # autokd.pipeline.TeacherInfo: the first (or only) teacher
+    # FeatureStore; autokd.store.TeacherStores with several teachers; None (online trials)
+    store: Any
     augment: Any  # autokd.store.ReplayAugment
     student_taps: List[str]
+    teachers: Optional[List[Any]] = None  # every teacher in order; None: [teacher]
+
+    def __post_init__(self):
+        if self.teachers is None:
+            self.teachers = [self.teacher]
+
+    @property
+    def teacher_hash(self):
+        """What the journal pins: the teacher's hash, or every teacher's (a list) for several."""
+        return pinned_teacher_hash(self.teachers)
 
 
 def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     """The driver's set-up: data, teacher (trained on the first run), feature store (built on
     the first run), each checked against the configuration."""
-    from autokd.pipeline import resolve_taps
-
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     log(f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} "
         f"test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
-    # A wrong student name or tap fails now, not after the teacher has been trained.
-    build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels)
+    # A wrong student name or tap, or images too small for the student, fail now, not after
+    # the teacher has been trained.
+    check_model_fits(build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels),
+                     cfg.student, data, "student")
     student_taps = resolve_taps(cfg.student, cfg.student_taps)
-    teacher = load_or_train_teacher(
+    # several teachers: cfg.teacher "a,b" (autokd.pipeline.teacher_plan), each with its file
+    teachers = load_or_train_teachers(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps,
-        log=log, progress=progress, precision=cfg.proxy.precision,
+        log=log, progress=progress, student_taps=student_taps, precision=cfg.proxy.precision,
         channels_last=cfg.proxy.channels_last,
     )
-    if len(student_taps) != len(teacher.taps):
-        raise PipelineError(
-            f"expected as many student taps as teacher taps, got {student_taps} and {teacher.taps}"
-        )
     augment = make_augment(data, cfg.seed)
     store = None
     if cfg.proxy.offline:
-        store = open_or_build_store(
-            cfg.store or os.path.join(cfg.out, "teacher_features.akds"), teacher, data, augment,
+        store = open_or_build_stores(
+            cfg.store or os.path.join(cfg.out, "teacher_features.akds"), teachers, data, augment,
             views=cfg.views, dtype=cfg.store_dtype, device=cfg.proxy.device, log=log,
             progress=progress,
         )
-    return Prepared(data, teacher, store, augment, student_taps)
+    return Prepared(data, teachers[0], store, augment, student_taps, teachers)
 
 
 @dataclass
@@ -117,18 +133,22 @@ class TrialSetup:
     the driver prepared, not the tensors (small enough to ship once per worker)."""
 
     cfg: Any  # SearchConfig
-    teacher_checkpoint: str
-    teacher_hash: str
+    # one teacher: its checkpoint and hash; several: a list of each, in order
+    teacher_checkpoint: Any
+    teacher_hash: Any
     data_identity: str
-    store_path: Optional[str]
+    store_path: Optional[str]  # the first teacher's store; teacher j's is teacher_file(path, j)
     student_taps: List[str]
 
     @classmethod
     def of(cls, cfg, prepared: Prepared) -> "TrialSetup":
         store = prepared.store
-        return cls(cfg, os.path.abspath(prepared.teacher.checkpoint), prepared.teacher.hash,
-                   prepared.data.identity, None if store is None else os.path.abspath(store.path),
-                   list(prepared.student_taps))
+        paths = [os.path.abspath(t.checkpoint) for t in prepared.teachers]
+        store_path = None
+        if store is not None:
+            store_path = os.path.abspath(store.path if len(paths) == 1 else store.paths[0])
+        return cls(cfg, paths[0] if len(paths) == 1 else paths, prepared.teacher_hash,
+                   prepared.data.identity, store_path, list(prepared.student_taps))
 
     def key(self) -> str:
         blob = json.dumps(
@@ -150,29 +170,37 @@ class TrialSetup:
                 f"{where}: data {cfg.data!r} differs from the driver's ({data.identity} vs "
                 f"{self.data_identity}); every node must read the same files"
             )
-        if not os.path.exists(self.teacher_checkpoint):
-            raise PipelineError(
-                f"{where}: teacher checkpoint {self.teacher_checkpoint} not found; on a cluster "
-                "--out must be on a file system shared by all nodes"
-            )
-        teacher = load_or_train_teacher(
-            data, cfg.teacher, self.teacher_checkpoint, None, cfg.teacher_epochs, cfg.seed, device,
+        many = not isinstance(self.teacher_checkpoint, str)
+        checkpoints = list(self.teacher_checkpoint) if many else [self.teacher_checkpoint]
+        hashes = list(self.teacher_hash) if many else [self.teacher_hash]
+        for path in checkpoints:
+            if not os.path.exists(path):
+                raise PipelineError(
+                    f"{where}: teacher checkpoint {path} not found; on a cluster "
+                    "--out must be on a file system shared by all nodes"
+                )
+        teachers = load_or_train_teachers(
+            data, cfg.teacher, checkpoints, None, cfg.teacher_epochs, cfg.seed, device,
             cfg.teacher_taps, log=lambda _m: None, progress=False,
         )
-        if teacher.hash != self.teacher_hash:
-            raise PipelineError(
-                f"{where}: teacher {self.teacher_checkpoint} has hash {teacher.hash}, the driver's "
-                f"has {self.teacher_hash}; the file changed during the search"
-            )
+        for path, teacher, expected in zip(checkpoints, teachers, hashes):
+            if teacher.hash != expected:
+                raise PipelineError(
+                    f"{where}: teacher {path} has hash {teacher.hash}, the driver's "
+                    f"has {expected}; the file changed during the search"
+                )
         store = None
         if self.store_path is not None:
-            if not os.path.exists(self.store_path):
-                raise PipelineError(
-                    f"{where}: feature store {self.store_path} not found; on a cluster --out must "
-                    "be on a file system shared by all nodes"
-                )
-            store = open_store(self.store_path, teacher, data)
-        return Prepared(data, teacher, store, make_augment(data, cfg.seed), list(self.student_taps))
+            for j in range(len(teachers)):
+                path = teacher_file(self.store_path, j)
+                if not os.path.exists(path):
+                    raise PipelineError(
+                        f"{where}: feature store {path} not found; on a cluster --out must "
+                        "be on a file system shared by all nodes"
+                    )
+            store = open_stores(self.store_path, teachers, data)
+        return Prepared(data, teachers[0], store, make_augment(data, cfg.seed),
+                        list(self.student_taps), teachers)
 
 
 class TrialRunner:
@@ -182,13 +210,19 @@ class TrialRunner:
         self.cfg = cfg
         self.device = device or cfg.proxy.device
         self.data, self.teacher = prepared.data, prepared.teacher
+        self.teachers = prepared.teachers
         self.store, self.augment = prepared.store, prepared.augment
         self.student_taps = prepared.student_taps
-        _, self.teacher_val_features = forward_all(
-            self.teacher.model, self.data.val.images, self.teacher.taps, device=self.device
-        )
-        self.teacher_shapes = {t: tuple(f.shape[1:]) for t, f in self.teacher_val_features.items()}
-        self.teacher_shapes["logits"] = (self.data.num_classes,)
+        # per teacher, in order; teacher_val_features and teacher_shapes: the first teacher's
+        self.all_val_features, self.all_shapes = [], []
+        for t in self.teachers:
+            _, feats = forward_all(t.model, self.data.val.images, t.taps, device=self.device)
+            shapes = {tap: tuple(f.shape[1:]) for tap, f in feats.items()}
+            shapes["logits"] = (self.data.num_classes,)
+            self.all_val_features.append(feats)
+            self.all_shapes.append(shapes)
+        self.teacher_val_features = self.all_val_features[0]
+        self.teacher_shapes = self.all_shapes[0]
 
     def train_config(self, task: TrialTask) -> TrainConfig:
         """The proxy settings of ``task``: the search's, with the task's overrides, its seed,
@@ -205,10 +239,12 @@ class TrialRunner:
         student = build_model(self.cfg.student, num_classes=self.data.num_classes,
                               in_channels=self.data.channels)
         offline = cfg.offline and self.store is not None
+        # one teacher or several alike: lists of one are the one-teacher Distiller
         distiller = Distiller(
-            spec, student, student_taps=self.student_taps, teacher_taps=self.teacher.taps,
-            teacher=None if offline else self.teacher.model,
-            example_input=self.data.train.images[:2], teacher_shapes=self.teacher_shapes,
+            spec, student, student_taps=self.student_taps,
+            teacher_taps=[t.taps for t in self.teachers],
+            teacher=None if offline else [t.model for t in self.teachers],
+            example_input=self.data.train.images[:2], teacher_shapes=self.all_shapes,
         ).to(cfg.device)
         t0 = time.perf_counter()
         try:
@@ -219,7 +255,7 @@ class TrialRunner:
                     "seconds": time.perf_counter() - t0}
         reward, metrics = proxy_reward(
             student, self.data.val.images, self.data.val.labels, self.student_taps,
-            self.teacher_val_features, self.teacher.taps, device=cfg.device,
+            self.all_val_features, [t.taps for t in self.teachers], device=cfg.device,
         )
         metrics.update(train_seconds=result.seconds, final_loss=result.final_loss,
                        epochs=result.epochs_run)

@@ -1,20 +1,32 @@
-"""The distiller search space: registries of operations, specs, and the search tree.
+"""The distiller search space: specs, the search tree, and the operation registries (re-exported
+from autokd.nn.registry).
 
     from autokd.space import load_space, DistillerSpec
     space = load_space("autokd")                 # the paper's Table 1 (10,692 designs)
     spec = space.spec_from_design(space.sample(random.Random(0)))
     print(spec.to_yaml())
 """
-from autokd.space.registry import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS,
-                                   TRANSFORM_STAGES)
-from autokd.space.spec import (DistillerSpec, OpChoice, SpecError, allowed_options, list_distillers,
-                               load_distiller)
+# The operation registries live beside the blocks they hold (autokd.nn.registry, filled when
+# autokd.nn is imported); re-exported here, where specs name their keys.
+from autokd.nn.registry import (
+    FEATURE_DISTANCES,
+    LOGIT_DISTANCES,
+    SCHEDULES,
+    TRANSFORM_STAGES,
+    TRANSFORMS,
+)
 from autokd.space.space import Level, SearchSpace, list_spaces, load_space, space_fingerprint
-
-from autokd.nn import blocks as _blocks  # noqa: E402,F401  (registers the operations)
+from autokd.space.spec import (
+    DistillerSpec,
+    OpChoice,
+    SpecError,
+    allowed_options,
+    list_distillers,
+    load_distiller,
+)
 
 __all__ = [
-    "DistillerSpec", "FEATURE_DISTANCES", "LOGIT_DISTANCES", "Level", "OpChoice", "SCHEDULES",
-    "SearchSpace", "SpecError", "TRANSFORMS", "TRANSFORM_STAGES", "allowed_options",
+    "FEATURE_DISTANCES", "LOGIT_DISTANCES", "SCHEDULES", "TRANSFORMS", "TRANSFORM_STAGES",
+    "DistillerSpec", "Level", "OpChoice", "SearchSpace", "SpecError", "allowed_options",
     "list_distillers", "list_spaces", "load_distiller", "load_space", "space_fingerprint",
 ]

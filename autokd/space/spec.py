@@ -18,6 +18,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import os
 import pathlib
@@ -26,8 +27,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import yaml
 
-from autokd.space.registry import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS,
-                                   TRANSFORM_STAGES, stage_options)
+from autokd.nn.registry import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORM_STAGES,
+                                TRANSFORMS, stage_options)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -323,7 +324,6 @@ def load_distiller(name: str) -> DistillerSpec:
     """A classic distiller's spec by name (configs/distillers/<name>.yaml)."""
     path = CONFIG_DIR / "distillers" / f"{name}.yaml"
     if not path.is_file():
-        import difflib
         known = list_distillers()
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -14,8 +14,10 @@ from autokd.store.feature_store import (
     StoreBatches,
     StoreError,
     load_batch,
+    pinned_teacher_hash,
     teacher_hash,
 )
+from autokd.store.multi import TeacherStoreBatches, TeacherStores
 
 __all__ = [
     "AugParams",
@@ -26,6 +28,9 @@ __all__ = [
     "ReplayResizedCrop",
     "StoreBatches",
     "StoreError",
+    "TeacherStoreBatches",
+    "TeacherStores",
     "load_batch",
+    "pinned_teacher_hash",
     "teacher_hash",
 ]

@@ -45,6 +45,13 @@ def teacher_hash(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def pinned_teacher_hash(teachers: Sequence) -> str | list[str]:
+    """The teachers' identity as a journal or checkpoint pins it, from their ``.hash``
+    (``teacher_hash`` of each; ``autokd.pipeline.TeacherInfo``): one teacher's hash (the key a
+    one-teacher run always had), or the list of every teacher's hash in order."""
+    return teachers[0].hash if len(teachers) == 1 else [t.hash for t in teachers]
+
+
 def _as_index_array(x, what: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -396,7 +403,7 @@ class FeatureStore:
         writer = None
         bar = None
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # only when a progress bar is asked for
 
             bar = tqdm(
                 total=n * views,

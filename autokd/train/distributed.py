@@ -45,6 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -159,8 +160,6 @@ class DistContext:
         if not dist.is_initialized():
             raise RuntimeError(f"rank {self.rank} of {self.world_size}: no process group; call "
                                "DistContext.init() before training")
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [torch.device(self.device).index] if self.backend == "nccl" else None
         # Gradients as views of the all-reduce buckets: no copy between the two per step and
         # half the gradient memory. (Weights with a size-1 dim, e.g. a 1-channel stem conv,

@@ -22,16 +22,22 @@ from typing import Callable, Optional
 
 import torch
 
+from autokd.distill import Distiller
 from autokd.errors import PipelineError
 from autokd.fsutil import atomic_torch_save, atomic_write_text
+from autokd.models import build_model, check_model_fits
+from autokd.space import DistillerSpec, load_distiller
+from autokd.store import pinned_teacher_hash
+from autokd.train import rng
+from autokd.train.distributed import DistContext, convert_sync_batchnorm
+from autokd.train.loop import Diverged, forward_all, train_student
+from autokd.train.teacher import evaluate
 
 
 def resolve_spec(spec: str):
     """A DistillerSpec from a YAML path, or else a classic distiller's name (configs/distillers,
     ``none`` for the student alone) looked up by ``autokd.space.load_distiller``, whose error
     names close matches and the known names."""
-    from autokd.space import DistillerSpec, load_distiller
-
     if os.path.exists(spec):
         return DistillerSpec.from_yaml(spec)
     if spec.endswith((".yaml", ".yml")) or os.sep in spec:
@@ -65,15 +71,10 @@ def run_distill(
     """Train ``student_name`` with ``spec`` to the end of ``cfg``'s schedule, resuming from
     ``<out>/checkpoint.pt`` when it exists. ``dist``: this process's ``DistContext`` under
     torchrun (its process group initialised; ``cfg.batch_size`` is then the global batch), None
-    for one process. Every rank returns rank 0's result."""
-    from autokd.distill import Distiller
-    from autokd.models import build_model
-    from autokd.pipeline import check_model_fits
-    from autokd.train import rng
-    from autokd.train.distributed import DistContext, convert_sync_batchnorm
-    from autokd.train.loop import Diverged, forward_all, train_student
-    from autokd.train.teacher import evaluate
+    for one process. Every rank returns rank 0's result.
 
+    ``teacher``: a ``TeacherInfo``, or a list of them (several teachers, combined by the
+    Distiller; ``store`` is then their ``TeacherStores``)."""
     dist = dist or DistContext(device=cfg.device)
     dist.check_batch(cfg.batch_size)  # first: a mistake must surface before any collective
     main = dist.is_main
@@ -88,21 +89,28 @@ def run_distill(
     sync_bn = dist.distributed and dist.sync_bn
     if sync_bn:  # before the distiller hooks its taps: conversion replaces BN modules
         student = convert_sync_batchnorm(student, cfg.device)
-    shapes = None
-    if spec.uses_teacher():  # the student alone never runs the teacher, not even once
-        _, tfeats = forward_all(teacher.model, data.train.images[:2], teacher.taps)
-        shapes = {t: tuple(f.shape[1:]) for t, f in tfeats.items()}
-        shapes["logits"] = (data.num_classes,)
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    shapes = []
+    for t in teachers:
+        if not spec.uses_teacher():  # the student alone never runs a teacher, not even once
+            shapes.append({})  # one (unread) entry per teacher: the Distiller counts them
+            continue
+        _, tfeats = forward_all(t.model, data.train.images[:2], t.taps)
+        shapes.append({tap: tuple(f.shape[1:]) for tap, f in tfeats.items()})
+        shapes[-1]["logits"] = (data.num_classes,)
     offline = cfg.offline and store is not None
+    # lists of one teacher are the one-teacher Distiller
     distiller = Distiller(
-        spec, student, student_taps=student_taps, teacher_taps=teacher.taps,
-        teacher=None if offline else teacher.model, example_input=data.train.images[:2], teacher_shapes=shapes,
+        spec, student, student_taps=student_taps, teacher_taps=[t.taps for t in teachers],
+        teacher=None if offline else [t.model for t in teachers],
+        example_input=data.train.images[:2], teacher_shapes=shapes,
     )
     if sync_bn:  # the design's adapters (1x1 conv + BN)
         distiller.loss = convert_sync_batchnorm(distiller.loss, cfg.device)
     distiller = distiller.to(cfg.device)
     start_epoch, resume, elapsed = 0, None, 0.0
-    pinned = {"spec": spec.to_dict(), "student": student_name, "teacher_hash": teacher.hash,
+    pinned = {"spec": spec.to_dict(), "student": student_name,
+              "teacher_hash": pinned_teacher_hash(teachers),
               "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
     if os.path.exists(ckpt_path):
         try:
@@ -121,7 +129,7 @@ def run_distill(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only when a progress bar is asked for
 
         bar = tqdm(total=cfg.run_epochs, initial=start_epoch, desc="distill", unit="epoch")
 

@@ -19,7 +19,10 @@ from torch import nn
 
 from autokd.nn.taps import FeatureTaps
 from autokd.train import precision as amp
+from autokd.train import rng
+from autokd.train.distributed import EpochShardSampler
 from autokd.train.precision import PRECISIONS
+from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -41,7 +44,12 @@ class TrainConfig:
     # early-stopped proxy compresses both alike (the warm-up is warmup_epochs / epochs of the
     # steps it trains)
     warmup_epochs: float = 0.0
-    subset: float = 1.0  # fraction of the training split used (stratified, fixed per seed)
+    # The student's share of the training split: a stratified cut, the same for every seed and
+    # every run (seeded by DATA_FRACTION_SEED), for a teacher trained on the whole split that
+    # distils into a student with fewer labelled images (the embedded digits task). The
+    # proxy's subset is taken within it.
+    data_fraction: float = 1.0
+    subset: float = 1.0  # fraction of the student's data used (stratified, fixed per seed)
     stop_fraction: float = 1.0  # early stop: train ceil(epochs * stop_fraction) epochs
     sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
     offline: bool = True  # teacher features from the feature store instead of the teacher
@@ -58,6 +66,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "> 0"),
+            ("data_fraction", 0 < self.data_fraction <= 1, "in (0, 1]"),
             ("subset", 0 < self.subset <= 1, "in (0, 1]"),
             ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
             ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
@@ -77,6 +86,19 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+#: The seed of the student's data cut (TrainConfig.data_fraction): part of the task's
+#: definition, like a data set's test split, not of a run.
+DATA_FRACTION_SEED = 20240607
+
+
+def student_indices(labels: torch.Tensor, cfg: "TrainConfig") -> torch.Tensor:
+    """The training-split indices a run trains on: the data_fraction cut, then the proxy's
+    subset of it (seeded by subset_seed, else the run's seed)."""
+    cut = stratified_subset(labels, cfg.data_fraction, DATA_FRACTION_SEED)
+    seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    return cut[stratified_subset(labels[cut], cfg.subset, seed)]
 
 
 class Diverged(RuntimeError):
@@ -201,7 +223,11 @@ def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store
             return x, labels[idx.to(labels.device)]
 
         def read_teacher(idx):
-            teacher = store.gather(idx.numpy(), view, pin_memory=pin)
+            ids = idx.numpy()
+            if hasattr(store, "stores"):  # several teachers (autokd.store.TeacherStores)
+                feats = [s.gather(ids, view, pin_memory=pin) for s in store.stores]
+                return feats, [f.pop("logits", None) for f in feats]
+            teacher = store.gather(ids, view, pin_memory=pin)
             return teacher, teacher.pop("logits", None)
 
         return (torch.from_numpy(sb.order()), view, read_images,
@@ -216,6 +242,16 @@ def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store
         return x, labels[idx.to(labels.device)]
 
     return order, epoch, from_memory, no_teacher
+
+
+def _teacher_on(device, tf, tl):
+    """Stored teacher features and logits on ``device`` in float32: one teacher's dict and
+    tensor, or (several teachers) a list of each, one entry per teacher."""
+    if isinstance(tf, list):
+        moved = [_teacher_on(device, f, t) for f, t in zip(tf, tl)]
+        return [f for f, _ in moved], [t for _, t in moved]
+    tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
+    return tf, (tl.to(device, non_blocking=True).float() if tl is not None else None)
 
 
 def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
@@ -283,16 +319,12 @@ def train_student(
     caller converts BN layers (``convert_sync_batchnorm``) before building the distiller.
     Losses reported (history, ``final_loss``) are global means.
     """
-    from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
-
     device = torch.device(cfg.device)
     amp.check_precision(cfg.precision, device)
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
     extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
-    indices = stratified_subset(
-        data.train.labels, cfg.subset, cfg.seed if cfg.subset_seed is None else cfg.subset_seed
-    )
+    indices = student_indices(data.train.labels, cfg)
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total_steps = cfg.run_epochs * steps_per_epoch
     warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
@@ -327,8 +359,6 @@ def train_student(
     sampler = None
     model = distiller
     if distributed:
-        from autokd.train.distributed import EpochShardSampler
-
         dist.check_batch(cfg.batch_size)
         sampler = EpochShardSampler(
             lambda e: _epoch_source(data, cfg, indices, e, store, augment)[0], len(indices),
@@ -337,8 +367,6 @@ def train_student(
         dist.reseed(cfg.seed)
     if resume is not None and resume.get("rng") is not None:
         # last, after reseed: the resumed epochs draw what the uninterrupted run drew
-        from autokd.train import rng
-
         rng.restore_mine(resume["rng"], distiller, cfg.device, dist)
     # a design without a teacher term (the student alone) reads no teacher record
     spec = getattr(distiller, "spec", None)
@@ -363,8 +391,7 @@ def train_student(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x = amp.memory_format(x, cfg.channels_last)
                 if tf is not None:
-                    tf = {k: v.to(device, non_blocking=True).float() for k, v in tf.items()}
-                    tl = tl.to(device, non_blocking=True).float() if tl is not None else None
+                    tf, tl = _teacher_on(device, tf, tl)
                 with amp.autocast(cfg.precision, device):
                     out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
                 # float32 whatever the precision: the distiller returns its loss in float32

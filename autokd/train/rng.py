@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 
@@ -96,8 +97,6 @@ def capture_all(module: nn.Module, device="cpu", dist=None) -> Dict[str, Any]:
     mine = capture(module, device)
     if dist is None or not dist.distributed:
         return {"ranks": [mine]}
-    import torch.distributed as tdist
-
     states = [None] * dist.world_size
     tdist.all_gather_object(states, mine)
     return {"ranks": states}

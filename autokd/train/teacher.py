@@ -21,7 +21,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from autokd.data.augment import apply_augmentation, default_padding, sample_augmentation
+from autokd.data.augment import (ReplayResizedCrop, apply_augmentation, default_padding,
+                                 sample_augmentation)
+from autokd.models import build_model
 from autokd.train import precision as amp
 
 __all__ = ["train_classifier", "evaluate", "save_checkpoint", "load_checkpoint",
@@ -111,8 +113,6 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     if getattr(data.train, "streaming", False):
         # a streamed folder (autokd.data.stream): DataLoader workers decode random-resized
         # crops, view = epoch, from another seed than the feature store's views
-        from autokd.store import ReplayResizedCrop
-
         crop = ReplayResizedCrop(seed=(int(seed) * 1_000_003 + 7) % 2**64,
                                  size=data.train.size, flip=flip) if augment else None
         stream = data.train.loader(crop, device=dev)
@@ -204,7 +204,7 @@ def _memory_batches(images, labels, batches, crops, pad: int):
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # only when a progress bar is asked for
 
     return tqdm(total=total, desc="train", unit="epoch", leave=False)
 
@@ -323,8 +323,6 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None,
 def load_model(path: str, map_location: Any = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model a checkpoint was saved from (meta needs ``model``, ``num_classes`` and
     ``in_channels``) and load its weights; returns (model in eval mode, meta)."""
-    from autokd.models import build_model
-
     state, meta = load_checkpoint(path, map_location=map_location)
     missing = [k for k in ("model", "num_classes", "in_channels") if k not in meta]
     if missing:
@@ -343,8 +341,6 @@ def train_and_save(model_name: str, data, epochs: int, path: str, seed: int = 0,
     """Build ``model_name`` for ``data`` (seeded), train it with ``train_classifier``, measure
     it on the test split and save a checkpoint whose meta ``load_model`` can rebuild from.
     Returns (model in eval mode, meta)."""
-    from autokd.models import build_model
-
     torch.manual_seed(int(seed))
     model = build_model(model_name, num_classes=data.num_classes, in_channels=data.channels)
     t0 = time.perf_counter()

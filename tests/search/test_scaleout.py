@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from autokd.cli import main
+from autokd.pipeline import default_proxy, default_training
 from autokd.search.driver import SearchConfig, run_search
 from autokd.search.executors import KILL_ENV, RAY_MISSING
 from autokd.search.reward import reward_floor
@@ -27,8 +28,10 @@ SEED = 0
 
 
 def _cfg(out, budget, **kw):
-    proxy = TrainConfig(epochs=5, batch_size=32, lr=0.1, subset=0.2, stop_fraction=0.2, sparsity=0.5,
-                        offline=True, seed=SEED)
+    # the CLI's digits defaults (data_fraction among them), at the toy schedule of TOY
+    accel = {**default_proxy("digits"), "stop_fraction": 0.2}
+    proxy = TrainConfig(epochs=5, batch_size=32, lr=0.1, **accel, offline=True, seed=SEED,
+                        data_fraction=default_training("digits")["data_fraction"])
     return SearchConfig(out=str(out), budget=budget, teacher_epochs=1, views=2, proxy=proxy, seed=SEED, **kw)
 
 

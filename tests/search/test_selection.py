@@ -1,0 +1,122 @@
+"""The selection stage: successive halving of the search's best designs and the classic
+distillers; the search never hands back a design its own evaluation ranks below the best
+classic; every run is journaled and a rerun reuses them. Trained runs are replaced by a
+scripted scorer here (tests/search/test_cli.py runs the stage for real)."""
+import pytest
+
+from autokd.errors import PipelineError
+from autokd.search.journal import Journal
+from autokd.search.selection import (SelectionConfig, SelectionResult, candidates, plan,
+                                     run_selection, stage_cost)
+from autokd.space import load_space
+
+SPACE = load_space("autokd")
+BASE = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
+        "feature_distance": "l2", "feature_weight": "1", "logit_distance": "kl",
+        "temperature": "4", "logit_weight": "1"}
+
+
+class FakeTrial:
+    def __init__(self, i, design, reward):
+        self.id, self.design, self.reward, self.status = i, design, reward, "ok"
+
+
+def _trials():
+    weights = ["1", "5", "25", "50"]
+    return [FakeTrial(i, dict(BASE, feature_weight=w, temperature=t), 1.0 - 0.1 * i)
+            for i, (w, t) in enumerate((w, t) for t in ("1", "2", "4") for w in weights)]
+
+
+def _scorer(scores, calls):
+    """run(tasks) that scores each task by its candidate (spec without name), plus the seed's
+    noise of +-0.001, and records every call."""
+    def run(tasks):
+        out = []
+        for t in tasks:
+            calls.append(t)
+            key = tuple(sorted((k, str(v)) for k, v in t.spec.items() if k != "name"))
+            base = scores.get(key, 0.0)
+            out.append({"status": "ok", "reward": base + 0.001 * (t.seed % 3), "seconds": 0.5,
+                        "metrics": {"val_acc": 0.5, "val_ce": 1.0}})
+        return out
+    return run
+
+
+def _key(spec):
+    return tuple(sorted((k, str(v)) for k, v in spec.items() if k != "name"))
+
+
+def test_plan_halves_to_two_ending_at_the_fidelity_asked():
+    cfg = SelectionConfig(fidelity=0.5, seeds=2)
+    assert plan(8, cfg) == [(8, 1, 0.125), (4, 2, 0.25), (2, 2, 0.5)]
+    assert plan(2, cfg) == [(2, 2, 0.5)]  # the deciding round has every seed
+    assert stage_cost(8, cfg) == pytest.approx(10 * 0.5)
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(PipelineError, match="unknown anchor.*'kdd'.*known classic distillers"):
+        SelectionConfig(anchors=("kdd",))
+    with pytest.raises(PipelineError, match="metric one of reward, val_acc, val_ce"):
+        SelectionConfig(metric="acc")
+    with pytest.raises(PipelineError, match=r"fidelity in \[0, 1\]"):
+        SelectionConfig(fidelity=1.5)
+
+
+def test_candidates_are_the_best_estimates_and_the_anchors_once_each():
+    cfg = SelectionConfig(finalists=2, anchors=("kd", "none"))
+    cands = candidates(SPACE, _trials(), cfg)
+    assert [c.label for c in cands] == ["search #1", "search #2", "kd", "none"]
+    assert cands[0].design is not None and cands[2].design is None
+    assert cands[0].spec["feature_weight"] == 1.0  # the best estimate: the highest rewards
+
+
+@pytest.mark.parametrize("classic_wins", [False, True])
+def test_the_best_classic_meets_the_search_in_the_last_round(tmp_path, classic_wins):
+    cfg = SelectionConfig(finalists=3, anchors=("kd", "dkd", "none"), fidelity=0.4, seeds=2)
+    cands = candidates(SPACE, _trials(), cfg)
+    scores = {_key(c.spec): s for c, s in zip(cands, [0.9, 0.5, 0.4, 0.6, 0.7, 0.1])}
+    if classic_wins:  # dkd (0.7) beats the search's best (here lowered to 0.65)
+        scores[_key(cands[0].spec)] = 0.65
+    calls = []
+    with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
+        res = run_selection(SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0,
+                            log=lambda _m: None)
+        last = res.rounds[-1]
+        assert sorted(last.scores) == sorted(["search #1", "dkd"])
+        assert res.best_classic.label == "dkd"
+        assert res.winner.label == ("dkd" if classic_wins else "search #1")
+        assert res.winner.is_anchor == classic_wins
+        # fidelity doubles per round, later rounds have two seeds, the same for every candidate
+        assert [len(r.seeds) for r in res.rounds] == [1, 2, 2]
+        assert res.rounds[1].fidelity == pytest.approx(2 * res.rounds[0].fidelity)
+        assert res.work == pytest.approx(stage_cost(6, cfg))
+        assert res.rounds[-1].fidelity == pytest.approx(0.4)
+        n_runs = len(calls)
+        # a rerun of the same stage trains nothing: every run is found in the journal
+        again = run_selection(SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0,
+                              log=lambda _m: None)
+        assert len(calls) == n_runs and again.reused == n_runs
+        assert again.winner.label == res.winner.label
+        # and the report rebuilds the same result from the journal alone
+        rebuilt = SelectionResult.from_evaluations(j.evaluations())
+        assert rebuilt.winner.label == res.winner.label
+        assert [sorted(r.scores) for r in rebuilt.rounds] == [sorted(r.scores) for r in res.rounds]
+
+
+def test_a_lead_inside_the_seed_noise_hands_back_the_classic(tmp_path):
+    cfg = SelectionConfig(finalists=1, anchors=("kd",), fidelity=0.5, seeds=2)
+    cands = candidates(SPACE, _trials(), cfg)
+    # the searched design leads kd by 0.0005; the two seeds of each differ by 0.001
+    scores = {_key(cands[0].spec): 0.7005, _key(cands[1].spec): 0.7}
+    with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
+        res = run_selection(SPACE, _trials(), j, _scorer(scores, []), cfg, epochs=60, seed=0,
+                            log=lambda _m: None)
+    assert res.rounds[-1].mean("search #1") > res.rounds[-1].mean("kd")
+    assert res.winner.label == "kd" and res.best_classic.label == "kd"
+
+
+def test_no_stage_without_budget_or_without_a_working_trial(tmp_path):
+    with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
+        assert run_selection(SPACE, _trials(), j, _scorer({}, []), SelectionConfig(fidelity=0),
+                             epochs=60, seed=0) is None
+        assert run_selection(SPACE, [], j, _scorer({}, []), SelectionConfig(), epochs=60, seed=0) is None
