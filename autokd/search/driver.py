@@ -131,8 +131,7 @@ class SearchConfig:
         """What a resumed search must share with the journal it resumes (the space by its
         content: a space file edited between two runs is another search). ``teacher_hash``:
         the teacher's, or (several teachers) the list of every teacher's, in order."""
-        proxy = self.proxy.to_dict()
-        proxy.pop("device")
+        proxy = self.proxy.pinned()
         pinned = {
             "data": data_identity,
             "teacher_hash": teacher_hash,

@@ -111,7 +111,7 @@ def run_distill(
     start_epoch, resume, elapsed = 0, None, 0.0
     pinned = {"spec": spec.to_dict(), "student": student_name,
               "teacher_hash": pinned_teacher_hash(teachers),
-              "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
+              "data": data.identity, "config": cfg.pinned()}
     if os.path.exists(ckpt_path):
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)

@@ -87,6 +87,17 @@ class TrainConfig:
     def to_dict(self):
         return asdict(self)
 
+    def pinned(self) -> dict:
+        """What a resumed run must share with the run it resumes (a search's journal, a
+        distill checkpoint): every field but the device; precision and channels_last only when
+        they are not the defaults, so that journals and checkpoints written before these
+        options existed (fp32, contiguous) still resume."""
+        out = {k: v for k, v in self.to_dict().items() if k != "device"}
+        for k, default in (("precision", "fp32"), ("channels_last", False)):
+            if out[k] == default:
+                del out[k]
+        return out
+
 
 #: The seed of the student's data cut (TrainConfig.data_fraction): part of the task's
 #: definition, like a data set's test split, not of a run.

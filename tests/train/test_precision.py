@@ -184,6 +184,9 @@ def test_precision_is_validated_and_pinned():
     proxy = TrainConfig(epochs=10, precision="bf16", channels_last=True)
     pinned = SearchConfig(proxy=proxy).pinned("data-id", "teacher-hash")
     assert pinned["proxy"]["precision"] == "bf16" and pinned["proxy"]["channels_last"] is True
+    # the defaults are left out: journals and checkpoints from before these options resume
+    default = SearchConfig(proxy=TrainConfig(epochs=10)).pinned("data-id", "teacher-hash")
+    assert "precision" not in default["proxy"] and "channels_last" not in default["proxy"]
 
 
 def test_cli_distill_with_bf16_and_channels_last(tmp_path):
