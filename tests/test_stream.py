@@ -239,6 +239,6 @@ def test_search_with_local_worker_processes_streams_in_each(folder, tmp_path):
     r = CliRunner().invoke(main, ["search", "--data", spec, "--budget", "2", "--epochs", "5",
                                   "--out", str(tmp_path), "--quiet", "--views", "2", "--workers",
                                   "2", "--teacher", "resnet8", "--student", "resnet8",
-                                  "--teacher-epochs", "1"])
+                                  "--teacher-epochs", "1", "--select-fidelity", "0"])
     assert r.exit_code == 0, r.output
     assert "2 trials (2 new)" in r.output
