@@ -122,10 +122,26 @@ def _proxy_options(f):
     return f
 
 
+def _precision_options(f):
+    """--precision and --channels-last (autokd/train/precision.py) of the training commands."""
+    opts = [
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="Training precision: autocast of the forward passes "
+                     "to bfloat16 or float16 (with a gradient scaler); losses stay float32."),
+        click.option("--channels-last", is_flag=True, help="Input batches in channels-last "
+                     "(NHWC) memory format; faster convolutions on most hardware."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _common_options(f):
     opts = [
         click.option("--data", default="digits", show_default=True,
-                     help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only)."),
+                     help="digits | cifar10:PATH | cifar100:PATH | folder:PATH | npz:FILE (local files only). "
+                     "folder:PATH?stream=1 streams an ImageNet-layout folder through DataLoader workers "
+                     "(&size=224, &classes=100 for a seeded class subset, &workers=8)."),
         click.option("--teacher", default=None, help="Teacher model: a zoo name, tv:NAME, timm:NAME or "
                      "package.module:factory, each optionally NAME?key=value&... (constructor "
                      "options); several teachers separated by commas (a,b) "
@@ -192,7 +208,9 @@ def _load(data, seed, val_fraction=0.1):
 @_common_options
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint path [default: <out>/teacher.pt].")
 @click.option("--device", default="cpu", show_default=True)
-def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device):
+@_precision_options
+def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out, output, device,
+                      precision, channels_last):
     """Train a teacher on the training split and save its checkpoint.
 
     Several teachers (--teacher a,b): each is trained, teacher j with --seed + j, to --output
@@ -208,7 +226,8 @@ def train_teacher_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student
         _writable(os.path.dirname(path), "--output" if output else "--out")
         bundle = _load(data, seed)
         infos = load_or_train_teachers(bundle, [e.name for e in plan], None, path, teacher_epochs,
-                                       seed, device, _taps(teacher_taps), log=click.echo)
+                                       seed, device, _taps(teacher_taps), log=click.echo,
+                                       precision=precision, channels_last=channels_last)
         for info in infos:
             click.echo(f"teacher saved to {info.checkpoint} "
                        f"(test accuracy {info.test_accuracy:.4f})")
@@ -283,10 +302,14 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where trials run: local processes, or Ray tasks (pip install 'autokd[ray]').")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Trials at once. local: 1 runs in this process (serial); N starts N worker processes, "
               "with --device cuda pinned round-robin to the visible GPUs. ray: tasks in flight, 1 GPU "
-              "(--device cuda) or 1 CPU each.")
+              "(--device cuda) or 1 CPU each. [default: 1; with --workers-per-gpu K, K per GPU]")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=None,
+              help="With --device cuda: K trials share each GPU (small students leave one GPU mostly "
+              "idle); --workers defaults to K x visible GPUs (Ray: K x the cluster's GPUs, 1/K GPU "
+              "per task).")
 @click.option("--ray-address", default=None,
               help="Address of a running Ray cluster (e.g. ray://head:10001 or auto) [default: "
               "RAY_ADDRESS, else a local cluster for this search]. On a cluster, --out must be on a "
@@ -305,10 +328,11 @@ def cache_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teache
 @click.option("--select-metric", type=click.Choice(list(SELECT_METRICS)), default="reward", show_default=True,
               help="Selection stage: held-out score to rank by.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_precision_options
 def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
                epochs, batch_size, lr, data_fraction, device, space, strategy, budget, time_limit, subset, stop_fraction,
-               sparsity, online, views, exploration, executor, workers, ray_address, finalists, anchors,
-               select_fidelity, select_seeds, select_metric, quiet):
+               sparsity, online, views, exploration, executor, workers, workers_per_gpu, ray_address, finalists,
+               anchors, select_fidelity, select_seeds, select_metric, quiet, precision, channels_last):
     """Search the best distiller design (MCTS over the space, proxy trial per design).
 
     With no options: the whole pipeline on the embedded digits data (teacher trained and cached
@@ -317,19 +341,25 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
     \b
     Several trials at once:
       autokd-cli search --device cuda --workers 4            # 4 local GPUs, one worker each
+      autokd-cli search --device cuda --workers-per-gpu 4    # 4 trials on every local GPU
       autokd-cli search --executor ray --device cuda --workers 16 --ray-address auto
     On a Ray cluster --out (teacher, feature store) and file-based --data must be on a file
     system every node can read.
     """
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
+    if workers_per_gpu is not None and not device.startswith("cuda"):
+        raise click.UsageError(f"--workers-per-gpu needs --device cuda (got --device {device})")
+    if workers is None and workers_per_gpu is None:
+        workers = 1
     try:
         _teachers(data, teacher, teacher_checkpoint, teacher_taps)
         _writable(out, "--out")
         sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
         given = {"subset": subset, "stop_fraction": stop_fraction, "sparsity": sparsity}
         accel = {k: (v if v is not None else default_proxy(data)[k]) for k, v in given.items()}
-        proxy = TrainConfig(**sched, **accel, offline=not online, seed=seed, device=device)
+        proxy = TrainConfig(**sched, **accel, offline=not online, seed=seed, device=device,
+                            precision=precision, channels_last=channels_last)
         selection = SelectionConfig(finalists=finalists, anchors=_taps(anchors) or (),
                                     fidelity=select_fidelity, seeds=select_seeds, metric=select_metric)
         cfg = SearchConfig(data=data, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
@@ -337,7 +367,7 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
                            student_taps=_taps(student_taps), space=space, strategy=strategy, budget=budget,
                            time_limit=time_limit, seed=seed, out=out, views=views, exploration=exploration,
                            proxy=proxy, executor=executor, workers=workers, ray_address=ray_address,
-                           selection=selection)
+                           selection=selection, workers_per_gpu=workers_per_gpu)
         res = run_search(cfg, log=click.echo, progress=not quiet)
     except _USER_ERRORS as e:
         _fail(e)
@@ -374,8 +404,10 @@ def search_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teach
 @click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
               help="Under torchrun: BatchNorm statistics over the global batch (as one process), or per process.")
 @click.option("--quiet", is_flag=True)
+@_precision_options
 def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teacher_taps, student_taps, seed, out,
-                epochs, batch_size, lr, data_fraction, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet):
+                epochs, batch_size, lr, data_fraction, device, spec, sparsity, offline, views, run_dir, sync_bn, quiet,
+                precision, channels_last):
     """Train the student for real with a spec; resumes from its checkpoint; ends with test accuracy.
 
     \b
@@ -426,13 +458,15 @@ def distill_cmd(data, teacher, teacher_checkpoint, teacher_epochs, student, teac
         infos = load_or_train_teachers(bundle, teacher or t_name, teacher_checkpoint,
                                        os.path.join(out, "teacher.pt"), teacher_epochs, seed, device,
                                        _taps(teacher_taps), log=log, progress=not quiet,
-                                       student_taps=s_taps)
+                                       student_taps=s_taps, precision=precision,
+                                       channels_last=channels_last)
         augment = make_augment(bundle, seed)
         store = None
         if offline:
             store = open_or_build_stores(store_path, infos, bundle, augment, views,
                                          "fp16", device=device, log=log, progress=not quiet)
-        cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device)
+        cfg = TrainConfig(**sched, sparsity=sparsity, offline=offline, seed=seed, device=device,
+                          precision=precision, channels_last=channels_last)
         ctx.init()
         if ctx.distributed:
             log(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} "

@@ -16,7 +16,8 @@ from autokd.data.augment import default_padding
 from autokd.errors import PipelineError
 from autokd.models import build_model, check_model_fits, default_taps
 from autokd.nn.taps import find_module
-from autokd.store import FeatureStore, ReplayAugment, StoreError, TeacherStores, teacher_hash
+from autokd.store import (FeatureStore, ReplayAugment, ReplayResizedCrop, StoreError, TeacherStores,
+                          teacher_hash)
 from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
 
 Log = Callable[[str], None]
@@ -70,10 +71,13 @@ def load_or_train_teacher(
     log: Log = print,
     progress: bool = True,
     label: Optional[str] = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> TeacherInfo:
     """The teacher of a run: from ``checkpoint`` when given; else from ``train_to`` when that file
-    exists (an earlier run trained it); else trained now and saved to ``train_to``. ``label``:
-    how log lines name it (default ``teacher NAME``; several teachers number themselves)."""
+    exists (an earlier run trained it); else trained now and saved to ``train_to`` (with
+    ``precision`` and ``channels_last``, autokd/train/precision.py). ``label``: how log lines
+    name it (default ``teacher NAME``; several teachers number themselves)."""
     # seeded before the model is built: its initial weights are part of what the seed fixes
     # (a teacher trained twice from the same command is the same teacher)
     torch.manual_seed(seed)
@@ -93,7 +97,8 @@ def load_or_train_teacher(
             raise PipelineError("no teacher checkpoint given and nowhere to train one")
         log(f"{who}: training for {epochs} epochs (first run; saved to {train_to})")
         torch.manual_seed(seed)
-        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress)
+        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress,
+                         precision=precision, channels_last=channels_last)
         acc, _ = evaluate(model, data.test, device=device)
         os.makedirs(os.path.dirname(os.path.abspath(train_to)), exist_ok=True)
         save_checkpoint(
@@ -204,6 +209,8 @@ def load_or_train_teachers(
     log: Log = print,
     progress: bool = True,
     student_taps: Optional[Sequence[str]] = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> List[TeacherInfo]:
     """The teachers of a run (``teacher_plan(names, checkpoints, taps)``), each loaded or trained
     as ``load_or_train_teacher`` does, teacher j to ``teacher_file(train_to, j)`` with seed
@@ -222,7 +229,8 @@ def load_or_train_teachers(
         e = plan[0]
         check_pairs(resolve_taps(e.name, e.taps), "")
         return [load_or_train_teacher(data, e.name, e.checkpoint, train_to, epochs, seed, device,
-                                      e.taps, log=log, progress=progress)]
+                                      e.taps, log=log, progress=progress, precision=precision,
+                                      channels_last=channels_last)]
     n = len(plan)
     for j, e in enumerate(plan):
         who = f"teacher {j + 1} of {n} ({e.name})"
@@ -254,7 +262,8 @@ def load_or_train_teachers(
         load_or_train_teacher(data, e.name, e.checkpoint,
                               teacher_file(train_to, j) if train_to else None, epochs, seed + j,
                               device, e.taps, log=log, progress=progress,
-                              label=f"teacher {j + 1}/{n} {e.name}")
+                              label=f"teacher {j + 1}/{n} {e.name}", precision=precision,
+                              channels_last=channels_last)
         for j, e in enumerate(plan)
     ]
 
@@ -369,6 +378,10 @@ def _build_store(path, teacher, data, augment, views, dtype, batch_size, device,
 def make_augment(data, seed: int):
     """The replayable augmentation of a data set: crop with the padding teacher training uses
     (``autokd.data.augment.default_padding``: 1/8 of the shorter side), flip where the data
-    allow it (not for digits, whose classes are not mirror-symmetric)."""
+    allow it (not for digits, whose classes are not mirror-symmetric). A streamed folder
+    (autokd.data.stream) gets the random-resized crop of its image size instead."""
+    if getattr(data.train, "streaming", False):
+        return ReplayResizedCrop(seed=seed, size=data.image_size[0],
+                                 flip=bool(getattr(data, "allow_flip", True)))
     pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))

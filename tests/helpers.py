@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,41 @@ def raises_value_error(fn, match: str, *args):
 def escape(text: str) -> str:
     """A literal message as a ``pytest.raises(match=...)`` pattern."""
     return re.escape(text)
+
+
+FOLDER_CLASSES = ["cat", "dog", "eel", "fox", "gnu"]
+FOLDER_PER_CLASS, FOLDER_PER_CLASS_VAL = 64, 8
+
+
+def _folder_image(rng, label, size):
+    from PIL import Image
+
+    h, w = size
+    base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30],
+                     [200, 30, 200]][label], dtype=np.float64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    stripes = np.sin((xx if label % 2 else yy) * 0.9)[..., None] * 40
+    noise = rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(base + stripes + noise, 0, 255).astype(np.uint8))
+
+
+def make_image_folder(root, corrupt=None):
+    """An ImageNet-layout folder under ``root`` (a pathlib.Path): train/<class>/ with
+    FOLDER_PER_CLASS and val/<class>/ with FOLDER_PER_CLASS_VAL images per class, every third a
+    PNG and the others JPEG, 20..40 pixels a side, each class its own colour and stripe
+    direction. ``corrupt=(class_index, k)`` overwrites training JPEG ``k`` of that class with
+    bytes that are not an image; returns its path (else None)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", FOLDER_PER_CLASS), ("val", FOLDER_PER_CLASS_VAL)):
+        for label, c in enumerate(FOLDER_CLASSES):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for k in range(count):
+                size = (int(rng.integers(20, 41)), int(rng.integers(20, 41)))
+                ext = "png" if k % 3 == 0 else "jpg"
+                _folder_image(rng, label, size).save(d / f"{k:03d}.{ext}")
+    if corrupt is None:
+        return None
+    path = root / "train" / FOLDER_CLASSES[corrupt[0]] / f"{corrupt[1]:03d}.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    return str(path)

@@ -5,7 +5,10 @@ Specs:
   embedded default; a fixed stratified train/test split (1,437 / 360).
 - ``cifar10:PATH`` / ``cifar100:PATH``: the standard python-format pickles; PATH is the folder
   holding them or its parent (``cifar-10-batches-py`` / ``cifar-100-python``).
-- ``folder:PATH``: ``PATH/train/<class>/*.png|jpg`` and ``PATH/val/<class>/*`` (the test split).
+- ``folder:PATH``: ``PATH/train/<class>/*.png|jpg`` and ``PATH/val/<class>/*`` (the test split);
+  ``folder:PATH?stream=1`` streams it through DataLoader workers instead of decoding it into
+  memory, ``?classes=N`` keeps a seeded subset of N classes, ``?size=S`` sets the image side
+  (options: autokd.data.stream).
 - ``npz:FILE``: arrays ``x_train, y_train, x_test, y_test``; images NHWC or NCHW (or [N, H, W]),
   uint8 (scaled by 1/255) or float (used as they are).
 
@@ -16,6 +19,7 @@ whole training split.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from autokd.data import formats
+from autokd.data import formats, stream
 from autokd.data.augment import apply_augmentation, augment, sample_augmentation
 from autokd.registry import Registry
 
@@ -215,7 +219,22 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"data: expected 0 <= val_fraction < 1, got {val_fraction!r}")
     size = _image_size(image_size)
-    raw = DATASETS.get(kind).read(arg, size)
+    subset = ""
+    if kind == "folder":
+        arg, options = stream.parse_folder_arg(arg)
+        if options.stream:
+            if size is not None and size[0] != size[1]:
+                raise ValueError(f"data {spec!r}: a streamed folder has square images; got "
+                                 f"image_size {size}")
+            if size is not None and options.size is None:
+                options = dataclasses.replace(options, size=size[0])
+            return stream.load_streamed_folder(spec, arg, options, val_fraction, seed)
+        if options.size is not None and size is None:
+            size = (options.size, options.size)
+        raw = formats.read_folder(arg, size, options.classes, options.class_seed)
+        subset = options.identity()
+    else:
+        raw = DATASETS.get(kind).read(arg, size)
     _check(raw, spec)
     x_train, x_test = _to_float(raw.x_train, size), _to_float(raw.x_test, size)
     # Statistics of the whole training split, so they do not depend on the validation seed.
@@ -237,7 +256,7 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
     h, w = x_train.shape[-2:]
     # The kind, not the path: the same files moved elsewhere are the same data for a cache.
     identity = (f"{kind}|val={float(val_fraction):g}|seed={int(seed)}|size={h}x{w}|"
-                f"sha256={_content_hash(raw)}")
+                + (f"{subset}|" if subset else "") + f"sha256={_content_hash(raw)}")
     return DataBundle(
         name=kind, spec=spec, num_classes=int(raw.num_classes), channels=int(x_train.shape[1]),
         image_size=(int(h), int(w)), mean=tuple(float(m) for m in mean),

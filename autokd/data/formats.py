@@ -145,9 +145,33 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
-def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
-    from PIL import Image  # lazy: only image folders need Pillow
+@dataclass
+class FolderIndex:
+    """The image files of an ImageNet-layout folder, as (path, label) per split, labels being
+    positions in ``classes`` (sorted class folder names, after any class subset)."""
 
+    root: str
+    train: List[Tuple[str, int]]
+    test: List[Tuple[str, int]]
+    classes: List[str]
+    all_classes: int  # class folders in train/ before any subset
+
+
+def choose_classes(classes: List[str], count: int, seed: int) -> List[str]:
+    """``count`` of ``classes`` drawn without replacement by a PCG64 generator seeded with
+    ``seed``, in name order: the class subset a search runs on (the paper searched on 100 of
+    ImageNet's 1,000 classes). A pure function of (the class names, count, seed)."""
+    if count > len(classes):
+        raise ValueError(f"folder: expected classes <= the {len(classes)} class folders, got "
+                         f"classes={count}")
+    pick = np.random.default_rng(seed).choice(len(classes), size=count, replace=False)
+    return sorted(classes[i] for i in pick)
+
+
+def index_folder(path: str, classes: Optional[int] = None, class_seed: int = 0) -> FolderIndex:
+    """List ``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``test/``) without reading
+    any image; with ``classes``, keep a seeded subset of that many classes
+    (``choose_classes``)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"folder: path {path!r} does not exist or is not a folder")
     train_dir = os.path.join(path, "train")
@@ -158,18 +182,19 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
             f"folder: expected {path!r} to hold train/<class>/*.png|jpg and val/<class>/*; "
             f"found {sorted(os.listdir(path))}"
         )
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
-    if not classes:
+    all_classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if not all_classes:
         raise ValueError(f"folder: {train_dir!r} has no class folders")
     test_classes = sorted(e.name for e in os.scandir(test_dir) if e.is_dir())
-    unknown = sorted(set(test_classes) - set(classes))
+    unknown = sorted(set(test_classes) - set(all_classes))
     if unknown:
         raise ValueError(f"folder: classes {unknown} in {test_dir!r} are not in {train_dir!r} "
-                         f"(known: {classes})")
+                         f"(known: {all_classes})")
+    chosen = all_classes if classes is None else choose_classes(all_classes, classes, class_seed)
 
     def files(split_dir):
         out = []
-        for label, c in enumerate(classes):
+        for label, c in enumerate(chosen):
             d = os.path.join(split_dir, c)
             if not os.path.isdir(d):
                 continue
@@ -179,16 +204,57 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
 
     train_files, test_files = files(train_dir), files(test_dir)
     present = {lbl for _, lbl in train_files}
-    empty = [c for i, c in enumerate(classes) if i not in present]
+    empty = [c for i, c in enumerate(chosen) if i not in present]
     if empty:
         raise ValueError(f"folder: class folders {empty} in {train_dir!r} hold no images "
                          f"({', '.join(IMAGE_EXTENSIONS)})")
     if not test_files:
-        raise ValueError(f"folder: {test_dir!r} holds no images")
+        raise ValueError(f"folder: {test_dir!r} holds no images"
+                         + (" of the chosen classes" if classes is not None else ""))
+    return FolderIndex(path, train_files, test_files, chosen, len(all_classes))
 
-    # PIL raises OSError (unreadable, truncated, a symlink loop), ValueError or SyntaxError
-    # (some corrupt headers) and DecompressionBombError: all are a bad image file, named.
-    bad_image = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+def image_mode(path: str) -> str:
+    """"L" for a grayscale image file, "RGB" otherwise: the first training image sets the mode
+    of a whole folder."""
+    from PIL import Image  # lazy: only image folders need Pillow
+
+    try:
+        with Image.open(path) as first:
+            return "L" if first.mode in _GRAY_MODES else "RGB"
+    except bad_image_errors() as e:
+        raise ValueError(f"folder: cannot read image {path!r} ({e}); the first training image "
+                         "sets the image size and mode: fix or remove it") from None
+
+
+def bad_image_errors() -> tuple:
+    """What PIL raises for a bad image file: OSError (unreadable, truncated, a symlink loop),
+    ValueError or SyntaxError (some corrupt headers) and DecompressionBombError."""
+    from PIL import Image  # lazy: only image folders need Pillow
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def memory_limit_bytes() -> int:
+    """What an in-memory ``folder:`` may take: half of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf: do not guess, do not refuse
+        return 1 << 62
+
+
+# Bytes per pixel value while an in-memory folder is loaded: the uint8 array, its float32
+# copy, and the float32 copy of the training split that load_data keeps.
+_BYTES_PER_VALUE = 9
+
+
+def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optional[int] = None,
+                class_seed: int = 0) -> RawData:
+    from PIL import Image  # lazy: only image folders need Pillow
+
+    index = index_folder(path, classes, class_seed)
+    train_files, test_files, classes = index.train, index.test, index.classes
+    bad_image = bad_image_errors()
     try:
         with Image.open(train_files[0][0]) as first:
             mode = "L" if first.mode in _GRAY_MODES else "RGB"
@@ -196,6 +262,18 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]]) -> RawData:
     except bad_image as e:
         raise ValueError(f"folder: cannot read image {train_files[0][0]!r} ({e}); the first "
                          "training image sets the image size and mode: fix or remove it") from None
+    # Found before hours of decoding end in the out-of-memory killer: a folder this large is
+    # streamed instead (autokd.data.stream), which the message says how to ask for.
+    need = ((len(train_files) + len(test_files)) * (1 if mode == "L" else 3) * size[0] * size[1]
+            * _BYTES_PER_VALUE)
+    limit = memory_limit_bytes()
+    if need > limit:
+        raise ValueError(
+            f"folder: decoding the {len(train_files) + len(test_files)} images of {path!r} at "
+            f"{size[0]}x{size[1]} into memory needs about {need / 2**30:.1f} GiB, more than "
+            f"{limit / 2**30:.1f} GiB (half of this machine's memory); stream them instead: "
+            f"--data 'folder:{path}?stream=1' (decoded per batch by DataLoader workers, "
+            "random-resized crops; see autokd.data.stream)")
 
     def read(items):
         arrays = np.empty((len(items), 1 if mode == "L" else 3, size[0], size[1]), dtype=np.uint8)

@@ -216,7 +216,9 @@ class Distiller(nn.Module):
         s_feats = self._student_hooks.take()
         self._check_logits(output)
         student_logits = output if isinstance(output, Tensor) else None
-        if teacher_features is None and teacher_logits is None and self.teachers:
+        if teacher_features is None and teacher_logits is None and self.teachers \
+                and self.spec.uses_teacher():
+            # a design without a teacher term (the student alone) never runs the teachers
             t_feats, t_logits = self.run_teachers(images)
         else:
             t_feats = [] if teacher_features is None else (

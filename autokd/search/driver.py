@@ -83,8 +83,10 @@ class SearchConfig:
     # Where trials run; not part of the pinned configuration (a search may resume on more or
     # fewer workers). local + 1 worker: in this process, the serial search.
     executor: str = "local"
-    workers: int = 1
+    workers: Optional[int] = 1  # None: workers_per_gpu on every GPU
     ray_address: Optional[str] = None  # None: Ray's default (RAY_ADDRESS, else a local cluster)
+    # K trials share each GPU (autokd.search.executors.place_workers); not pinned either
+    workers_per_gpu: Optional[int] = None
     # The stage after the trials (autokd.search.selection); not pinned: its runs are journaled
     # by spec, seed and fidelity, so a resumed search may change these and keeps what matches.
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -93,8 +95,16 @@ class SearchConfig:
         if self.executor not in EXECUTORS:
             raise PipelineError(f"search: expected executor one of {', '.join(EXECUTORS)}, "
                                 f"got {self.executor!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+        if self.workers is None and self.workers_per_gpu is None:
+            raise PipelineError("search: expected workers, or workers_per_gpu to set them")
+        if self.workers is not None and (isinstance(self.workers, bool)
+                                         or not isinstance(self.workers, int) or self.workers < 1):
             raise PipelineError(f"search: expected workers an integer >= 1, got {self.workers!r}")
+        if self.workers_per_gpu is not None and (
+                isinstance(self.workers_per_gpu, bool) or not isinstance(self.workers_per_gpu, int)
+                or self.workers_per_gpu < 1):
+            raise PipelineError(f"search: expected workers_per_gpu an integer >= 1, got "
+                                f"{self.workers_per_gpu!r}")
         if self.ray_address is not None and self.executor != "ray":
             raise PipelineError(
                 f"search: a Ray address ({self.ray_address}) needs executor 'ray', "
@@ -110,6 +120,9 @@ class SearchConfig:
         if self.proxy is None:
             self.proxy = TrainConfig(**default_training(self.data), **default_proxy(self.data),
                                      offline=True)
+        if self.workers_per_gpu is not None and not self.proxy.device.startswith("cuda"):
+            raise PipelineError(f"search: workers_per_gpu needs device cuda, got "
+                                f"{self.proxy.device!r}")
         teacher, student = default_models(self.data)
         self.teacher = self.teacher or teacher
         self.student = self.student or student
@@ -118,8 +131,7 @@ class SearchConfig:
         """What a resumed search must share with the journal it resumes (the space by its
         content: a space file edited between two runs is another search). ``teacher_hash``:
         the teacher's, or (several teachers) the list of every teacher's, in order."""
-        proxy = self.proxy.to_dict()
-        proxy.pop("device")
+        proxy = self.proxy.pinned()
         pinned = {
             "data": data_identity,
             "teacher_hash": teacher_hash,
@@ -192,10 +204,12 @@ def make_executor(cfg: SearchConfig, prepared: Prepared, log: Log):
         return executors.InlineExecutor(TrialRunner(cfg, prepared))
     setup = TrialSetup.of(cfg, prepared)
     if cfg.executor == "local":
-        log(f"local executor: {cfg.workers} worker processes on {cfg.proxy.device}")
-        return executors.LocalExecutor(setup, cfg.workers, cfg.proxy.device, log=log)
+        ex = executors.LocalExecutor(setup, cfg.workers, cfg.proxy.device, log=log,
+                                     workers_per_gpu=cfg.workers_per_gpu)
+        log(f"local executor: {ex.slots} worker processes on {cfg.proxy.device}")
+        return ex
     return executors.RayExecutor(setup, cfg.workers, cfg.proxy.device, address=cfg.ray_address,
-                                 log=log)
+                                 log=log, workers_per_gpu=cfg.workers_per_gpu)
 
 
 def run_tasks(executor, propose: Callable[[int], List[TrialTask]],
@@ -375,6 +389,8 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
     t_start = time.perf_counter()
     if cfg.executor == "ray":  # before the teacher is trained, not after
         executors.require_ray()
+    if cfg.executor == "local" and cfg.proxy.device == "cuda" and cfg.workers_per_gpu:
+        executors.place_workers(cfg.workers, executors.visible_gpus(), cfg.workers_per_gpu)
     space = load_space(cfg.space)
     journal_path = os.path.join(cfg.out, "journal.sqlite")
     if os.path.exists(journal_path) and not os.access(journal_path, os.W_OK):

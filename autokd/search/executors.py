@@ -8,9 +8,13 @@ and hands back ``TrialOutcome``s, one per task, in the order the trials finish:
   the default; exactly the serial search).
 - ``LocalExecutor``: N worker processes (spawn context) started and stopped by the driver; with
   ``--device cuda`` worker i is pinned to visible GPU ``i mod G`` through
-  ``CUDA_VISIBLE_DEVICES``; CPU workers split the cores between them.
-- ``RayExecutor``: one Ray task per trial asking for one GPU (``--device cuda``) or one CPU, on
-  a cluster given by address or a local one started for the search.
+  ``CUDA_VISIBLE_DEVICES``; CPU workers split the cores between them. ``--workers-per-gpu K``
+  puts K workers on every GPU (N = K x G unless ``--workers`` says less): proxy trials of
+  CIFAR-sized students are launch-bound, and K trials at once keep one GPU busy where one
+  trial leaves it mostly idle (unmeasured here: no GPU on the machines this was written on).
+- ``RayExecutor``: one Ray task per trial asking for one GPU (``--device cuda``; 1/K of a GPU
+  with ``--workers-per-gpu K``) or one CPU, on a cluster given by address or a local one
+  started for the search.
 
 What travels per task is small: a ``TrialSetup`` (the search configuration and the paths of
 the teacher checkpoint and the feature store, shipped once per worker or put once in Ray's
@@ -158,11 +162,30 @@ def _local_worker_main(conn, setup: TrialSetup, device: str, threads: int, paren
             return
 
 
-def _visible_gpus() -> List[str]:
+def visible_gpus() -> List[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def place_workers(workers: Optional[int], gpus: List[str], per_gpu: Optional[int]) -> List[str]:
+    """The GPU of each local worker: round robin over ``gpus`` (worker i on ``gpus[i mod G]``),
+    so the workers spread evenly. ``per_gpu`` K: at most K workers share a GPU, and ``workers``
+    None means K on every GPU (K x G workers)."""
+    if not gpus:
+        raise PipelineError("--device cuda: no visible GPU")
+    if per_gpu is not None:
+        if workers is None:
+            workers = per_gpu * len(gpus)
+        elif workers > per_gpu * len(gpus):
+            raise PipelineError(
+                f"--workers {workers} with --workers-per-gpu {per_gpu}: at most {per_gpu} x "
+                f"{len(gpus)} visible GPUs = {per_gpu * len(gpus)} workers; expected --workers "
+                f"<= {per_gpu * len(gpus)} (or leave --workers out)")
+    if workers is None:
+        raise PipelineError("expected --workers or --workers-per-gpu")
+    return [gpus[i % len(gpus)] for i in range(workers)]
 
 
 def _describe_exit(code: Optional[int]) -> str:
@@ -192,19 +215,24 @@ class LocalExecutor:
 
     _env_lock = threading.Lock()
 
-    def __init__(self, setup: TrialSetup, workers: int, device: str, log: Callable[[str], None] = print):
-        self.slots = workers
+    def __init__(self, setup: TrialSetup, workers: Optional[int], device: str,
+                 log: Callable[[str], None] = print, workers_per_gpu: Optional[int] = None):
         self._setup = setup
         self._mp = mp.get_context("spawn")
-        self._gpus: List[Optional[str]] = [None] * workers
         self._device = device
         if device == "cuda":
-            gpus = _visible_gpus()
-            if not gpus:
-                raise PipelineError("--device cuda: no visible GPU")
-            self._gpus = [gpus[i % len(gpus)] for i in range(workers)]
-            if workers > len(gpus):
+            gpus = visible_gpus()
+            self._gpus: List[Optional[str]] = list(place_workers(workers, gpus, workers_per_gpu))
+            workers = len(self._gpus)
+            if workers > len(gpus) and workers_per_gpu is None:
                 log(f"{workers} workers on {len(gpus)} GPUs: some GPUs run several trials at once")
+        else:
+            if workers_per_gpu is not None:
+                raise PipelineError(f"--workers-per-gpu needs --device cuda, got {device!r}")
+            if workers is None:
+                raise PipelineError("expected --workers")
+            self._gpus = [None] * workers
+        self.slots = workers
         ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._threads = max(1, ncpu // workers)
         self._workers: List[Optional[_Worker]] = [None] * workers
@@ -219,9 +247,13 @@ class LocalExecutor:
     def _start(self, slot: int) -> _Worker:
         gpu = self._gpus[slot]
         parent, child = self._mp.Pipe(duplex=True)
+        # Not daemonic: a worker may start DataLoader worker processes of its own (streamed
+        # folder data, autokd.data.stream), which a daemonic process may not. The driver
+        # stops every worker in close() (run_search calls it in a finally), and a worker whose
+        # driver died leaves by itself (_watch_parent).
         proc = self._mp.Process(
             target=_local_worker_main, name=f"autokd-trial-worker-{slot}",
-            args=(child, self._setup, self._device, self._threads, os.getpid()), daemon=True,
+            args=(child, self._setup, self._device, self._threads, os.getpid()), daemon=False,
         )
         # A spawned child takes the environment of the moment it starts: pin its GPU there, so
         # that it never initialises CUDA on the other GPUs.
@@ -350,8 +382,9 @@ def _ray_trial(setup: TrialSetup, task: TrialTask, device: str, threads: int):
 class RayExecutor:
     """One Ray task per trial (1 GPU, or ``cpus_per_trial`` CPUs), at most ``workers`` in flight."""
 
-    def __init__(self, setup: TrialSetup, workers: int, device: str, address: Optional[str] = None,
-                 cpus_per_trial: int = 1, log: Callable[[str], None] = print):
+    def __init__(self, setup: TrialSetup, workers: Optional[int], device: str,
+                 address: Optional[str] = None, cpus_per_trial: int = 1,
+                 log: Callable[[str], None] = print, workers_per_gpu: Optional[int] = None):
         ray = self._ray = require_ray()
         self.slots = workers
         self._owns = False
@@ -377,15 +410,24 @@ class RayExecutor:
             if not gpu and resources.get("CPU", 0) < cpus_per_trial:
                 raise PipelineError(f"the Ray cluster has fewer than {cpus_per_trial} CPUs "
                                     f"(resources: {_fmt_resources(resources)})")
-            # Ray pins each task to its GPU through CUDA_VISIBLE_DEVICES: "cuda" is that GPU.
+            if workers_per_gpu is not None and not gpu:
+                raise PipelineError(f"--workers-per-gpu needs --device cuda, got {device!r}")
+            if workers is None:  # K tasks on every GPU the cluster has now
+                if workers_per_gpu is None:
+                    raise PipelineError("expected --workers")
+                self.slots = max(1, int(resources.get("GPU", 0)) * workers_per_gpu)
+            # Ray pins each task to its GPU through CUDA_VISIBLE_DEVICES: "cuda" is that GPU (a
+            # fractional GPU is shared by the tasks Ray packs on it).
             self._device = "cuda" if gpu else device
-            opts = {"num_gpus": 1} if gpu else {"num_cpus": cpus_per_trial}
+            opts = ({"num_gpus": 1.0 / (workers_per_gpu or 1)} if gpu
+                    else {"num_cpus": cpus_per_trial})
             # Retries are the driver's (one, then the trial is recorded as failed), not Ray's.
             self._remote = ray.remote(max_retries=0, **opts)(_ray_trial)
             self._threads = 1 if gpu else cpus_per_trial
             self._setup_ref = ray.put(setup)  # shipped once, not with every task
-            log(f"ray: {_fmt_resources(resources)}; up to {workers} trials at once, each on "
-                f"{'1 GPU' if gpu else f'{cpus_per_trial} CPU'}")
+            share = f"1/{workers_per_gpu} GPU" if workers_per_gpu else "1 GPU"
+            log(f"ray: {_fmt_resources(resources)}; up to {self.slots} trials at once, each on "
+                f"{share if gpu else f'{cpus_per_trial} CPU'}")
         except BaseException:
             self.close()
             raise

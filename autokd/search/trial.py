@@ -113,7 +113,8 @@ def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     teachers = load_or_train_teachers(
         data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
         epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps,
-        log=log, progress=progress, student_taps=student_taps,
+        log=log, progress=progress, student_taps=student_taps, precision=cfg.proxy.precision,
+        channels_last=cfg.proxy.channels_last,
     )
     augment = make_augment(data, cfg.seed)
     store = None

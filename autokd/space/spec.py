@@ -298,6 +298,11 @@ class DistillerSpec:
         d.update(changes)
         return DistillerSpec.from_dict(d)
 
+    def uses_teacher(self) -> bool:
+        """Whether the design has a term that reads the teacher (a feature or a logit distance);
+        the student alone (``none``) has neither, and then nothing runs or reads the teacher."""
+        return self.feature_distance.key != "none" or self.logit_distance.key != "none"
+
     def label(self) -> str:
         if self.name:
             return repr(self.name)

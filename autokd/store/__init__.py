@@ -3,10 +3,11 @@
 A FeatureStore holds a teacher's features (at chosen module paths) and logits for every
 (sample, augmentation view) of a data set in one memory-mapped file (format: csrc/engine/store/
 store.h). ReplayAugment makes view v of sample i a pure function of (seed, i, v), so the student
-sees exactly the image the stored teacher features came from.
+sees exactly the image the stored teacher features came from; ReplayResizedCrop does the same
+for the random-resized crops of streamed image folders (autokd.data.stream).
 """
 
-from autokd.store.augment import AugParams, ReplayAugment
+from autokd.store.augment import AugParams, CropParams, ReplayAugment, ReplayResizedCrop
 from autokd.store.dataset import OfflineDistillDataset
 from autokd.store.feature_store import (
     FeatureStore,
@@ -20,9 +21,11 @@ from autokd.store.multi import TeacherStoreBatches, TeacherStores
 
 __all__ = [
     "AugParams",
+    "CropParams",
     "FeatureStore",
     "OfflineDistillDataset",
     "ReplayAugment",
+    "ReplayResizedCrop",
     "StoreBatches",
     "StoreError",
     "TeacherStoreBatches",

@@ -22,33 +22,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from autokd.data.augment import apply_augmentation
+# The counter-based hash lives with the data's augmentations (autokd.data.augment), which the
+# streamed folders' ReplayResizedCrop shares; it is re-exported here for the store's users.
+from autokd.data.augment import CropParams, ReplayResizedCrop, apply_augmentation
+from autokd.data.augment import as_u64 as _as_u64
+from autokd.data.augment import splitmix64 as _mix
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MUL1
-        z = (z ^ (z >> np.uint64(27))) * _MUL2
-        return z ^ (z >> np.uint64(31))
-
-
-def _as_u64(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        raise ValueError(
-            f"autokd.store.ReplayAugment: expected integer indices/views, got dtype {a.dtype}"
-        )
-    if a.dtype.kind == "i" and a.size and a.min() < 0:
-        raise ValueError("autokd.store.ReplayAugment: expected non-negative indices/views")
-    return a.astype(np.uint64)
-
+__all__ = ["AugParams", "CropParams", "ReplayAugment", "ReplayResizedCrop"]
 
 class AugParams(NamedTuple):
     dy: int  # row of the crop window in the padded image, in [0, 2p]
@@ -130,3 +110,4 @@ class ReplayAugment:
             )
         offsets = torch.from_numpy(np.stack([dy, dx], axis=1))
         return apply_augmentation(imgs, offsets, torch.from_numpy(flip), self.crop_padding)
+

@@ -35,9 +35,13 @@ class OfflineDistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         i = int(self.indices[j])
-        img, label = self.dataset[i]
-        img = self.aug.apply(
-            torch.as_tensor(img, dtype=torch.float32), self.aug.params(i, self.view)
-        )
+        if getattr(self.dataset, "streaming", False):  # a streamed folder: crop while decoding
+            ds = self.dataset
+            img, label = ds.normalise(ds.decode(i, self.aug, self.view)[None])[0], ds.labels[i]
+        else:
+            img, label = self.dataset[i]
+            img = self.aug.apply(
+                torch.as_tensor(img, dtype=torch.float32), self.aug.params(i, self.view)
+            )
         feats = self.store.gather(np.array([i], dtype=np.int64), self.view)
         return img, int(label), {k: t[0] for k, t in feats.items()}

@@ -73,6 +73,11 @@ def load_batch(dataset, indices: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor
     if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return dataset.tensors[0][idx].float(), dataset.tensors[1][idx].long()
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
+        # autokd.data's in-memory splits: one index, not a Python loop over items
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return images[idx].float(), labels[idx].long()
     items = [dataset[int(i)] for i in indices]
     imgs = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])
     labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
@@ -406,12 +411,14 @@ class FeatureStore:
                 desc=f"store {os.path.basename(path)}",
                 disable=not progress,
             )
+            # a streamed folder (autokd.data.stream) decodes and crops in DataLoader workers,
+            # exactly as its training loader does
+            stream = (dataset.loader(augment, device=device)
+                      if getattr(dataset, "streaming", False) else None)
             with torch.no_grad():
                 for v in range(views):
-                    for s in range(0, n, batch_size):
-                        idx = np.arange(s, min(n, s + batch_size), dtype=np.int64)
-                        imgs, _ = load_batch(dataset, idx)
-                        x = augment.apply_batch(imgs, idx, v).to(device)
+                    for idx, x in _augmented_batches(dataset, augment, n, batch_size, v, device,
+                                                     stream):
                         hooks.take()
                         logits = teacher(x)
                         if not isinstance(logits, torch.Tensor):
@@ -458,6 +465,19 @@ class FeatureStore:
         return cls.open(
             path, expect_teacher_hash=t_hash, expect_dataset_id=dataset_id, num_threads=num_threads
         )
+
+
+def _augmented_batches(dataset, augment, n: int, batch_size: int, view: int, device, stream):
+    """(sample ids, images of view ``view`` on ``device``) for every batch of the data set."""
+    batches = [np.arange(s, min(n, s + batch_size), dtype=np.int64)
+               for s in range(0, n, batch_size)]
+    if stream is not None:
+        for idx, (x, _) in zip(batches, stream.batches(batches, view)):
+            yield idx, x
+        return
+    for idx in batches:
+        imgs, _ = load_batch(dataset, idx)
+        yield idx, augment.apply_batch(imgs, idx, view).to(device)
 
 
 def sample_indices(store: "FeatureStore", indices, who: str) -> np.ndarray:
@@ -533,8 +553,13 @@ class StoreBatches:
         """(imgs_aug, labels, feats) of the samples ``idx`` in this epoch's view (a data-parallel
         rank builds its share of each batch with it)."""
         idx = np.asarray(idx, dtype=np.int64)
-        imgs, labels = load_batch(self.dataset, idx)
-        imgs = self.aug.apply_batch(imgs, idx, self.view)
+        if getattr(self.dataset, "streaming", False):  # a streamed folder: decoded here
+            ds = self.dataset
+            imgs = ds.normalise(torch.stack([ds.decode(int(i), self.aug, self.view) for i in idx]))
+            labels = ds.labels[torch.from_numpy(idx)]
+        else:
+            imgs, labels = load_batch(self.dataset, idx)
+            imgs = self.aug.apply_batch(imgs, idx, self.view)
         feats = self.store.gather(idx, self.view, pin_memory=self.pin_memory)
         return imgs, labels, feats
 

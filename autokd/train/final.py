@@ -92,6 +92,9 @@ def run_distill(
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     shapes = []
     for t in teachers:
+        if not spec.uses_teacher():  # the student alone never runs a teacher, not even once
+            shapes.append({})  # one (unread) entry per teacher: the Distiller counts them
+            continue
         _, tfeats = forward_all(t.model, data.train.images[:2], t.taps)
         shapes.append({tap: tuple(f.shape[1:]) for tap, f in tfeats.items()})
         shapes[-1]["logits"] = (data.num_classes,)
@@ -108,7 +111,7 @@ def run_distill(
     start_epoch, resume, elapsed = 0, None, 0.0
     pinned = {"spec": spec.to_dict(), "student": student_name,
               "teacher_hash": pinned_teacher_hash(teachers),
-              "data": data.identity, "config": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
+              "data": data.identity, "config": cfg.pinned()}
     if os.path.exists(ckpt_path):
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -132,7 +135,7 @@ def run_distill(
 
     t_run = time.perf_counter()
 
-    def on_epoch_end(epoch, optimizer, sparsity):
+    def on_epoch_end(epoch, optimizer, sparsity, scaler=None):
         rng_state = rng.capture_all(distiller, cfg.device, dist)  # a collective: every rank
         if not main:
             return
@@ -143,7 +146,8 @@ def run_distill(
             "epoch": epoch,
             "distiller": distiller.state_dict(),
             "optim": {"optimizer": optimizer.state_dict(),
-                      "sparsity": sparsity.state_dict() if sparsity is not None else None},
+                      "sparsity": sparsity.state_dict() if sparsity is not None else None,
+                      "scaler": scaler.state_dict() if scaler is not None else None},
         }
         atomic_torch_save(state, ckpt_path)
 

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from autokd.nn.taps import FeatureTaps
+from autokd.train import precision as amp
 from autokd.train import rng
 from autokd.train.distributed import EpochShardSampler
+from autokd.train.precision import PRECISIONS
 from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
 
 
@@ -54,6 +56,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, batch order, sparsity masks
     subset_seed: Optional[int] = None  # which subset; None: `seed`. A search fixes it for all trials
     device: str = "cpu"
+    # autokd/train/precision.py: fp32 | bf16 (autocast) | fp16 (autocast + GradScaler); losses
+    # stay float32 either way. channels_last: input batches in NHWC strides.
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self):
         checks = [
@@ -67,6 +73,8 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
              f"in [0, epochs = {self.epochs})"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("channels_last", isinstance(self.channels_last, bool), "a bool"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -78,6 +86,17 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    def pinned(self) -> dict:
+        """What a resumed run must share with the run it resumes (a search's journal, a
+        distill checkpoint): every field but the device; precision and channels_last only when
+        they are not the defaults, so that journals and checkpoints written before these
+        options existed (fp32, contiguous) still resume."""
+        out = {k: v for k, v in self.to_dict().items() if k != "device"}
+        for k, default in (("precision", "fp32"), ("channels_last", False)):
+            if out[k] == default:
+                del out[k]
+        return out
 
 
 #: The seed of the student's data cut (TrainConfig.data_fraction): part of the task's
@@ -164,33 +183,76 @@ class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
-def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment):
-    """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
-    turns ids into (images, labels, teacher_features or None, teacher_logits or None)."""
+def _resident(split, device: torch.device):
+    """(images, labels) of an in-memory split, on ``device`` when that is a GPU with room.
+
+    On CUDA the split is copied to the device once (kept on the split object, so every trial
+    of a worker shares one copy) and batches are gathered and augmented there: no host-side
+    gather, no host-to-device copy per step. CIFAR's training split is 0.6 GB in float32; a
+    split larger than a quarter of the free device memory stays on the host."""
+    images, labels = split.images, split.labels
+    if device.type != "cuda" or not isinstance(images, torch.Tensor):
+        return images, labels
+    cache = getattr(split, "_autokd_on_device", None)
+    key = str(device)
+    if cache is None or cache[0] != key:
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.numel() * images.element_size() > free // 4:
+            return images, labels
+        cache = (key, images.to(device), labels.to(device))
+        split._autokd_on_device = cache
+    return cache[1], cache[2]
+
+
+def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
+                features: bool = True):
+    """(order, view, read_images, read_teacher) of one epoch: the sample ids in batch order, the
+    augmentation view the epoch reads, ids -> (images, labels) from an in-memory split, and
+    ids -> (teacher_features, teacher_logits), both None without a store or ``features``.
+
+    With a store (offline) the epoch reads view ``epoch % K`` in the store's own order
+    (``FeatureStore.batches``), images augmented exactly as stored; ``features=False`` (a
+    design without a teacher term) keeps that order and those images but reads nothing from
+    the store. Without a store the view is the epoch. Teacher records are gathered into pinned
+    memory on CUDA, so their copy to the device (non_blocking in the loop) overlaps the step;
+    the pinned blocks are torch's cached host allocations, reused only after their copy has
+    finished."""
+    device = torch.device(cfg.device)
+    images, labels = _resident(data.train, device)
+
+    def no_teacher(idx):
+        return None, None
+
     if cfg.offline and store is not None:
         sb = store.batches(data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
                            shuffle=True, seed=cfg.seed)
+        view, pin = sb.view, device.type == "cuda"
 
-        def from_store(idx):
-            imgs, labels, teacher = sb.batch(idx)
-            if isinstance(teacher, list):  # several teachers (autokd.store.TeacherStores)
-                feats = [{k: v for k, v in t.items() if k != "logits"} for t in teacher]
-                return imgs, labels, feats, [t.get("logits") for t in teacher]
-            logits = teacher.get("logits")
-            return imgs, labels, {k: v for k, v in teacher.items() if k != "logits"}, logits
+        def read_images(idx):
+            # what StoreBatches.batch gives, gathered from the (resident) tensors in one index
+            x = augment.apply_batch(images[idx.to(images.device)], idx, view)
+            return x, labels[idx.to(labels.device)]
 
-        return torch.from_numpy(sb.order()), from_store
+        def read_teacher(idx):
+            ids = idx.numpy()
+            if hasattr(store, "stores"):  # several teachers (autokd.store.TeacherStores)
+                feats = [s.gather(ids, view, pin_memory=pin) for s in store.stores]
+                return feats, [f.pop("logits", None) for f in feats]
+            teacher = store.gather(ids, view, pin_memory=pin)
+            return teacher, teacher.pop("logits", None)
+
+        return (torch.from_numpy(sb.order()), view, read_images,
+                read_teacher if features else no_teacher)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = indices[torch.randperm(len(indices), generator=g)]
-    images, labels = data.train.images, data.train.labels
 
     def from_memory(idx):
-        x = images[idx]
+        x = images[idx.to(images.device)]
         if augment is not None:
             x = augment.apply_batch(x, idx, torch.full_like(idx, epoch))
-        return x, labels[idx], None, None
+        return x, labels[idx.to(labels.device)]
 
-    return order, from_memory
+    return order, epoch, from_memory, no_teacher
 
 
 def _teacher_on(device, tf, tl):
@@ -203,20 +265,38 @@ def _teacher_on(device, tf, tl):
     return tf, (tl.to(device, non_blocking=True).float() if tl is not None else None)
 
 
-def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment, sampler=None):
+def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
+                  features: bool = True):
+    """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
+    turns ids into (images, labels, teacher_features or None, teacher_logits or None); see
+    ``_epoch_plan``."""
+    order, _, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store, augment,
+                                                      features)
+    return order, lambda idx: (*read_images(idx), *read_teacher(idx))
+
+
+def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
+                   sampler=None, features: bool = True, stream=None):
     """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch:
     batches of ``cfg.batch_size`` in the epoch's order, or, with a data-parallel ``sampler``
-    (``EpochShardSampler`` over that order), this rank's share of each of those batches."""
-    order, make_batch = _epoch_source(data, cfg, indices, epoch, store, augment)
+    (``EpochShardSampler`` over that order), this rank's share of each of those batches.
+    ``stream``: the StreamLoader of a streamed split (autokd.data.stream), whose worker
+    processes decode and crop the images of those batches ahead of the step."""
+    order, view, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store,
+                                                         augment, features)
     if sampler is None:
-        for i in range(0, len(order), cfg.batch_size):
-            yield make_batch(order[i : i + cfg.batch_size])
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    else:
+        sampler.set_epoch(epoch)
+        local = torch.as_tensor(list(sampler), dtype=torch.long)
+        per_rank = cfg.batch_size // sampler.num_replicas
+        batches = [local[i : i + per_rank] for i in range(0, len(local), per_rank)]
+    if stream is None:
+        for idx in batches:
+            yield (*read_images(idx), *read_teacher(idx))
         return
-    sampler.set_epoch(epoch)
-    local = torch.as_tensor(list(sampler), dtype=torch.long)
-    per_rank = cfg.batch_size // sampler.num_replicas
-    for i in range(0, len(local), per_rank):
-        yield make_batch(local[i : i + per_rank])
+    for idx, (x, y) in zip(batches, stream.batches(batches, view)):
+        yield (x, y, *read_teacher(idx))
 
 
 def train_student(
@@ -241,7 +321,8 @@ def train_student(
     ``store``), teacher features come from the store with
     exactly the stored augmentation; online, the distiller runs its teacher. Raises ``Diverged``
     when the loss stops being finite. ``on_epoch_end(epoch, optimizer, sparsity)`` is where
-    ``distill`` writes checkpoints.
+    ``distill`` writes checkpoints (with ``scaler=`` the GradScaler of an fp16 run, whose state
+    ``resume["scaler"]`` restores).
 
     ``dist`` (an ``autokd.train.distributed.DistContext`` with a process group) trains data
     parallel: ``cfg.batch_size`` is the global batch, each rank takes its share of every batch
@@ -250,6 +331,7 @@ def train_student(
     Losses reported (history, ``final_loss``) are global means.
     """
     device = torch.device(cfg.device)
+    amp.check_precision(cfg.precision, device)
     student_params = list(student.parameters())
     seen = {id(p) for p in student_params}
     extra = [p for p in distiller.parameters() if id(p) not in seen and p.requires_grad]
@@ -281,6 +363,9 @@ def train_student(
             sparsity.load_state_dict(resume["sparsity"])
         distiller.load_state_dict(resume["distiller"])
         optimizer.load_state_dict(resume["optimizer"])
+    scaler = amp.grad_scaler(cfg.precision, device)
+    if scaler is not None and resume is not None and resume.get("scaler") is not None:
+        scaler.load_state_dict(resume["scaler"])
     distributed = dist is not None and dist.distributed
     sampler = None
     model = distiller
@@ -294,42 +379,60 @@ def train_student(
     if resume is not None and resume.get("rng") is not None:
         # last, after reseed: the resumed epochs draw what the uninterrupted run drew
         rng.restore_mine(resume["rng"], distiller, cfg.device, dist)
+    # a design without a teacher term (the student alone) reads no teacher record
+    spec = getattr(distiller, "spec", None)
+    uses_teacher = spec is None or spec.uses_teacher()
     step = start_epoch * steps_per_epoch
     history: List[Dict[str, float]] = []
     t0 = time.perf_counter()
     loss_value = float("nan")
     distiller.train()
-    for epoch in range(start_epoch, cfg.run_epochs):
-        total, count = 0.0, 0
-        for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler):
-            lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            distiller.set_progress(step / max(total_steps, 1))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if tf is not None:
-                tf, tl = _teacher_on(device, tf, tl)
-            out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
-            loss = F.cross_entropy(out.student_logits, y) + out.loss_kd
-            if distributed:
-                # equal shares, so the mean of the rank means is the global batch mean; every
-                # rank sees the same value and stops together when it is not finite
-                loss_value = dist.all_sum([float(loss.detach())])[0] / dist.world_size
-            else:
-                loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if sparsity is not None:
-                sparsity.step(step)
-            step += 1
-            total += loss_value * len(y)
-            count += len(y)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), "lr": lr})
-        if progress is not None:
-            progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, optimizer, sparsity)
+    # a streamed folder: one persistent DataLoader (its worker processes) for every epoch
+    stream = (data.train.loader(augment, device=device)
+              if getattr(data.train, "streaming", False) else None)
+    try:
+        for epoch in range(start_epoch, cfg.run_epochs):
+            total, count = 0.0, 0
+            for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler,
+                                               features=uses_teacher, stream=stream):
+                lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                distiller.set_progress(step / max(total_steps, 1))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = amp.memory_format(x, cfg.channels_last)
+                if tf is not None:
+                    tf, tl = _teacher_on(device, tf, tl)
+                with amp.autocast(cfg.precision, device):
+                    out = model(x, teacher_features=tf, teacher_logits=tl, labels=y)
+                # float32 whatever the precision: the distiller returns its loss in float32
+                loss = F.cross_entropy(out.student_logits.float(), y) + out.loss_kd
+                if distributed:
+                    # equal shares, so the mean of the rank means is the global batch mean; every
+                    # rank sees the same value and stops together when it is not finite
+                    loss_value = dist.all_sum([float(loss.detach())])[0] / dist.world_size
+                else:
+                    loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                stepped = amp.backward_step(loss, optimizer, scaler)
+                # a step the fp16 scaler skipped (overflowing gradients) moves no weight; the
+                # topology update waits for a step with finite gradients
+                if sparsity is not None and stepped:
+                    sparsity.step(step)
+                step += 1
+                total += loss_value * len(y)
+                count += len(y)
+            history.append({"epoch": epoch, "loss": total / max(count, 1), "lr": lr})
+            if progress is not None:
+                progress(epoch + 1, cfg.run_epochs, total / max(count, 1))
+            if on_epoch_end is not None:
+                if scaler is None:
+                    on_epoch_end(epoch, optimizer, sparsity)
+                else:  # its scale is state a resumed fp16 run needs
+                    on_epoch_end(epoch, optimizer, sparsity, scaler=scaler)
+    finally:
+        if stream is not None:
+            stream.close()
     return TrainResult(cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history)

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from autokd.data.augment import apply_augmentation, default_padding, sample_augmentation
+from autokd.data.augment import (ReplayResizedCrop, apply_augmentation, default_padding,
+                                 sample_augmentation)
 from autokd.models import build_model
+from autokd.train import precision as amp
 
 __all__ = ["train_classifier", "evaluate", "save_checkpoint", "load_checkpoint",
            "load_model", "train_and_save", "resolve_device"]
@@ -68,7 +70,15 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _batches(dataset, batch_size: int):
-    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+    if getattr(dataset, "streaming", False):  # a streamed folder: DataLoader workers decode
+        n = len(dataset)
+        batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+        stream = dataset.loader(None)
+        try:
+            yield from stream.batches(batches, 0)
+        finally:
+            stream.close()
+    elif hasattr(dataset, "images") and hasattr(dataset, "labels"):
         for i in range(0, len(dataset), batch_size):
             yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
     else:
@@ -80,12 +90,14 @@ def _batches(dataset, batch_size: int):
 def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128, lr: float = 0.1,
                      momentum: float = 0.9, weight_decay: float = 5e-4, augment: bool = True,
                      seed: int = 0, device: Optional[Any] = None, progress: bool = True,
-                     log: Optional[Callable[[str], None]] = None) -> List[Dict[str, float]]:
+                     log: Optional[Callable[[str], None]] = None, precision: str = "fp32",
+                     channels_last: bool = False) -> List[Dict[str, float]]:
     """Train ``model`` on ``data.train`` (a ``DataBundle``); returns one dict per epoch with
     ``epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds`` (val_* are NaN when the
     bundle has no validation split). ``seed`` fixes the batch order and the augmentation (not
     the initial weights: seed torch before building the model). The model is left on ``device``
-    in eval mode."""
+    in eval mode. ``precision`` and ``channels_last``: see autokd/train/precision.py (the
+    forward under autocast, the loss in float32, a GradScaler for fp16)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"train_classifier: expected epochs >= 1, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -93,14 +105,25 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     if not lr > 0:
         raise ValueError(f"train_classifier: expected lr > 0, got {lr!r}")
     dev = resolve_device(device)
+    amp.check_precision(precision, dev)
+    scaler = amp.grad_scaler(precision, dev)
     model.to(dev)
-    images = data.train.images.to(dev)  # [N, C, H, W]
-    labels = data.train.labels.to(dev)  # [N]
-    n = labels.shape[0]
+    flip = bool(getattr(data, "allow_flip", True))
+    stream = None
+    if getattr(data.train, "streaming", False):
+        # a streamed folder (autokd.data.stream): DataLoader workers decode random-resized
+        # crops, view = epoch, from another seed than the feature store's views
+        crop = ReplayResizedCrop(seed=(int(seed) * 1_000_003 + 7) % 2**64,
+                                 size=data.train.size, flip=flip) if augment else None
+        stream = data.train.loader(crop, device=dev)
+        n = len(data.train)
+    else:
+        images = data.train.images.to(dev)  # [N, C, H, W]
+        labels = data.train.labels.to(dev)  # [N]
+        n = labels.shape[0]
+        pad = default_padding(tuple(images.shape[-2:]))
     if n == 0:
         raise ValueError("train_classifier: the training split is empty")
-    pad = default_padding(tuple(images.shape[-2:]))
-    flip = bool(getattr(data, "allow_flip", True))
     # BatchNorm cannot train on a batch of one; such a remainder is dropped.
     steps_per_epoch = n // batch_size + (1 if n % batch_size > 1 else 0) if n > 1 else 1
     total_steps = epochs * steps_per_epoch
@@ -115,24 +138,23 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
             t0 = time.perf_counter()
             model.train()
             order = torch.randperm(n, generator=gen)
-            if augment:
-                offsets, flips = sample_augmentation(n, pad, flip, gen)
+            batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(steps_per_epoch)]
+            if stream is not None:
+                source = stream.batches(batches, epoch)
+            else:
+                crops = sample_augmentation(n, pad, flip, gen) if augment else None
+                source = _memory_batches(images, labels, batches, crops, pad)
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             seen = 0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size:(b + 1) * batch_size]
-                x = images[idx.to(dev)]
-                if augment:
-                    x = apply_augmentation(x, offsets[idx], flips[idx], pad)
-                y = labels[idx.to(dev)]
+            for x, y in source:
                 for g in opt.param_groups:
                     g["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                with amp.autocast(precision, dev):
+                    logits = model(amp.memory_format(x, channels_last))
+                loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                amp.backward_step(loss, opt, scaler)
                 step += 1
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.detach().argmax(1) == y).sum()
@@ -162,8 +184,21 @@ def train_classifier(model: nn.Module, data, epochs: int, batch_size: int = 128,
     finally:
         if bar is not None:
             bar.close()
+        if stream is not None:
+            stream.close()
     model.eval()
     return history
+
+
+def _memory_batches(images, labels, batches, crops, pad: int):
+    """(images, labels) of each batch of ids from tensors on the training device, cropped and
+    flipped with ``crops`` = (offsets, flips) of every sample when given."""
+    dev = images.device
+    for idx in batches:
+        x = images[idx.to(dev)]
+        if crops is not None:
+            x = apply_augmentation(x, crops[0][idx], crops[1][idx], pad)
+        yield x, labels[idx.to(dev)]
 
 
 def _progress(total: int, enabled: bool):

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from autokd.cli import main
 from autokd.data import load_data
 from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
-from autokd.train import final, sparse
+from autokd.train import final, loop, sparse
 from autokd.train.distributed import DistContext, EpochShardSampler, GlooSyncBatchNorm, convert_sync_batchnorm
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig, _epoch_source, stratified_subset
@@ -52,11 +52,12 @@ class _CaptureSparsity:
             self.managers.append(manager)
             return opt, manager
 
-        sparse.make_optimizer = make
+        # the training loop imports make_optimizer by name: patch its reference too
+        sparse.make_optimizer = loop.make_optimizer = make
         return self
 
     def __exit__(self, *exc):
-        sparse.make_optimizer = self.real
+        sparse.make_optimizer = loop.make_optimizer = self.real
 
     def masks(self):
         m = self.managers[0]
