@@ -3,6 +3,7 @@
 Importing autokd loads the compiled ops into ``torch.ops.autokd``. The public API is re-exported
 here (loaded on first use, so ``import autokd`` stays cheap); everything else is internal.
 """
+
 import importlib
 
 import torch  # noqa: F401  (must be imported before autokd._C)

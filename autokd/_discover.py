@@ -1,4 +1,5 @@
 """Discovery of one-function-per-module packages (autokd.ops, autokd.reference)."""
+
 import importlib
 import pkgutil
 

@@ -8,6 +8,7 @@ like any distill run (an interrupted compare loses at most the epoch that was ru
 finished runs are read back from their result.json, never rerun). The table goes to
 ``<out>/compare.md`` and ``<out>/compare.json`` and into the search's report.html.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,20 @@ def spec_label(name: str) -> str:
     return base[:-5] if base.endswith(".yaml") else base
 
 
-def run_compare(specs: Sequence[str], seeds: Sequence[int], data, teacher, student: str,
-                student_taps, train_config: Callable[[int], object], out: str, store=None,
-                augment=None, log: Log = print, progress: bool = False) -> List[CompareRow]:
+def run_compare(
+    specs: Sequence[str],
+    seeds: Sequence[int],
+    data,
+    teacher,
+    student: str,
+    student_taps,
+    train_config: Callable[[int], object],
+    out: str,
+    store=None,
+    augment=None,
+    log: Log = print,
+    progress: bool = False,
+) -> List[CompareRow]:
     """Train every spec with every seed (``train_config(seed)`` gives each run's TrainConfig)."""
     if not specs:
         raise PipelineError("compare: expected at least one spec")
@@ -67,8 +79,19 @@ def run_compare(specs: Sequence[str], seeds: Sequence[int], data, teacher, stude
             done += 1
             run_dir = os.path.join(out, "compare", f"{label}-{seed}")
             log(f"compare [{done}/{total}]: {label}, seed {seed}")
-            res = run_distill(spec, data, teacher, student, student_taps, train_config(seed), run_dir,
-                              store=store, augment=augment, log=lambda _m: None, progress=progress)
+            res = run_distill(
+                spec,
+                data,
+                teacher,
+                student,
+                student_taps,
+                train_config(seed),
+                run_dir,
+                store=store,
+                augment=augment,
+                log=lambda _m: None,
+                progress=progress,
+            )
             accs.append(res.test_accuracy)
         rows.append(CompareRow(name, spec.name or label, accs, list(seeds)))
     write_table(rows, out)
@@ -78,8 +101,11 @@ def run_compare(specs: Sequence[str], seeds: Sequence[int], data, teacher, stude
 def table_text(rows: Sequence[CompareRow]) -> str:
     lines = ["| spec | test accuracy (mean +- std) | per seed |", "|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.spec} | {100 * r.mean:.2f} +- {100 * r.std:.2f}% | "
-                     + ", ".join(f"{100 * a:.2f}" for a in r.accuracies) + " |")
+        lines.append(
+            f"| {r.spec} | {100 * r.mean:.2f} +- {100 * r.std:.2f}% | "
+            + ", ".join(f"{100 * a:.2f}" for a in r.accuracies)
+            + " |"
+        )
     best = max(rows, key=lambda r: r.mean)
     lines += ["", f"Best: {best.spec} ({100 * best.mean:.2f}%); seeds {rows[0].seeds}."]
     return "\n".join(lines)
@@ -87,9 +113,25 @@ def table_text(rows: Sequence[CompareRow]) -> str:
 
 def write_table(rows: Sequence[CompareRow], out: str) -> None:
     atomic_write_text(os.path.join(out, "compare.md"), table_text(rows) + "\n")
-    atomic_write_text(os.path.join(out, "compare.json"), json.dumps(
-        {"rows": [{"spec": r.spec, "label": r.label, "mean": r.mean, "std": r.std,
-                   "accuracies": r.accuracies, "seeds": r.seeds} for r in rows]}, indent=2))
+    atomic_write_text(
+        os.path.join(out, "compare.json"),
+        json.dumps(
+            {
+                "rows": [
+                    {
+                        "spec": r.spec,
+                        "label": r.label,
+                        "mean": r.mean,
+                        "std": r.std,
+                        "accuracies": r.accuracies,
+                        "seeds": r.seeds,
+                    }
+                    for r in rows
+                ]
+            },
+            indent=2,
+        ),
+    )
 
 
 def default_specs(out: str) -> List[str]:

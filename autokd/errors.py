@@ -4,6 +4,7 @@ them imports anything of autokd.
 The CLI prints these as one line (``autokd-cli --debug`` shows the traceback); anything else
 that escapes a command is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

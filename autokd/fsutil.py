@@ -11,6 +11,7 @@ never surfaces as a traceback.
   epoch of training.
 - ``os_error_message``: the one line the CLI prints for an OSError (what, which file, what to do).
 """
+
 from __future__ import annotations
 
 import errno
@@ -102,8 +103,10 @@ def check_writable_dir(path: str, what: str) -> str:
             os.remove(probe)
     except OSError as e:
         where = "the folder" if probe_in == path else f"its parent {probe_in}"
-        raise PipelineError(f"{what} {path}: {where} is not writable ({e.strerror}); choose "
-                            "another folder or fix its permissions") from None
+        raise PipelineError(
+            f"{what} {path}: {where} is not writable ({e.strerror}); choose "
+            "another folder or fix its permissions"
+        ) from None
     return path
 
 
@@ -113,8 +116,10 @@ def os_error_message(e: OSError) -> str:
     what = e.strerror or str(e)
     head = f"{name}: {what}" if name else what
     if e.errno in _NO_ROOM:
-        return (f"{head}: the disk is full; free some space and run the same command again "
-                "(finished epochs, trials and stores are kept)")
+        return (
+            f"{head}: the disk is full; free some space and run the same command again "
+            "(finished epochs, trials and stores are kept)"
+        )
     if e.errno in _NO_ACCESS:
         return f"{head}: not allowed; fix the permissions or choose another folder (--out)"
     if e.errno == errno.ELOOP:

@@ -4,9 +4,10 @@ common.py; peak and workspace bytes in extra_info).
 
     pytest -o python_files='bench_*.py' benchmarks/bench_cka.py --benchmark-group-by=group
 """
-import common
+
 import torch
 
+import common
 from autokd.ops import cka
 from autokd.reference import cka as reference
 
@@ -27,5 +28,14 @@ def test_cka(benchmark, provider, mode, case, device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, dx, generator=gen).relu().to(device)  # post-ReLU features
     y = torch.randn(n, dy, generator=gen).relu().to(device)
-    common.run_op(benchmark, "cka", provider, PROVIDERS[provider], (x, y, debiased), mode=mode,
-                  device=device, case=case, grad=(0, 1))
+    common.run_op(
+        benchmark,
+        "cka",
+        provider,
+        PROVIDERS[provider],
+        (x, y, debiased),
+        mode=mode,
+        device=device,
+        case=case,
+        grad=(0, 1),
+    )

@@ -11,6 +11,7 @@ Each design's test also times the student's own step interleaved with the distil
 (ROUNDS pairs) and prints the median of the per-pair ratios (also in the JSON's extra_info):
 the figure to quote, since a shared machine drifts between separate runs.
 """
+
 import statistics
 import time
 
@@ -35,7 +36,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = None
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -48,7 +51,9 @@ class ResNet20(nn.Module):
 
     def __init__(self, classes=100):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         layers, cin = [], 16
         for i, c in enumerate((16, 32, 64)):
             blocks = [Block(cin, c, 1 if i == 0 else 2)] + [Block(c, c, 1) for _ in range(2)]
@@ -66,13 +71,26 @@ SPECS = {
     "kd": "kd",
     "cwd": "cwd",
     "fitnet_adapter": "fitnet",
-    "searched_heavy": {"global_transform": "attention", "intra_spatial": "multi-scale",
-                       "inter_spatial": "channel-wise", "feature_distance": "kl", "feature_weight": 25,
-                       "logit_distance": "pearson", "temperature": 4, "logit_weight": 1},
-    "sample_gram_local": {"global_transform": "mask", "intra_spatial": "local",
-                          "inter_spatial": "sample-wise", "feature_distance": "gram_l2",
-                          "feature_weight": 5, "logit_distance": "kl", "temperature": 4,
-                          "logit_weight": 1},
+    "searched_heavy": {
+        "global_transform": "attention",
+        "intra_spatial": "multi-scale",
+        "inter_spatial": "channel-wise",
+        "feature_distance": "kl",
+        "feature_weight": 25,
+        "logit_distance": "pearson",
+        "temperature": 4,
+        "logit_weight": 1,
+    },
+    "sample_gram_local": {
+        "global_transform": "mask",
+        "intra_spatial": "local",
+        "inter_spatial": "sample-wise",
+        "feature_distance": "gram_l2",
+        "feature_weight": 5,
+        "logit_distance": "kl",
+        "temperature": 4,
+        "logit_weight": 1,
+    },
 }
 
 
@@ -125,8 +143,13 @@ def test_distiller(benchmark, name):
     tc = 256 if name == "fitnet_adapter" else 64
     tf = {"layer3": torch.randn(BATCH, tc, 8, 8).relu()}
     tl = torch.randn(BATCH, 100) * 3
-    d = Distiller(spec, model, ["layer3"], teacher_shapes={"layer3": (tc, 8, 8), "logits": (100,)},
-                  example_input=x[:2])
+    d = Distiller(
+        spec,
+        model,
+        ["layer3"],
+        teacher_shapes={"layer3": (tc, 8, 8), "logits": (100,)},
+        example_input=x[:2],
+    )
 
     def student_step():
         model.zero_grad(set_to_none=True)
@@ -141,12 +164,16 @@ def test_distiller(benchmark, name):
     student_step()
     ts, td = _paired(student_step, step, ROUNDS)
     ratios = sorted(b / a for a, b in zip(ts, td))
-    info = {"student_median_ms": 1e3 * statistics.median(ts),
-            "distiller_median_ms": 1e3 * statistics.median(td),
-            "paired_ratio_median": statistics.median(ratios),
-            "paired_ratio_iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
+    info = {
+        "student_median_ms": 1e3 * statistics.median(ts),
+        "distiller_median_ms": 1e3 * statistics.median(td),
+        "paired_ratio_median": statistics.median(ratios),
+        "paired_ratio_iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+    }
     benchmark.extra_info.update(info)
-    print(f"\n{name}: student {info['student_median_ms']:.1f} ms, distiller "
-          f"{info['distiller_median_ms']:.1f} ms, paired ratio {info['paired_ratio_median']:.3f} "
-          f"(IQR {info['paired_ratio_iqr'][0]:.3f}-{info['paired_ratio_iqr'][1]:.3f})")
+    print(
+        f"\n{name}: student {info['student_median_ms']:.1f} ms, distiller "
+        f"{info['distiller_median_ms']:.1f} ms, paired ratio {info['paired_ratio_median']:.3f} "
+        f"(IQR {info['paired_ratio_iqr'][0]:.3f}-{info['paired_ratio_iqr'][1]:.3f})"
+    )
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)

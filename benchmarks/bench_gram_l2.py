@@ -3,9 +3,10 @@ of real distillation layers (runner: common.py; peak and workspace bytes in extr
 
     pytest -o python_files='bench_*.py' benchmarks/bench_gram_l2.py --benchmark-group-by=group
 """
-import common
+
 import torch
 
+import common
 from autokd.ops import gram_l2
 from autokd.reference import gram_l2 as reference
 
@@ -27,5 +28,13 @@ def test_gram_l2(benchmark, provider, mode, case, device):
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(s_shape, generator=gen).relu().to(device)  # post-ReLU features
     t = torch.randn(t_shape, generator=gen).relu().to(device)
-    common.run_op(benchmark, "gram_l2", provider, PROVIDERS[provider], (s, t, view), mode=mode,
-                  device=device, case=case)
+    common.run_op(
+        benchmark,
+        "gram_l2",
+        provider,
+        PROVIDERS[provider],
+        (s, t, view),
+        mode=mode,
+        device=device,
+        case=case,
+    )

@@ -11,9 +11,10 @@ bytes moved per second as a fraction of a plain copy of the same bytes.
     pytest -o python_files='bench_*.py' benchmarks/bench_multiscale_pool.py \
         --benchmark-json=bench.json           # CPU; add -k cuda for the CUDA cases only
 """
-import common
+
 import torch
 
+import common
 from autokd.ops import multiscale_pool
 from autokd.reference import multiscale_pool as reference
 
@@ -28,5 +29,14 @@ PROVIDERS = common.op_providers(multiscale_pool, reference)
 @common.parametrize_op(CASES, PROVIDERS)
 def test_multiscale_pool(benchmark, provider, mode, case, device):
     x = torch.randn(CASES[case], device=device)
-    common.run_op(benchmark, "multiscale_pool", provider, PROVIDERS[provider], (x, GRIDS),
-                  mode=mode, device=device, case=case, bandwidth=True)
+    common.run_op(
+        benchmark,
+        "multiscale_pool",
+        provider,
+        PROVIDERS[provider],
+        (x, GRIDS),
+        mode=mode,
+        device=device,
+        case=case,
+        bandwidth=True,
+    )

@@ -9,10 +9,11 @@ from compute-bound.
 
     pytest -o python_files='bench_*.py' benchmarks/bench_pearson.py --benchmark-json=pe.json
 """
-import common
+
 import torch
 
 import autokd
+import common
 from autokd.reference import pearson as reference
 
 TAU = 4.0
@@ -36,5 +37,15 @@ def test_pearson(benchmark, provider, mode, case, device):
     t = torch.randn(CASES[case], device=device)
     # Below 0.5, in_cache_fraction says arithmetic (two exps and the moments per element
     # pair), not memory, bounds this forward on this core.
-    common.run_op(benchmark, "pearson", provider, PROVIDERS[provider], (s, t, TAU), mode=mode,
-                  device=device, case=case, bandwidth=True, in_cache=True)
+    common.run_op(
+        benchmark,
+        "pearson",
+        provider,
+        PROVIDERS[provider],
+        (s, t, TAU),
+        mode=mode,
+        device=device,
+        case=case,
+        bandwidth=True,
+        in_cache=True,
+    )

@@ -14,6 +14,7 @@
 Each test times its variants interleaved (ROUNDS rounds) and records medians and ratios to the
 first variant in extra_info; figures: benchmarks/results/throughput.md.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,8 +29,16 @@ from autokd.nn.blocks import DistillLoss
 from autokd.space import DistillerSpec, load_distiller
 
 ROUNDS = 5
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +96,11 @@ def _step(precision: str, layout: str, device: str):
 @pytest.mark.benchmark(group="precision training step")
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_step_precision_and_layout(benchmark, device):
-    variants = {f"{p}_{lay}": _step(p, lay, device) for p in ("fp32", "bf16")
-                for lay in ("contiguous", "cl_input", "cl_model")}
+    variants = {
+        f"{p}_{lay}": _step(p, lay, device)
+        for p in ("fp32", "bf16")
+        for lay in ("contiguous", "cl_input", "cl_model")
+    }
     rounds = 1 if benchmark.disabled else ROUNDS
     med = _interleaved(variants, device, rounds, 1 if benchmark.disabled else 3)
     base = med["fp32_contiguous"]
@@ -99,9 +111,16 @@ def test_training_step_precision_and_layout(benchmark, device):
     benchmark.pedantic(variants["bf16_cl_input"], rounds=1 if benchmark.disabled else 3)
 
 
-HEAVY = {"global_transform": "attention", "intra_spatial": "multi-scale",
-         "inter_spatial": "channel-wise", "feature_distance": "kl", "feature_weight": 25,
-         "logit_distance": "pearson", "temperature": 4, "logit_weight": 1}
+HEAVY = {
+    "global_transform": "attention",
+    "intra_spatial": "multi-scale",
+    "inter_spatial": "channel-wise",
+    "feature_distance": "kl",
+    "feature_weight": 25,
+    "logit_distance": "pearson",
+    "temperature": 4,
+    "logit_weight": 1,
+}
 
 
 @pytest.mark.benchmark(group="precision distill loss")
@@ -131,10 +150,16 @@ def test_distill_loss_cast_once_or_bf16(benchmark, design):
         ref = float(loss([fs], [ft], ls, [lt]).loss_kd)
         a = float(loss([fsb.float()], [ft], lsb.float(), [lt]).loss_kd)
         b = float(loss._forward([fsb], [ft.bfloat16()], lsb, [lt.bfloat16()], None).loss_kd)
-    info = {"cast_once_ms": 1e3 * med["cast_once"], "bf16_ms": 1e3 * med["bf16"],
-            "cast_once_rel_error": abs(a - ref) / abs(ref), "bf16_rel_error": abs(b - ref) / abs(ref)}
+    info = {
+        "cast_once_ms": 1e3 * med["cast_once"],
+        "bf16_ms": 1e3 * med["bf16"],
+        "cast_once_rel_error": abs(a - ref) / abs(ref),
+        "bf16_rel_error": abs(b - ref) / abs(ref),
+    }
     benchmark.extra_info.update(info)
-    print(f"\n{design}: cast once {info['cast_once_ms']:.2f} ms (rel. error "
-          f"{info['cast_once_rel_error']:.1e}), bf16 kernels {info['bf16_ms']:.2f} ms (rel. error "
-          f"{info['bf16_rel_error']:.1e})")
+    print(
+        f"\n{design}: cast once {info['cast_once_ms']:.2f} ms (rel. error "
+        f"{info['cast_once_rel_error']:.1e}), bf16 kernels {info['bf16_ms']:.2f} ms (rel. error "
+        f"{info['bf16_rel_error']:.1e})"
+    )
     benchmark.pedantic(cast_once, rounds=1 if benchmark.disabled else 10)

@@ -9,10 +9,11 @@ memory-bound from compute-bound.
 
     pytest -o python_files='bench_*.py' benchmarks/bench_softmax_kl.py --benchmark-json=kl.json
 """
-import common
+
 import torch
 
 import autokd
+import common
 from autokd.reference import softmax_kl as reference
 
 TAU = 4.0
@@ -52,6 +53,15 @@ CASES = {
 def test_softmax_kl(benchmark, provider, mode, case, device):
     # Below 0.5, in_cache_fraction says the op's arithmetic (two exps per element pair), not
     # memory, bounds its forward on this core.
-    common.run_op(benchmark, "softmax_kl", provider, PROVIDERS[provider],
-                  (*CASES[case](device), TAU), mode=mode, device=device, case=case,
-                  bandwidth=True, in_cache=True)
+    common.run_op(
+        benchmark,
+        "softmax_kl",
+        provider,
+        PROVIDERS[provider],
+        (*CASES[case](device), TAU),
+        mode=mode,
+        device=device,
+        case=case,
+        bandwidth=True,
+        in_cache=True,
+    )

@@ -66,8 +66,14 @@ def write_digits_store(path, views=4):
     torch.manual_seed(0)
     teacher = build_model("digits_teacher", num_classes=10, in_channels=1)
     FeatureStore.build(
-        path, teacher, data.train, taps=default_taps("digits_teacher"), views=views,
-        augment=make_augment(data, 0), dataset_id=data.identity, progress=False,
+        path,
+        teacher,
+        data.train,
+        taps=default_taps("digits_teacher"),
+        views=views,
+        augment=make_augment(data, 0),
+        dataset_id=data.identity,
+        progress=False,
     )
     return path
 
@@ -85,8 +91,9 @@ class Reads:
         self.order = rng.permutation(self.n)
         self.subset = np.sort(rng.choice(self.n, max(1, int(self.n * subset)), replace=False))
         self.subset = self.subset[rng.permutation(self.subset.size)]
-        self.random = [(rng.integers(0, self.n, BATCH), rng.integers(0, self.views, BATCH))
-                       for _ in range(64)]
+        self.random = [
+            (rng.integers(0, self.n, BATCH), rng.integers(0, self.views, BATCH)) for _ in range(64)
+        ]
         probe.verify()  # warm the page cache before anything is timed
 
     def open(self, mode):
@@ -95,7 +102,7 @@ class Reads:
     def epoch(self, store, order):
         out = store.empty_batch(BATCH)
         for b in range(0, order.size, BATCH):
-            idx = order[b:b + BATCH]
+            idx = order[b : b + BATCH]
             store.gather(idx, 0, out=out)
 
     def time_open(self, mode, repeats):
@@ -130,8 +137,14 @@ def _median(fn, repeats, warmup=1):
 
 def measure(path, repeats, threads):
     r = Reads(path, threads)
-    res = {"file_bytes": r.file_bytes, "samples": r.n, "views": r.views, "chunks": r.num_chunks,
-           "epoch_batches": -(-r.n // BATCH), "proxy_batches": -(-r.subset.size // BATCH)}
+    res = {
+        "file_bytes": r.file_bytes,
+        "samples": r.n,
+        "views": r.views,
+        "chunks": r.num_chunks,
+        "epoch_batches": -(-r.n // BATCH),
+        "proxy_batches": -(-r.subset.size // BATCH),
+    }
     for mode in MODES:
         res[f"open_{mode}"] = r.time_open(mode, repeats)
         res[f"epoch_{mode}"] = r.time_epoch(mode, r.order, repeats)
@@ -199,13 +212,23 @@ def main():
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         if not args.skip_digits:
             path = write_digits_store(os.path.join(d, "digits.akd"))
-            print(report("digits (real teacher taps + logits, fp16)",
-                         measure(path, args.repeats, args.threads), command))
+            print(
+                report(
+                    "digits (real teacher taps + logits, fp16)",
+                    measure(path, args.repeats, args.threads),
+                    command,
+                )
+            )
             os.remove(path)
             print()
         path = write_synthetic_store(os.path.join(d, "synthetic.akd"), args.samples, args.views)
-        print(report("synthetic [64, 8, 8] + [10] fp16", measure(path, args.repeats, args.threads),
-                     command))
+        print(
+            report(
+                "synthetic [64, 8, 8] + [10] fp16",
+                measure(path, args.repeats, args.threads),
+                command,
+            )
+        )
 
 
 if __name__ == "__main__":

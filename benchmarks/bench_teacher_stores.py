@@ -14,6 +14,7 @@ Teachers (fp16 records, random bytes: gather speed does not depend on the values
     python benchmarks/bench_teacher_stores.py [--samples 4096 --views 2 --device cpu]  # a table
     pytest benchmarks/bench_teacher_stores.py --benchmark-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import median_seconds
-
 from autokd import _engine
 from autokd.store import FeatureStore
+from common import median_seconds
 
 BATCH = 128
 TEACHER_A = {"layer1": [16, 32, 32], "layer2": [32, 16, 16], "layer3": [64, 8, 8], "logits": [100]}
@@ -40,14 +40,20 @@ TEACHER_B = {"layer3": [256, 8, 8], "logits": [100]}
 
 def write_random_store(path, fields, samples, views, seed, threads=4):
     spec = [(name, "fp16", shape) for name, shape in fields.items()]
-    writer = _engine.StoreWriter(path, spec, samples, views, f"bench-{seed}", "bench-data",
-                                 "bench-augment")
+    writer = _engine.StoreWriter(
+        path, spec, samples, views, f"bench-{seed}", "bench-data", "bench-augment"
+    )
     rng = np.random.default_rng(seed)
     for _ in range(views):
         for s in range(0, samples, 256):
             m = min(256, samples - s)
-            writer.append([rng.integers(0, 2**15, size=(m, *shape), dtype=np.int16)
-                           for shape in fields.values()], m)
+            writer.append(
+                [
+                    rng.integers(0, 2**15, size=(m, *shape), dtype=np.int16)
+                    for shape in fields.values()
+                ],
+                m,
+            )
     writer.finish()
     store = FeatureStore.open(path, num_threads=threads)
     store.verify()  # reads every byte: warms the page cache
@@ -56,18 +62,22 @@ def write_random_store(path, fields, samples, views, seed, threads=4):
 
 class Bench:
     def __init__(self, folder, samples=4096, views=2, device="cpu", threads=4):
-        self.a = write_random_store(os.path.join(folder, "a.akds"), TEACHER_A, samples, views, 1,
-                                    threads)
-        self.b = write_random_store(os.path.join(folder, "b.akds"), TEACHER_B, samples, views, 2,
-                                    threads)
+        self.a = write_random_store(
+            os.path.join(folder, "a.akds"), TEACHER_A, samples, views, 1, threads
+        )
+        self.b = write_random_store(
+            os.path.join(folder, "b.akds"), TEACHER_B, samples, views, 2, threads
+        )
         both = {f"a.{k}": v for k, v in TEACHER_A.items()}
         both.update({f"b.{k}": v for k, v in TEACHER_B.items()})
-        self.one = write_random_store(os.path.join(folder, "ab.akds"), both, samples, views, 3,
-                                      threads)
+        self.one = write_random_store(
+            os.path.join(folder, "ab.akds"), both, samples, views, 3, threads
+        )
         rng = np.random.default_rng(0)
         # one epoch reads one view: a batch is 128 random samples of one view
-        self.batches = [(rng.integers(0, samples, BATCH), int(rng.integers(0, views)))
-                        for _ in range(64)]
+        self.batches = [
+            (rng.integers(0, samples, BATCH), int(rng.integers(0, views))) for _ in range(64)
+        ]
         self.i = 0
         self.out_a, self.out_b = self.a.empty_batch(BATCH), self.b.empty_batch(BATCH)
         self.out_one = self.one.empty_batch(BATCH)
@@ -107,8 +117,9 @@ def measure(folder, samples, views, device, threads):
     return {
         "per_teacher_s": median_seconds(b.per_teacher, 200, warmup=2),
         "one_store_s": median_seconds(b.one_store, 200, warmup=2),
-        "step_s": median_seconds(b.student_step(), 5 if dev == "cpu" else 50,
-                                 warmup=1 if dev == "cpu" else 5, device=dev),
+        "step_s": median_seconds(
+            b.student_step(), 5 if dev == "cpu" else 50, warmup=1 if dev == "cpu" else 5, device=dev
+        ),
         "batch_bytes": BATCH * (b.a.record_bytes + b.b.record_bytes),
     }
 
@@ -116,19 +127,27 @@ def measure(folder, samples, views, device, threads):
 def report(res, args):
     extra = res["per_teacher_s"] - res["one_store_s"]
     rows = [
-        (f"Command: `python benchmarks/bench_teacher_stores.py --samples {args.samples} --views "
-         f"{args.views} --device {args.device} --threads {args.threads}`"),
+        (
+            f"Command: `python benchmarks/bench_teacher_stores.py --samples {args.samples} --views "
+            f"{args.views} --device {args.device} --threads {args.threads}`"
+        ),
         "",
-        (f"Batch: {BATCH} random samples of one view, {res['batch_bytes'] / 1e6:.2f} MB of "
-         "payload (teachers A and B, fp16), warm page cache."),
+        (
+            f"Batch: {BATCH} random samples of one view, {res['batch_bytes'] / 1e6:.2f} MB of "
+            "payload (teachers A and B, fp16), warm page cache."
+        ),
         "",
         "| path | median per batch | ratio |",
         "|---|---|---|",
-        (f"| one store per teacher: 2 gathers | {res['per_teacher_s'] * 1e3:.3f} ms | "
-         f"{res['per_teacher_s'] / res['one_store_s']:.2f} x one store |"),
+        (
+            f"| one store per teacher: 2 gathers | {res['per_teacher_s'] * 1e3:.3f} ms | "
+            f"{res['per_teacher_s'] / res['one_store_s']:.2f} x one store |"
+        ),
         f"| one store of both teachers: 1 gather | {res['one_store_s'] * 1e3:.3f} ms | 1 |",
-        (f"| ResNet-20 student step, fwd+bwd+SGD ({args.device}) | {res['step_s'] * 1e3:.3f} ms "
-         f"| the second gather's cost = {100 * extra / res['step_s']:.2f}% of a step |"),
+        (
+            f"| ResNet-20 student step, fwd+bwd+SGD ({args.device}) | {res['step_s'] * 1e3:.3f} ms "
+            f"| the second gather's cost = {100 * extra / res['step_s']:.2f}% of a step |"
+        ),
     ]
     return "\n".join(rows)
 

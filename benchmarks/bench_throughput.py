@@ -34,6 +34,7 @@ loop. The paper's proxy trains 48 epochs (20% of 240): per-trial times here are 
 measured, and both providers carry the same fixed costs (held-out evaluation), so the ratio at
 2 epochs is the ratio of the proxy's per-epoch cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,15 +91,27 @@ def synthetic_cifar100(train: int, val: int, seed: int = 0) -> DataBundle:
     g = torch.Generator().manual_seed(seed)
 
     def split(n):
-        return ImageTensorDataset(torch.randn(n, 3, 32, 32, generator=g),
-                                  torch.randint(0, NUM_CLASSES, (n,), generator=g),
-                                  torch.arange(n))
+        return ImageTensorDataset(
+            torch.randn(n, 3, 32, 32, generator=g),
+            torch.randint(0, NUM_CLASSES, (n,), generator=g),
+            torch.arange(n),
+        )
 
     tr, va = split(train), split(val)
-    return DataBundle(name="synthetic", spec="synthetic", num_classes=NUM_CLASSES, channels=3,
-                      image_size=(32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, train=tr, val=va,
-                      test=va, identity=f"synthetic-cifar100|train={train}|val={val}|seed={seed}",
-                      allow_flip=True)
+    return DataBundle(
+        name="synthetic",
+        spec="synthetic",
+        num_classes=NUM_CLASSES,
+        channels=3,
+        image_size=(32, 32),
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        train=tr,
+        val=va,
+        test=va,
+        identity=f"synthetic-cifar100|train={train}|val={val}|seed={seed}",
+        allow_flip=True,
+    )
 
 
 class _CropFlip(torch.utils.data.Dataset):
@@ -106,8 +119,13 @@ class _CropFlip(torch.utils.data.Dataset):
 
     def __init__(self, images, labels, train: bool):
         self.images, self.labels = images, labels
-        self.tf = transforms.Compose([transforms.RandomCrop(32, padding=4),
-                                      transforms.RandomHorizontalFlip()]) if train else None
+        self.tf = (
+            transforms.Compose(
+                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+            )
+            if train
+            else None
+        )
 
     def __len__(self):
         return len(self.labels)
@@ -124,14 +142,19 @@ def eager_kd_trial(teacher, student_name: str, data, sizes: Sizes, device: str, 
     torch.manual_seed(seed)
     student = build_model(student_name, num_classes=NUM_CLASSES, in_channels=3).to(device)
     pin = device.startswith("cuda")
-    kw = {"num_workers": sizes.workers, "pin_memory": pin,
-          "persistent_workers": sizes.workers > 0}
-    train = torch.utils.data.DataLoader(_CropFlip(data.train.images, data.train.labels, True),
-                                        batch_size=sizes.batch, shuffle=True, **kw)
-    val = torch.utils.data.DataLoader(_CropFlip(data.val.images, data.val.labels, False),
-                                      batch_size=256, **kw)
-    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4,
-                          nesterov=True)
+    kw = {"num_workers": sizes.workers, "pin_memory": pin, "persistent_workers": sizes.workers > 0}
+    train = torch.utils.data.DataLoader(
+        _CropFlip(data.train.images, data.train.labels, True),
+        batch_size=sizes.batch,
+        shuffle=True,
+        **kw,
+    )
+    val = torch.utils.data.DataLoader(
+        _CropFlip(data.val.images, data.val.labels, False), batch_size=256, **kw
+    )
+    opt = torch.optim.SGD(
+        student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
     teacher.eval()
     t_loop = time.perf_counter()
     for _ in range(sizes.epochs):
@@ -141,8 +164,13 @@ def eager_kd_trial(teacher, student_name: str, data, sizes: Sizes, device: str, 
             with torch.no_grad():
                 t = teacher(x)
             s = student(x)
-            kl = F.kl_div(F.log_softmax(s / TAU, dim=1), F.softmax(t / TAU, dim=1),
-                          reduction="batchmean") * TAU * TAU
+            kl = (
+                F.kl_div(
+                    F.log_softmax(s / TAU, dim=1), F.softmax(t / TAU, dim=1), reduction="batchmean"
+                )
+                * TAU
+                * TAU
+            )
             loss = F.cross_entropy(s, y) + kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,10 +213,18 @@ class PairBench:
         if self._store is None:
             t0 = time.perf_counter()
             self._store = FeatureStore.build(
-                os.path.join(self.workdir, f"{self.pair}.akds"), self.teacher.model,
-                self.data.train, taps=["layer3"], views=self.sizes.views, dtype="fp16",
-                batch_size=256, augment=self.augment, dataset_id=self.data.identity,
-                progress=False, device=self.device)
+                os.path.join(self.workdir, f"{self.pair}.akds"),
+                self.teacher.model,
+                self.data.train,
+                taps=["layer3"],
+                views=self.sizes.views,
+                dtype="fp16",
+                batch_size=256,
+                augment=self.augment,
+                dataset_id=self.data.identity,
+                progress=False,
+                device=self.device,
+            )
             _sync(self.device)
             self.store_seconds = time.perf_counter() - t0
         return self._store
@@ -196,10 +232,18 @@ class PairBench:
     def _runner(self, provider: str) -> TrialRunner:
         if provider not in self.runners:
             bf16 = provider == "autokd_bf16_cl"
-            proxy = TrainConfig(epochs=self.sizes.epochs, batch_size=self.sizes.batch, lr=LR,
-                                subset=1.0, stop_fraction=1.0, sparsity=0.5, offline=True,
-                                device=self.device, precision="bf16" if bf16 else "fp32",
-                                channels_last=bf16)
+            proxy = TrainConfig(
+                epochs=self.sizes.epochs,
+                batch_size=self.sizes.batch,
+                lr=LR,
+                subset=1.0,
+                stop_fraction=1.0,
+                sparsity=0.5,
+                offline=True,
+                device=self.device,
+                precision="bf16" if bf16 else "fp32",
+                channels_last=bf16,
+            )
             cfg = SimpleNamespace(proxy=proxy, student=self.student, seed=0)
             prepared = Prepared(self.data, self.teacher, self.store, self.augment, ["layer3"])
             self.runners[provider] = TrialRunner(cfg, prepared, device=self.device)
@@ -208,8 +252,9 @@ class PairBench:
     def trial(self, provider: str):
         """(training-loop seconds, whole-trial seconds, held-out accuracy)."""
         if provider == "eager":
-            return eager_kd_trial(self.teacher.model, self.student, self.data, self.sizes,
-                                  self.device)
+            return eager_kd_trial(
+                self.teacher.model, self.student, self.data, self.sizes, self.device
+            )
         if provider.startswith("distill"):
             t0 = time.perf_counter()
             loop = self.distill(provider == "distill_bf16_cl")
@@ -236,7 +281,11 @@ class PairBench:
         out = {}
         for p in providers:
             t, lp = statistics.median(times[p]), statistics.median(loops[p])
-            out[p] = {"trial_s": t, "trials_per_hour": 3600.0 / t, "train_images_per_s": images / lp}
+            out[p] = {
+                "trial_s": t,
+                "trials_per_hour": 3600.0 / t,
+                "train_images_per_s": images / lp,
+            }
         if "eager" in out:
             for p in providers:
                 out[p]["vs_eager"] = out["eager"]["trial_s"] / out[p]["trial_s"]
@@ -245,13 +294,28 @@ class PairBench:
     def distill(self, bf16: bool = False) -> float:
         """Seconds of ``run_distill``'s training loop (online KD, dense; checkpoints included)
         on the pair's data, in fp32 or bf16 with channels-last inputs."""
-        cfg = TrainConfig(epochs=self.sizes.epochs, batch_size=self.sizes.batch, lr=LR,
-                          offline=False, device=self.device, precision="bf16" if bf16 else "fp32",
-                          channels_last=bf16)
+        cfg = TrainConfig(
+            epochs=self.sizes.epochs,
+            batch_size=self.sizes.batch,
+            lr=LR,
+            offline=False,
+            device=self.device,
+            precision="bf16" if bf16 else "fp32",
+            channels_last=bf16,
+        )
         out = tempfile.mkdtemp(dir=self.workdir)
-        res = run_distill(load_distiller("kd"), self.data, self.teacher, self.student,
-                          ["layer3"], cfg, out, augment=self.augment, log=lambda m: None,
-                          progress=False)
+        res = run_distill(
+            load_distiller("kd"),
+            self.data,
+            self.teacher,
+            self.student,
+            ["layer3"],
+            cfg,
+            out,
+            augment=self.augment,
+            log=lambda m: None,
+            progress=False,
+        )
         _sync(self.device)
         return res.seconds
 
@@ -270,11 +334,18 @@ def test_proxy_trials_per_hour(benchmark, pair, tmp_path):
     sizes = SMOKE if benchmark.disabled else CPU
     bench = PairBench(pair, sizes, "cpu", str(tmp_path))
     res = bench.compare()
-    benchmark.extra_info.update({"sizes": vars(sizes), "store_build_s": bench.store_seconds,
-                                 **{f"{p}_{k}": v for p, r in res.items() for k, v in r.items()}})
+    benchmark.extra_info.update(
+        {
+            "sizes": vars(sizes),
+            "store_build_s": bench.store_seconds,
+            **{f"{p}_{k}": v for p, r in res.items() for k, v in r.items()},
+        }
+    )
     for p, r in res.items():
-        print(f"\n{pair} {p}: {r['trial_s']:.2f} s/trial, {r['trials_per_hour']:.0f} trials/h, "
-              f"{r['vs_eager']:.2f}x eager")
+        print(
+            f"\n{pair} {p}: {r['trial_s']:.2f} s/trial, {r['trials_per_hour']:.0f} trials/h, "
+            f"{r['vs_eager']:.2f}x eager"
+        )
     assert all(math.isfinite(r["trial_s"]) for r in res.values())
     benchmark.pedantic(lambda: bench.trial("autokd"), rounds=1, iterations=1)
 
@@ -287,8 +358,10 @@ def test_distill_images_per_second(benchmark, pair, tmp_path):
     res = bench.compare(DISTILL)
     ips = {p: r["train_images_per_s"] for p, r in res.items()}
     benchmark.extra_info.update({f"{p}_images_per_s": v for p, v in ips.items()})
-    print(f"\n{pair} distill images/s: " + ", ".join(
-        f"{p} {v:.0f} ({v / ips['eager']:.2f}x)" for p, v in ips.items()))
+    print(
+        f"\n{pair} distill images/s: "
+        + ", ".join(f"{p} {v:.0f} ({v / ips['eager']:.2f}x)" for p, v in ips.items())
+    )
     benchmark.pedantic(bench.distill, rounds=1, iterations=1)
 
 
@@ -296,7 +369,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="GPU sizes (module docstring)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated, of " + ", ".join(PAIRS))
+    ap.add_argument(
+        "--pairs", default=",".join(PAIRS), help="comma-separated, of " + ", ".join(PAIRS)
+    )
     ap.add_argument("--train", type=int, default=None, help="training images per trial")
     ap.add_argument("--val", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
@@ -305,12 +380,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = ap.parse_args(argv)
     base = FULL if args.full else CPU
-    sizes = Sizes(**{k: (getattr(args, k) if getattr(args, k, None) is not None else v)
-                     for k, v in vars(base).items()})
+    sizes = Sizes(
+        **{
+            k: (getattr(args, k) if getattr(args, k, None) is not None else v)
+            for k, v in vars(base).items()
+        }
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
-    where = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name()
+        if dev.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(f"torch {torch.__version__}, {where}; {sizes}")
     print("\n| pair | provider | s per trial | trials per hour | vs eager | train images/s |")
     print("|---|---|---|---|---|---|")
@@ -320,10 +403,16 @@ def main(argv=None):
             bench = PairBench(pair, sizes, dev, work)
             res = bench.compare()
             for p, r in res.items():
-                print(f"| {pair} | {p} | {r['trial_s']:.2f} | {r['trials_per_hour']:.0f} | "
-                      f"{r['vs_eager']:.2f}x | {r['train_images_per_s']:.0f} |", flush=True)
-            print(f"| {pair} | (feature store build, once per search: {sizes.views} views) | "
-                  f"{bench.store_seconds:.2f} | | | |", flush=True)
+                print(
+                    f"| {pair} | {p} | {r['trial_s']:.2f} | {r['trials_per_hour']:.0f} | "
+                    f"{r['vs_eager']:.2f}x | {r['train_images_per_s']:.0f} |",
+                    flush=True,
+                )
+            print(
+                f"| {pair} | (feature store build, once per search: {sizes.views} views) | "
+                f"{bench.store_seconds:.2f} | | | |",
+                flush=True,
+            )
             res = bench.compare(DISTILL)
             eager = res["eager"]["train_images_per_s"]
             for p, r in res.items():

@@ -27,6 +27,7 @@ interleaved markdown table of a script run.
 Speed figures are medians and ratios against a reference measured in the same run (machines
 here are shared and noisy); see benchmarks/RESULTS.md for the recorded figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ import autokd
 HAS_CUDA = torch.cuda.is_available() and autokd.ops.WITH_CUDA
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")],
+    ),
 ]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -59,13 +62,15 @@ MIN_ROUNDS, MAX_ROUNDS = 7, 200
 
 # -- measuring tools --------------------------------------------------------------------------
 
+
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 0,
-                   device: str = "cpu") -> float:
+def median_seconds(
+    fn: Callable[[], object], repeats: int, warmup: int = 0, device: str = "cpu"
+) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -99,8 +104,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted(
-        (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
-         e.self_cpu_memory_usage)
+        (
+            e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
+            e.self_cpu_memory_usage,
+        )
         for e in prof.events()
         if e.self_cpu_memory_usage
     )
@@ -128,8 +135,13 @@ def bandwidth_fraction(bytes_moved: int, seconds: float, device: str = "cpu") ->
     return ref / seconds if seconds > 0 else float("nan")
 
 
-def in_cache_fraction(fn: Callable[..., object], inputs: tuple, bytes_moved: int,
-                      cache_bytes: int = 512 * 1024, repeats: int = 31) -> float:
+def in_cache_fraction(
+    fn: Callable[..., object],
+    inputs: tuple,
+    bytes_moved: int,
+    cache_bytes: int = 512 * 1024,
+    repeats: int = 31,
+) -> float:
     """Copy-bandwidth fraction the CPU forward ``fn(*inputs)`` would reach if memory were free.
 
     Tells a memory-bound op from a compute-bound one, measured in the same run as the copy:
@@ -156,16 +168,21 @@ def in_cache_fraction(fn: Callable[..., object], inputs: tuple, bytes_moved: int
 
 # -- kernel benchmarks ------------------------------------------------------------------------
 
+
 def op_providers(autokd_fn: Callable, reference: Callable) -> dict[str, Callable]:
     """The three providers every kernel is compared with: its eager reference, that reference
     under ``torch.compile`` (static shapes; compiled on its first call, so collecting or
     running ``-k "not compiled"`` compiles nothing) and the autokd op."""
-    return {"eager": reference, "compiled": torch.compile(reference, dynamic=False),
-            "autokd": autokd_fn}
+    return {
+        "eager": reference,
+        "compiled": torch.compile(reference, dynamic=False),
+        "autokd": autokd_fn,
+    }
 
 
 def parametrize_op(cases: Mapping, providers: Mapping):
     """The parameters of a kernel benchmark, ids ``provider-mode-case-device``."""
+
     def wrap(fn):
         # Applied innermost first: the first one applied comes first in the id.
         fn = pytest.mark.parametrize("provider", list(providers))(fn)
@@ -185,9 +202,20 @@ def _rounds(fn: Callable[[], object], device: str) -> int:
     return int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_BUDGET_S / max(t, 1e-9))))
 
 
-def run_op(benchmark, op: str, provider: str, fn: Callable[..., torch.Tensor], inputs: Sequence,
-           *, mode: str, device: str, case: str, grad: Sequence[int] = (0,),
-           bandwidth: bool = False, in_cache: bool = False) -> None:
+def run_op(
+    benchmark,
+    op: str,
+    provider: str,
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence,
+    *,
+    mode: str,
+    device: str,
+    case: str,
+    grad: Sequence[int] = (0,),
+    bandwidth: bool = False,
+    in_cache: bool = False,
+) -> None:
     """Time ``fn(*inputs)`` (one tensor out) in ``mode`` and record its costs (module doc).
 
     grad: positions in ``inputs`` of the tensors that require grad in the backward modes.
@@ -217,9 +245,13 @@ def run_op(benchmark, op: str, provider: str, fn: Callable[..., torch.Tensor], i
         out = fn(*inputs)  # also the warm-up (and compilation) of the forward
         out_bytes = _nbytes(out)
         # A fixed upstream gradient: a loss's 1, or a seeded random one for a tensor output.
-        upstream = (torch.ones_like(out) if out.dim() == 0 else
-                    torch.randn(out.shape, generator=torch.Generator().manual_seed(0),
-                                dtype=out.dtype).to(out.device))
+        upstream = (
+            torch.ones_like(out)
+            if out.dim() == 0
+            else torch.randn(
+                out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype
+            ).to(out.device)
+        )
         del out
 
         def backward(out):
@@ -233,6 +265,7 @@ def run_op(benchmark, op: str, provider: str, fn: Callable[..., torch.Tensor], i
 
             target, setup, measured, held = call, None, call, out_bytes + grad_bytes
         else:
+
             def setup():
                 return (fn(*inputs),), {}
 
@@ -271,10 +304,12 @@ def run_op(benchmark, op: str, provider: str, fn: Callable[..., torch.Tensor], i
                 return fn(*args)
 
             benchmark.extra_info["in_cache_fraction"] = in_cache_fraction(
-                on_rows, tuple(inputs[i] for i in where), moved)
+                on_rows, tuple(inputs[i] for i in where), moved
+            )
 
 
 # -- optimizer-step benchmarks ----------------------------------------------------------------
+
 
 def resnet_cifar_shapes(depth: int, num_classes: int = 100) -> list[tuple[str, tuple, bool]]:
     """(name, shape, masked) for each parameter of the CIFAR ResNet-<depth> (He et al. 2016,
@@ -285,8 +320,11 @@ def resnet_cifar_shapes(depth: int, num_classes: int = 100) -> list[tuple[str, t
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
     n = (depth - 2) // 6
-    out = [("conv1.weight", (16, 3, 3, 3), False), ("bn1.weight", (16,), False),
-           ("bn1.bias", (16,), False)]
+    out = [
+        ("conv1.weight", (16, 3, 3, 3), False),
+        ("bn1.weight", (16,), False),
+        ("bn1.bias", (16,), False),
+    ]
     cin = 16
     for s, c in enumerate((16, 32, 64), start=1):
         for b in range(n):
@@ -300,8 +338,9 @@ def resnet_cifar_shapes(depth: int, num_classes: int = 100) -> list[tuple[str, t
     return out
 
 
-def make_step_inputs(depth: int, sparsity: float = 0.5, dtype=torch.float32, device="cpu",
-                     seed: int = 0):
+def make_step_inputs(
+    depth: int, sparsity: float = 0.5, dtype=torch.float32, device="cpu", seed: int = 0
+):
     """params, grads and masks (None for dense parameters) of ResNet-<depth>; each masked tensor
     keeps exactly round((1 - sparsity) * numel) weights, zeroed elsewhere."""
     g = torch.Generator().manual_seed(seed)
@@ -322,8 +361,9 @@ def make_step_inputs(depth: int, sparsity: float = 0.5, dtype=torch.float32, dev
     return params, grads, masks
 
 
-def optimizer_then_mask(opt_cls, hparams: dict, params, grads, masks,
-                        state_keys: Sequence[str] = ()) -> Callable[[], None]:
+def optimizer_then_mask(
+    opt_cls, hparams: dict, params, grads, masks, state_keys: Sequence[str] = ()
+) -> Callable[[], None]:
     """One steady-state step of a torch optimizer (``foreach=True``) over ``params``; with
     ``state_keys``, followed by the mask multiplies of the masked weights and of those state
     buffers (what a masked step must equal); without, the dense step alone."""
@@ -360,12 +400,12 @@ def run_step(benchmark, step: Callable[[], object], group: str, bytes_moved: int
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9
-        benchmark.extra_info["fraction_of_copy_bandwidth"] = bandwidth_fraction(bytes_moved,
-                                                                                median)
+        benchmark.extra_info["fraction_of_copy_bandwidth"] = bandwidth_fraction(bytes_moved, median)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
-                        rounds: int = 5) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5
+) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternating rounds so that load
     from other processes on a shared machine hits every function alike."""
     per = max(repeats // rounds, 1)
@@ -376,10 +416,16 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
     return {k: sorted(v)[len(v) // 2] for k, v in got.items()}
 
 
-def step_table_main(doc: str, build: Callable[[str, int], Callable[[], object]],
-                    bytes_moved: Callable[[int], int], impls: Sequence[str],
-                    depths: Sequence[int], baseline: str, loop: str,
-                    argv: Sequence[str] | None = None) -> None:
+def step_table_main(
+    doc: str,
+    build: Callable[[str, int], Callable[[], object]],
+    bytes_moved: Callable[[int], int],
+    impls: Sequence[str],
+    depths: Sequence[int],
+    baseline: str,
+    loop: str,
+    argv: Sequence[str] | None = None,
+) -> None:
     """Script mode of an optimizer-step benchmark: a markdown table per parameter set with each
     impl's median, its ratios to ``baseline`` and ``loop`` and its bytes/s against a plain copy
     of the same bytes, all timed in the same interleaved rounds."""
@@ -387,8 +433,9 @@ def step_table_main(doc: str, build: Callable[[str, int], Callable[[], object]],
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| params | impl | median us | vs foreach_then_mask | vs python_loop | GB/s | "
-          "of copy bw |")
+    print(
+        "| params | impl | median us | vs foreach_then_mask | vs python_loop | GB/s | of copy bw |"
+    )
     print("|---|---|---|---|---|---|---|")
     for depth in depths:
         nbytes = bytes_moved(depth)
@@ -396,9 +443,12 @@ def step_table_main(doc: str, build: Callable[[str, int], Callable[[], object]],
         src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8).random_(0, 255)
         fns = {i: build(i, depth) for i in impls}
         copy = torch.empty_like(src).copy_
-        med = interleaved_medians(dict(fns, copy=lambda copy=copy, src=src: copy(src)),
-                                  args.repeats)
+        med = interleaved_medians(
+            dict(fns, copy=lambda copy=copy, src=src: copy(src)), args.repeats
+        )
         for name in fns:
             t = med[name]
-            print(f"| ResNet-{depth} | {name} | {t * 1e6:.0f} | {med[baseline] / t:.2f}x | "
-                  f"{med[loop] / t:.2f}x | {nbytes / t / 1e9:.1f} | {med['copy'] / t:.2f} |")
+            print(
+                f"| ResNet-{depth} | {name} | {t * 1e6:.0f} | {med[baseline] / t:.2f}x | "
+                f"{med[loop] / t:.2f}x | {nbytes / t / 1e9:.1f} | {med['copy'] / t:.2f} |"
+            )

@@ -20,6 +20,7 @@ What autokd adds to the detector's own training step:
   of losses, in ``out.student_output``) and the teacher on ``images`` (eval mode, no_grad); the
   step minimises the detector's losses plus ``out.loss_kd``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,14 @@ def synthetic_batch(n: int, size: int, num_classes: int, g: torch.Generator):
         x0 = int(torch.randint(0, size - w, (1,), generator=g))
         y0 = int(torch.randint(0, size - h, (1,), generator=g))
         label = int(torch.randint(1, num_classes, (1,), generator=g))
-        img[:, y0:y0 + h, x0:x0 + w] += 0.5 + 0.4 * label / num_classes
+        img[:, y0 : y0 + h, x0 : x0 + w] += 0.5 + 0.4 * label / num_classes
         images.append(img)
-        targets.append({"boxes": torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32),
-                        "labels": torch.tensor([label])})
+        targets.append(
+            {
+                "boxes": torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32),
+                "labels": torch.tensor([label]),
+            }
+        )
     return images, targets
 
 
@@ -54,9 +59,11 @@ def build_models(image_size: int, num_classes: int):
     """(student, teacher), randomly initialised; images are used at their own size."""
     size = {"min_size": image_size, "max_size": image_size}
     student = detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        weights=None, weights_backbone=None, num_classes=num_classes, **size
+    )
     teacher = detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        weights=None, weights_backbone=None, num_classes=num_classes, **size
+    )
     return student, teacher
 
 
@@ -74,8 +81,14 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     student, teacher = build_models(args.image_size, args.classes)
     example, _ = synthetic_batch(2, args.image_size, args.classes, g)
-    d = Distiller("cwd", student, STUDENT_TAPS, teacher_taps=TEACHER_TAPS, teacher=teacher,
-                  example_input=example)
+    d = Distiller(
+        "cwd",
+        student,
+        STUDENT_TAPS,
+        teacher_taps=TEACHER_TAPS,
+        teacher=teacher,
+        example_input=example,
+    )
     # the student's parameters and the design's (none for cwd at equal channels); never the
     # teacher's
     optimizer = torch.optim.SGD(d.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)

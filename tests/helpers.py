@@ -1,5 +1,6 @@
 """Helpers shared by the test files (tests/conftest.py puts this directory on sys.path):
 ``from helpers import assert_low_precision_close, torch_threads, ...``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,10 @@ def assert_low_precision_close(got, exact, ref_low, reduce="max", floor=None):
         floor = torch.finfo(got.dtype).eps * measure(exact)
     bound = 2 * ref_err + floor
     ok = bool((err <= bound).all())
-    assert ok, (f"{got.dtype} error {err.max().item():.3g} above twice the reference's "
-                f"{ref_err.max().item():.3g} (+ floor)")
+    assert ok, (
+        f"{got.dtype} error {err.max().item():.3g} above twice the reference's "
+        f"{ref_err.max().item():.3g} (+ floor)"
+    )
 
 
 @contextlib.contextmanager
@@ -74,8 +77,10 @@ def _folder_image(rng, label, size):
     from PIL import Image
 
     h, w = size
-    base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30],
-                     [200, 30, 200]][label], dtype=np.float64)
+    base = np.array(
+        [[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30], [200, 30, 200]][label],
+        dtype=np.float64,
+    )
     yy, xx = np.mgrid[0:h, 0:w]
     stripes = np.sin((xx if label % 2 else yy) * 0.9)[..., None] * 40
     noise = rng.normal(0, 20, (h, w, 3))

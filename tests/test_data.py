@@ -4,8 +4,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from autokd.cli import main
@@ -70,8 +71,12 @@ def test_unknown_specs():
 
 def _write_batch(path, data, labels, label_key):
     # The real files are protocol-2 pickles of dicts with bytes keys.
-    batch = {b"batch_label": b"fabricated", b"data": data, label_key.encode(): list(labels),
-             b"filenames": [b"x.png"] * len(labels)}
+    batch = {
+        b"batch_label": b"fabricated",
+        b"data": data,
+        label_key.encode(): list(labels),
+        b"filenames": [b"x.png"] * len(labels),
+    }
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=2)
 
@@ -107,9 +112,11 @@ def test_cifar10_reads_the_python_format(tmp_path):
     assert torch.allclose(img, expected, atol=1e-5)
     assert d.train.labels[0] == labels[0]
     test_data, test_labels = arrays[-1]
-    assert torch.allclose(_denorm(d, d.test.images[3]),
-                          torch.from_numpy(test_data[3].reshape(3, 32, 32) / 255).float(),
-                          atol=1e-5)
+    assert torch.allclose(
+        _denorm(d, d.test.images[3]),
+        torch.from_numpy(test_data[3].reshape(3, 32, 32) / 255).float(),
+        atol=1e-5,
+    )
     assert torch.equal(d.test.labels, torch.from_numpy(test_labels))
 
 
@@ -216,11 +223,20 @@ def test_npz_nhwc_uint8_equals_nchw_float(tmp_path):
     x_train = rng.integers(0, 256, (20, 9, 11, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (6, 9, 11, 3), dtype=np.uint8)
     y_train, y_test = np.arange(20) % 4, np.arange(6) % 4
-    a = load_data(_npz(tmp_path / "a.npz", x_train=x_train, y_train=y_train, x_test=x_test,
-                       y_test=y_test), val_fraction=0.0)
-    b = load_data(_npz(tmp_path / "b.npz", x_train=x_train.transpose(0, 3, 1, 2) / 255.0,
-                       y_train=y_train, x_test=x_test.transpose(0, 3, 1, 2) / 255.0,
-                       y_test=y_test), val_fraction=0.0)
+    a = load_data(
+        _npz(tmp_path / "a.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test),
+        val_fraction=0.0,
+    )
+    b = load_data(
+        _npz(
+            tmp_path / "b.npz",
+            x_train=x_train.transpose(0, 3, 1, 2) / 255.0,
+            y_train=y_train,
+            x_test=x_test.transpose(0, 3, 1, 2) / 255.0,
+            y_test=y_test,
+        ),
+        val_fraction=0.0,
+    )
     assert (a.channels, a.image_size, a.num_classes) == (3, (9, 11), 4)
     assert torch.allclose(a.train.images, b.train.images, atol=1e-5)
     assert torch.allclose(a.test.images, b.test.images, atol=1e-5)
@@ -229,9 +245,13 @@ def test_npz_nhwc_uint8_equals_nchw_float(tmp_path):
 
 def test_npz_single_channel_without_axis(tmp_path):
     rng = np.random.default_rng(6)
-    spec = _npz(tmp_path / "g.npz", x_train=rng.random((12, 8, 8), dtype=np.float32),
-                y_train=np.arange(12) % 3, x_test=rng.random((3, 8, 8), dtype=np.float32),
-                y_test=np.arange(3))
+    spec = _npz(
+        tmp_path / "g.npz",
+        x_train=rng.random((12, 8, 8), dtype=np.float32),
+        y_train=np.arange(12) % 3,
+        x_test=rng.random((3, 8, 8), dtype=np.float32),
+        y_test=np.arange(3),
+    )
     d = load_data(spec, val_fraction=0.25)
     assert d.channels == 1 and d.num_classes == 3 and len(d.val) == 3 and len(d.train) == 9
 
@@ -246,13 +266,27 @@ def test_npz_errors(tmp_path):
     with pytest.raises(ValueError, match="label 2 out of range"):
         load_data(_npz(tmp_path / "l.npz", x_train=x, y_train=y, x_test=x, y_test=y + 1))
     with pytest.raises(ValueError, match="differ in shape"):
-        load_data(_npz(tmp_path / "s.npz", x_train=x, y_train=y,
-                       x_test=np.zeros((4, 6, 6, 1), np.uint8), y_test=y))
+        load_data(
+            _npz(
+                tmp_path / "s.npz",
+                x_train=x,
+                y_train=y,
+                x_test=np.zeros((4, 6, 6, 1), np.uint8),
+                y_test=y,
+            )
+        )
     with pytest.raises(ValueError, match=r"expected y_train of shape \[4\]"):
         load_data(_npz(tmp_path / "n.npz", x_train=x, y_train=y[:3], x_test=x, y_test=y))
     with pytest.raises(ValueError, match="channel axis"):
-        load_data(_npz(tmp_path / "c.npz", x_train=np.zeros((4, 8, 8, 8)), y_train=y,
-                       x_test=np.zeros((4, 8, 8, 8)), y_test=y))
+        load_data(
+            _npz(
+                tmp_path / "c.npz",
+                x_train=np.zeros((4, 8, 8, 8)),
+                y_train=y,
+                x_test=np.zeros((4, 8, 8, 8)),
+                y_test=y,
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -283,8 +317,11 @@ def test_augmentation_replays_from_its_parameters():
 
 
 @settings(max_examples=25, deadline=None)
-@given(labels=st.lists(st.integers(0, 5), min_size=1, max_size=200),
-       fraction=st.floats(0.0, 0.9), seed=st.integers(0, 2**31 - 1))
+@given(
+    labels=st.lists(st.integers(0, 5), min_size=1, max_size=200),
+    fraction=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_stratified_split_properties(labels, fraction, seed):
     y = np.array(labels)
     keep, held = stratified_split(y, fraction, seed)
@@ -305,13 +342,21 @@ def test_each_data_kind_carries_the_defaults_of_a_run_on_it():
     # What a run uses when the user names no models and no schedule.
     assert default_models("digits") == ("digits_teacher", "digits_student")
     # digits: the student has a fixed 20% of the training split and a proxy of its own
-    assert default_training("digits") == {"epochs": 60, "batch_size": 32, "lr": 0.1,
-                                          "data_fraction": 0.2}
+    assert default_training("digits") == {
+        "epochs": 60,
+        "batch_size": 32,
+        "lr": 0.1,
+        "data_fraction": 0.2,
+    }
     assert default_proxy("digits") == {"subset": 1.0, "stop_fraction": 0.1, "sparsity": 0.0}
     for spec in ("cifar10:/data", "cifar100:/data", "folder:/data", "npz:/data/x.npz"):
         assert default_models(spec) == ("resnet56", "resnet20")
-        assert default_training(spec) == {"epochs": 240, "batch_size": 64, "lr": 0.05,
-                                          "data_fraction": 1.0}
+        assert default_training(spec) == {
+            "epochs": 240,
+            "batch_size": 64,
+            "lr": 0.05,
+            "data_fraction": 1.0,
+        }
         assert default_proxy(spec) == {"subset": 0.2, "stop_fraction": 0.2, "sparsity": 0.5}
         kind = DATASETS.get(spec.split(":")[0])
         assert (kind.teacher, kind.student) == default_models(spec)

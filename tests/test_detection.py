@@ -3,6 +3,7 @@ Faster R-CNN (FPN) and DeepLabV3 on synthetic images (nothing downloaded), featu
 on backbone/FPN taps. The KD loss is finite, its gradient reaches the student and never the
 teacher, the model's own loss still trains, and a logit term is a clear error. The example in
 examples/detection_distill.py runs here with small sizes."""
+
 import importlib.util
 import pathlib
 
@@ -26,8 +27,9 @@ def _one_thread():
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("detection_distill",
-                                                  ROOT / "examples" / "detection_distill.py")
+    spec = importlib.util.spec_from_file_location(
+        "detection_distill", ROOT / "examples" / "detection_distill.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,14 +58,22 @@ def test_faster_rcnn_fpn_student_distils_on_fpn_levels():
     g = torch.Generator().manual_seed(0)
     student, teacher = ex.build_models(SIZE, 3)
     images, targets = ex.synthetic_batch(2, SIZE, 3, g)
-    d = Distiller("cwd", student, ex.STUDENT_TAPS, teacher_taps=ex.TEACHER_TAPS, teacher=teacher,
-                  example_input=images)
+    d = Distiller(
+        "cwd",
+        student,
+        ex.STUDENT_TAPS,
+        teacher_taps=ex.TEACHER_TAPS,
+        teacher=teacher,
+        example_input=images,
+    )
     assert not any(p is q for p in d.parameters() for q in teacher.parameters())
     d.train()
     torch.manual_seed(1)  # the detector samples proposals at random: same draws before and after
     out = d(images, targets)
-    assert out.student_logits is None and set(out.student_output) >= {"loss_classifier",
-                                                                      "loss_objectness"}
+    assert out.student_logits is None and set(out.student_output) >= {
+        "loss_classifier",
+        "loss_objectness",
+    }
     assert out.student_features["backbone:0"].shape[1] == 256
     assert torch.isfinite(out.loss_kd) and out.loss_kd > 0
     fpn = list(student.backbone.fpn.parameters())
@@ -80,10 +90,12 @@ def test_faster_rcnn_fpn_student_distils_on_fpn_levels():
 
 def test_deeplabv3_student_distils_on_backbone_dict_output():
     torch.manual_seed(0)
-    student = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
-                                                        num_classes=3)
-    teacher = segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=3,
-                                              aux_loss=False)
+    student = segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3
+    )
+    teacher = segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=3, aux_loss=False
+    )
     x = torch.randn(2, 3, SIZE, SIZE)
     masks = torch.randint(0, 3, (2, SIZE, SIZE))
     # "backbone:out": entry "out" of the dict the backbone returns; 960 vs 2048 channels and
@@ -96,18 +108,27 @@ def test_deeplabv3_student_distils_on_backbone_dict_output():
     assert torch.isfinite(out.loss_kd) and out.loss_kd > 0
     assert any(g.abs().sum() > 0 for g in _grads(out.loss_kd, list(student.backbone.parameters())))
     own = F.cross_entropy(out.student_output["out"], masks)
-    _step_changes_own_loss(d, list(d.parameters()), own, out.loss_kd,
-                           lambda: F.cross_entropy(d(x).student_output["out"], masks))
+    _step_changes_own_loss(
+        d,
+        list(d.parameters()),
+        own,
+        out.loss_kd,
+        lambda: F.cross_entropy(d(x).student_output["out"], masks),
+    )
 
 
 def test_a_logit_term_on_a_student_without_class_logits_is_a_clear_error():
     torch.manual_seed(0)
-    student = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
-                                                        num_classes=3)
+    student = segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3
+    )
     x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"design 'kd' has a logit term \('kl'\), but the student "
-                                         r"returns OrderedDict with keys \['out'\], not class "
-                                         r"logits \[N, K\].*logit_distance none"):
+    with pytest.raises(
+        ValueError,
+        match=r"design 'kd' has a logit term \('kl'\), but the student "
+        r"returns OrderedDict with keys \['out'\], not class "
+        r"logits \[N, K\].*logit_distance none",
+    ):
         Distiller("kd", student, teacher=student, example_input=x)
     # without an example input the first forward says the same
     d = Distiller("kd", student, teacher=student)

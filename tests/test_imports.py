@@ -14,6 +14,7 @@ lazy import says why.
   is not at module level (an optional dependency, a slow import kept out of
   ``autokd-cli --help``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -106,25 +107,41 @@ def _env() -> dict[str, str]:
     path (not an installed copy elsewhere)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(SOURCE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [str(SOURCE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     return env
 
 
 def test_module_list_is_complete():
     # the walk must see every kind of module, or the tests below check less than they claim
-    for name in ("autokd", "autokd._C", "autokd._engine", "autokd.nn.registry",
-                 "autokd.search.driver", "autokd.cli"):
+    for name in (
+        "autokd",
+        "autokd._C",
+        "autokd._engine",
+        "autokd.nn.registry",
+        "autokd.search.driver",
+        "autokd.cli",
+    ):
         assert name in MODULES, f"module walk missed {name}; found {MODULES}"
 
 
 def test_every_module_imports_first():
-    proc = subprocess.run([sys.executable, "-c", _FORK_EACH, *MODULES], env=_env(), check=False,
-                          capture_output=True, text=True, timeout=600, cwd=str(SOURCE_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_EACH, *MODULES],
+        env=_env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(SOURCE_ROOT),
+    )
     out = proc.stdout.strip().splitlines()
     done = f"checked {len(MODULES)} modules, 0 failed"
     assert proc.returncode == 0 and out and out[-1] == done, (
         "modules that fail to import when imported first (module: last lines of the error):\n"
-        + "\n".join(out[:-1]) + f"\nexit status {proc.returncode}; stderr:\n{proc.stderr[-3000:]}")
+        + "\n".join(out[:-1])
+        + f"\nexit status {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 # -- the static graph ---------------------------------------------------------------------------
@@ -148,7 +165,7 @@ def _resolve(name: str, node: ast.ImportFrom) -> str:
         return node.module or ""
     package = name if _is_package(name) else name.rpartition(".")[0]
     base = package.split(".")
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -157,8 +174,9 @@ def _walk_imports(tree: ast.AST, in_function: bool = False):
     for child in ast.iter_child_nodes(tree):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
             yield child, in_function
-        inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                  ast.Lambda))
+        inner = in_function or isinstance(
+            child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        )
         yield from _walk_imports(child, inner)
 
 
@@ -186,8 +204,12 @@ def _module_level_graph() -> dict[str, list[tuple[str, int]]]:
             graph[name] = []
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        graph[name] = [(t, node.lineno) for node, lazy in _walk_imports(tree) if not lazy
-                       for t in _targets(name, node)]
+        graph[name] = [
+            (t, node.lineno)
+            for node, lazy in _walk_imports(tree)
+            if not lazy
+            for t in _targets(name, node)
+        ]
     return graph
 
 
@@ -212,9 +234,11 @@ def _layer_violations(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
             if t_layer > layer or (t_layer == layer and t_package != package):
                 where = _source(name)
                 where = where.relative_to(SOURCE_ROOT) if where else name
-                wrong.append(f"{where}:{line}: {name} (layer {layer}, {package}) imports "
-                             f"{target} (layer {t_layer}, {t_package}); expected only lower "
-                             "layers or its own package")
+                wrong.append(
+                    f"{where}:{line}: {name} (layer {layer}, {package}) imports "
+                    f"{target} (layer {t_layer}, {t_package}); expected only lower "
+                    "layers or its own package"
+                )
     return wrong
 
 
@@ -251,7 +275,7 @@ def _cycle(graph: dict[str, list[tuple[str, int]]]) -> list[str] | None:
             if target == node:
                 continue  # `from autokd.x import name` inside autokd.x/__init__: not a cycle
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 found = visit(target)
                 if found:
@@ -277,13 +301,14 @@ def test_cycle_and_layer_checks_can_fail():
     # the cycle this layering removed: autokd.nn.blocks imported autokd.space.registry, whose
     # package's __init__ imported autokd.nn.blocks (silent at run time: nothing used the
     # half-initialised module during the import)
-    graph = {"autokd.nn.blocks": [("autokd.space.registry", 33)],
-             "autokd.space": [("autokd.nn.blocks", 14)],
-             "autokd.space.registry": [],
-             "autokd.data": [("autokd.models", 7)]}
+    graph = {
+        "autokd.nn.blocks": [("autokd.space.registry", 33)],
+        "autokd.space": [("autokd.nn.blocks", 14)],
+        "autokd.space.registry": [],
+        "autokd.data": [("autokd.models", 7)],
+    }
     assert _cycle(graph) is None  # only through the package __init__
-    assert _cycle(_with_packages(graph)) == [
-        "autokd.nn.blocks", "autokd.space", "autokd.nn.blocks"]
+    assert _cycle(_with_packages(graph)) == ["autokd.nn.blocks", "autokd.space", "autokd.nn.blocks"]
     wrong = _layer_violations(graph)
     assert len(wrong) == 2, wrong
     assert "autokd.data (layer 7, autokd.data) imports autokd.models" in wrong[0]
@@ -299,23 +324,32 @@ def test_lazy_imports_say_why():
         text = path.read_text(encoding="utf-8")
         lines = text.splitlines()
         for node, lazy in _walk_imports(ast.parse(text)):
-            span = lines[node.lineno - 1:node.end_lineno]
+            span = lines[node.lineno - 1 : node.end_lineno]
             if lazy and not any("#" in line for line in span):
-                missing.append(f"{path.relative_to(SOURCE_ROOT)}:{node.lineno}: "
-                               f"{span[0].strip()}")
-    assert not missing, ("imports inside functions without a comment saying why they are not "
-                         "at module level:\n" + "\n".join(missing))
+                missing.append(f"{path.relative_to(SOURCE_ROOT)}:{node.lineno}: {span[0].strip()}")
+    assert not missing, (
+        "imports inside functions without a comment saying why they are not "
+        "at module level:\n" + "\n".join(missing)
+    )
 
 
 def test_space_sees_every_operation_in_a_fresh_interpreter():
     # The registries live in autokd.nn and fill when autokd.nn.blocks is imported; a program
     # that imports autokd.space alone must still validate every shipped design.
-    code = ("import autokd.space as s\n"
-            "for name in s.list_distillers(): s.load_distiller(name)\n"
-            "for name in s.list_spaces(): s.load_space(name)\n"
-            "print(len(s.TRANSFORMS), len(s.FEATURE_DISTANCES), len(s.LOGIT_DISTANCES), "
-            "len(s.SCHEDULES))\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import autokd.space as s\n"
+        "for name in s.list_distillers(): s.load_distiller(name)\n"
+        "for name in s.list_spaces(): s.load_space(name)\n"
+        "print(len(s.TRANSFORMS), len(s.FEATURE_DISTANCES), len(s.LOGIT_DISTANCES), "
+        "len(s.SCHEDULES))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(int(n) > 0 for n in proc.stdout.split()), proc.stdout

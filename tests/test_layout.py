@@ -1,5 +1,6 @@
 """The house rule of one name per op everywhere: every forward op in torch.ops.autokd has its
 wrapper, eager reference, CPU and CUDA sources, test file and benchmark."""
+
 import pathlib
 
 import pytest

@@ -13,8 +13,9 @@ DIGITS = {"digits_teacher", "digits_student"}
 def _tap_outputs(model, taps, x):
     found = {}
     modules = dict(model.named_modules())
-    hooks = [modules[t].register_forward_hook(lambda m, i, o, t=t: found.__setitem__(t, o))
-             for t in taps]
+    hooks = [
+        modules[t].register_forward_hook(lambda m, i, o, t=t: found.__setitem__(t, o)) for t in taps
+    ]
     try:
         logits = model(x)
     finally:
@@ -24,9 +25,23 @@ def _tap_outputs(model, taps, x):
 
 
 def test_zoo_lists_the_cifar_family_and_the_digits_pair():
-    expected = {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)} | {
-        "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2",
-        "shufflenetv1", "shufflenetv2", "vit_compact", "vit_tiny"} | DIGITS
+    expected = (
+        {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)}
+        | {
+            "resnet8x4",
+            "resnet32x4",
+            "wrn_16_2",
+            "wrn_40_2",
+            "vgg8",
+            "vgg13",
+            "mobilenetv2",
+            "shufflenetv1",
+            "shufflenetv2",
+            "vit_compact",
+            "vit_tiny",
+        }
+        | DIGITS
+    )
     assert set(list_models()) == expected
 
 
@@ -54,12 +69,23 @@ def test_other_input_channels(name):
 
 # Published counts: He et al. (CIFAR-10 ResNets); the CIFAR-100 counts reported with the CRD
 # family of models in the distillation literature.
-@pytest.mark.parametrize("name,classes,published", [
-    ("resnet20", 10, 0.27e6), ("resnet56", 10, 0.85e6), ("resnet110", 10, 1.7e6),
-    ("resnet8x4", 100, 1.23e6), ("resnet32x4", 100, 7.43e6), ("wrn_16_2", 100, 0.70e6),
-    ("wrn_40_2", 100, 2.25e6), ("vgg8", 100, 3.96e6), ("vgg13", 100, 9.46e6),
-    ("mobilenetv2", 100, 0.81e6), ("shufflenetv1", 100, 0.95e6), ("shufflenetv2", 100, 1.35e6),
-])
+@pytest.mark.parametrize(
+    "name,classes,published",
+    [
+        ("resnet20", 10, 0.27e6),
+        ("resnet56", 10, 0.85e6),
+        ("resnet110", 10, 1.7e6),
+        ("resnet8x4", 100, 1.23e6),
+        ("resnet32x4", 100, 7.43e6),
+        ("wrn_16_2", 100, 0.70e6),
+        ("wrn_40_2", 100, 2.25e6),
+        ("vgg8", 100, 3.96e6),
+        ("vgg13", 100, 9.46e6),
+        ("mobilenetv2", 100, 0.81e6),
+        ("shufflenetv1", 100, 0.95e6),
+        ("shufflenetv2", 100, 1.35e6),
+    ],
+)
 def test_parameter_counts_match_published(name, classes, published):
     n = count_parameters(build_model(name, num_classes=classes, in_channels=3))
     assert abs(n - published) / published < 0.03, n
@@ -111,7 +137,8 @@ def test_torchvision_unknown_name():
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    (tmp_path / "autokd_user_models.py").write_text(textwrap.dedent("""
+    (tmp_path / "autokd_user_models.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
 
         def tiny(num_classes, in_channels):
@@ -123,7 +150,8 @@ def user_module(tmp_path, monkeypatch):
 
         def not_a_module(num_classes, in_channels):
             return 42
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("autokd_user_models", None)

@@ -1,5 +1,6 @@
 """autokd.nn's kernel modules agree with the eager references and reject bad settings; the
 whole-design loss takes a spec."""
+
 import pytest
 import torch
 
@@ -52,6 +53,9 @@ def test_distill_loss_takes_a_spec_and_refuses_what_only_space_can_read():
     out = DistillLoss(spec)(student_logits=s, teacher_logits=t)
     assert torch.isfinite(out.loss_kd)
     for value in ("kd", {"logit_distance": "kl"}):
-        with pytest.raises(TypeError, match=r"DistillLoss: expected a DistillerSpec, got "
-                                            r"(str|dict) .*DistillerSpec\.coerce"):
+        with pytest.raises(
+            TypeError,
+            match=r"DistillLoss: expected a DistillerSpec, got "
+            r"(str|dict) .*DistillerSpec\.coerce",
+        ):
             DistillLoss(value)

@@ -7,6 +7,7 @@ The folder is generated (helpers.make_image_folder): 5 classes, 64 training and 
 images each, JPEG and PNG of sizes 20..40 pixels, each class a colour and a stripe direction so
 that a model can learn it; in one copy a file of the training split is corrupt.
 """
+
 import math
 import os
 
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FOLDER_CLASSES, FOLDER_PER_CLASS, FOLDER_PER_CLASS_VAL, make_image_folder
 
 from autokd.cli import main
 from autokd.data import formats, load_data, stream
@@ -23,6 +23,7 @@ from autokd.models import build_model
 from autokd.pipeline import make_augment
 from autokd.store import FeatureStore, ReplayResizedCrop
 from autokd.train.loop import TrainConfig, _epoch_batches, stratified_subset, train_student
+from helpers import FOLDER_CLASSES, FOLDER_PER_CLASS, FOLDER_PER_CLASS_VAL, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -50,8 +51,11 @@ def _spec(path, **options):
 def test_streamed_folder_loads_lazily_with_the_folder_layout(folder, monkeypatch):
     decoded = []
     real = stream.StreamedSplit.decode
-    monkeypatch.setattr(stream.StreamedSplit, "decode",
-                        lambda self, i, *a, **k: decoded.append(i) or real(self, i, *a, **k))
+    monkeypatch.setattr(
+        stream.StreamedSplit,
+        "decode",
+        lambda self, i, *a, **k: decoded.append(i) or real(self, i, *a, **k),
+    )
     data = load_data(_spec(folder, size=16, workers=0), val_fraction=0.1, seed=0)
     # only the 256 images of the normalisation statistics were decoded, one at a time
     assert len(decoded) == stream.STATS_SAMPLES
@@ -102,8 +106,9 @@ def test_replay_resized_crop_is_a_pure_function_of_seed_sample_view_and_size():
         assert 0 <= b.top and b.top + b.height <= 30 and 0 <= b.left and b.left + b.width <= 40
     flips = [aug.params(i, 0, 30, 40).flip for i in range(200)]
     assert 60 < sum(flips) < 140
-    assert not any(ReplayResizedCrop(seed=5, size=16, flip=False).params(i, 0, 30, 40).flip
-                   for i in range(50))
+    assert not any(
+        ReplayResizedCrop(seed=5, size=16, flip=False).params(i, 0, 30, 40).flip for i in range(50)
+    )
     assert aug.identity() != ReplayResizedCrop(seed=6, size=16).identity()
 
 
@@ -126,9 +131,18 @@ def test_store_and_training_read_the_same_views_bit_for_bit(folder, tmp_path):
                 state["view"], state["next"] = state["view"] + 1, 0
 
     hook = teacher.register_forward_pre_hook(record)
-    store = FeatureStore.build(str(tmp_path / "s.akds"), teacher, data.train, taps=["layer3"],
-                               views=2, dtype="fp32", batch_size=64, augment=aug,
-                               dataset_id=data.identity, progress=False)
+    store = FeatureStore.build(
+        str(tmp_path / "s.akds"),
+        teacher,
+        data.train,
+        taps=["layer3"],
+        views=2,
+        dtype="fp32",
+        batch_size=64,
+        augment=aug,
+        dataset_id=data.identity,
+        progress=False,
+    )
     hook.remove()
     assert len(seen) == 2 * len(data.train)
     cfg = TrainConfig(epochs=3, batch_size=32, subset=0.5, offline=True, seed=1)
@@ -136,11 +150,13 @@ def test_store_and_training_read_the_same_views_bit_for_bit(folder, tmp_path):
     loader = data.train.loader(aug)
     checked = 0
     for epoch in (0, 1, 2):
-        order = store.batches(data.train, aug, batch_size=32, indices=idx.numpy(), epoch=epoch,
-                              seed=cfg.seed).order()
-        batches = [order[i:i + 32] for i in range(0, len(order), 32)]
-        for ids, (x, y, tf, tl) in zip(batches, _epoch_batches(data, cfg, idx, epoch, store, aug,
-                                                               stream=loader)):
+        order = store.batches(
+            data.train, aug, batch_size=32, indices=idx.numpy(), epoch=epoch, seed=cfg.seed
+        ).order()
+        batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+        for ids, (x, y, tf, tl) in zip(
+            batches, _epoch_batches(data, cfg, idx, epoch, store, aug, stream=loader)
+        ):
             want = torch.stack([seen[(epoch % 2, int(i))] for i in ids])
             assert torch.equal(x, want), f"epoch {epoch}: images differ from the stored views"
             assert torch.equal(y, data.train.labels[torch.from_numpy(ids)])
@@ -181,8 +197,9 @@ def test_a_corrupt_image_is_named(corrupt_folder):
     root, bad = corrupt_folder
     # not among the 256 files of the statistics (seed 0 draws them), so loading succeeds and
     # the file is met by the batch that reads it
-    picked = set(np.random.default_rng(stream.STATS_SEED).choice(5 * PER_CLASS, 256,
-                                                                 replace=False).tolist())
+    picked = set(
+        np.random.default_rng(stream.STATS_SEED).choice(5 * PER_CLASS, 256, replace=False).tolist()
+    )
     assert 3 * PER_CLASS + 37 not in picked
     data = load_data(_spec(root, size=16, workers=2), val_fraction=0.1, seed=0)
     position = data.train.files.index(bad)
@@ -195,7 +212,7 @@ def test_a_corrupt_image_is_named(corrupt_folder):
     with pytest.raises(ValueError, match=f"folder: cannot read image '{bad}'"):
         train_student(Distiller("none", student), student, data, cfg, augment=make_augment(data, 0))
     with pytest.raises(ValueError, match=f"folder: cannot read image '{bad}'"):
-        data.train.images[position - 1:position + 1]
+        data.train.images[position - 1 : position + 1]
     # the in-memory reader names it too
     with pytest.raises(ValueError, match=f"folder: cannot read image '{bad}'"):
         load_data(f"folder:{root}?size=16")
@@ -203,8 +220,11 @@ def test_a_corrupt_image_is_named(corrupt_folder):
 
 def test_in_memory_folder_too_large_is_refused_with_the_way_to_stream(folder, monkeypatch):
     monkeypatch.setattr(formats, "memory_limit_bytes", lambda: 1 << 20)
-    with pytest.raises(ValueError, match=r"more than 0\.0 GiB .* stream them instead: --data "
-                                         rf"'folder:{folder}\?stream=1'"):
+    with pytest.raises(
+        ValueError,
+        match=r"more than 0\.0 GiB .* stream them instead: --data "
+        rf"'folder:{folder}\?stream=1'",
+    ):
         load_data(f"folder:{folder}")
     assert load_data(_spec(folder, size=16, workers=0)).train.streaming  # streaming still works
 
@@ -216,17 +236,63 @@ def test_cli_distill_on_a_streamed_folder_with_a_corrupt_image(corrupt_folder, f
     common = ["--teacher", "resnet8", "--student", "resnet8", "--teacher-epochs", "1"]
     spec = _spec(folder, size=16, workers=2)
     out = str(tmp_path / "ok")
-    r = CliRunner().invoke(main, ["distill", "--data", spec, "--spec", "kd", "--epochs", "1",
-                                  "--out", out, "--quiet", "--offline", "--views", "2", *common])
+    r = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--data",
+            spec,
+            "--spec",
+            "kd",
+            "--epochs",
+            "1",
+            "--out",
+            out,
+            "--quiet",
+            "--offline",
+            "--views",
+            "2",
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output
-    r = CliRunner().invoke(main, ["search", "--data", spec, "--budget", "2", "--epochs", "5",
-                                  "--out", out, "--quiet", "--views", "2", *common])
+    r = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--data",
+            spec,
+            "--budget",
+            "2",
+            "--epochs",
+            "5",
+            "--out",
+            out,
+            "--quiet",
+            "--views",
+            "2",
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "2 trials" in r.output
-    r = CliRunner().invoke(main, ["distill", "--data", _spec(root, size=16, workers=2), "--spec",
-                                  "none", "--epochs", "1", "--out", str(tmp_path / "bad"),
-                                  "--quiet", *common])
+    r = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--data",
+            _spec(root, size=16, workers=2),
+            "--spec",
+            "none",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "bad"),
+            "--quiet",
+            *common,
+        ],
+    )
     assert r.exit_code == 1
     assert f"cannot read image '{bad}'" in r.output and "Traceback" not in r.output
     assert os.path.exists(bad)
@@ -236,9 +302,32 @@ def test_search_with_local_worker_processes_streams_in_each(folder, tmp_path):
     """Two local trial workers, each with its own DataLoader worker process: a trial worker
     is not daemonic, so it may start them (a daemonic one may not)."""
     spec = _spec(folder, size=16, workers=1)
-    r = CliRunner().invoke(main, ["search", "--data", spec, "--budget", "2", "--epochs", "5",
-                                  "--out", str(tmp_path), "--quiet", "--views", "2", "--workers",
-                                  "2", "--teacher", "resnet8", "--student", "resnet8",
-                                  "--teacher-epochs", "1", "--select-fidelity", "0"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--data",
+            spec,
+            "--budget",
+            "2",
+            "--epochs",
+            "5",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--views",
+            "2",
+            "--workers",
+            "2",
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--teacher-epochs",
+            "1",
+            "--select-fidelity",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "2 trials (2 new)" in r.output

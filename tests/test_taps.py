@@ -1,6 +1,7 @@
 """FeatureTaps, the one forward-hook recorder behind the Distiller, the feature store build and
 forward_all: the tap syntax (module path, ':KEY' into dict/list outputs) and one message for a
 tap that names no module, the same from all three places."""
+
 from collections import OrderedDict
 
 import pytest
@@ -58,24 +59,46 @@ def test_a_tap_that_names_no_module_gives_one_line_with_close_matches_and_valid_
         FeatureTaps(Net(), ["body.stm"], "Distiller: student")
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith("Distiller: student: 'body.stm' names no module of Net; did you mean "
-                          "'body.stem', ")
+    assert msg.startswith(
+        "Distiller: student: 'body.stm' names no module of Net; did you mean 'body.stem', "
+    )
     assert "Module paths: body, fc, body.stem, body.down (4 in all" in msg
-    with pytest.raises(ValueError, match=r"'neck' \(tap 'neck:0': module path, then ':KEY' "
-                                         r"entries of its output\) names no module of Net\."):
+    with pytest.raises(
+        ValueError,
+        match=r"'neck' \(tap 'neck:0': module path, then ':KEY' "
+        r"entries of its output\) names no module of Net\.",
+    ):
         FeatureTaps(Net(), ["neck:0"])
 
 
-@pytest.mark.parametrize("tap,match", [
-    ("body", (r"tap 'body' gave OrderedDict with keys \['0', '1', 'nested'\], expected a tensor; "
-              r"pick one entry, e.g. 'body:0'")),
-    ("body:2", (r"tap 'body:2': 'body' returned OrderedDict with keys \['0', '1', 'nested'\]; "
-                r"no key '2'")),
-    ("body:nested:5", (r"tap 'body:nested:5': 'body:nested' returned list of 2; expected an index "
-                       r"in \[-2, 1\], got '5'")),
-    ("body.stem:0", r"tap 'body.stem:0': 'body.stem' returned Tensor, which has no entries"),
-    ("body:nested", r"gave list of 2, expected a tensor; pick one entry, e.g. 'body:nested:0'"),
-])
+@pytest.mark.parametrize(
+    "tap,match",
+    [
+        (
+            "body",
+            (
+                r"tap 'body' gave OrderedDict with keys \['0', '1', 'nested'\], expected a tensor; "
+                r"pick one entry, e.g. 'body:0'"
+            ),
+        ),
+        (
+            "body:2",
+            (
+                r"tap 'body:2': 'body' returned OrderedDict with keys \['0', '1', 'nested'\]; "
+                r"no key '2'"
+            ),
+        ),
+        (
+            "body:nested:5",
+            (
+                r"tap 'body:nested:5': 'body:nested' returned list of 2; expected an index "
+                r"in \[-2, 1\], got '5'"
+            ),
+        ),
+        ("body.stem:0", r"tap 'body.stem:0': 'body.stem' returned Tensor, which has no entries"),
+        ("body:nested", r"gave list of 2, expected a tensor; pick one entry, e.g. 'body:nested:0'"),
+    ],
+)
 def test_a_tap_without_a_tensor_says_what_it_got_and_how_to_pick(tap, match):
     net = Net()
     FeatureTaps(net, [tap], "model")  # its hooks stay on the model
@@ -88,11 +111,13 @@ def test_the_three_users_give_the_same_message():
     x = torch.randn(2, 1, 8, 8)
     expect = r"'body.stm' names no module of Net; did you mean 'body.stem', "
     with pytest.raises(ValueError, match="Distiller: student: " + expect):
-        Distiller("fitnet", net, ["body.stm"], teacher=Net(), teacher_taps=["body.stem"],
-                  example_input=x)
+        Distiller(
+            "fitnet", net, ["body.stm"], teacher=Net(), teacher_taps=["body.stem"], example_input=x
+        )
     with pytest.raises(ValueError, match="Distiller: teacher 0: " + expect):
-        Distiller("fitnet", net, ["body.stem"], teacher=Net(), teacher_taps=["body.stm"],
-                  example_input=x)
+        Distiller(
+            "fitnet", net, ["body.stem"], teacher=Net(), teacher_taps=["body.stm"], example_input=x
+        )
     with pytest.raises(ValueError, match="forward_all: " + expect):
         forward_all(net, x, ["body.stm"])
     data = torch.utils.data.TensorDataset(x, torch.zeros(2, dtype=torch.long))

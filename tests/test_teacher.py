@@ -6,8 +6,14 @@ from torch import nn
 
 from autokd.data import load_data
 from autokd.models import build_model
-from autokd.train.teacher import (evaluate, load_checkpoint, load_model, save_checkpoint,
-                                  train_and_save, train_classifier)
+from autokd.train.teacher import (
+    evaluate,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    train_and_save,
+    train_classifier,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +95,14 @@ def test_digits_teacher_reaches_good_accuracy(digits):
 
 def test_checkpoint_round_trip(tmp_path, digits):
     model = build_model("digits_student", num_classes=10, in_channels=1).eval()
-    meta = {"model": "digits_student", "num_classes": 10, "in_channels": 1,
-            "data": digits.identity, "accuracy": 0.5, "history": [{"epoch": 1, "loss": 2.0}]}
+    meta = {
+        "model": "digits_student",
+        "num_classes": 10,
+        "in_channels": 1,
+        "data": digits.identity,
+        "accuracy": 0.5,
+        "history": [{"epoch": 1, "loss": 2.0}],
+    }
     path = tmp_path / "ckpt" / "student.pt"
     save_checkpoint(str(path), model, meta)
     fresh = build_model("digits_student", num_classes=10, in_channels=1).eval()
@@ -104,8 +116,11 @@ def test_checkpoint_round_trip(tmp_path, digits):
 
 def test_checkpoint_of_another_model(tmp_path):
     path = str(tmp_path / "t.pt")
-    save_checkpoint(path, build_model("digits_teacher", num_classes=10, in_channels=1),
-                    {"model": "digits_teacher"})
+    save_checkpoint(
+        path,
+        build_model("digits_teacher", num_classes=10, in_channels=1),
+        {"model": "digits_teacher"},
+    )
     with pytest.raises(ValueError, match=r"digits_teacher.*missing keys.*unexpected keys"):
         load_checkpoint(path, build_model("resnet8", num_classes=10, in_channels=1))
     mismatch = r"shape mismatches \(fc.bias: checkpoint \[10\], model \[7\]"

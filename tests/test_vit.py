@@ -1,6 +1,7 @@
 """Vision-transformer students: the zoo's ViTs and timm: models, token features as NCHW maps
 under every transform of the search space, AdamW with warm-up + cosine (dense and masked under
 sparsity), the per-model defaults the CLI applies, and one-line errors for bad names and taps."""
+
 import itertools
 import math
 import random
@@ -57,8 +58,11 @@ def test_zoo_vits_sizes_and_maps():
     assert fmap.shape == (2, 64, 8, 8)
     tiny = build_model("vit_tiny", num_classes=100, in_channels=3)
     assert 5_000_000 < count_parameters(tiny) < 6_000_000  # DeiT-Tiny's width and depth
-    with pytest.raises(ValueError, match=r"got 10x10; build it with a patch size that divides "
-                                         r"them, e.g. '\?patch_size=2'"):
+    with pytest.raises(
+        ValueError,
+        match=r"got 10x10; build it with a patch size that divides "
+        r"them, e.g. '\?patch_size=2'",
+    ):
         build_model("vit_compact?patch_size=4", 10, 1)(torch.randn(1, 1, 10, 10))
 
 
@@ -70,22 +74,35 @@ def test_timm_vits_expose_patch_tokens_as_maps():
     tokens = model.model.forward_features(x)
     assert torch.equal(fmap.flatten(2).transpose(1, 2), tokens[:, 1:])
     assert torch.equal(logits, model.model.forward_head(tokens))
-    _, _, fmap = _map("timm:deit_tiny_distilled_patch16_224?img_size=32&patch_size=4",
-                      torch.randn(2, 3, 32, 32))
+    _, _, fmap = _map(
+        "timm:deit_tiny_distilled_patch16_224?img_size=32&patch_size=4", torch.randn(2, 3, 32, 32)
+    )
     assert fmap.shape == (2, 192, 8, 8)  # class and distillation tokens dropped
 
 
-@pytest.mark.parametrize("name,error,match", [
-    ("timm:vit_tinyy", KeyError, r"unknown timm model 'timm:vit_tinyy'; did you mean timm:"),
-    (TIMM_VIT + "&pretrained=true", ValueError,
-     r"option\(s\) \['pretrained'\] would load or download weights"),
-    ("timm:vit_tiny_patch16_224?depthh=2", ValueError,
-     r"timm cannot build it \(TypeError: .*unexpected keyword argument 'depthh'\)"),
-    ("vit_compact?patch=2", ValueError,
-     r"unknown option\(s\) \['patch'\] for 'vit_compact'; valid: img_size, patch_size"),
-    ("resnet20?width=2", ValueError, r"option\(s\) \['width'\] for 'resnet20'; valid: none"),
-    ("vit_compact?patch_size", ValueError, r"expected options as '\?key=value&key=value'"),
-])
+@pytest.mark.parametrize(
+    "name,error,match",
+    [
+        ("timm:vit_tinyy", KeyError, r"unknown timm model 'timm:vit_tinyy'; did you mean timm:"),
+        (
+            TIMM_VIT + "&pretrained=true",
+            ValueError,
+            r"option\(s\) \['pretrained'\] would load or download weights",
+        ),
+        (
+            "timm:vit_tiny_patch16_224?depthh=2",
+            ValueError,
+            r"timm cannot build it \(TypeError: .*unexpected keyword argument 'depthh'\)",
+        ),
+        (
+            "vit_compact?patch=2",
+            ValueError,
+            r"unknown option\(s\) \['patch'\] for 'vit_compact'; valid: img_size, patch_size",
+        ),
+        ("resnet20?width=2", ValueError, r"option\(s\) \['width'\] for 'resnet20'; valid: none"),
+        ("vit_compact?patch_size", ValueError, r"expected options as '\?key=value&key=value'"),
+    ],
+)
 def test_bad_model_names_and_options(name, error, match):
     with pytest.raises(error, match=match):
         build_model(name, num_classes=10, in_channels=3)
@@ -102,14 +119,22 @@ def test_every_transform_of_the_space_applies_to_a_vit_student_of_a_cnn_teacher(
     blocks = list(student.blocks[-1].parameters())
     for _ in range(12):
         spec = space.spec_from_design(space.sample(rng))
-        d = Distiller(spec, student, ["token_map"], teacher_taps=["features"], teacher=teacher,
-                      example_input=x[:2])
+        d = Distiller(
+            spec,
+            student,
+            ["token_map"],
+            teacher_taps=["features"],
+            teacher=teacher,
+            example_input=x[:2],
+        )
         out = d(x)
         grads = torch.autograd.grad(out.loss_feature, blocks, allow_unused=True)
         assert torch.isfinite(out.loss_kd), spec.label()
         assert any(g is not None and g.abs().sum() > 0 for g in grads), spec.label()
-        seen.update(getattr(spec, f).key for f in ("global_transform", "intra_spatial",
-                                                   "inter_spatial", "feature_distance"))
+        seen.update(
+            getattr(spec, f).key
+            for f in ("global_transform", "intra_spatial", "inter_spatial", "feature_distance")
+        )
         d.remove_hooks()
     assert {"attention", "mask", "multi-scale", "local", "channel-wise", "sample-wise"} <= seen
 
@@ -122,7 +147,8 @@ def test_warm_up_then_cosine():
     assert lrs[warm] == pytest.approx(base) and lrs[-1] < 1e-3 * base
     assert all(a >= b for a, b in itertools.pairwise(lrs[warm:]))
     assert [cosine_lr(base, s, total) for s in range(total)] == [
-        0.5 * base * (1 + math.cos(math.pi * s / total)) for s in range(total)]
+        0.5 * base * (1 + math.cos(math.pi * s / total)) for s in range(total)
+    ]
     with pytest.raises(ValueError, match=r"expected optimizer one of sgd, adamw, got 'adam'"):
         TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match=r"expected warmup_epochs in \[0, epochs = 4\), got 4"):
@@ -143,14 +169,23 @@ def test_vit_trains_with_adamw_without_decay_on_norms_and_embeddings(sparsity):
     from autokd.train.loop import train_student
 
     g = torch.Generator().manual_seed(0)
-    train = SimpleNamespace(images=torch.randn(32, 1, 8, 8, generator=g),
-                            labels=torch.arange(32) % 10)
+    train = SimpleNamespace(
+        images=torch.randn(32, 1, 8, 8, generator=g), labels=torch.arange(32) % 10
+    )
     torch.manual_seed(0)
     student = build_model("vit_compact?depth=2", num_classes=10, in_channels=1)
     d = Distiller("none", student)
     before = student.pos_embed.detach().clone()
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3, weight_decay=0.05, optimizer="adamw",
-                      warmup_epochs=1, sparsity=sparsity, offline=False)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=16,
+        lr=1e-3,
+        weight_decay=0.05,
+        optimizer="adamw",
+        warmup_epochs=1,
+        sparsity=sparsity,
+        offline=False,
+    )
     res = train_student(d, student, SimpleNamespace(train=train), cfg)
     assert math.isfinite(res.final_loss) and res.steps == 4
     assert not torch.equal(before, student.pos_embed)
@@ -170,25 +205,33 @@ def test_cli_vit_student_distills_and_searches_with_adamw(tmp_path):
     cfg = ck["pinned"]["config"]
     assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"]) == ("adamw", 1e-3, 0.05)
     assert cfg["warmup_epochs"] == pytest.approx(0.1)
-    r = CliRunner().invoke(main, ["distill", "--spec", "none", "--epochs", "1", "--lr", "0.01",
-                                  *toy])
+    r = CliRunner().invoke(
+        main, ["distill", "--spec", "none", "--epochs", "1", "--lr", "0.01", *toy]
+    )
     assert r.exit_code == 0, r.output
     ck = torch.load(f"{out}/distill-none-0/checkpoint.pt", weights_only=True)
     assert ck["pinned"]["config"]["lr"] == 0.01 and ck["pinned"]["config"]["optimizer"] == "adamw"
-    r = CliRunner().invoke(main, ["search", "--budget", "2", "--epochs", "5", "--views", "1",
-                                  "--space", "extended", *toy])
+    r = CliRunner().invoke(
+        main,
+        ["search", "--budget", "2", "--epochs", "5", "--views", "1", "--space", "extended", *toy],
+    )
     assert r.exit_code == 0, r.output
     assert "best spec:" in r.output
     # mistakes: one line each
     for args, match in (
-        (["--student", "timm:vit_tinyy"],
-         "Error: unknown timm model 'timm:vit_tinyy'; did you mean"),
-        (["--student-taps", "token_mapp"],
-         ("Error: Distiller: student: 'token_mapp' names no module of VisionTransformer; did "
-          "you mean 'token_map'?")),
+        (
+            ["--student", "timm:vit_tinyy"],
+            "Error: unknown timm model 'timm:vit_tinyy'; did you mean",
+        ),
+        (
+            ["--student-taps", "token_mapp"],
+            (
+                "Error: Distiller: student: 'token_mapp' names no module of VisionTransformer; did "
+                "you mean 'token_map'?"
+            ),
+        ),
     ):
-        r = CliRunner().invoke(main, ["distill", "--spec", "fitnet", "--epochs", "1", *toy,
-                                      *args])
+        r = CliRunner().invoke(main, ["distill", "--spec", "fitnet", "--epochs", "1", *toy, *args])
         errors = [line for line in r.output.splitlines() if line.startswith("Error")]
         assert r.exit_code == 1 and len(errors) == 1 and errors[0].startswith(match), r.output
         assert r.output.endswith(errors[0] + "\n"), r.output

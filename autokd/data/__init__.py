@@ -17,6 +17,7 @@ search's held-out split for rewards) is carved from the training data: fixed by 
 stratified, never from the test set. Images are normalised per channel with statistics of the
 whole training split.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,17 @@ from autokd.data import formats, stream
 from autokd.data.augment import apply_augmentation, augment, sample_augmentation
 from autokd.registry import Registry
 
-__all__ = ["DataBundle", "DataSetKind", "ImageTensorDataset", "load_data", "data_kind",
-           "DATASETS", "augment", "sample_augmentation", "apply_augmentation"]
+__all__ = [
+    "DataBundle",
+    "DataSetKind",
+    "ImageTensorDataset",
+    "load_data",
+    "data_kind",
+    "DATASETS",
+    "augment",
+    "sample_augmentation",
+    "apply_augmentation",
+]
 
 
 @dataclass(frozen=True)
@@ -59,12 +69,19 @@ class DataSetKind:
     proxy_sparsity: float = 0.5
 
     def proxy(self) -> dict:
-        return {"subset": self.proxy_subset, "stop_fraction": self.proxy_stop_fraction,
-                "sparsity": self.proxy_sparsity}
+        return {
+            "subset": self.proxy_subset,
+            "stop_fraction": self.proxy_stop_fraction,
+            "sparsity": self.proxy_sparsity,
+        }
 
     def training(self) -> dict:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                "data_fraction": self.data_fraction}
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "data_fraction": self.data_fraction,
+        }
 
 
 DATASETS: Registry[DataSetKind] = Registry("data set")
@@ -79,22 +96,43 @@ DATASETS: Registry[DataSetKind] = Registry("data set")
 # sparsity saves nothing on a CPU while it blurs the ranking. A trial trains on all of the
 # student's images, dense, for 10% of the epochs (measured: benchmarks/results/
 # proxy_fidelity.md).
-DATASETS.register("digits", DataSetKind(
-    lambda arg, image_size: formats.read_digits(), needs_path=False,
-    teacher="digits_teacher", student="digits_student", epochs=60, batch_size=32, lr=0.1,
-    data_fraction=0.2, proxy_subset=1.0, proxy_stop_fraction=0.1, proxy_sparsity=0.0))
+DATASETS.register(
+    "digits",
+    DataSetKind(
+        lambda arg, image_size: formats.read_digits(),
+        needs_path=False,
+        teacher="digits_teacher",
+        student="digits_student",
+        epochs=60,
+        batch_size=32,
+        lr=0.1,
+        data_fraction=0.2,
+        proxy_subset=1.0,
+        proxy_stop_fraction=0.1,
+        proxy_sparsity=0.0,
+    ),
+)
 # Everything else is CIFAR-style: the paper's ResNet-56 -> ResNet-20 pair and the 240-epoch,
 # batch-64, lr-0.05 schedule of the distillation literature.
-_CIFAR_STYLE = {"needs_path": True, "teacher": "resnet56", "student": "resnet20", "epochs": 240,
-                "batch_size": 64, "lr": 0.05}
-DATASETS.register("cifar10", DataSetKind(
-    lambda arg, image_size: formats.read_cifar(arg, 10), **_CIFAR_STYLE))
-DATASETS.register("cifar100", DataSetKind(
-    lambda arg, image_size: formats.read_cifar(arg, 100), **_CIFAR_STYLE))
-DATASETS.register("folder", DataSetKind(
-    lambda arg, image_size: formats.read_folder(arg, image_size), **_CIFAR_STYLE))
-DATASETS.register("npz", DataSetKind(
-    lambda arg, image_size: formats.read_npz(arg), **_CIFAR_STYLE))
+_CIFAR_STYLE = {
+    "needs_path": True,
+    "teacher": "resnet56",
+    "student": "resnet20",
+    "epochs": 240,
+    "batch_size": 64,
+    "lr": 0.05,
+}
+DATASETS.register(
+    "cifar10", DataSetKind(lambda arg, image_size: formats.read_cifar(arg, 10), **_CIFAR_STYLE)
+)
+DATASETS.register(
+    "cifar100", DataSetKind(lambda arg, image_size: formats.read_cifar(arg, 100), **_CIFAR_STYLE)
+)
+DATASETS.register(
+    "folder",
+    DataSetKind(lambda arg, image_size: formats.read_folder(arg, image_size), **_CIFAR_STYLE),
+)
+DATASETS.register("npz", DataSetKind(lambda arg, image_size: formats.read_npz(arg), **_CIFAR_STYLE))
 
 
 def data_kind(spec: str) -> DataSetKind:
@@ -142,9 +180,11 @@ class DataBundle:
     classes: Optional[List[str]] = field(default=None)
 
     def summary(self) -> str:
-        return (f"{self.name}: {self.num_classes} classes, {self.channels}x{self.image_size[0]}x"
-                f"{self.image_size[1]}, train {len(self.train)} / val {len(self.val)} / "
-                f"test {len(self.test)}")
+        return (
+            f"{self.name}: {self.num_classes} classes, {self.channels}x{self.image_size[0]}x"
+            f"{self.image_size[1]}, train {len(self.train)} / val {len(self.val)} / "
+            f"test {len(self.test)}"
+        )
 
 
 def _parse_spec(spec: str) -> Tuple[str, str]:
@@ -166,8 +206,9 @@ def _image_size(image_size) -> Optional[Tuple[int, int]]:
         image_size = (image_size, image_size)
     size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"data: expected image_size as an int or (H, W) of positive ints, "
-                         f"got {image_size!r}")
+        raise ValueError(
+            f"data: expected image_size as an int or (H, W) of positive ints, got {image_size!r}"
+        )
     return size  # type: ignore[return-value]
 
 
@@ -177,19 +218,25 @@ def _check(raw: formats.RawData, spec: str) -> None:
         if len(x) == 0:
             raise ValueError(f"data {spec!r}: the {split} split is empty")
         if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"data {spec!r}: expected {split} images [N, C, H, W] with C in 1, 3, "
-                             f"4; got {list(x.shape)}")
+            raise ValueError(
+                f"data {spec!r}: expected {split} images [N, C, H, W] with C in 1, 3, "
+                f"4; got {list(x.shape)}"
+            )
         if len(y) != len(x):
             raise ValueError(f"data {spec!r}: {len(x)} {split} images but {len(y)} labels")
         bad = (y < 0) | (y >= raw.num_classes)
         if bad.any():
-            raise ValueError(f"data {spec!r}: {split} label {int(y[bad][0])} out of range; "
-                             f"expected labels in [0, {raw.num_classes - 1}]")
+            raise ValueError(
+                f"data {spec!r}: {split} label {int(y[bad][0])} out of range; "
+                f"expected labels in [0, {raw.num_classes - 1}]"
+            )
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise ValueError(f"data {spec!r}: {split} images contain NaN or Inf")
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:
-        raise ValueError(f"data {spec!r}: train images {list(raw.x_train.shape[1:])} and test "
-                         f"images {list(raw.x_test.shape[1:])} differ in shape")
+        raise ValueError(
+            f"data {spec!r}: train images {list(raw.x_train.shape[1:])} and test "
+            f"images {list(raw.x_test.shape[1:])} differ in shape"
+        )
     if raw.num_classes < 2:
         raise ValueError(f"data {spec!r}: expected at least 2 classes, got {raw.num_classes}")
 
@@ -211,9 +258,13 @@ def _to_float(x: np.ndarray, size: Optional[Tuple[int, int]]) -> torch.Tensor:
     return t
 
 
-def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
-              image_size: Union[None, int, Sequence[int]] = None,
-              allow_flip: Optional[bool] = None) -> DataBundle:
+def load_data(
+    spec: str = "digits",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_size: Union[None, int, Sequence[int]] = None,
+    allow_flip: Optional[bool] = None,
+) -> DataBundle:
     """Load a data set from local files; see the module docstring for the specs."""
     kind, arg = _parse_spec(spec)
     if not 0.0 <= float(val_fraction) < 1.0:
@@ -224,8 +275,9 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
         arg, options = stream.parse_folder_arg(arg)
         if options.stream:
             if size is not None and size[0] != size[1]:
-                raise ValueError(f"data {spec!r}: a streamed folder has square images; got "
-                                 f"image_size {size}")
+                raise ValueError(
+                    f"data {spec!r}: a streamed folder has square images; got image_size {size}"
+                )
             if size is not None and options.size is None:
                 options = dataclasses.replace(options, size=size[0])
             return stream.load_streamed_folder(spec, arg, options, val_fraction, seed)
@@ -251,15 +303,28 @@ def load_data(spec: str = "digits", val_fraction: float = 0.1, seed: int = 0,
     keep_t, held_t = torch.from_numpy(keep), torch.from_numpy(held)
     train = ImageTensorDataset(x_train[keep_t].contiguous(), y_train[keep_t].contiguous(), keep_t)
     val = ImageTensorDataset(x_train[held_t].contiguous(), y_train[held_t].contiguous(), held_t)
-    test = ImageTensorDataset(x_test.contiguous(), y_test.contiguous(),
-                              torch.arange(len(y_test), dtype=torch.int64))
+    test = ImageTensorDataset(
+        x_test.contiguous(), y_test.contiguous(), torch.arange(len(y_test), dtype=torch.int64)
+    )
     h, w = x_train.shape[-2:]
     # The kind, not the path: the same files moved elsewhere are the same data for a cache.
-    identity = (f"{kind}|val={float(val_fraction):g}|seed={int(seed)}|size={h}x{w}|"
-                + (f"{subset}|" if subset else "") + f"sha256={_content_hash(raw)}")
+    identity = (
+        f"{kind}|val={float(val_fraction):g}|seed={int(seed)}|size={h}x{w}|"
+        + (f"{subset}|" if subset else "")
+        + f"sha256={_content_hash(raw)}"
+    )
     return DataBundle(
-        name=kind, spec=spec, num_classes=int(raw.num_classes), channels=int(x_train.shape[1]),
-        image_size=(int(h), int(w)), mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std), train=train, val=val, test=test, identity=identity,
-        allow_flip=raw.allow_flip if allow_flip is None else bool(allow_flip), classes=raw.classes,
+        name=kind,
+        spec=spec,
+        num_classes=int(raw.num_classes),
+        channels=int(x_train.shape[1]),
+        image_size=(int(h), int(w)),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        train=train,
+        val=val,
+        test=test,
+        identity=identity,
+        allow_flip=raw.allow_flip if allow_flip is None else bool(allow_flip),
+        classes=raw.classes,
     )

@@ -9,6 +9,7 @@ Split in two so a cache of teacher features can replay exactly the views it stor
 (autokd.data.stream), its parameters a hash (``splitmix64``) of (seed, sample, view, image size),
 so the feature store and the training cut the same view of every sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,22 +29,26 @@ def default_padding(image_size: tuple[int, int]) -> int:
     return max(1, min(image_size) // 8)
 
 
-def sample_augmentation(n: int, pad: int, flip: bool, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_augmentation(
+    n: int, pad: int, flip: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw crop offsets [n, 2] (row, col in 0..2*pad) and flips [n] (bool) on the CPU."""
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
     flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
     return offsets, flips
 
 
-def apply_augmentation(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
-                       pad: int) -> torch.Tensor:
+def apply_augmentation(
+    images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int
+) -> torch.Tensor:
     """Crop each image of [N, C, H, W] from its zero-padded copy at ``offsets`` and flip it
     horizontally where ``flips``; returns a new [N, C, H, W] tensor."""
     n, _c, h, w = images.shape
     if offsets.shape != (n, 2) or flips.shape != (n,):
-        raise ValueError(f"augmentation: expected offsets [{n}, 2] and flips [{n}], got "
-                         f"{list(offsets.shape)} and {list(flips.shape)}")
+        raise ValueError(
+            f"augmentation: expected offsets [{n}, 2] and flips [{n}], got "
+            f"{list(offsets.shape)} and {list(flips.shape)}"
+        )
     dev = images.device
     offsets, flips = offsets.to(dev), flips.to(dev)
     padded = F.pad(images, (pad, pad, pad, pad)) if pad > 0 else images
@@ -56,8 +61,9 @@ def apply_augmentation(images: torch.Tensor, offsets: torch.Tensor, flips: torch
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def augment(images: torch.Tensor, pad: int, flip: bool,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     offsets, flips = sample_augmentation(images.shape[0], pad, flip, generator)
     return apply_augmentation(images, offsets, flips, pad)
 
@@ -94,6 +100,7 @@ def as_u64(x) -> np.ndarray:
         raise ValueError("replayable augmentation: expected non-negative indices/views")
     return a.astype(np.uint64)
 
+
 class CropParams(NamedTuple):
     top: int  # the crop box in the decoded image, in pixels
     left: int
@@ -122,39 +129,57 @@ class ReplayResizedCrop:
 
     VERSION = 1
 
-    def __init__(self, seed: int = 0, size: int = 224, scale=(0.08, 1.0),
-                 ratio=(3.0 / 4.0, 4.0 / 3.0), flip: bool = True):
+    def __init__(
+        self,
+        seed: int = 0,
+        size: int = 224,
+        scale=(0.08, 1.0),
+        ratio=(3.0 / 4.0, 4.0 / 3.0),
+        flip: bool = True,
+    ):
         if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
             raise ValueError(
-                f"autokd.store.ReplayResizedCrop: expected seed an int in [0, 2^64), got {seed!r}")
+                f"autokd.store.ReplayResizedCrop: expected seed an int in [0, 2^64), got {seed!r}"
+            )
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(
-                f"autokd.store.ReplayResizedCrop: expected size an int >= 1, got {size!r}")
+                f"autokd.store.ReplayResizedCrop: expected size an int >= 1, got {size!r}"
+            )
         scale, ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"autokd.store.ReplayResizedCrop: expected scale (lo, hi) with "
-                             f"0 < lo <= hi <= 1, got {scale}")
+            raise ValueError(
+                f"autokd.store.ReplayResizedCrop: expected scale (lo, hi) with "
+                f"0 < lo <= hi <= 1, got {scale}"
+            )
         if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"autokd.store.ReplayResizedCrop: expected ratio (lo, hi) with "
-                             f"0 < lo <= hi, got {ratio}")
+            raise ValueError(
+                f"autokd.store.ReplayResizedCrop: expected ratio (lo, hi) with "
+                f"0 < lo <= hi, got {ratio}"
+            )
         self.seed, self.size, self.flip = int(seed), int(size), bool(flip)
         self.scale, self.ratio = scale, ratio
 
     def __repr__(self):
-        return (f"ReplayResizedCrop(seed={self.seed}, size={self.size}, scale={self.scale}, "
-                f"ratio={self.ratio}, flip={self.flip})")
+        return (
+            f"ReplayResizedCrop(seed={self.seed}, size={self.size}, scale={self.scale}, "
+            f"ratio={self.ratio}, flip={self.flip})"
+        )
 
     def identity(self) -> str:
         """Describes the augmentation completely; stored in the feature store's header."""
-        return (f"ReplayResizedCrop/v{self.VERSION} hash=splitmix64(seed,i,v) seed={self.seed} "
-                f"size={self.size} scale={self.scale[0]:g},{self.scale[1]:g} "
-                f"ratio={self.ratio[0]:.6g},{self.ratio[1]:.6g} resize=bilinear+antialias "
-                f"flip={int(self.flip)}")
+        return (
+            f"ReplayResizedCrop/v{self.VERSION} hash=splitmix64(seed,i,v) seed={self.seed} "
+            f"size={self.size} scale={self.scale[0]:g},{self.scale[1]:g} "
+            f"ratio={self.ratio[0]:.6g},{self.ratio[1]:.6g} resize=bilinear+antialias "
+            f"flip={int(self.flip)}"
+        )
 
     def params(self, i: int, v: int, height: int, width: int) -> CropParams:
         """The crop box and flip of view ``v`` of sample ``i`` of a ``height`` x ``width`` image."""
-        h = splitmix64(splitmix64(splitmix64(np.array([self.seed], dtype=np.uint64)) ^ as_u64([i]))
-                 ^ as_u64([v]))
+        h = splitmix64(
+            splitmix64(splitmix64(np.array([self.seed], dtype=np.uint64)) ^ as_u64([i]))
+            ^ as_u64([v])
+        )
         draws = splitmix64(h ^ np.arange(1, 41, dtype=np.uint64))  # 10 attempts x 4 draws
         u = (draws >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # [0, 1), 53 bits
         flip = bool((h[0] >> np.uint64(42)) & np.uint64(1)) and self.flip
@@ -188,6 +213,14 @@ class ReplayResizedCrop:
         else:
             width, height = img.size
         p = self.params(i, v, height, width)
-        out = TF.resized_crop(img, p.top, p.left, p.height, p.width, [self.size, self.size],
-                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        out = TF.resized_crop(
+            img,
+            p.top,
+            p.left,
+            p.height,
+            p.width,
+            [self.size, self.size],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=True,
+        )
         return TF.hflip(out) if p.flip else out

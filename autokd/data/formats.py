@@ -1,6 +1,7 @@
 """Readers of the on-disk formats. Each returns a ``RawData`` of arrays as they are stored
 (uint8 or float, [N, C, H, W]) and labels (int64 [N]); ``autokd.data.load_data`` does the rest
 (checks, scaling, normalisation, the validation split). Nothing is ever downloaded."""
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,19 @@ def read_digits() -> RawData:
     labels = np.asarray(bunch.target, dtype=np.int64)
     # The test split is part of the data set's definition: fixed, whatever the caller's seed.
     train_idx, test_idx = stratified_split(labels, 0.2, seed=20240607)
-    return RawData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                   num_classes=10, allow_flip=False)
+    return RawData(
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        num_classes=10,
+        allow_flip=False,
+    )
 
 
-def stratified_split(labels: np.ndarray, fraction: float,
-                     seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """Split indices into (kept, held out) with about ``fraction`` of every class held out.
 
     Every class keeps at least one sample on the kept side; both sides are in ascending order.
@@ -62,10 +70,12 @@ def empty_held_out_message(spec: str, labels: np.ndarray, fraction: float) -> st
     need = next(n for n in range(2, 10**9) if min(round(n * fraction), n - 1) >= 1)
     counts = np.bincount(labels) if labels.size else np.zeros(0, dtype=np.int64)
     largest = int(counts.max()) if counts.size else 0
-    return (f"data {spec!r}: the held-out split is empty: val_fraction {fraction:g} of "
-            f"{labels.size} training images holds out none (the largest class has {largest}; "
-            f"a class needs at least {need} to give one). A search scores its trials on that "
-            "split: give more images per class")
+    return (
+        f"data {spec!r}: the held-out split is empty: val_fraction {fraction:g} of "
+        f"{labels.size} training images holds out none (the largest class has {largest}; "
+        f"a class needs at least {need} to give one). A search scores its trials on that "
+        "split: give more images per class"
+    )
 
 
 # ------------------------------------------------------------------------------------ CIFAR
@@ -76,10 +86,15 @@ class _ArrayUnpickler(pickle.Unpickler):
     file that tries to run anything else is refused instead of executed."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
@@ -95,8 +110,10 @@ def _read_cifar_pickle(path: str, label_key: str):
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a CIFAR python-format batch ({e})") from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a pickled dict with 'data' and '{label_key}', got "
-                         f"{type(batch).__name__}")
+        raise ValueError(
+            f"{path}: expected a pickled dict with 'data' and '{label_key}', got "
+            f"{type(batch).__name__}"
+        )
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     for key in ("data", label_key):
         if key not in batch:
@@ -104,8 +121,9 @@ def _read_cifar_pickle(path: str, label_key: str):
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: expected 'data' of uint8 [N, 3072], got {data.dtype} "
-                         f"{list(data.shape)}")
+        raise ValueError(
+            f"{path}: expected 'data' of uint8 [N, 3072], got {data.dtype} {list(data.shape)}"
+        )
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
     return data.reshape(-1, 3, 32, 32), labels
@@ -162,8 +180,9 @@ def choose_classes(classes: List[str], count: int, seed: int) -> List[str]:
     ``seed``, in name order: the class subset a search runs on (the paper searched on 100 of
     ImageNet's 1,000 classes). A pure function of (the class names, count, seed)."""
     if count > len(classes):
-        raise ValueError(f"folder: expected classes <= the {len(classes)} class folders, got "
-                         f"classes={count}")
+        raise ValueError(
+            f"folder: expected classes <= the {len(classes)} class folders, got classes={count}"
+        )
     pick = np.random.default_rng(seed).choice(len(classes), size=count, replace=False)
     return sorted(classes[i] for i in pick)
 
@@ -175,8 +194,10 @@ def index_folder(path: str, classes: Optional[int] = None, class_seed: int = 0) 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"folder: path {path!r} does not exist or is not a folder")
     train_dir = os.path.join(path, "train")
-    test_dir = next((os.path.join(path, s) for s in ("val", "test")
-                     if os.path.isdir(os.path.join(path, s))), None)
+    test_dir = next(
+        (os.path.join(path, s) for s in ("val", "test") if os.path.isdir(os.path.join(path, s))),
+        None,
+    )
     if not os.path.isdir(train_dir) or test_dir is None:
         raise FileNotFoundError(
             f"folder: expected {path!r} to hold train/<class>/*.png|jpg and val/<class>/*; "
@@ -188,8 +209,10 @@ def index_folder(path: str, classes: Optional[int] = None, class_seed: int = 0) 
     test_classes = sorted(e.name for e in os.scandir(test_dir) if e.is_dir())
     unknown = sorted(set(test_classes) - set(all_classes))
     if unknown:
-        raise ValueError(f"folder: classes {unknown} in {test_dir!r} are not in {train_dir!r} "
-                         f"(known: {all_classes})")
+        raise ValueError(
+            f"folder: classes {unknown} in {test_dir!r} are not in {train_dir!r} "
+            f"(known: {all_classes})"
+        )
     chosen = all_classes if classes is None else choose_classes(all_classes, classes, class_seed)
 
     def files(split_dir):
@@ -206,16 +229,20 @@ def index_folder(path: str, classes: Optional[int] = None, class_seed: int = 0) 
     present = {lbl for _, lbl in train_files}
     empty = [c for i, c in enumerate(chosen) if i not in present]
     if empty:
-        raise ValueError(f"folder: class folders {empty} in {train_dir!r} hold no images "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(
+            f"folder: class folders {empty} in {train_dir!r} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
+        )
     if not test_files:
-        raise ValueError(f"folder: {test_dir!r} holds no images"
-                         + (" of the chosen classes" if classes is not None else ""))
+        raise ValueError(
+            f"folder: {test_dir!r} holds no images"
+            + (" of the chosen classes" if classes is not None else "")
+        )
     return FolderIndex(path, train_files, test_files, chosen, len(all_classes))
 
 
 def image_mode(path: str) -> str:
-    """"L" for a grayscale image file, "RGB" otherwise: the first training image sets the mode
+    """ "L" for a grayscale image file, "RGB" otherwise: the first training image sets the mode
     of a whole folder."""
     from PIL import Image  # lazy: only image folders need Pillow
 
@@ -223,8 +250,10 @@ def image_mode(path: str) -> str:
         with Image.open(path) as first:
             return "L" if first.mode in _GRAY_MODES else "RGB"
     except bad_image_errors() as e:
-        raise ValueError(f"folder: cannot read image {path!r} ({e}); the first training image "
-                         "sets the image size and mode: fix or remove it") from None
+        raise ValueError(
+            f"folder: cannot read image {path!r} ({e}); the first training image "
+            "sets the image size and mode: fix or remove it"
+        ) from None
 
 
 def bad_image_errors() -> tuple:
@@ -248,8 +277,12 @@ def memory_limit_bytes() -> int:
 _BYTES_PER_VALUE = 9
 
 
-def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optional[int] = None,
-                class_seed: int = 0) -> RawData:
+def read_folder(
+    path: str,
+    image_size: Optional[Tuple[int, int]],
+    classes: Optional[int] = None,
+    class_seed: int = 0,
+) -> RawData:
     from PIL import Image  # lazy: only image folders need Pillow
 
     index = index_folder(path, classes, class_seed)
@@ -260,12 +293,19 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optio
             mode = "L" if first.mode in _GRAY_MODES else "RGB"
             size = tuple(image_size) if image_size is not None else (first.height, first.width)
     except bad_image as e:
-        raise ValueError(f"folder: cannot read image {train_files[0][0]!r} ({e}); the first "
-                         "training image sets the image size and mode: fix or remove it") from None
+        raise ValueError(
+            f"folder: cannot read image {train_files[0][0]!r} ({e}); the first "
+            "training image sets the image size and mode: fix or remove it"
+        ) from None
     # Found before hours of decoding end in the out-of-memory killer: a folder this large is
     # streamed instead (autokd.data.stream), which the message says how to ask for.
-    need = ((len(train_files) + len(test_files)) * (1 if mode == "L" else 3) * size[0] * size[1]
-            * _BYTES_PER_VALUE)
+    need = (
+        (len(train_files) + len(test_files))
+        * (1 if mode == "L" else 3)
+        * size[0]
+        * size[1]
+        * _BYTES_PER_VALUE
+    )
     limit = memory_limit_bytes()
     if need > limit:
         raise ValueError(
@@ -273,7 +313,8 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optio
             f"{size[0]}x{size[1]} into memory needs about {need / 2**30:.1f} GiB, more than "
             f"{limit / 2**30:.1f} GiB (half of this machine's memory); stream them instead: "
             f"--data 'folder:{path}?stream=1' (decoded per batch by DataLoader workers, "
-            "random-resized crops; see autokd.data.stream)")
+            "random-resized crops; see autokd.data.stream)"
+        )
 
     def read(items):
         arrays = np.empty((len(items), 1 if mode == "L" else 3, size[0], size[1]), dtype=np.uint8)
@@ -291,8 +332,9 @@ def read_folder(path: str, image_size: Optional[Tuple[int, int]], classes: Optio
 
     x_train, y_train = read(train_files)
     x_test, y_test = read(test_files)
-    return RawData(x_train, y_train, x_test, y_test, num_classes=len(classes), allow_flip=True,
-                   classes=classes)
+    return RawData(
+        x_train, y_train, x_test, y_test, num_classes=len(classes), allow_flip=True, classes=classes
+    )
 
 
 # -------------------------------------------------------------------------------------- npz
@@ -313,14 +355,18 @@ def _to_nchw(x: np.ndarray, key: str, file: str, layout: Optional[str] = None) -
     if x.ndim == 3:  # [N, H, W]: one channel
         return x[:, None]
     if x.ndim != 4:
-        raise ValueError(f"npz {file!r}: expected {key} of shape [N, H, W, C] or [N, C, H, W], "
-                         f"got {list(x.shape)}")
+        raise ValueError(
+            f"npz {file!r}: expected {key} of shape [N, H, W, C] or [N, C, H, W], "
+            f"got {list(x.shape)}"
+        )
     first, last = x.shape[1] in _CHANNEL_COUNTS, x.shape[3] in _CHANNEL_COUNTS
     if layout is not None:
         axis = 1 if layout == "NCHW" else 3
         if x.shape[axis] not in _CHANNEL_COUNTS:
-            raise ValueError(f"npz {file!r}: layout {layout} puts {x.shape[axis]} channels in "
-                             f"{key} {list(x.shape)}; expected 1, 3 or 4")
+            raise ValueError(
+                f"npz {file!r}: layout {layout} puts {x.shape[axis]} channels in "
+                f"{key} {list(x.shape)}; expected 1, 3 or 4"
+            )
     elif first and last:
         nchw_square = x.shape[2] == x.shape[3]
         nhwc_square = x.shape[1] == x.shape[2]
@@ -328,13 +374,16 @@ def _to_nchw(x: np.ndarray, key: str, file: str, layout: Optional[str] = None) -
             raise ValueError(
                 f"npz {file!r}: the layout of {key} {list(x.shape)} is ambiguous (NCHW and NHWC "
                 "both fit); say which: add an array 'layout' to the file, e.g. "
-                "np.savez(file, ..., layout='NCHW') or layout='NHWC'")
+                "np.savez(file, ..., layout='NCHW') or layout='NHWC'"
+            )
         layout = "NCHW" if nchw_square else "NHWC"
     elif first or last:
         layout = "NCHW" if first else "NHWC"
     else:
-        raise ValueError(f"npz {file!r}: cannot tell the channel axis of {key} {list(x.shape)}; "
-                         f"expected 1, 3 or 4 channels first (NCHW) or last (NHWC)")
+        raise ValueError(
+            f"npz {file!r}: cannot tell the channel axis of {key} {list(x.shape)}; "
+            f"expected 1, 3 or 4 channels first (NCHW) or last (NHWC)"
+        )
     return x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
 
 
@@ -349,12 +398,15 @@ def _check_same_scale(x_train: np.ndarray, x_test: np.ndarray, file: str) -> Non
         return
     if a == 0 and b == 0:
         return
+
     def span(x):
         return f"[{float(x.min()):g}, {float(x.max()):g}]"
 
-    raise ValueError(f"npz {file!r}: x_train values lie in {span(x_train)} but x_test values in "
-                     f"{span(x_test)}; expected both on one scale (e.g. both 0..1: divide the "
-                     "0..255 one by 255)")
+    raise ValueError(
+        f"npz {file!r}: x_train values lie in {span(x_train)} but x_test values in "
+        f"{span(x_test)}; expected both on one scale (e.g. both 0..1: divide the "
+        "0..255 one by 255)"
+    )
 
 
 def _check_class_ids(labels: np.ndarray, file: str) -> int:
@@ -371,10 +423,12 @@ def _check_class_ids(labels: np.ndarray, file: str) -> int:
     if gaps.size:
         above = ", ".join(str(int(v)) for v in present[present > gaps[0]][:5])
         tail = f"; the labels after the first gap (above {int(gaps[0])}) are {above}"
-    raise ValueError(f"npz {file!r}: the largest label is {top} ({count} image(s) in y_train), "
-                     f"so {top + 1} classes, but only {present.size} distinct labels occur"
-                     f"{tail}; expected labels 0..K-1 with most of them used: relabel the "
-                     "classes (or drop the stray images)")
+    raise ValueError(
+        f"npz {file!r}: the largest label is {top} ({count} image(s) in y_train), "
+        f"so {top + 1} classes, but only {present.size} distinct labels occur"
+        f"{tail}; expected labels 0..K-1 with most of them used: relabel the "
+        "classes (or drop the stray images)"
+    )
 
 
 def read_npz(file: str) -> RawData:
@@ -388,36 +442,52 @@ def read_npz(file: str) -> RawData:
         needed = ["x_train", "y_train", "x_test", "y_test"]
         missing = [k for k in needed if k not in archive.files]
         if missing:
-            raise KeyError(f"npz {file!r}: expected arrays {', '.join(needed)}; missing "
-                           f"{', '.join(missing)} (found {', '.join(archive.files) or 'none'})")
+            raise KeyError(
+                f"npz {file!r}: expected arrays {', '.join(needed)}; missing "
+                f"{', '.join(missing)} (found {', '.join(archive.files) or 'none'})"
+            )
         arrays = {k: archive[k] for k in needed}
         layout = None
         if "layout" in archive.files:
             raw_layout = archive["layout"]
             layout = str(raw_layout) if raw_layout.shape == () else None
             if layout not in LAYOUTS:
-                raise ValueError(f"npz {file!r}: expected the array 'layout' to be 'NCHW' or "
-                                 f"'NHWC', got {raw_layout!r:.60}")
+                raise ValueError(
+                    f"npz {file!r}: expected the array 'layout' to be 'NCHW' or "
+                    f"'NHWC', got {raw_layout!r:.60}"
+                )
     out = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"npz {file!r}: expected x_{split} of uint8 or float, got {x.dtype}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"npz {file!r}: expected integer class labels in y_{split}, "
-                             f"got {y.dtype}")
+            raise ValueError(
+                f"npz {file!r}: expected integer class labels in y_{split}, got {y.dtype}"
+            )
         y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
         if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(f"npz {file!r}: expected y_{split} of shape [{len(x)}], got "
-                             f"{list(y.shape)}")
+            raise ValueError(
+                f"npz {file!r}: expected y_{split} of shape [{len(x)}], got {list(y.shape)}"
+            )
         out[split] = (_to_nchw(x, f"x_{split}", file, layout), y.astype(np.int64))
     if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
-        raise ValueError(f"npz {file!r}: x_train images {list(out['train'][0].shape[1:])} and "
-                         f"x_test images {list(out['test'][0].shape[1:])} differ in shape")
+        raise ValueError(
+            f"npz {file!r}: x_train images {list(out['train'][0].shape[1:])} and "
+            f"x_test images {list(out['test'][0].shape[1:])} differ in shape"
+        )
     if out["train"][0].dtype != out["test"][0].dtype:
-        raise ValueError(f"npz {file!r}: x_train is {out['train'][0].dtype} but x_test is "
-                         f"{out['test'][0].dtype}; expected the same scale for both")
+        raise ValueError(
+            f"npz {file!r}: x_train is {out['train'][0].dtype} but x_test is "
+            f"{out['test'][0].dtype}; expected the same scale for both"
+        )
     _check_same_scale(out["train"][0], out["test"][0], file)
     num_classes = _check_class_ids(out["train"][1], file) if len(out["train"][1]) else 0
-    return RawData(out["train"][0], out["train"][1], out["test"][0], out["test"][1],
-                   num_classes=num_classes, allow_flip=True)
+    return RawData(
+        out["train"][0],
+        out["train"][1],
+        out["test"][0],
+        out["test"][1],
+        num_classes=num_classes,
+        allow_flip=True,
+    )

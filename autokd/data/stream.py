@@ -36,6 +36,7 @@ What a streamed folder does:
 - A file that cannot be decoded stops training with a ValueError that names it (found when
   its batch is read, not at start-up: the folder is never read whole).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,8 +86,9 @@ def parse_folder_arg(arg: str) -> tuple[str, FolderOptions]:
             continue
         key, eq, value = part.partition("=")
         if key not in OPTIONS:
-            raise ValueError(f"data 'folder:{arg}': unknown option {key!r}; expected one of "
-                             f"{', '.join(OPTIONS)}")
+            raise ValueError(
+                f"data 'folder:{arg}': unknown option {key!r}; expected one of {', '.join(OPTIONS)}"
+            )
         if not eq or not value:
             raise ValueError(f"data 'folder:{arg}': expected {key}=VALUE, got {part!r}")
         values[key] = value
@@ -97,8 +99,9 @@ def parse_folder_arg(arg: str) -> tuple[str, FolderOptions]:
         except ValueError:
             v = None
         if v is None or v < low:
-            raise ValueError(f"data 'folder:{arg}': expected {key} an integer >= {low}, got "
-                             f"{values[key]!r}")
+            raise ValueError(
+                f"data 'folder:{arg}': expected {key} an integer >= {low}, got {values[key]!r}"
+            )
         return v
 
     stream = values.get("stream", "0").lower()
@@ -114,7 +117,9 @@ def parse_folder_arg(arg: str) -> tuple[str, FolderOptions]:
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(8, cores))
 
 
@@ -167,9 +172,17 @@ class StreamedSplit(torch.utils.data.Dataset):
 
     streaming = True
 
-    def __init__(self, files: Sequence[str], labels: torch.Tensor, indices: torch.Tensor,
-                 mode: str, size: int, mean: Sequence[float], std: Sequence[float],
-                 workers: int):
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        mode: str,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        workers: int,
+    ):
         self.files = list(files)
         self.labels = labels  # [N] int64
         self.indices = indices  # [N] int64
@@ -220,8 +233,10 @@ class StreamedSplit(torch.utils.data.Dataset):
         normalises in-memory data: / 255, then per-channel mean and std)."""
         key = str(x.device)
         if key not in self._stats:
-            self._stats[key] = (torch.tensor(self.mean, device=x.device).view(-1, 1, 1),
-                                torch.tensor(self.std, device=x.device).view(-1, 1, 1))
+            self._stats[key] = (
+                torch.tensor(self.mean, device=x.device).view(-1, 1, 1),
+                torch.tensor(self.std, device=x.device).view(-1, 1, 1),
+            )
         mean, std = self._stats[key]
         return x.float().div_(255.0).sub_(mean).div_(std)
 
@@ -275,8 +290,10 @@ def _collate(items):
     for _, _, why in items:
         if why is not None:
             return _Failed(why)
-    return (torch.stack([x for x, _, _ in items]),
-            torch.tensor([y for _, y, _ in items], dtype=torch.int64))
+    return (
+        torch.stack([x for x, _, _ in items]),
+        torch.tensor([y for _, y, _ in items], dtype=torch.int64),
+    )
 
 
 class StreamLoader:
@@ -286,22 +303,32 @@ class StreamLoader:
 
     def __init__(self, split: StreamedSplit, augment, device, workers: int):
         if augment is not None and not isinstance(augment, ReplayResizedCrop):
-            raise TypeError(f"streamed folder: expected a ReplayResizedCrop augmentation "
-                            f"(pipeline.make_augment gives one), got {augment!r}")
+            raise TypeError(
+                f"streamed folder: expected a ReplayResizedCrop augmentation "
+                f"(pipeline.make_augment gives one), got {augment!r}"
+            )
         if augment is not None and augment.size != split.size:
-            raise ValueError(f"streamed folder: the augmentation crops {augment.size} pixels, "
-                             f"the data are {split.size}")
+            raise ValueError(
+                f"streamed folder: the augmentation crops {augment.size} pixels, "
+                f"the data are {split.size}"
+            )
         self.split, self.device = split, torch.device(device)
         self._plan = _Plan()
         pin = self.device.type == "cuda"
         kwargs = {"prefetch_factor": 4, "persistent_workers": True} if workers > 0 else {}
         self._loader = torch.utils.data.DataLoader(
-            _Items(split, augment), batch_sampler=self._plan, num_workers=workers,
-            collate_fn=_collate, pin_memory=pin, **kwargs)
+            _Items(split, augment),
+            batch_sampler=self._plan,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=pin,
+            **kwargs,
+        )
 
     def batches(self, index_batches, view: int):
-        self._plan.batches = [[(int(i), int(view)) for i in torch.as_tensor(b).tolist()]
-                              for b in index_batches]
+        self._plan.batches = [
+            [(int(i), int(view)) for i in torch.as_tensor(b).tolist()] for b in index_batches
+        ]
         for item in self._loader:
             if isinstance(item, _Failed):
                 raise ValueError(item.message)  # noqa: TRY004 - a bad file, not a bad type
@@ -329,14 +356,21 @@ def _statistics(files: Sequence[str], mode: str, size: int) -> tuple[list[float]
         rng = np.random.default_rng(STATS_SEED)
         pick = [files[i] for i in np.sort(rng.choice(len(files), STATS_SAMPLES, replace=False))]
     channels = 1 if mode == "L" else 3
-    probe = StreamedSplit(pick, torch.zeros(len(pick), dtype=torch.int64),
-                          torch.arange(len(pick)), mode, size, [0.0] * channels,
-                          [1.0] * channels, 0)
+    probe = StreamedSplit(
+        pick,
+        torch.zeros(len(pick), dtype=torch.int64),
+        torch.arange(len(pick)),
+        mode,
+        size,
+        [0.0] * channels,
+        [1.0] * channels,
+        0,
+    )
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0
     for start in range(0, len(pick), 32):  # 32 images in memory at a time, not all of them
-        x = probe.images[start:start + 32].double()  # mean 0, std 1: normalise() is x / 255
+        x = probe.images[start : start + 32].double()  # mean 0, std 1: normalise() is x / 255
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -346,8 +380,9 @@ def _statistics(files: Sequence[str], mode: str, size: int) -> tuple[list[float]
     return [float(m) for m in mean], [float(s) for s in std]
 
 
-def load_streamed_folder(spec: str, path: str, options: FolderOptions, val_fraction: float,
-                         seed: int):
+def load_streamed_folder(
+    spec: str, path: str, options: FolderOptions, val_fraction: float, seed: int
+):
     """The DataBundle of a streamed folder (see the module docstring)."""
     from autokd.data import DataBundle  # lazy: defined by autokd.data, which imports this module
 
@@ -365,19 +400,39 @@ def load_streamed_folder(spec: str, path: str, options: FolderOptions, val_fract
     def split(items, positions):
         files = [items[k][0] for k in positions]
         labels = torch.tensor([items[k][1] for k in positions], dtype=torch.int64)
-        return StreamedSplit(files, labels, torch.as_tensor(positions, dtype=torch.int64), mode,
-                             size, mean, std, workers)
+        return StreamedSplit(
+            files,
+            labels,
+            torch.as_tensor(positions, dtype=torch.int64),
+            mode,
+            size,
+            mean,
+            std,
+            workers,
+        )
 
     train = split(index.train, keep)
     val = split(index.train, held)
     test = split(index.test, np.arange(len(index.test)))
     extra = options.identity()
-    identity = (f"folder+stream|val={float(val_fraction):g}|seed={int(seed)}|size={size}x{size}|"
-                f"mode={mode}|eval=resize{train.resize}+centre{size}|"
-                + (f"{extra}|" if extra else "")
-                + f"files={_file_identity(path, index.train + index.test)}")
+    identity = (
+        f"folder+stream|val={float(val_fraction):g}|seed={int(seed)}|size={size}x{size}|"
+        f"mode={mode}|eval=resize{train.resize}+centre{size}|"
+        + (f"{extra}|" if extra else "")
+        + f"files={_file_identity(path, index.train + index.test)}"
+    )
     return DataBundle(
-        name="folder", spec=spec, num_classes=len(index.classes), channels=channels,
-        image_size=(size, size), mean=tuple(mean), std=tuple(std), train=train, val=val,
-        test=test, identity=identity, allow_flip=True, classes=list(index.classes),
+        name="folder",
+        spec=spec,
+        num_classes=len(index.classes),
+        channels=channels,
+        image_size=(size, size),
+        mean=tuple(mean),
+        std=tuple(std),
+        train=train,
+        val=val,
+        test=test,
+        identity=identity,
+        allow_flip=True,
+        classes=list(index.classes),
     )

@@ -20,6 +20,7 @@ distilled features: the last stage before global pooling (``token_map`` for ViTs
 ``training_defaults(name)`` gives the optimizer settings a model trains with when the user sets
 none: SGD for CNNs, AdamW with warm-up for transformers.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -37,8 +38,16 @@ from autokd.errors import PipelineError
 from autokd.models import cifar, digits, vit
 from autokd.registry import Registry
 
-__all__ = ["MODELS", "build_model", "check_model_fits", "count_parameters", "default_taps",
-           "list_models", "split_name", "training_defaults"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "check_model_fits",
+    "count_parameters",
+    "default_taps",
+    "list_models",
+    "split_name",
+    "training_defaults",
+]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _TAPS = {}
@@ -48,12 +57,17 @@ _TRANSFORMERS = set()
 # AdamW with linear warm-up then cosine, as ViTs are trained (DeiT: lr 5e-4 x batch/512, wd
 # 0.05, 5 warm-up epochs of 300); lr 1e-3 suits the small batches of CPU runs. SGD at the CNN
 # schedule's rates does not train a ViT from scratch.
-TRANSFORMER_TRAINING = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
-                        "warmup_epochs": 5.0}
+TRANSFORMER_TRAINING = {
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "warmup_epochs": 5.0,
+}
 
 
-def _zoo(name: str, taps: Sequence[str], make: Callable[..., nn.Module],
-         options: Sequence[str] = ()) -> None:
+def _zoo(
+    name: str, taps: Sequence[str], make: Callable[..., nn.Module], options: Sequence[str] = ()
+) -> None:
     def factory(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
         return make(num_classes, in_channels, **kwargs)
 
@@ -65,34 +79,88 @@ def _zoo(name: str, taps: Sequence[str], make: Callable[..., nn.Module],
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    _zoo(f"resnet{_depth}", ["layer3"],
-         lambda nc, ic, d=_depth: cifar.CifarResNet(d, (16, 16, 32, 64), nc, ic))
+    _zoo(
+        f"resnet{_depth}",
+        ["layer3"],
+        lambda nc, ic, d=_depth: cifar.CifarResNet(d, (16, 16, 32, 64), nc, ic),
+    )
 for _depth in (8, 32):
-    _zoo(f"resnet{_depth}x4", ["layer3"],
-         lambda nc, ic, d=_depth: cifar.CifarResNet(d, (32, 64, 128, 256), nc, ic))
+    _zoo(
+        f"resnet{_depth}x4",
+        ["layer3"],
+        lambda nc, ic, d=_depth: cifar.CifarResNet(d, (32, 64, 128, 256), nc, ic),
+    )
 for _depth, _widen in ((16, 2), (40, 2)):
     # The final BN-ReLU belongs to the last stage of a pre-activation network.
-    _zoo(f"wrn_{_depth}_{_widen}", ["bn"],
-         lambda nc, ic, d=_depth, k=_widen: cifar.WideResNet(d, k, nc, ic))
+    _zoo(
+        f"wrn_{_depth}_{_widen}",
+        ["bn"],
+        lambda nc, ic, d=_depth, k=_widen: cifar.WideResNet(d, k, nc, ic),
+    )
 _zoo("vgg8", ["block4"], lambda nc, ic: cifar.CifarVGG([[64], [128], [256], [512], [512]], nc, ic))
-_zoo("vgg13", ["block4"], lambda nc, ic: cifar.CifarVGG(
-    [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], nc, ic))
+_zoo(
+    "vgg13",
+    ["block4"],
+    lambda nc, ic: cifar.CifarVGG(
+        [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], nc, ic
+    ),
+)
 _zoo("mobilenetv2", ["conv2"], lambda nc, ic: cifar.CifarMobileNetV2(nc, ic, width=0.5))
 _zoo("shufflenetv1", ["layer3"], lambda nc, ic: cifar.ShuffleNetV1(nc, ic))
 _zoo("shufflenetv2", ["conv2"], lambda nc, ic: cifar.ShuffleNetV2(nc, ic))
-_zoo("digits_teacher", ["features"], lambda nc, ic, **kw: digits.DigitsTeacher(nc, ic, **kw), ("width",))
-_zoo("digits_student", ["features"], lambda nc, ic, **kw: digits.DigitsStudent(nc, ic, **kw), ("width",))
+_zoo(
+    "digits_teacher",
+    ["features"],
+    lambda nc, ic, **kw: digits.DigitsTeacher(nc, ic, **kw),
+    ("width",),
+)
+_zoo(
+    "digits_student",
+    ["features"],
+    lambda nc, ic, **kw: digits.DigitsStudent(nc, ic, **kw),
+    ("width",),
+)
 _VIT_OPTIONS = ("img_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")
 # ~0.2M parameters: 8x8 digits in 2x2 patches (a 4x4 token grid, the digits CNNs' tap size);
 # for 32x32 images use vit_compact?patch_size=4 (an 8x8 grid)
-_zoo("vit_compact", ["token_map"], lambda nc, ic, **kw: vit.VisionTransformer(
-    nc, ic, **{"img_size": 8, "patch_size": 2, "dim": 64, "depth": 6, "heads": 4,
-               "mlp_ratio": 2.0, **kw}), _VIT_OPTIONS)
+_zoo(
+    "vit_compact",
+    ["token_map"],
+    lambda nc, ic, **kw: vit.VisionTransformer(
+        nc,
+        ic,
+        **{
+            "img_size": 8,
+            "patch_size": 2,
+            "dim": 64,
+            "depth": 6,
+            "heads": 4,
+            "mlp_ratio": 2.0,
+            **kw,
+        },
+    ),
+    _VIT_OPTIONS,
+)
 # DeiT-Tiny's width and depth (dim 192, 12 blocks, 3 heads; 5.4M parameters) on 32x32 images
 # in 4x4 patches (an 8x8 grid)
-_zoo("vit_tiny", ["token_map"], lambda nc, ic, **kw: vit.VisionTransformer(
-    nc, ic, **{"img_size": 32, "patch_size": 4, "dim": 192, "depth": 12, "heads": 3,
-               "mlp_ratio": 4.0, **kw}), _VIT_OPTIONS)
+_zoo(
+    "vit_tiny",
+    ["token_map"],
+    lambda nc, ic, **kw: vit.VisionTransformer(
+        nc,
+        ic,
+        **{
+            "img_size": 32,
+            "patch_size": 4,
+            "dim": 192,
+            "depth": 12,
+            "heads": 3,
+            "mlp_ratio": 4.0,
+            **kw,
+        },
+    ),
+    _VIT_OPTIONS,
+)
 _TRANSFORMERS.update({"vit_compact", "vit_tiny"})
 
 
@@ -123,8 +191,9 @@ def split_name(name: str) -> Tuple[str, Dict[str, object]]:
         for part in query.split("&"):
             key, eq, value = part.partition("=")
             if not key or not eq or not value:
-                raise ValueError(f"model {name!r}: expected options as '?key=value&key=value', "
-                                 f"got {part!r}")
+                raise ValueError(
+                    f"model {name!r}: expected options as '?key=value&key=value', got {part!r}"
+                )
             if key in options:
                 raise ValueError(f"model {name!r}: option {key!r} given twice")
             options[key] = _option_value(value)
@@ -219,8 +288,9 @@ def default_taps(name: str, model: Optional[nn.Module] = None) -> List[str]:
 # ------------------------------------------------------------------------------ torchvision
 
 
-def _build_torchvision(arch: str, num_classes: int, in_channels: int,
-                       options: Optional[Dict[str, object]] = None) -> nn.Module:
+def _build_torchvision(
+    arch: str, num_classes: int, in_channels: int, options: Optional[Dict[str, object]] = None
+) -> nn.Module:
     try:
         import torchvision  # lazy: ~1.7 s to import, and only tv: names need it
     except ImportError as e:  # pragma: no cover - torchvision is a requirement
@@ -239,8 +309,9 @@ def _build_torchvision(arch: str, num_classes: int, in_channels: int,
     try:
         model = torchvision.models.get_model(arch, **kwargs)
     except TypeError as e:
-        raise ValueError(f"model 'tv:{arch}': torchvision cannot build it with options "
-                         f"{options}: {e}") from None
+        raise ValueError(
+            f"model 'tv:{arch}': torchvision cannot build it with options {options}: {e}"
+        ) from None
     if in_channels != 3:
         _adapt_first_conv(model, in_channels, arch)
     return model
@@ -251,9 +322,17 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, arch: str) -> None:
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 break
-            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,
-                            module.padding, module.dilation, 1, module.bias is not None,
-                            module.padding_mode)
+            new = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                1,
+                module.bias is not None,
+                module.padding_mode,
+            )
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, attr, new)
@@ -264,8 +343,15 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, arch: str) -> None:
     )
 
 
-_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten,
-            nn.Dropout, nn.Linear)
+_POOLING = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Linear,
+)
 
 
 def _last_spatial_child(name: str, model: nn.Module) -> str:
@@ -308,20 +394,29 @@ def _last_spatial_child(name: str, model: nn.Module) -> str:
 
 # ------------------------------------------------------------------------------------- timm
 
-_WEIGHT_OPTIONS = ("pretrained", "weights", "weights_backbone", "pretrained_cfg",
-                   "pretrained_cfg_overlay", "checkpoint_path")
+_WEIGHT_OPTIONS = (
+    "pretrained",
+    "weights",
+    "weights_backbone",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+)
 
 
 def _check_no_weights(name: str, options: Optional[Dict[str, object]]) -> None:
     given = sorted(set(options or {}) & set(_WEIGHT_OPTIONS))
     if given:
-        raise ValueError(f"model {name!r}: option(s) {given} would load or download weights; "
-                         "autokd builds models randomly initialised (load trained weights with "
-                         "a checkpoint instead)")
+        raise ValueError(
+            f"model {name!r}: option(s) {given} would load or download weights; "
+            "autokd builds models randomly initialised (load trained weights with "
+            "a checkpoint instead)"
+        )
 
 
-def _build_timm(arch: str, num_classes: int, in_channels: int, options: Dict[str, object],
-                full: str) -> nn.Module:
+def _build_timm(
+    arch: str, num_classes: int, in_channels: int, options: Dict[str, object], full: str
+) -> nn.Module:
     try:
         import timm  # lazy: an optional dependency (pip install 'autokd[timm]')
     except ImportError:
@@ -330,19 +425,23 @@ def _build_timm(arch: str, num_classes: int, in_channels: int, options: Dict[str
         known = timm.list_models()
         close = difflib.get_close_matches(arch, known, n=3)
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
-        raise KeyError(f"unknown timm model 'timm:{arch}'{hint} ({len(known)} known: see "
-                       "timm.list_models())")
+        raise KeyError(
+            f"unknown timm model 'timm:{arch}'{hint} ({len(known)} known: see timm.list_models())"
+        )
     _check_no_weights(full, options)
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                                  in_chans=in_channels, **options)
+        model = timm.create_model(
+            arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options
+        )
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"model {full!r}: timm cannot build it ({type(e).__name__}: "
-                         f"{first})") from None
+        raise ValueError(
+            f"model {full!r}: timm cannot build it ({type(e).__name__}: {first})"
+        ) from None
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        raise ValueError(f"model {full!r}: expected a timm classifier with forward_features and "
-                         "forward_head")
+        raise ValueError(
+            f"model {full!r}: expected a timm classifier with forward_features and forward_head"
+        )
     return vit.TimmFeatures(model)
 
 
@@ -376,8 +475,9 @@ def _import_module(module_name: str, full: str):
         ) from None
 
 
-def _build_user(name: str, num_classes: int, in_channels: int,
-                options: Optional[Dict[str, object]] = None) -> nn.Module:
+def _build_user(
+    name: str, num_classes: int, in_channels: int, options: Optional[Dict[str, object]] = None
+) -> nn.Module:
     module_name, _, attr = name.rpartition(":")
     if not module_name or not attr:
         raise ValueError(f"model {name!r}: expected 'package.module:factory', got {name!r}")
@@ -391,8 +491,7 @@ def _build_user(name: str, num_classes: int, in_channels: int,
         raise AttributeError(f"model {name!r}: factory {attr!r} {what} in {module_name!r}{hint}")
     options = dict(options or {})
     try:
-        inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels,
-                                        **options)
+        inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels, **options)
     except TypeError:
         extra = f" and the options {sorted(options)}" if options else ""
         raise TypeError(
@@ -403,6 +502,7 @@ def _build_user(name: str, num_classes: int, in_channels: int,
         pass
     model = factory(num_classes=num_classes, in_channels=in_channels, **options)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model {name!r}: the factory returned {type(model).__name__}, "
-                        f"expected an nn.Module")
+        raise TypeError(
+            f"model {name!r}: the factory returned {type(model).__name__}, expected an nn.Module"
+        )
     return model

@@ -15,13 +15,14 @@ Zagoruyko & Komodakis, "Wide Residual Networks"; Sandler et al., "MobileNetV2"; 
 "ShuffleNet"; Ma et al., "ShuffleNet V2"; Tian et al., "Contrastive Representation
 Distillation" (the x4 widths, the half-width MobileNetV2 and the VGG variants with BN).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True):
@@ -91,8 +92,9 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
-                               for i in range(n)])
+        return nn.Sequential(
+            *[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+        )
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -133,12 +135,15 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         w = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
-        self.layer1 = nn.Sequential(*[WideBlock(w[0] if i == 0 else w[1], w[1], 1)
-                                      for i in range(n)])
-        self.layer2 = nn.Sequential(*[WideBlock(w[1] if i == 0 else w[2], w[2], 2 if i == 0 else 1)
-                                      for i in range(n)])
-        self.layer3 = nn.Sequential(*[WideBlock(w[2] if i == 0 else w[3], w[3], 2 if i == 0 else 1)
-                                      for i in range(n)])
+        self.layer1 = nn.Sequential(
+            *[WideBlock(w[0] if i == 0 else w[1], w[1], 1) for i in range(n)]
+        )
+        self.layer2 = nn.Sequential(
+            *[WideBlock(w[1] if i == 0 else w[2], w[2], 2 if i == 0 else 1) for i in range(n)]
+        )
+        self.layer3 = nn.Sequential(
+            *[WideBlock(w[2] if i == 0 else w[3], w[3], 2 if i == 0 else 1) for i in range(n)]
+        )
         self.bn = nn.BatchNorm2d(w[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w[3], num_classes)
@@ -211,8 +216,15 @@ class CifarMobileNetV2(nn.Module):
     stage set to 1 for small images; the last 1x1 conv keeps 1280 channels for width <= 1.
     """
 
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
-                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, num_classes: int, in_channels: int, width: float = 0.5):
         super().__init__()
@@ -270,8 +282,14 @@ class ShuffleV1Unit(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, widths=(240, 480, 960),
-                 depths=(4, 8, 4), groups: int = 3):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        widths=(240, 480, 960),
+        depths=(4, 8, 4),
+        groups: int = 3,
+    ):
         super().__init__()
         self.conv1 = _conv_bn(in_channels, 24, 1)
         cin = 24
@@ -322,8 +340,14 @@ class ShuffleV2Unit(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, widths=(116, 232, 464),
-                 depths=(4, 8, 4), last: int = 1024):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        widths=(116, 232, 464),
+        depths=(4, 8, 4),
+        last: int = 1024,
+    ):
         super().__init__()
         self.conv1 = _conv_bn(in_channels, 24, 3)
         cin = 24

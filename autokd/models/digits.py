@@ -5,6 +5,7 @@ smaller and, alone, clearly weaker: the pair leaves room for distillation to sho
 on any input of at least 8x8 (adaptive pooling at the end) and expose a ``features`` stage
 whose output [N, C, H/2, W/2] is the default tap.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ class DigitsTeacher(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(_conv_bn(in_channels, width, 3), _conv_bn(width, width, 3))
         self.down = nn.MaxPool2d(2)
-        self.features = nn.Sequential(_conv_bn(width, 2 * width, 3),
-                                      _conv_bn(2 * width, 2 * width, 3))
+        self.features = nn.Sequential(
+            _conv_bn(width, 2 * width, 3), _conv_bn(2 * width, 2 * width, 3)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
         _init_weights(self)

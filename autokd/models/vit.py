@@ -15,6 +15,7 @@ DeiT-Tiny's size: Touvron et al. 2021). Position embeddings are learned for the 
 ``img_size`` and interpolated (bicubic) to any other grid, so one model takes any input whose
 sides are multiples of the patch size.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,11 @@ class TokenMap(nn.Module):
         n, t, d = x.shape
         gh, gw = grid
         if t - self.prefix != gh * gw:
-            raise ValueError(f"TokenMap: expected {self.prefix} prefix tokens + {gh}x{gw} patch "
-                             f"tokens, got {t} tokens")
-        return x[:, self.prefix:].transpose(1, 2).reshape(n, d, gh, gw)
+            raise ValueError(
+                f"TokenMap: expected {self.prefix} prefix tokens + {gh}x{gw} patch "
+                f"tokens, got {t} tokens"
+            )
+        return x[:, self.prefix :].transpose(1, 2).reshape(n, d, gh, gw)
 
 
 class Attention(nn.Module):
@@ -92,9 +95,17 @@ class VisionTransformer(nn.Module):
     ``blocks.i`` (tokens [N, T, dim], not maps), ``patch_embed`` ([N, dim, H/p, W/p]).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32,
-                 patch_size: int = 4, dim: int = 192, depth: int = 12, heads: int = 3,
-                 mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        img_size: int = 32,
+        patch_size: int = 4,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.img_size = _positive_int("img_size", img_size)
         self.patch_size = _positive_int("patch_size", patch_size)
@@ -103,12 +114,14 @@ class VisionTransformer(nn.Module):
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
             raise ValueError(f"ViT: expected mlp_ratio > 0, got {mlp_ratio!r}")
         if img_size % patch_size:
-            raise ValueError(f"ViT: expected img_size divisible by patch_size, got img_size "
-                             f"{img_size}, patch_size {patch_size}")
+            raise ValueError(
+                f"ViT: expected img_size divisible by patch_size, got img_size "
+                f"{img_size}, patch_size {patch_size}"
+            )
         self.grid = img_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.token_map = TokenMap(prefix=1)
@@ -148,9 +161,11 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             fit = max(d for d in range(1, p + 1) if math.gcd(h, w) % d == 0)
-            raise ValueError(f"ViT: expected image sides divisible by the patch size {p}, got "
-                             f"{h}x{w}; build it with a patch size that divides them, e.g. "
-                             f"'?patch_size={fit}'")
+            raise ValueError(
+                f"ViT: expected image sides divisible by the patch size {p}, got "
+                f"{h}x{w}; build it with a patch size that divides them, e.g. "
+                f"'?patch_size={fit}'"
+            )
         tokens = self.patch_embed(x)  # [N, dim, H/p, W/p]
         gh, gw = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2)  # [N, gh*gw, dim]
@@ -168,8 +183,10 @@ class TimmFeatures(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.token_map = TokenMap(prefix=getattr(model, "num_prefix_tokens", 0),
-                                  channels_last=getattr(model, "output_fmt", "NCHW") == "NHWC")
+        self.token_map = TokenMap(
+            prefix=getattr(model, "num_prefix_tokens", 0),
+            channels_last=getattr(model, "output_fmt", "NCHW") == "NHWC",
+        )
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.model, "no_weight_decay", None)

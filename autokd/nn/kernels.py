@@ -5,6 +5,7 @@ present in every build: importing autokd loads it) with the argument conventions
 blocks: the teacher side detached, scalars as Python numbers. Nothing else in autokd.nn
 computes these five primitives.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,8 +21,9 @@ def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torc
     return ops.softmax_kl(student, teacher.detach(), float(tau))
 
 
-def pearson(student: torch.Tensor, teacher: torch.Tensor,
-            tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pearson(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DIST distances (inter, intra) of softmax(./tau) over [N, K] logits."""
     return ops.pearson(student, teacher.detach(), float(tau))
 

@@ -6,6 +6,7 @@ are differentiable, and compile under ``torch.compile(fullgraph=True)``.
     kd = autokd.nn.SoftmaxKL(tau=4.0)
     loss = kd(student_logits, teacher_logits.detach())
 """
+
 from __future__ import annotations
 
 from typing import Sequence

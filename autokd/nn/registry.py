@@ -8,6 +8,7 @@ register themselves here when imported; ``autokd/nn/__init__`` imports that modu
 import of this one (``from autokd.nn.registry import ...`` runs the package first) sees the
 tables filled. ``autokd.space`` validates specs against them and re-exports them.
 """
+
 from autokd.registry import Registry
 
 TRANSFORMS = Registry("transform")
@@ -16,11 +17,14 @@ LOGIT_DISTANCES = Registry("logit distance")
 SCHEDULES = Registry("schedule")
 
 # spec field -> key prefix in TRANSFORMS
-TRANSFORM_STAGES = {"global_transform": "global", "intra_spatial": "intra",
-                    "inter_spatial": "inter"}
+TRANSFORM_STAGES = {
+    "global_transform": "global",
+    "intra_spatial": "intra",
+    "inter_spatial": "inter",
+}
 
 
 def stage_options(field: str):
     """Bare option names registered for one transform stage, e.g. ["attention", "mask", ...]."""
     prefix = TRANSFORM_STAGES[field] + "/"
-    return [k[len(prefix):] for k in TRANSFORMS if k.startswith(prefix)]
+    return [k[len(prefix) :] for k in TRANSFORMS if k.startswith(prefix)]

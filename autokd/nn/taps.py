@@ -12,6 +12,7 @@ level; ``"encoder:-1"`` is the last entry of a list output. Keys go down one lev
 (``"m:a:0"``). A path that exists as a module name (rare names that contain ``:``) is taken as
 it is.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,16 +32,23 @@ def parse_tap(tap: str, modules: Mapping[str, nn.Module]) -> tuple[str, tuple[st
     return path, tuple(keys)
 
 
-def _no_module_message(model: nn.Module, tap: str, path: str, who: str,
-                       modules: Mapping[str, nn.Module]) -> str:
+def _no_module_message(
+    model: nn.Module, tap: str, path: str, who: str, modules: Mapping[str, nn.Module]
+) -> str:
     known = [k for k in modules if k]
     close = difflib.get_close_matches(path, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
     # the shallowest paths first: the stages a user most likely meant
     shown = sorted(known, key=lambda k: (k.count("."), known.index(k)))[:12]
     more = ", ..." if len(known) > len(shown) else ""
-    listing = (f" Module paths: {', '.join(shown)}{more} ({len(known)} in all, as named_modules() "
-               "lists them)") if known else " It has no submodules."
+    listing = (
+        (
+            f" Module paths: {', '.join(shown)}{more} ({len(known)} in all, as named_modules() "
+            "lists them)"
+        )
+        if known
+        else " It has no submodules."
+    )
     keyed = f" (tap {tap!r}: module path, then ':KEY' entries of its output)" if tap != path else ""
     return f"{who}: {path!r}{keyed} names no module of {type(model).__name__}{hint}{listing}"
 
@@ -79,18 +87,23 @@ def _select(output, keys: Sequence[str], tap: str, path: str, who: str):
             if ikey is not None and ikey in value:
                 value = value[ikey]
                 continue
-            raise ValueError(f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}; no key "
-                             f"{key!r}")
+            raise ValueError(
+                f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}; no key {key!r}"
+            )
         if isinstance(value, (list, tuple)):
             try:
                 value = value[int(key)]
             except (ValueError, IndexError):
-                raise ValueError(f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}; "
-                                 f"expected an index in [-{len(value)}, {len(value) - 1}], got "
-                                 f"{key!r}") from None
+                raise ValueError(
+                    f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}; "
+                    f"expected an index in [-{len(value)}, {len(value) - 1}], got "
+                    f"{key!r}"
+                ) from None
             continue
-        raise ValueError(f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}, which has no "
-                         f"entries to pick with {key!r}")
+        raise ValueError(
+            f"{who}: tap {tap!r}: {here!r} returned {_describe(value)}, which has no "
+            f"entries to pick with {key!r}"
+        )
     if not isinstance(value, torch.Tensor):
         hint = ""
         if isinstance(value, Mapping) and value:
@@ -99,7 +112,8 @@ def _select(output, keys: Sequence[str], tap: str, path: str, who: str):
             hint = f"; pick one entry, e.g. {':'.join([path, *keys, '0'])!r}"
         # a wrong tap choice, like a wrong path: ValueError, which the CLI prints as one line
         raise ValueError(  # noqa: TRY004
-            f"{who}: tap {tap!r} gave {_describe(value)}, expected a tensor{hint}")
+            f"{who}: tap {tap!r} gave {_describe(value)}, expected a tensor{hint}"
+        )
     return value
 
 
@@ -128,8 +142,10 @@ class FeatureTaps:
             by_path.setdefault(path, []).append((tap, keys))
         self.outputs: dict[str, torch.Tensor] = {}
         # one hook per module, however many entries of its output are tapped
-        self._handles = [modules[p].register_forward_hook(self._hook(p, entries))
-                         for p, entries in by_path.items()]
+        self._handles = [
+            modules[p].register_forward_hook(self._hook(p, entries))
+            for p, entries in by_path.items()
+        ]
 
     def _hook(self, path: str, entries):
         def hook(_module, _inputs, output):

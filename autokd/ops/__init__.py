@@ -8,7 +8,6 @@ discovered here, so adding an op is adding one file.
 import torch
 
 from autokd import _C  # noqa: F401  (registers the schemas and kernels)
-
 from autokd._discover import export_same_name  # noqa: E402
 
 WITH_CUDA = bool(_C.WITH_CUDA)

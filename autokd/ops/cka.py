@@ -5,6 +5,7 @@ The op ``torch.ops.autokd.cka(x, y, debiased)`` returns ``(value, gram_grad)``; 
 wrapper returns the value only. Nothing syncs with the host. Math, eps and limits:
 csrc/ops/cka.h; eager spec: autokd.reference.cka.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,7 @@ def _backward(ctx, grad, _grad_gram_grad):
         return None, None, None
     x, y, gram_grad = ctx.saved_tensors
     gx, gy = torch.ops.autokd.cka_backward.default(grad, gram_grad, x, y)
-    return (gx if ctx.needs_input_grad[0] else None,
-            gy if ctx.needs_input_grad[1] else None, None)
+    return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
 
 
 torch.library.register_autograd("autokd::cka", _backward, setup_context=_setup_context)

@@ -4,6 +4,7 @@ The op ``torch.ops.autokd.gram_l2(student, teacher, mode)`` returns ``(loss, gra
 gram_grad = dloss/dG_S is what the backward needs (one GEMM then). This wrapper returns the
 loss only. Math, eps and limits: csrc/ops/gram_l2.h; eager spec: autokd.reference.gram_l2.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,7 @@ def gram_l2(student: Tensor, teacher: Tensor, mode: str = "sample") -> Tensor:
     Gradient flows to the student only; the teacher is a constant target.
     """
     if not isinstance(mode, str):
-        raise ValueError(
-            f"autokd::gram_l2: expected mode one of 'sample', 'channel', got {mode!r}"
-        )
+        raise ValueError(f"autokd::gram_l2: expected mode one of 'sample', 'channel', got {mode!r}")
     return torch.ops.autokd.gram_l2.default(student, teacher, mode)[0]
 
 
@@ -34,9 +33,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("autokd::gram_l2")
 def _gram_l2_fake(student, teacher, mode):
     if mode not in MODES:
-        raise ValueError(
-            f"autokd::gram_l2: expected mode one of 'sample', 'channel', got '{mode}'"
-        )
+        raise ValueError(f"autokd::gram_l2: expected mode one of 'sample', 'channel', got '{mode}'")
     acc = _acc_dtype(student.dtype)
     if mode == "sample":
         gram_grad = student.new_empty((student.shape[0], student.shape[0]), dtype=acc)

@@ -4,6 +4,7 @@ csrc/ops/masked_adamw_step.h; eager spec in autokd.reference.masked_adamw_step).
 Like masked_sgd_step it mutates its inputs and returns nothing: no autograd formula, and a fake
 kernel that returns nothing.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -35,12 +36,22 @@ def masked_adamw_step(
     if not any(len(x) for x in (params, grads, masks, exp_avgs, exp_avg_sqs)):
         return  # nothing to update, and no tensor to pick a device kernel from
     torch.ops.autokd.masked_adamw_step.default(
-        list(params), list(grads), list(masks), list(exp_avgs), list(exp_avg_sqs), int(step),
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        list(params),
+        list(grads),
+        list(masks),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        int(step),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
     )
 
 
 @torch.library.register_fake("autokd::masked_adamw_step")
-def _masked_adamw_step_fake(params, grads, masks, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2,
-                            eps, weight_decay):
+def _masked_adamw_step_fake(
+    params, grads, masks, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay
+):
     return None

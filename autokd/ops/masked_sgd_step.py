@@ -5,6 +5,7 @@ An optimizer update mutates its inputs and returns nothing, so there is no autog
 register: the fake kernel only declares that nothing is returned (the mutations are in the
 schema), which is all torch.compile and FakeTensor tracing need.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -37,12 +38,30 @@ def masked_sgd_step(
     if not any(len(x) for x in (params, grads, masks, momentum_buffers)):
         return  # nothing to update, and no tensor to pick a device kernel from
     torch.ops.autokd.masked_sgd_step.default(
-        list(params), list(grads), list(masks), list(momentum_buffers), float(lr),
-        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step),
+        list(params),
+        list(grads),
+        list(masks),
+        list(momentum_buffers),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(first_step),
     )
 
 
 @torch.library.register_fake("autokd::masked_sgd_step")
-def _masked_sgd_step_fake(params, grads, masks, momentum_buffers, lr, momentum, dampening,
-                          weight_decay, nesterov, first_step):
+def _masked_sgd_step_fake(
+    params,
+    grads,
+    masks,
+    momentum_buffers,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    first_step,
+):
     return None

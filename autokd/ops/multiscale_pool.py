@@ -5,6 +5,7 @@ s x s grid of ``grids`` (bins of ``adaptive_avg_pool2d``), flattened row-major a
 to [N, C, sum s^2]. Kernels: csrc/ops/multiscale_pool_{cpu.cpp,cuda.cu}; spec:
 autokd.reference.multiscale_pool.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -51,8 +52,10 @@ def _check_fake(op: str, input_size, grids, dtype=None) -> None:
     for s in grids:
         torch._check_value(
             1 <= s and s <= H and s <= W,
-            lambda: f"autokd::{op}: expected grids entries in [1, min(H, W)], got {s} "
-            f"(input of {H} x {W})",
+            lambda: (
+                f"autokd::{op}: expected grids entries in [1, min(H, W)], got {s} "
+                f"(input of {H} x {W})"
+            ),
         )
 
 
@@ -81,15 +84,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    grad_input = torch.ops.autokd.multiscale_pool_backward.default(
-        grad, ctx.input_size, ctx.grids
-    )
+    grad_input = torch.ops.autokd.multiscale_pool_backward.default(grad, ctx.input_size, ctx.grids)
     return grad_input, None
 
 
-torch.library.register_autograd(
-    "autokd::multiscale_pool", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("autokd::multiscale_pool", _backward, setup_context=_setup_context)
 
 
 # The backward is linear in grad and its adjoint is the forward, so double backward is the

@@ -1,4 +1,5 @@
 """``autokd.ops.pearson``: fused DIST-style relation loss (CPU and CUDA kernels)."""
+
 import torch
 from torch import Tensor
 

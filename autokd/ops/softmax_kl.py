@@ -15,12 +15,14 @@ Python autograd glue (setup_context + backward) cost ~30 us per call, more than 
 ~2 us. It does the same work: it saves the kernel's ``student_grad`` and its backward only
 scales it; the teacher gets no gradient. The fake kernel below stays in Python.
 """
+
 import torch
 from torch import Tensor
 
 # Looked up once: resolving torch.ops.autokd.softmax_kl.default costs ~0.3 us per call, a
 # measurable share of a call on [128, 100] logits.
 _softmax_kl_op = torch.ops.autokd.softmax_kl.default
+
 
 def softmax_kl(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     """Temperature KL distillation loss, as a 0-dim tensor of the inputs' dtype.

@@ -5,4 +5,5 @@ Tests and benchmarks import these; nothing else copies their math. Each module
 """
 
 from autokd._discover import export_same_name
+
 __all__ = export_same_name(__name__, __path__, globals())

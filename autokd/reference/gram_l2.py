@@ -2,6 +2,7 @@
 
 The spec the kernels are tested against (see csrc/ops/gram_l2.h for the math and gradient).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Eager reference of autokd::masked_adamw_step: a per-parameter loop of torch ops (the spec)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Eager reference of ``autokd::multiscale_pool``: the spec its kernels are tested against."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,5 @@
 """Eager reference of ``autokd::pearson``: the spec of its kernels."""
+
 import torch
 from torch import Tensor
 

@@ -1,4 +1,5 @@
 """Eager reference of ``autokd::softmax_kl``: the spec of its kernels."""
+
 import torch
 from torch import Tensor
 

@@ -16,6 +16,7 @@ with ``k`` = ``prior_strength`` pseudo-observations and ``w`` = ``own_weight``. 
 recommends the design of best estimate among those it evaluated (``rank``), whatever the
 strategy that proposed them, so MCTS, random search and TPE are compared under one rule.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,12 @@ def _key(design: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
 class Shrinkage:
     """Option and pair statistics of ``history`` ([(design, reward)]) over ``space``."""
 
-    def __init__(self, space: SearchSpace, history: Sequence[Tuple[Mapping[str, str], float]],
-                 prior_strength: float = PRIOR_STRENGTH):
+    def __init__(
+        self,
+        space: SearchSpace,
+        history: Sequence[Tuple[Mapping[str, str], float]],
+        prior_strength: float = PRIOR_STRENGTH,
+    ):
         self.space, self.k = space, prior_strength
         self.names = [lv.name for lv in space.levels]
         self.n = len(history)
@@ -88,8 +93,12 @@ class Shrinkage:
         return total
 
 
-def rank(space: SearchSpace, history: Sequence[Tuple[Mapping[str, str], float]],
-         prior_strength: float = PRIOR_STRENGTH, own_weight: float = OWN_WEIGHT) -> List[Estimate]:
+def rank(
+    space: SearchSpace,
+    history: Sequence[Tuple[Mapping[str, str], float]],
+    prior_strength: float = PRIOR_STRENGTH,
+    own_weight: float = OWN_WEIGHT,
+) -> List[Estimate]:
     """Every design of ``history``, best estimate first (ties: first seen first)."""
     if not history:
         return []
@@ -102,7 +111,14 @@ def rank(space: SearchSpace, history: Sequence[Tuple[Mapping[str, str], float]],
     out = []
     for design, count, total in own.values():
         prior = model.prior(design)
-        out.append(Estimate(design, (total + own_weight * prior) / (count + own_weight),
-                            total / count, count, prior))
+        out.append(
+            Estimate(
+                design,
+                (total + own_weight * prior) / (count + own_weight),
+                total / count,
+                count,
+                prior,
+            )
+        )
     out.sort(key=lambda e: -e.estimate)  # stable: first seen wins ties
     return out

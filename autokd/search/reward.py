@@ -14,6 +14,7 @@ score -1 to 0.3); without the floor one such trial stretches the engine's min-ma
 normalisation until every working design looks alike to UCB. A trial that diverged (NaN/Inf)
 gets the floor too; the raw reward is kept in the trial's metrics.
 """
+
 from __future__ import annotations
 
 import math

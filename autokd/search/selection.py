@@ -32,6 +32,7 @@ run is a journal row (table ``evaluations``) keyed by spec, seed, fidelity and m
 interrupted stage resumes without rerunning finished runs, and a stage rerun with other
 settings reuses every run that matches.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,21 +68,32 @@ class SelectionConfig:
     metric: str = "reward"
 
     def __post_init__(self):
-        if isinstance(self.finalists, bool) or not isinstance(self.finalists, int) or self.finalists < 1:
-            raise PipelineError(f"selection: expected finalists an integer >= 1, got {self.finalists!r}")
+        if (
+            isinstance(self.finalists, bool)
+            or not isinstance(self.finalists, int)
+            or self.finalists < 1
+        ):
+            raise PipelineError(
+                f"selection: expected finalists an integer >= 1, got {self.finalists!r}"
+            )
         if not (isinstance(self.fidelity, (int, float)) and 0 <= self.fidelity <= 1):
-            raise PipelineError(f"selection: expected fidelity in [0, 1] (the last round's fraction of "
-                                f"the schedule; 0: no stage), got {self.fidelity!r}")
+            raise PipelineError(
+                f"selection: expected fidelity in [0, 1] (the last round's fraction of "
+                f"the schedule; 0: no stage), got {self.fidelity!r}"
+            )
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise PipelineError(f"selection: expected seeds an integer >= 1, got {self.seeds!r}")
         if self.metric not in METRICS:
-            raise PipelineError(f"selection: expected metric one of {', '.join(METRICS)}, "
-                                f"got {self.metric!r}")
+            raise PipelineError(
+                f"selection: expected metric one of {', '.join(METRICS)}, got {self.metric!r}"
+            )
         known = set(list_distillers()) | {"none"}
         bad = [a for a in self.anchors if a not in known]
         if bad:
-            raise PipelineError(f"selection: unknown anchor(s) {bad}; known classic distillers: "
-                                f"{', '.join(sorted(known))}")
+            raise PipelineError(
+                f"selection: unknown anchor(s) {bad}; known classic distillers: "
+                f"{', '.join(sorted(known))}"
+            )
         self.anchors = tuple(self.anchors)
 
 
@@ -142,7 +154,9 @@ class SelectionResult:
         rounds: Dict[int, Round] = {}
         for e in latest:
             cands.setdefault(e.label, Candidate(e.label, e.spec, e.design))
-            r = rounds.setdefault(e.round, Round(e.round, float(e.fidelity.get("stop_fraction", 1.0)), []))
+            r = rounds.setdefault(
+                e.round, Round(e.round, float(e.fidelity.get("stop_fraction", 1.0)), [])
+            )
             if e.seed not in r.seeds:
                 r.seeds.append(e.seed)
             r.scores.setdefault(e.label, []).append(e.score)
@@ -151,19 +165,31 @@ class SelectionResult:
         last = ordered[-1]
         winner, best_classic = _decide(last, cands, metric)
         work = sum(r.fidelity * sum(len(v) for v in r.scores.values()) for r in ordered)
-        return cls(list(cands.values()), ordered, cands[winner],
-                   cands[best_classic] if best_classic else None, metric, work,
-                   sum(r.seconds for r in ordered), 0)
+        return cls(
+            list(cands.values()),
+            ordered,
+            cands[winner],
+            cands[best_classic] if best_classic else None,
+            metric,
+            work,
+            sum(r.seconds for r in ordered),
+            0,
+        )
 
     def summary(self) -> str:
-        lines = [f"selection stage ({self.metric}, higher is better" if METRICS[self.metric][1]
-                 else f"selection stage ({self.metric}, lower is better"]
+        lines = [
+            f"selection stage ({self.metric}, higher is better"
+            if METRICS[self.metric][1]
+            else f"selection stage ({self.metric}, lower is better"
+        ]
         lines[0] += f"; {self.work:.2f} full trainings of work, {self.seconds:.0f} s):"
         for r in self.rounds:
             ranked = sorted(r.scores, key=lambda k: -_signed(self.metric, r.mean(k)))
             cells = ", ".join(f"{k} {r.mean(k):.4f}" for k in ranked)
-            lines.append(f"  round {r.index + 1} ({r.fidelity:.3g} of the schedule x "
-                         f"{len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''}): {cells}")
+            lines.append(
+                f"  round {r.index + 1} ({r.fidelity:.3g} of the schedule x "
+                f"{len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''}): {cells}"
+            )
         lines.append(f"  chosen: {self.winner.label}")
         return "\n".join(lines)
 
@@ -223,8 +249,16 @@ def stage_cost(n: int, cfg: SelectionConfig) -> float:
     return sum(c * s * f for c, s, f in plan(n, cfg))
 
 
-def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask]], List[Dict]],
-                  cfg: SelectionConfig, epochs: int, seed: int, log: Log = print) -> Optional[SelectionResult]:
+def run_selection(
+    space,
+    trials,
+    journal: Journal,
+    run: Callable[[List[TrialTask]], List[Dict]],
+    cfg: SelectionConfig,
+    epochs: int,
+    seed: int,
+    log: Log = print,
+) -> Optional[SelectionResult]:
     """The stage (see the module docstring); ``run(tasks)`` trains tasks (through the search's
     executor) and returns their results in order. None when the budget is 0 or the search
     found nothing."""
@@ -260,10 +294,19 @@ def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask
         for task, res in zip(todo, results):
             label, key = index[task.index]
             score = _score(res, cfg.metric)
-            journal.add_evaluation(key, label, task.design, task.spec, task.seed, proxy, i,
-                                   res["status"], score,
-                                   {**res.get("metrics", {}), "selection_metric": cfg.metric},
-                                   res["seconds"])
+            journal.add_evaluation(
+                key,
+                label,
+                task.design,
+                task.spec,
+                task.seed,
+                proxy,
+                i,
+                res["status"],
+                score,
+                {**res.get("metrics", {}), "selection_metric": cfg.metric},
+                res["seconds"],
+            )
             rnd.scores.setdefault(label, []).append(score)
             rnd.seconds += res["seconds"]
         work += fidelity * len(alive) * len(seeds)
@@ -274,9 +317,16 @@ def run_selection(space, trials, journal: Journal, run: Callable[[List[TrialTask
         if i + 1 < len(plan(len(cands), cfg)):
             alive = _keep(ranked, plan(len(cands), cfg)[i + 1][0], by_label)
     winner, best_classic = _decide(rounds[-1], by_label, cfg.metric)
-    return SelectionResult(cands, rounds, by_label[winner],
-                           by_label[best_classic] if best_classic else None, cfg.metric, work,
-                           seconds, reused)
+    return SelectionResult(
+        cands,
+        rounds,
+        by_label[winner],
+        by_label[best_classic] if best_classic else None,
+        cfg.metric,
+        work,
+        seconds,
+        reused,
+    )
 
 
 def _decide(last: Round, by_label: Dict[str, Candidate], metric: str):
@@ -307,8 +357,10 @@ def _keep(ranked: List[str], n: int, by_label: Dict[str, Candidate]) -> List[str
     """The ``n`` best of ``ranked``, with the best classic and the search's best design always
     among them (so the last round compares the two)."""
     keep = ranked[:n]
-    must = [next((k for k in ranked if by_label[k].is_anchor), None),
-            next((k for k in ranked if not by_label[k].is_anchor), None)]
+    must = [
+        next((k for k in ranked if by_label[k].is_anchor), None),
+        next((k for k in ranked if not by_label[k].is_anchor), None),
+    ]
     for m in must:
         if m is None or m in keep:
             continue

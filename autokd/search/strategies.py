@@ -17,6 +17,7 @@ search and Optuna's TPE, so that comparisons run through one driver at equal bud
 Optuna is optional (``pip install 'autokd[tpe]'``); without it ``--strategy tpe`` says how to
 install it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -32,8 +33,10 @@ from autokd.space.space import SearchSpace
 Design = Dict[str, str]
 History = Sequence[Tuple[Design, float]]
 
-OPTUNA_MISSING = ("--strategy tpe needs Optuna, which is not installed: pip install 'autokd[tpe]' "
-                  "(or pip install 'optuna>=4')")
+OPTUNA_MISSING = (
+    "--strategy tpe needs Optuna, which is not installed: pip install 'autokd[tpe]' "
+    "(or pip install 'optuna>=4')"
+)
 
 
 def design_key(design: Design) -> Tuple[Tuple[str, str], ...]:
@@ -149,20 +152,35 @@ class TPEStrategy(Strategy):
 
     name = "tpe"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, history: History = (),
-                 n_startup_trials: int = 10, multivariate: bool = False):
+    def __init__(
+        self,
+        space: SearchSpace,
+        seed: int = 0,
+        history: History = (),
+        n_startup_trials: int = 10,
+        multivariate: bool = False,
+    ):
         super().__init__(space, seed, history)
         optuna = self._optuna = require_optuna()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=n_startup_trials, multivariate=multivariate,
-            group=multivariate, constant_liar=True)
+            seed=seed,
+            n_startup_trials=n_startup_trials,
+            multivariate=multivariate,
+            group=multivariate,
+            constant_liar=True,
+        )
         self._study = optuna.create_study(direction="maximize", sampler=sampler)
-        dists = {lv.name: optuna.distributions.CategoricalDistribution(list(lv.options))
-                 for lv in space.levels}
+        dists = {
+            lv.name: optuna.distributions.CategoricalDistribution(list(lv.options))
+            for lv in space.levels
+        }
         for design, reward in history:
-            self._study.add_trial(optuna.trial.create_trial(
-                params=dict(design), distributions={k: dists[k] for k in design}, value=reward))
+            self._study.add_trial(
+                optuna.trial.create_trial(
+                    params=dict(design), distributions={k: dists[k] for k in design}, value=reward
+                )
+            )
         self._pending: Dict[int, Any] = {}  # trial number -> optuna trial
 
     def ask(self, k: int = 1) -> List[Proposal]:
@@ -181,8 +199,9 @@ class TPEStrategy(Strategy):
         self._study.tell(self._pending.pop(proposal.trial_id), reward)
 
 
-def make_strategy(name: str, space: SearchSpace, seed: int, history: History = (),
-                  **options: Any) -> Strategy:
+def make_strategy(
+    name: str, space: SearchSpace, seed: int, history: History = (), **options: Any
+) -> Strategy:
     """The strategy called ``name`` (a KeyError with close matches when unknown); ``options``
     go to its constructor (e.g. MCTS's ``exploration``)."""
     cls = STRATEGIES.get(name)

@@ -12,6 +12,7 @@ returned design is scored exactly:
 benchmark (benchmarks/studies/search_quality.py) compares MCTS, random search and TPE at
 equal budgets.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Tuple
@@ -51,8 +52,9 @@ class DesignTable:
 class SyntheticProblem:
     """One random problem over a DesignTable (see the module docstring)."""
 
-    def __init__(self, table: DesignTable, seed: int, interaction_sd: float = 0.5,
-                 noise_sd: float = 1.0):
+    def __init__(
+        self, table: DesignTable, seed: int, interaction_sd: float = 0.5, noise_sd: float = 1.0
+    ):
         rng = np.random.default_rng(seed)
         self.table, self.noise_sd = table, noise_sd
         L = len(table.names)
@@ -63,7 +65,8 @@ class SyntheticProblem:
         for a in range(L):
             for b in range(a + 1, L):
                 self.interactions[(a, b)] = rng.normal(
-                    0.0, interaction_sd, (len(table.options[a]), len(table.options[b])))
+                    0.0, interaction_sd, (len(table.options[a]), len(table.options[b]))
+                )
         self._noise = np.random.default_rng(seed + 7_777_777)
         true = self.true_values(table.rows)
         self.median, self.optimum = float(np.median(true)), float(true.max())

@@ -6,6 +6,7 @@ from autokd.nn.registry).
     spec = space.spec_from_design(space.sample(random.Random(0)))
     print(spec.to_yaml())
 """
+
 # The operation registries live beside the blocks they hold (autokd.nn.registry, filled when
 # autokd.nn is imported); re-exported here, where specs name their keys.
 from autokd.nn.registry import (
@@ -26,7 +27,20 @@ from autokd.space.spec import (
 )
 
 __all__ = [
-    "FEATURE_DISTANCES", "LOGIT_DISTANCES", "SCHEDULES", "TRANSFORMS", "TRANSFORM_STAGES",
-    "DistillerSpec", "Level", "OpChoice", "SearchSpace", "SpecError", "allowed_options",
-    "list_distillers", "list_spaces", "load_distiller", "load_space", "space_fingerprint",
+    "FEATURE_DISTANCES",
+    "LOGIT_DISTANCES",
+    "SCHEDULES",
+    "TRANSFORMS",
+    "TRANSFORM_STAGES",
+    "DistillerSpec",
+    "Level",
+    "OpChoice",
+    "SearchSpace",
+    "SpecError",
+    "allowed_options",
+    "list_distillers",
+    "list_spaces",
+    "load_distiller",
+    "load_space",
+    "space_fingerprint",
 ]

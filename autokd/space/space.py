@@ -15,6 +15,7 @@ earlier level named in its ``requires`` took one of the listed options; a design
 per existing level, and ``spec_from_design`` turns it into a spec (absent levels keep the
 spec's defaults, or ``fixed``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -24,8 +25,15 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
-from autokd.space.spec import (CONFIG_DIR, NUMBER_FIELDS, OP_FIELDS, DistillerSpec, OpChoice,
-                               SpecError, allowed_options, load_yaml)
+from autokd.space.spec import (
+    CONFIG_DIR,
+    NUMBER_FIELDS,
+    OP_FIELDS,
+    DistillerSpec,
+    OpChoice,
+    SpecError,
+    load_yaml,
+)
 
 LEVEL_FIELDS = OP_FIELDS + NUMBER_FIELDS
 
@@ -51,8 +59,13 @@ class Level:
 class SearchSpace:
     """Ordered levels of a distiller search tree; see the module docstring."""
 
-    def __init__(self, levels: List[Level], name: str = "custom", fixed: Optional[Mapping[str, Any]] = None,
-                 description: str = ""):
+    def __init__(
+        self,
+        levels: List[Level],
+        name: str = "custom",
+        fixed: Optional[Mapping[str, Any]] = None,
+        description: str = "",
+    ):
         self.name = name
         self.description = description
         self.fixed = dict(fixed or {})
@@ -78,12 +91,16 @@ class SearchSpace:
                     raise ValueError(f"{where}: invalid option {o!r} ({e})") from None
             for k, vals in lv.requires.items():
                 if k not in seen:
-                    raise ValueError(f"{where}: requires {k!r}, which is not an earlier level; earlier: "
-                                     f"{', '.join(seen) or '(none)'}")
+                    raise ValueError(
+                        f"{where}: requires {k!r}, which is not an earlier level; earlier: "
+                        f"{', '.join(seen) or '(none)'}"
+                    )
                 bad = [v for v in vals if v not in seen[k].options]
                 if bad or not vals:
-                    raise ValueError(f"{where}: requires {k!r} in {vals!r}, but {k!r} has options "
-                                     f"{seen[k].options}")
+                    raise ValueError(
+                        f"{where}: requires {k!r} in {vals!r}, but {k!r} has options "
+                        f"{seen[k].options}"
+                    )
             seen[lv.name] = lv
         self.levels = list(levels)
         self._by_name = seen
@@ -95,46 +112,75 @@ class SearchSpace:
         valid = {"name", "description", "levels", "fixed"}
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ValueError(f"search space: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"search space: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}"
+            )
         raw_levels = data.get("levels") or []
         if not isinstance(raw_levels, list):
-            raise ValueError(f"search space: expected 'levels' to be a list of levels, got "
-                             f"{type(raw_levels).__name__} {raw_levels!r:.60}")
+            raise ValueError(
+                f"search space: expected 'levels' to be a list of levels, got "
+                f"{type(raw_levels).__name__} {raw_levels!r:.60}"
+            )
         fixed = data.get("fixed")
         if fixed is not None and not isinstance(fixed, Mapping):
-            raise ValueError(f"search space: expected 'fixed' to be a mapping of spec fields, got "
-                             f"{type(fixed).__name__} {fixed!r:.60}")
+            raise ValueError(
+                f"search space: expected 'fixed' to be a mapping of spec fields, got "
+                f"{type(fixed).__name__} {fixed!r:.60}"
+            )
         levels = []
         for i, raw in enumerate(raw_levels):
-            if not isinstance(raw, Mapping) or set(raw) - {"name", "options", "requires"} or "name" not in raw:
-                raise ValueError(f"search space: level {i}: expected {{name, options, requires}}, got {raw!r}")
+            if (
+                not isinstance(raw, Mapping)
+                or set(raw) - {"name", "options", "requires"}
+                or "name" not in raw
+            ):
+                raise ValueError(
+                    f"search space: level {i}: expected {{name, options, requires}}, got {raw!r}"
+                )
             where = f"search space: level {i} ({raw['name']!r})"
             options = raw.get("options") or []
             if not isinstance(options, list):
-                raise ValueError(f"{where}: expected 'options' to be a list, got "
-                                 f"{type(options).__name__} {options!r:.60}")
+                raise ValueError(
+                    f"{where}: expected 'options' to be a list, got "
+                    f"{type(options).__name__} {options!r:.60}"
+                )
             req = raw.get("requires") or {}
             if not isinstance(req, Mapping):
-                raise ValueError(f"{where}: expected 'requires' to be a mapping of earlier level -> "
-                                 f"allowed options (e.g. {{logit_distance: [kl]}}), got "
-                                 f"{type(req).__name__} {req!r:.60}")
-            requires = {str(k): [_option_string(v) for v in (vs if isinstance(vs, list) else [vs])]
-                        for k, vs in req.items()}
+                raise ValueError(
+                    f"{where}: expected 'requires' to be a mapping of earlier level -> "
+                    f"allowed options (e.g. {{logit_distance: [kl]}}), got "
+                    f"{type(req).__name__} {req!r:.60}"
+                )
+            requires = {
+                str(k): [_option_string(v) for v in (vs if isinstance(vs, list) else [vs])]
+                for k, vs in req.items()
+            }
             levels.append(Level(str(raw["name"]), [_option_string(o) for o in options], requires))
         if not levels:
             raise ValueError("search space: expected at least one level, got none")
-        return cls(levels, name=data.get("name", default_name), fixed=data.get("fixed"),
-                   description=data.get("description", ""))
+        return cls(
+            levels,
+            name=data.get("name", default_name),
+            fixed=data.get("fixed"),
+            description=data.get("description", ""),
+        )
 
     # -- the tree -------------------------------------------------------------------------
 
     def engine_levels(self) -> List[Dict[str, Any]]:
         """Levels as the MCTS engine takes them: [{"name", "options", "requires"}]."""
-        return [{"name": lv.name, "options": list(lv.options),
-                 "requires": {k: list(v) for k, v in lv.requires.items()}} for lv in self.levels]
+        return [
+            {
+                "name": lv.name,
+                "options": list(lv.options),
+                "requires": {k: list(v) for k, v in lv.requires.items()},
+            }
+            for lv in self.levels
+        ]
 
     def designs(self) -> Iterator[Dict[str, str]]:
         """Every complete design, depth first in level order."""
+
         def walk(i, design):
             if i == len(self.levels):
                 yield dict(design)
@@ -147,6 +193,7 @@ class SearchSpace:
                 design[lv.name] = o
                 yield from walk(i + 1, design)
             del design[lv.name]
+
         yield from walk(0, {})
 
     def sample(self, rng) -> Dict[str, str]:
@@ -160,27 +207,37 @@ class SearchSpace:
     def check_design(self, design: Mapping[str, Any]) -> Dict[str, str]:
         """The design with its values as option strings; errors for missing, extra or bad values."""
         if not isinstance(design, Mapping):
-            raise ValueError(f"design: expected a mapping of level -> option, got {type(design).__name__}")
+            raise ValueError(
+                f"design: expected a mapping of level -> option, got {type(design).__name__}"
+            )
         out: Dict[str, str] = {}
         for lv in self.levels:
             if not lv.active(out):
                 continue
             if lv.name not in design:
-                raise ValueError(f"design: missing level {lv.name!r}; options: {', '.join(lv.options)}")
+                raise ValueError(
+                    f"design: missing level {lv.name!r}; options: {', '.join(lv.options)}"
+                )
             v = _option_string(design[lv.name])
             if v not in lv.options:
                 close = difflib.get_close_matches(v, lv.options, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"design: level {lv.name!r}: invalid option {v!r}{hint}; allowed: "
-                                 f"{', '.join(lv.options)}")
+                raise ValueError(
+                    f"design: level {lv.name!r}: invalid option {v!r}{hint}; allowed: "
+                    f"{', '.join(lv.options)}"
+                )
             out[lv.name] = v
         extra = sorted(set(design) - set(out))
         if extra:
-            raise ValueError(f"design: level(s) {extra} are not part of this design in space {self.name!r} "
-                             f"(unknown, or absent after the earlier choices)")
+            raise ValueError(
+                f"design: level(s) {extra} are not part of this design in space {self.name!r} "
+                f"(unknown, or absent after the earlier choices)"
+            )
         return out
 
-    def spec_from_design(self, design: Mapping[str, Any], name: Optional[str] = None) -> DistillerSpec:
+    def spec_from_design(
+        self, design: Mapping[str, Any], name: Optional[str] = None
+    ) -> DistillerSpec:
         design = self.check_design(design)
         data: Dict[str, Any] = dict(self.fixed)
         for k, v in design.items():
@@ -209,16 +266,23 @@ class SearchSpace:
                     break
             if match is None:
                 shown = value.to_plain() if isinstance(value, OpChoice) else value
-                raise ValueError(f"spec {spec.label()} is outside space {self.name!r}: field {lv.name!r} "
-                                 f"is {shown!r}; the space allows {', '.join(lv.options)}")
+                raise ValueError(
+                    f"spec {spec.label()} is outside space {self.name!r}: field {lv.name!r} "
+                    f"is {shown!r}; the space allows {', '.join(lv.options)}"
+                )
             design[lv.name] = match
         canonical = self.spec_from_design(design)
-        active = set(design) | set(self.fixed) | {
-            f for f in DistillerSpec.field_names() if f not in self._by_name}
+        active = (
+            set(design)
+            | set(self.fixed)
+            | {f for f in DistillerSpec.field_names() if f not in self._by_name}
+        )
         for f in sorted(active - {"name"}):
             if getattr(canonical, f) != getattr(spec, f):
-                raise ValueError(f"spec {spec.label()} is outside space {self.name!r}: field {f!r} is "
-                                 f"{getattr(spec, f)!r}, the space fixes {getattr(canonical, f)!r}")
+                raise ValueError(
+                    f"spec {spec.label()} is outside space {self.name!r}: field {f!r} is "
+                    f"{getattr(spec, f)!r}, the space fixes {getattr(canonical, f)!r}"
+                )
         return design
 
     # The number of designs is the MCTS engine's count, the one count of the project (exact,
@@ -235,11 +299,19 @@ def space_fingerprint(space: SearchSpace) -> str:
     the tree or the specs its designs make does. A search pins it in its journal so that a space
     file edited between two runs of one search is refused on resume, not silently mixed."""
     content = {
-        "levels": [{"name": lv.name, "options": list(lv.options),
-                    "requires": {k: list(v) for k, v in sorted(lv.requires.items())}}
-                   for lv in space.levels],
-        "fixed": {k: v for k, v in DistillerSpec.from_dict(space.fixed).to_dict().items()
-                  if k in space.fixed},
+        "levels": [
+            {
+                "name": lv.name,
+                "options": list(lv.options),
+                "requires": {k: list(v) for k, v in sorted(lv.requires.items())},
+            }
+            for lv in space.levels
+        ],
+        "fixed": {
+            k: v
+            for k, v in DistillerSpec.from_dict(space.fixed).to_dict().items()
+            if k in space.fixed
+        },
     }
     blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -256,11 +328,15 @@ def load_space(name_or_path: Union[str, pathlib.Path] = "autokd") -> SearchSpace
         path = CONFIG_DIR / "spaces" / f"{name_or_path}.yaml"
         if not path.is_file():
             known = list_spaces()
-            raise KeyError(f"unknown search space {str(name_or_path)!r}: neither a file nor one of "
-                           f"{', '.join(known)}")
+            raise KeyError(
+                f"unknown search space {str(name_or_path)!r}: neither a file nor one of "
+                f"{', '.join(known)}"
+            )
     data = load_yaml(path.read_text(), f"search space {str(path)!r}")
     if data is None:
         raise ValueError(f"search space {str(path)!r}: empty, expected a mapping with 'levels'")
     if not isinstance(data, Mapping):
-        raise ValueError(f"search space {str(path)!r}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"search space {str(path)!r}: expected a mapping, got {type(data).__name__}"
+        )
     return SearchSpace.from_dict(data, default_name=path.stem)

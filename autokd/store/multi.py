@@ -7,6 +7,7 @@ one: the same batches interface as ``FeatureStore``, whose ``batch(idx)`` gives 
 augmentation, which ``TeacherStores`` checks) and one ``{name: tensor}`` per teacher, in the
 teachers' order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,10 @@ class TeacherStores:
     def __init__(self, stores: Sequence[FeatureStore]):
         stores = list(stores)
         if len(stores) < 2:
-            raise ValueError(f"TeacherStores: expected the stores of 2 or more teachers, got "
-                             f"{len(stores)}; one teacher reads its FeatureStore directly")
+            raise ValueError(
+                f"TeacherStores: expected the stores of 2 or more teachers, got "
+                f"{len(stores)}; one teacher reads its FeatureStore directly"
+            )
         first = stores[0]
         # Every store must describe the same records: (sample i, view v) of one data set under
         # one augmentation, or teacher j's features would belong to other images.
@@ -36,7 +39,8 @@ class TeacherStores:
                     raise ValueError(
                         f"TeacherStores: teacher {j + 1}'s store {s.path} has {what} {b!r}, "
                         f"teacher 1's ({first.path}) has {a!r}; the stores of one run must be "
-                        "built on the same data, views and augmentation")
+                        "built on the same data, views and augmentation"
+                    )
         self.stores = stores
 
     @property
@@ -61,14 +65,35 @@ class TeacherStores:
         for s in self.stores:
             s.check_compatible(dataset, aug)
 
-    def batches(self, dataset, aug: ReplayAugment, batch_size: int = 128, indices=None,
-                epoch: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                pin_memory: bool = False) -> TeacherStoreBatches:
+    def batches(
+        self,
+        dataset,
+        aug: ReplayAugment,
+        batch_size: int = 128,
+        indices=None,
+        epoch: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> TeacherStoreBatches:
         """One epoch of (imgs_aug, labels, [feats of teacher 1, feats of teacher 2, ...])."""
         self.check_compatible(dataset, aug)
-        return TeacherStoreBatches(self, StoreBatches(
-            self.stores[0], dataset, aug, batch_size=batch_size, indices=indices, epoch=epoch,
-            shuffle=shuffle, seed=seed, drop_last=drop_last, pin_memory=pin_memory))
+        return TeacherStoreBatches(
+            self,
+            StoreBatches(
+                self.stores[0],
+                dataset,
+                aug,
+                batch_size=batch_size,
+                indices=indices,
+                epoch=epoch,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                pin_memory=pin_memory,
+            ),
+        )
 
 
 class TeacherStoreBatches:
@@ -91,11 +116,13 @@ class TeacherStoreBatches:
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
         imgs, labels, feats = self.first.batch(idx)
         idx = np.asarray(idx, dtype=np.int64)
-        rest = [s.gather(idx, self.view, pin_memory=self.first.pin_memory)
-                for s in self.stores.stores[1:]]
+        rest = [
+            s.gather(idx, self.view, pin_memory=self.first.pin_memory)
+            for s in self.stores.stores[1:]
+        ]
         return imgs, labels, [feats, *rest]
 
     def __iter__(self):
         order, b = self.order(), self.first.batch_size
         for k in range(len(self)):
-            yield self.batch(order[k * b: (k + 1) * b])
+            yield self.batch(order[k * b : (k + 1) * b])

@@ -34,13 +34,14 @@ Semantics, chosen so that N processes train the model one process would train:
   the manager's own seeded generator.
 - Rank 0 alone writes checkpoints, ``student.pt``, ``result.json``, logs and progress bars.
 """
+
 from __future__ import annotations
 
 import datetime
 import gc
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -89,13 +90,17 @@ class DistContext:
         try:
             rank, world, local = (int(os.environ[k]) for k in ENV_KEYS)
         except ValueError as e:
-            raise ValueError(f"torchrun environment: expected integer {', '.join(ENV_KEYS)}, got "
-                             f"{[os.environ[k] for k in ENV_KEYS]}") from e
+            raise ValueError(
+                f"torchrun environment: expected integer {', '.join(ENV_KEYS)}, got "
+                f"{[os.environ[k] for k in ENV_KEYS]}"
+            ) from e
         kind = torch.device(device).type
         if kind == "cuda":
             if torch.device(device).index is not None:
-                raise ValueError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; "
-                                 "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+                raise ValueError(
+                    f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                    "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)"
+                )
             device = f"cuda:{local}"
         elif kind != "cpu":
             raise ValueError(f"--device {device}: under torchrun expected cpu or cuda")
@@ -107,8 +112,12 @@ class DistContext:
             return
         if self.backend == "nccl":
             torch.cuda.set_device(torch.device(self.device))
-        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            self.backend,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
 
     def close(self) -> None:
         """Leave the process group together (a rank that tears it down while another still
@@ -127,9 +136,11 @@ class DistContext:
         if batch_size % self.world_size:
             lo = batch_size - batch_size % self.world_size
             hint = f"{lo} or {lo + self.world_size}" if lo else f"{self.world_size}"
-            raise ValueError(f"--batch-size {batch_size} is the global batch and must divide by the "
-                             f"{self.world_size} processes of this run (each takes an equal share); "
-                             f"use {hint}")
+            raise ValueError(
+                f"--batch-size {batch_size} is the global batch and must divide by the "
+                f"{self.world_size} processes of this run (each takes an equal share); "
+                f"use {hint}"
+            )
         return batch_size // self.world_size
 
     def all_sum(self, values: Sequence[float]) -> list:
@@ -158,8 +169,10 @@ class DistContext:
         if not self.distributed:
             return module
         if not dist.is_initialized():
-            raise RuntimeError(f"rank {self.rank} of {self.world_size}: no process group; call "
-                               "DistContext.init() before training")
+            raise RuntimeError(
+                f"rank {self.rank} of {self.world_size}: no process group; call "
+                "DistContext.init() before training"
+            )
         ids = [torch.device(self.device).index] if self.backend == "nccl" else None
         # Gradients as views of the all-reduce buckets: no copy between the two per step and
         # half the gradient memory. (Weights with a size-1 dim, e.g. a 1-channel stem conv,
@@ -177,8 +190,12 @@ class EpochShardSampler(DistributedSampler):
     B / W, rank r's chunk j holds the positions of batch j of size B congruent to r mod W.
     """
 
-    def __init__(self, order_of_epoch: Callable[[int], Sequence[int]], n: int, num_replicas: int, rank: int):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+    def __init__(
+        self, order_of_epoch: Callable[[int], Sequence[int]], n: int, num_replicas: int, rank: int
+    ):
+        super().__init__(
+            range(n), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False
+        )
         self._order_of_epoch = order_of_epoch
 
     def __iter__(self):
@@ -215,11 +232,18 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise ValueError(f"GlooSyncBatchNorm: expected input of at least 2 dims, got {input.dim()}")
+            raise ValueError(
+                f"GlooSyncBatchNorm: expected input of at least 2 dims, got {input.dim()}"
+            )
 
     def forward(self, x):
         self._check_input_dim(x)
-        sync = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        sync = (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
         if not sync:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
@@ -236,7 +260,11 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                m = (
+                    (1.0 / float(self.num_batches_tracked))
+                    if self.momentum is None
+                    else self.momentum
+                )
                 unbiased = var * (n / (n - 1)) if n > 1 else var
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
@@ -249,9 +277,16 @@ def convert_sync_batchnorm(module: nn.Module, device: str) -> nn.Module:
     convert a model BEFORE registering forward hooks on its BN layers."""
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
-        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, GlooSyncBatchNorm
+    ):
+        new = GlooSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         with torch.no_grad():
             if module.affine:
                 new.weight = module.weight

@@ -11,6 +11,7 @@ global batch and rank 0 alone writes the checkpoint, ``student.pt`` and ``result
 checkpoint is the same file either way (no DDP prefixes): a run may be resumed with another
 number of processes, or without torchrun.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -101,31 +102,45 @@ def run_distill(
     offline = cfg.offline and store is not None
     # lists of one teacher are the one-teacher Distiller
     distiller = Distiller(
-        spec, student, student_taps=student_taps, teacher_taps=[t.taps for t in teachers],
+        spec,
+        student,
+        student_taps=student_taps,
+        teacher_taps=[t.taps for t in teachers],
         teacher=None if offline else [t.model for t in teachers],
-        example_input=data.train.images[:2], teacher_shapes=shapes,
+        example_input=data.train.images[:2],
+        teacher_shapes=shapes,
     )
     if sync_bn:  # the design's adapters (1x1 conv + BN)
         distiller.loss = convert_sync_batchnorm(distiller.loss, cfg.device)
     distiller = distiller.to(cfg.device)
     start_epoch, resume, elapsed = 0, None, 0.0
-    pinned = {"spec": spec.to_dict(), "student": student_name,
-              "teacher_hash": pinned_teacher_hash(teachers),
-              "data": data.identity, "config": cfg.pinned()}
+    pinned = {
+        "spec": spec.to_dict(),
+        "student": student_name,
+        "teacher_hash": pinned_teacher_hash(teachers),
+        "data": data.identity,
+        "config": cfg.pinned(),
+    }
     if os.path.exists(ckpt_path):
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # a torn or foreign file: say which and stop, never guess
-            raise PipelineError(f"{ckpt_path}: unreadable checkpoint ({e}); remove it to start afresh") from e
+            raise PipelineError(
+                f"{ckpt_path}: unreadable checkpoint ({e}); remove it to start afresh"
+            ) from e
         if ck.get("pinned") != json.loads(json.dumps(pinned)):
-            raise PipelineError(f"{ckpt_path}: checkpoint of another distill run (spec, models, data or "
-                                "settings differ); use another --out folder")
+            raise PipelineError(
+                f"{ckpt_path}: checkpoint of another distill run (spec, models, data or "
+                "settings differ); use another --out folder"
+            )
         start_epoch, elapsed = ck["epoch"] + 1, ck.get("seconds", 0.0)
         resume = {"distiller": ck["distiller"], **ck["optim"], "rng": ck.get("rng")}
         log(f"resuming from {ckpt_path} after epoch {start_epoch}")
         if ck.get("rng") is None:
-            log("the checkpoint holds no RNG state (an older autokd wrote it): random draws of "
-                "the resumed epochs differ from an uninterrupted run's")
+            log(
+                "the checkpoint holds no RNG state (an older autokd wrote it): random draws of "
+                "the resumed epochs differ from an uninterrupted run's"
+            )
 
     bar = None
     if progress:
@@ -145,9 +160,11 @@ def run_distill(
             "pinned": json.loads(json.dumps(pinned)),
             "epoch": epoch,
             "distiller": distiller.state_dict(),
-            "optim": {"optimizer": optimizer.state_dict(),
-                      "sparsity": sparsity.state_dict() if sparsity is not None else None,
-                      "scaler": scaler.state_dict() if scaler is not None else None},
+            "optim": {
+                "optimizer": optimizer.state_dict(),
+                "sparsity": sparsity.state_dict() if sparsity is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
         }
         atomic_torch_save(state, ckpt_path)
 
@@ -157,12 +174,25 @@ def run_distill(
             bar.set_postfix(loss=f"{loss:.3f}")
 
     try:
-        res = train_student(distiller, student, data, cfg, store=store if offline else None,
-                            augment=augment, progress=show, start_epoch=start_epoch, resume=resume,
-                            on_epoch_end=on_epoch_end, dist=dist)
+        res = train_student(
+            distiller,
+            student,
+            data,
+            cfg,
+            store=store if offline else None,
+            augment=augment,
+            progress=show,
+            start_epoch=start_epoch,
+            resume=resume,
+            on_epoch_end=on_epoch_end,
+            dist=dist,
+        )
     except Diverged as e:
-        kept = (f"the checkpoint of the last finished epoch stays in {ckpt_path}"
-                if os.path.exists(ckpt_path) else "no epoch finished")
+        kept = (
+            f"the checkpoint of the last finished epoch stays in {ckpt_path}"
+            if os.path.exists(ckpt_path)
+            else "no epoch finished"
+        )
         raise PipelineError(
             f"distill {spec.label()}: training diverged ({e}); {kept}. Lower --lr (now "
             f"{cfg.lr:g}) or choose another design, in a new --run-dir"
@@ -175,8 +205,17 @@ def run_distill(
         acc, ce = evaluate(student, data.test, device=cfg.device)
         result = DistillResult(acc, ce, cfg.run_epochs, elapsed + res.seconds, ckpt_path)
         atomic_torch_save(student.state_dict(), os.path.join(out, "student.pt"))
-        atomic_write_text(os.path.join(out, "result.json"), json.dumps(
-            {**dataclasses.asdict(result), "spec": spec.to_dict(), "student": student_name,
-             "processes": dist.world_size}, indent=2))
+        atomic_write_text(
+            os.path.join(out, "result.json"),
+            json.dumps(
+                {
+                    **dataclasses.asdict(result),
+                    "spec": spec.to_dict(),
+                    "student": student_name,
+                    "processes": dist.world_size,
+                },
+                indent=2,
+            ),
+        )
     # the other ranks wait here until rank 0 has written everything
     return dist.broadcast(result)

@@ -5,6 +5,7 @@ features, sparse student, data subset, early stop); `autokd-cli distill` is the 
 them off (or on, where asked). Keeping one loop means a proxy ranks designs by the same
 training that later uses them.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,6 @@ from autokd.train import rng
 from autokd.train.distributed import EpochShardSampler
 from autokd.train.precision import PRECISIONS
 from autokd.train.sparse import EXCLUDE_KEYS, make_optimizer
-
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -54,7 +54,9 @@ class TrainConfig:
     sparsity: float = 0.0  # fraction of student weights forced to zero (0 = dense)
     offline: bool = True  # teacher features from the feature store instead of the teacher
     seed: int = 0  # initialisation, batch order, sparsity masks
-    subset_seed: Optional[int] = None  # which subset; None: `seed`. A search fixes it for all trials
+    subset_seed: Optional[int] = (
+        None  # which subset; None: `seed`. A search fixes it for all trials
+    )
     device: str = "cpu"
     # autokd/train/precision.py: fp32 | bf16 (autocast) | fp16 (autocast + GradScaler); losses
     # stay float32 either way. channels_last: input batches in NHWC strides.
@@ -71,14 +73,19 @@ class TrainConfig:
             ("stop_fraction", 0 < self.stop_fraction <= 1, "in (0, 1]"),
             ("sparsity", 0 <= self.sparsity < 1, "in [0, 1)"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
-             f"in [0, epochs = {self.epochs})"),
+            (
+                "warmup_epochs",
+                0 <= self.warmup_epochs < self.epochs,
+                f"in [0, epochs = {self.epochs})",
+            ),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("channels_last", isinstance(self.channels_last, bool), "a bool"),
         ]
         for name, ok, want in checks:
             if not ok:
-                raise ValueError(f"train config: expected {name} {want}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"train config: expected {name} {want}, got {getattr(self, name)!r}"
+                )
 
     @property
     def run_epochs(self) -> int:
@@ -131,8 +138,13 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
 
 
 @torch.no_grad()
-def forward_all(model: nn.Module, images: torch.Tensor, taps: Sequence[str] = (), batch_size: int = 512,
-                device: str = "cpu"):
+def forward_all(
+    model: nn.Module,
+    images: torch.Tensor,
+    taps: Sequence[str] = (),
+    batch_size: int = 512,
+    device: str = "cpu",
+):
     """Logits [N, K] and tap features {tap: [N, ...]} of ``model`` on ``images`` (eval mode)."""
     was_training = model.training
     model.eval()
@@ -204,8 +216,9 @@ def _resident(split, device: torch.device):
     return cache[1], cache[2]
 
 
-def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
-                features: bool = True):
+def _epoch_plan(
+    data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment, features: bool = True
+):
     """(order, view, read_images, read_teacher) of one epoch: the sample ids in batch order, the
     augmentation view the epoch reads, ids -> (images, labels) from an in-memory split, and
     ids -> (teacher_features, teacher_logits), both None without a store or ``features``.
@@ -224,8 +237,15 @@ def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store
         return None, None
 
     if cfg.offline and store is not None:
-        sb = store.batches(data.train, augment, batch_size=cfg.batch_size, indices=indices, epoch=epoch,
-                           shuffle=True, seed=cfg.seed)
+        sb = store.batches(
+            data.train,
+            augment,
+            batch_size=cfg.batch_size,
+            indices=indices,
+            epoch=epoch,
+            shuffle=True,
+            seed=cfg.seed,
+        )
         view, pin = sb.view, device.type == "cuda"
 
         def read_images(idx):
@@ -241,8 +261,12 @@ def _epoch_plan(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store
             teacher = store.gather(ids, view, pin_memory=pin)
             return teacher, teacher.pop("logits", None)
 
-        return (torch.from_numpy(sb.order()), view, read_images,
-                read_teacher if features else no_teacher)
+        return (
+            torch.from_numpy(sb.order()),
+            view,
+            read_images,
+            read_teacher if features else no_teacher,
+        )
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = indices[torch.randperm(len(indices), generator=g)]
 
@@ -265,25 +289,37 @@ def _teacher_on(device, tf, tl):
     return tf, (tl.to(device, non_blocking=True).float() if tl is not None else None)
 
 
-def _epoch_source(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
-                  features: bool = True):
+def _epoch_source(
+    data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment, features: bool = True
+):
     """(order, make_batch) of one epoch: the sample ids in batch order, and the function that
     turns ids into (images, labels, teacher_features or None, teacher_logits or None); see
     ``_epoch_plan``."""
-    order, _, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store, augment,
-                                                      features)
+    order, _, read_images, read_teacher = _epoch_plan(
+        data, cfg, indices, epoch, store, augment, features
+    )
     return order, lambda idx: (*read_images(idx), *read_teacher(idx))
 
 
-def _epoch_batches(data, cfg: TrainConfig, indices: torch.Tensor, epoch: int, store, augment,
-                   sampler=None, features: bool = True, stream=None):
+def _epoch_batches(
+    data,
+    cfg: TrainConfig,
+    indices: torch.Tensor,
+    epoch: int,
+    store,
+    augment,
+    sampler=None,
+    features: bool = True,
+    stream=None,
+):
     """Yield (images, labels, teacher_features or None, teacher_logits or None) for one epoch:
     batches of ``cfg.batch_size`` in the epoch's order, or, with a data-parallel ``sampler``
     (``EpochShardSampler`` over that order), this rank's share of each of those batches.
     ``stream``: the StreamLoader of a streamed split (autokd.data.stream), whose worker
     processes decode and crop the images of those batches ahead of the step."""
-    order, view, read_images, read_teacher = _epoch_plan(data, cfg, indices, epoch, store,
-                                                         augment, features)
+    order, view, read_images, read_teacher = _epoch_plan(
+        data, cfg, indices, epoch, store, augment, features
+    )
     if sampler is None:
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     else:
@@ -350,8 +386,13 @@ def train_student(
     else:
         optim_kwargs = {"no_decay": _no_decay(student)}
     optimizer, sparsity = make_optimizer(
-        student, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        sparsity=cfg.sparsity, sparsity_kwargs=sparsity_kwargs, total_steps=total_steps,
+        student,
+        kind=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        sparsity=cfg.sparsity,
+        sparsity_kwargs=sparsity_kwargs,
+        total_steps=total_steps,
         **optim_kwargs,
     )
     if extra:
@@ -372,8 +413,11 @@ def train_student(
     if distributed:
         dist.check_batch(cfg.batch_size)
         sampler = EpochShardSampler(
-            lambda e: _epoch_source(data, cfg, indices, e, store, augment)[0], len(indices),
-            dist.world_size, dist.rank)
+            lambda e: _epoch_source(data, cfg, indices, e, store, augment)[0],
+            len(indices),
+            dist.world_size,
+            dist.rank,
+        )
         model = dist.wrap(distiller)
         dist.reseed(cfg.seed)
     if resume is not None and resume.get("rng") is not None:
@@ -388,13 +432,25 @@ def train_student(
     loss_value = float("nan")
     distiller.train()
     # a streamed folder: one persistent DataLoader (its worker processes) for every epoch
-    stream = (data.train.loader(augment, device=device)
-              if getattr(data.train, "streaming", False) else None)
+    stream = (
+        data.train.loader(augment, device=device)
+        if getattr(data.train, "streaming", False)
+        else None
+    )
     try:
         for epoch in range(start_epoch, cfg.run_epochs):
             total, count = 0.0, 0
-            for x, y, tf, tl in _epoch_batches(data, cfg, indices, epoch, store, augment, sampler,
-                                               features=uses_teacher, stream=stream):
+            for x, y, tf, tl in _epoch_batches(
+                data,
+                cfg,
+                indices,
+                epoch,
+                store,
+                augment,
+                sampler,
+                features=uses_teacher,
+                stream=stream,
+            ):
                 lr = cosine_lr(cfg.lr, step, total_steps, warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -435,4 +491,6 @@ def train_student(
     finally:
         if stream is not None:
             stream.close()
-    return TrainResult(cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history)
+    return TrainResult(
+        cfg.run_epochs - start_epoch, step, time.perf_counter() - t0, loss_value, history
+    )

@@ -27,6 +27,7 @@ On CPU use bf16 (native on CPUs with AVX512-BF16/AMX; 1.9x fp32 on ResNet-20 abo
 convolutions take a slow path in this torch (digits_teacher, 5 epochs: 90 s against 1.1 s in
 fp32). fp16 is for GPUs without bfloat16 (before Ampere).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,12 +46,20 @@ def check_precision(precision: str, device) -> None:
     if precision == "fp32":
         return
     if not torch.amp.is_autocast_available(kind):
-        raise ValueError(f"precision {precision}: torch has no autocast for device {device!r}; "
-                         "use --precision fp32")
-    if precision == "bf16" and kind == "cuda" and torch.cuda.is_available() \
-            and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16: the GPU of {device!r} does not support bfloat16 "
-                         "(before Ampere); use --precision fp16")
+        raise ValueError(
+            f"precision {precision}: torch has no autocast for device {device!r}; "
+            "use --precision fp32"
+        )
+    if (
+        precision == "bf16"
+        and kind == "cuda"
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise ValueError(
+            f"precision bf16: the GPU of {device!r} does not support bfloat16 "
+            "(before Ampere); use --precision fp16"
+        )
 
 
 def autocast(precision: str, device):

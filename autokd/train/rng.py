@@ -18,6 +18,7 @@ the same number of processes restores each rank's own state; with another number
 restores the state of rank r where the checkpoint has one and otherwise keeps the stream
 ``DistContext.reseed`` gave it (such a resume is well defined but not bit-identical).
 """
+
 from __future__ import annotations
 
 import random
@@ -74,18 +75,23 @@ def restore(state: Dict[str, Any], module: nn.Module, device="cpu") -> None:
     gens = _module_generators(module)
     missing = sorted(set(state.get("modules", {})) - set(gens))
     if missing:
-        raise ValueError(f"checkpoint RNG state: generators {missing} are not in this run's "
-                         "distiller; the checkpoint belongs to another design")
+        raise ValueError(
+            f"checkpoint RNG state: generators {missing} are not in this run's "
+            "distiller; the checkpoint belongs to another design"
+        )
     for k, g in gens.items():
         if k in state.get("modules", {}):
             g.set_state(state["modules"][k])
     np_state = state.get("numpy")
     if np_state is not None:
-        np.random.set_state({
-            "bit_generator": np_state["bit_generator"],
-            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
-            "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"],
-        })
+        np.random.set_state(
+            {
+                "bit_generator": np_state["bit_generator"],
+                "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                "has_gauss": np_state["has_gauss"],
+                "gauss": np_state["gauss"],
+            }
+        )
     py = state.get("python")
     if py is not None:
         random.setstate((py[0], tuple(py[1]), py[2]))

@@ -41,6 +41,7 @@ Topology schedule (SET: Mocanu et al. 2018; RigL: Evci et al. 2020):
 
 Only parameters with 2 or more dimensions are ever masked; 1-D parameters stay dense.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -89,8 +90,10 @@ def _choice(what: str, value, valid: Sequence[str]) -> str:
 
 
 def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-        0.0 <= float(sparsity) < 1.0
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not (0.0 <= float(sparsity) < 1.0)
     ):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
@@ -205,18 +208,27 @@ class SparsityManager:
         self.apply_masks()
 
     @classmethod
-    def create(cls, model: nn.Module, sparsity: float = 0.0, **kwargs) -> Optional["SparsityManager"]:
+    def create(
+        cls, model: nn.Module, sparsity: float = 0.0, **kwargs
+    ) -> Optional["SparsityManager"]:
         """A manager, or None when ``sparsity`` is 0 (dense training costs nothing extra)."""
-        valid = [k for k in inspect.signature(cls.__init__).parameters
-                 if k not in ("self", "model", "sparsity")]
+        valid = [
+            k
+            for k in inspect.signature(cls.__init__).parameters
+            if k not in ("self", "model", "sparsity")
+        ]
         unknown = sorted(set(kwargs) - set(valid))
         if unknown:
-            raise ValueError(f"unknown SparsityManager option(s) {unknown}; valid: "
-                             f"{', '.join(valid)}")
+            raise ValueError(
+                f"unknown SparsityManager option(s) {unknown}; valid: {', '.join(valid)}"
+            )
         if _check_sparsity(sparsity) == 0.0:
             # Still catch typos in the other options of a config that happens to be dense.
-            for key, valid in (("distribution", DISTRIBUTIONS), ("regrow", REGROW),
-                               ("fraction_decay", FRACTION_DECAYS)):
+            for key, valid in (
+                ("distribution", DISTRIBUTIONS),
+                ("regrow", REGROW),
+                ("fraction_decay", FRACTION_DECAYS),
+            ):
                 if key in kwargs:
                     _choice(key, kwargs[key], valid)
             return None
@@ -262,7 +274,9 @@ class SparsityManager:
                 raise ValueError(
                     f"exclude pattern {pat!r} matches no parameter of the model; keywords are "
                     f"{', '.join(EXCLUDE_KEYS)}, anything else is an fnmatch pattern on names "
-                    f"such as {all_names[0]!r}" if all_names else "(model has no parameters)"
+                    f"such as {all_names[0]!r}"
+                    if all_names
+                    else "(model has no parameters)"
                 )
         if not names:
             raise ValueError(
@@ -458,12 +472,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         own = {p for g in self.param_groups for p in g["params"]}
         for p, m in self._masks.items():
             if p not in own:
-                raise ValueError(f"{type(self).__name__}: a mask is given for a tensor of shape "
-                                 f"{list(p.shape)} that is not a parameter of this optimizer")
+                raise ValueError(
+                    f"{type(self).__name__}: a mask is given for a tensor of shape "
+                    f"{list(p.shape)} that is not a parameter of this optimizer"
+                )
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != p.shape:
                 got = f"{list(m.shape)} {m.dtype}" if isinstance(m, torch.Tensor) else type(m)
-                raise ValueError(f"{type(self).__name__}: expected a bool mask of shape "
-                                 f"{list(p.shape)}, got {got}")
+                raise ValueError(
+                    f"{type(self).__name__}: expected a bool mask of shape "
+                    f"{list(p.shape)}, got {got}"
+                )
 
     def _grads(self, group):
         for p in group["params"]:
@@ -481,8 +499,16 @@ class MaskedSGD(_MaskedOptimizer):
     has torch.optim.SGD's layout, so state_dicts load either way. Parameters must be
     contiguous."""
 
-    def __init__(self, params, masks: MaskSource = None, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
+    def __init__(
+        self,
+        params,
+        masks: MaskSource = None,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not momentum >= 0.0:
@@ -491,8 +517,13 @@ class MaskedSGD(_MaskedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+        )
         super().__init__(params, defaults, masks)
 
     @torch.no_grad()
@@ -510,7 +541,8 @@ class MaskedSGD(_MaskedOptimizer):
                 if mom != 0 and state.get("momentum_buffer") is None:
                     # Never read on the first step: the kernel writes it from the update.
                     state["momentum_buffer"] = torch.empty_like(
-                        p, memory_format=torch.contiguous_format)
+                        p, memory_format=torch.contiguous_format
+                    )
                     first = True
                 lists = buckets.setdefault((p.device, p.dtype, first), ([], [], [], []))
                 lists[0].append(p)
@@ -519,8 +551,18 @@ class MaskedSGD(_MaskedOptimizer):
                 if mom != 0:
                     lists[3].append(state["momentum_buffer"])
             for (_, _, first), (ps, gs, ms, bs) in buckets.items():
-                masked_sgd_step(ps, gs, ms, bs, group["lr"], mom, group["dampening"],
-                                group["weight_decay"], group["nesterov"], first)
+                masked_sgd_step(
+                    ps,
+                    gs,
+                    ms,
+                    bs,
+                    group["lr"],
+                    mom,
+                    group["dampening"],
+                    group["weight_decay"],
+                    group["nesterov"],
+                    first,
+                )
         return loss
 
 
@@ -530,9 +572,15 @@ class MaskedAdamW(_MaskedOptimizer):
     ``exp_avg``, ``exp_avg_sq``) has torch.optim.AdamW's layout. Parameters must be
     contiguous."""
 
-    def __init__(self, params, masks: MaskSource = None, lr: float = 1e-3,
-                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params,
+        masks: MaskSource = None,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not eps >= 0.0:
@@ -558,8 +606,7 @@ class MaskedAdamW(_MaskedOptimizer):
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 t = int(state["step"].item())
                 lists = buckets.setdefault((p.device, p.dtype, t), ([], [], [], [], []))
@@ -569,8 +616,19 @@ class MaskedAdamW(_MaskedOptimizer):
                 lists[3].append(state["exp_avg"])
                 lists[4].append(state["exp_avg_sq"])
             for (_, _, t), (ps, gs, ms, m1, m2) in buckets.items():
-                masked_adamw_step(ps, gs, ms, m1, m2, t, group["lr"], beta1, beta2, group["eps"],
-                                  group["weight_decay"])
+                masked_adamw_step(
+                    ps,
+                    gs,
+                    ms,
+                    m1,
+                    m2,
+                    t,
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                )
         return loss
 
 

@@ -13,6 +13,7 @@ training split that is trained on; the test split is fixed. Finished runs (``res
 read back, not repeated: a table can be extended seed by seed. Prints a Markdown table and
 writes it to ``--table`` (default ``OUT/distillers.md``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,22 @@ def run_one(args, spec: str, seed: int) -> float:
     run_dir = os.path.join(args.out, f"distill-{name}-{seed}")
     result = os.path.join(run_dir, "result.json")
     if not os.path.exists(result):
-        cmd = [sys.executable, "-m", "autokd.cli", "distill", "--spec", spec, "--seed", str(seed),
-               "--out", args.out, "--run-dir", run_dir, "--quiet", *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "autokd.cli",
+            "distill",
+            "--spec",
+            spec,
+            "--seed",
+            str(seed),
+            "--out",
+            args.out,
+            "--run-dir",
+            run_dir,
+            "--quiet",
+            *args.extra,
+        ]
         if args.student:
             cmd += ["--student", args.student]
         print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
@@ -43,14 +58,21 @@ def run_one(args, spec: str, seed: int) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--specs", nargs="+", default=None,
-                   help="classic names or spec files [default: none and every classic]")
+    p.add_argument(
+        "--specs",
+        nargs="+",
+        default=None,
+        help="classic names or spec files [default: none and every classic]",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--student", default=None, help="default: the data set's default student")
     p.add_argument("--out", default="runs/distillers")
     p.add_argument("--table", default=None)
-    p.add_argument("extra", nargs=argparse.REMAINDER,
-                   help="after --: more options for every distill command (e.g. -- --epochs 30)")
+    p.add_argument(
+        "extra",
+        nargs=argparse.REMAINDER,
+        help="after --: more options for every distill command (e.g. -- --epochs 30)",
+    )
     args = p.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
     specs = args.specs or ["none"] + [n for n in list_distillers() if n != "none"]
@@ -67,8 +89,9 @@ def main(argv=None):
         delta = f"{100 * (mean - base):+.2f}" if base is not None and name != "none" else ""
         per_seed = ", ".join(f"{100 * a:.2f}" for a in accs)
         lines.append(f"| {name} | {100 * mean:.2f} +- {100 * std:.2f} | {delta} | {per_seed} |")
-    cmd = (f"autokd-cli distill --spec NAME --seed S --out {args.out}{student}"
-           + (f" {extra}" if extra else ""))
+    cmd = f"autokd-cli distill --spec NAME --seed S --out {args.out}{student}" + (
+        f" {extra}" if extra else ""
+    )
     head = f"Seeds {args.seeds}; each cell: `{cmd}`; accuracy in %, std over seeds (sample std)."
     text = "\n".join([head, "", *lines])
     table = args.table or os.path.join(args.out, "distillers.md")

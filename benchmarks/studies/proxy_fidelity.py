@@ -18,6 +18,7 @@
 Results are cached in --out (every run is kept in results.json: a rerun only runs what is
 missing); the Markdown table goes to benchmarks/results/proxy_fidelity.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,17 @@ def _save(path, obj):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="runs/study-proxy")
     ap.add_argument("--designs", type=int, default=6, help="top designs (and as many spread ones)")
     ap.add_argument("--seeds", type=int, default=3, help="full-training seeds per design")
     ap.add_argument("--proxy-seeds", type=int, default=2)
-    ap.add_argument("--result", default=os.path.join(os.path.dirname(__file__), "..", "results",
-                                                     "proxy_fidelity.md"))
+    ap.add_argument(
+        "--result",
+        default=os.path.join(os.path.dirname(__file__), "..", "results", "proxy_fidelity.md"),
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
@@ -85,15 +90,17 @@ def main(argv=None):
     # 1. the designs
     search_out = os.path.join(args.out, "search")
     cfg = SearchConfig(out=search_out, budget=100, selection=SelectionConfig(fidelity=0.0))
-    if not os.path.exists(os.path.join(search_out, "journal.sqlite")) or \
-            len(Journal(os.path.join(search_out, "journal.sqlite"))) < cfg.budget:
+    if (
+        not os.path.exists(os.path.join(search_out, "journal.sqlite"))
+        or len(Journal(os.path.join(search_out, "journal.sqlite"))) < cfg.budget
+    ):
         run_search(cfg, log=lambda _m: None, progress=False)
     space = load_space(cfg.space)
     with Journal(os.path.join(search_out, "journal.sqlite")) as j:
         trials = j.trials()
     ranked = rank(space, [(t.design, t.reward) for t in trials if t.status == "ok"])
     top = ranked[: args.designs]
-    rest = ranked[args.designs:]
+    rest = ranked[args.designs :]
     step = max(1, len(rest) // args.designs)
     spread = rest[::step][: args.designs]
     specs = {}
@@ -116,17 +123,34 @@ def main(argv=None):
             key = f"{json.dumps(spec, sort_keys=True)}|{seed}"
             if key in full:
                 continue
-            tc = TrainConfig(epochs=base.epochs, batch_size=base.batch_size, lr=base.lr,
-                             data_fraction=base.data_fraction, offline=False, seed=seed)
-            res = run_distill(DistillerSpec.from_dict(spec), data, teacher, cfg.student,
-                              prepared.student_taps, tc, os.path.join(args.out, "full", f"{abs(hash(key))}"),
-                              augment=prepared.augment, log=lambda _m: None, progress=False)
+            tc = TrainConfig(
+                epochs=base.epochs,
+                batch_size=base.batch_size,
+                lr=base.lr,
+                data_fraction=base.data_fraction,
+                offline=False,
+                seed=seed,
+            )
+            res = run_distill(
+                DistillerSpec.from_dict(spec),
+                data,
+                teacher,
+                cfg.student,
+                prepared.student_taps,
+                tc,
+                os.path.join(args.out, "full", f"{abs(hash(key))}"),
+                augment=prepared.augment,
+                log=lambda _m: None,
+                progress=False,
+            )
             full[key] = res.test_accuracy
             log(f"full {label} seed {seed}: {res.test_accuracy:.4f}")
             _save(cache_path, cache)
 
     def full_acc(spec):
-        return statistics.mean(full[f"{json.dumps(spec, sort_keys=True)}|{s}"] for s in range(args.seeds))
+        return statistics.mean(
+            full[f"{json.dumps(spec, sort_keys=True)}|{s}"] for s in range(args.seeds)
+        )
 
     # 3. proxies
     runner = TrialRunner(cfg, prepared)
@@ -140,9 +164,12 @@ def main(argv=None):
                 over = {"subset": subset, "stop_fraction": stop, "sparsity": sparsity}
                 res = runner.run(TrialTask(0, None, None, spec, 1000 + seed, proxy=over))
                 m = res["metrics"]
-                proxy[key] = {"reward": res["reward"] if res["reward"] is not None else -10.0,
-                              "val_acc": m.get("val_acc", 0.0), "val_ce": m.get("val_ce", 10.0),
-                              "seconds": res["seconds"]}
+                proxy[key] = {
+                    "reward": res["reward"] if res["reward"] is not None else -10.0,
+                    "val_acc": m.get("val_acc", 0.0),
+                    "val_ce": m.get("val_ce", 10.0),
+                    "seconds": res["seconds"],
+                }
             _save(cache_path, cache)
         log(f"proxy setting done: {name}")
 
@@ -156,23 +183,36 @@ def main(argv=None):
         f"search by estimate, {len(spread)} spread over the rest of its ranking, and "
         f"{', '.join(CLASSICS)}; truth: mean test accuracy of {args.seeds} full trainings "
         f"(seeds 0-{args.seeds - 1}). Proxy scores: mean of {args.proxy_seeds} seeds. "
-        f"`python benchmarks/studies/proxy_fidelity.py`", "",
+        f"`python benchmarks/studies/proxy_fidelity.py`",
+        "",
         "| proxy setting | work per trial (full trainings) | metric | Kendall tau | Spearman rho | "
-        "Kendall tau, proxy's top 6 | s per trial |", "|---|---|---|---|---|---|---|"]
+        "Kendall tau, proxy's top 6 | s per trial |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, subset, stop, sparsity in SETTINGS:
-        secs = statistics.mean(proxy[f"{name}|{json.dumps(specs[k], sort_keys=True)}|{s}"]["seconds"]
-                               for k in labels for s in range(args.proxy_seeds))
+        secs = statistics.mean(
+            proxy[f"{name}|{json.dumps(specs[k], sort_keys=True)}|{s}"]["seconds"]
+            for k in labels
+            for s in range(args.proxy_seeds)
+        )
         work = subset * max(1, round(base.epochs * stop + 0.4999)) / base.epochs
         for metric, higher in METRICS:
-            score = [statistics.mean(proxy[f"{name}|{json.dumps(specs[k], sort_keys=True)}|{s}"][metric]
-                                     for s in range(args.proxy_seeds)) * (1 if higher else -1)
-                     for k in labels]
+            score = [
+                statistics.mean(
+                    proxy[f"{name}|{json.dumps(specs[k], sort_keys=True)}|{s}"][metric]
+                    for s in range(args.proxy_seeds)
+                )
+                * (1 if higher else -1)
+                for k in labels
+            ]
             tau = kendalltau(score, truth)[0]
             rho = spearmanr(score, truth)[0]
             order = sorted(range(len(labels)), key=lambda i: -score[i])[:6]
             tau6 = kendalltau([score[i] for i in order], [truth[i] for i in order])[0]
-            lines.append(f"| {name} | {work:.3f} | {metric} | {tau:.2f} | {rho:.2f} | {tau6:.2f} | "
-                         f"{secs:.2f} |")
+            lines.append(
+                f"| {name} | {work:.3f} | {metric} | {tau:.2f} | {rho:.2f} | {tau6:.2f} | "
+                f"{secs:.2f} |"
+            )
     lines += ["", "| design | full-training test accuracy (mean of seeds) |", "|---|---|"]
     for k, t in sorted(zip(labels, truth), key=lambda kt: -kt[1]):
         lines.append(f"| {k} | {100 * t:.2f} |")

@@ -16,6 +16,7 @@ seed 1000 + i and every strategy is seeded with i.
 
 Writes the Markdown table to benchmarks/results/search_quality.md (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ STRATEGIES = {
 RULES = ("estimate", "best observed")
 
 
-def run_one(space, problem: SyntheticProblem, name: str, options: dict, seed: int,
-            budgets: List[int]) -> Dict[str, Dict[int, float]]:
+def run_one(
+    space, problem: SyntheticProblem, name: str, options: dict, seed: int, budgets: List[int]
+) -> Dict[str, Dict[int, float]]:
     strategy = make_strategy(name, space, seed, **options)
     history = []
     scores: Dict[str, Dict[int, float]] = {r: {} for r in RULES}
@@ -57,13 +59,17 @@ def run_one(space, problem: SyntheticProblem, name: str, options: dict, seed: in
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--space", default="autokd")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 300])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results",
-                                                  "search_quality.md"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "..", "results", "search_quality.md"),
+    )
     args = ap.parse_args(argv)
     space = load_space(args.space)
     table = DesignTable(space)
@@ -87,18 +93,27 @@ def main(argv=None) -> str:
         se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
         return f"{statistics.mean(xs):.3f} +- {se:.3f}"
 
-    lines = [f"Search quality on synthetic rewards over the `{args.space}` space "
-             f"({len(table):,} designs), {args.problems} problems "
-             f"(`python benchmarks/studies/search_quality.py --space {args.space} "
-             f"--problems {args.problems}`). Normalised true value of the recommended design "
-             "(0: median design, 1: optimum), mean +- standard error over problems.", ""]
+    lines = [
+        f"Search quality on synthetic rewards over the `{args.space}` space "
+        f"({len(table):,} designs), {args.problems} problems "
+        f"(`python benchmarks/studies/search_quality.py --space {args.space} "
+        f"--problems {args.problems}`). Normalised true value of the recommended design "
+        "(0: median design, 1: optimum), mean +- standard error over problems.",
+        "",
+    ]
     for r in RULES:
-        lines += [f"Recommendation rule: **{r}** (applied to every strategy)", "",
-                  "| strategy | " + " | ".join(f"{b} evaluations" for b in args.budgets) + " |",
-                  "|---|" + "---|" * len(args.budgets)]
+        lines += [
+            f"Recommendation rule: **{r}** (applied to every strategy)",
+            "",
+            "| strategy | " + " | ".join(f"{b} evaluations" for b in args.budgets) + " |",
+            "|---|" + "---|" * len(args.budgets),
+        ]
         for label in args.strategies:
-            lines.append(f"| {label} | " + " | ".join(cell(results[label][r][b]) for b in args.budgets)
-                         + " |")
+            lines.append(
+                f"| {label} | "
+                + " | ".join(cell(results[label][r][b]) for b in args.budgets)
+                + " |"
+            )
         lines.append("")
     text = "\n".join(lines)
     print(text)

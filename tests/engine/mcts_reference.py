@@ -4,6 +4,7 @@ both selection rules (UCT and Thompson).
 
 Written for clarity, not speed; floating-point formulas follow the header's order exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,13 +37,23 @@ class SplitMix64:
 
     def normal(self) -> float:
         """Box-Muller on two 53-bit uniforms, u1 in (0, 1], u2 in [0, 1); the sine is unused."""
-        u1 = float((self.next() >> 11) + 1) * 2.0 ** -53
-        u2 = float(self.next() >> 11) * 2.0 ** -53
+        u1 = float((self.next() >> 11) + 1) * 2.0**-53
+        u2 = float(self.next() >> 11) * 2.0**-53
         return math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2)
 
 
 class _Node:
-    __slots__ = ("parent", "level", "option", "children", "visits", "pending", "sum", "best", "closed")
+    __slots__ = (
+        "parent",
+        "level",
+        "option",
+        "children",
+        "visits",
+        "pending",
+        "sum",
+        "best",
+        "closed",
+    )
 
     def __init__(self, parent, level, option):
         self.parent, self.level, self.option = parent, level, option
@@ -52,15 +63,28 @@ class _Node:
 
 
 class ReferenceMCTS:
-    def __init__(self, levels, selection="thompson", prior_strength=4.0, exploration=1.0 / math.sqrt(2.0),
-                 seed=0, normalize_rewards=True, on_repeat="reuse", max_nodes=1_000_000, virtual_loss=1.0,
-                 max_retries=100):
+    def __init__(
+        self,
+        levels,
+        selection="thompson",
+        prior_strength=4.0,
+        exploration=1.0 / math.sqrt(2.0),
+        seed=0,
+        normalize_rewards=True,
+        on_repeat="reuse",
+        max_nodes=1_000_000,
+        virtual_loss=1.0,
+        max_retries=100,
+    ):
         self.names = [lv["name"] for lv in levels]
         self.options = [list(lv["options"]) for lv in levels]
         index = {n: i for i, n in enumerate(self.names)}
         # per level: [(earlier level index, set of allowed option indices)]
         self.reqs = [
-            [(index[k], {self.options[index[k]].index(a) for a in v}) for k, v in (lv.get("requires") or {}).items()]
+            [
+                (index[k], {self.options[index[k]].index(a) for a in v})
+                for k, v in (lv.get("requires") or {}).items()
+            ]
             for lv in levels
         ]
         self.selection, self.k = selection, prior_strength
@@ -202,9 +226,18 @@ class ReferenceMCTS:
             # closed children (kReuse: all designs below told or pending) are skipped unless
             # every child is closed
             open_only = any(not self.nodes[c].closed for c in kids)
-            fresh = [c for c in kids if self.nodes[c].visits == 0 and self.nodes[c].pending == 0
-                     and not (open_only and self.nodes[c].closed)]
-            child = fresh[self.rng.below(len(fresh))] if fresh else self._ucb_child(self.nodes[node], open_only)
+            fresh = [
+                c
+                for c in kids
+                if self.nodes[c].visits == 0
+                and self.nodes[c].pending == 0
+                and not (open_only and self.nodes[c].closed)
+            ]
+            child = (
+                fresh[self.rng.below(len(fresh))]
+                if fresh
+                else self._ucb_child(self.nodes[node], open_only)
+            )
             path.append(child)
             design[lvl] = self.nodes[child].option
             after = lvl
@@ -240,8 +273,12 @@ class ReferenceMCTS:
             if leaf and self.on_repeat == "reuse":
                 self._close(path[-1])
             entry = self.designs.get(design)
-            if (entry is None or self.on_repeat == "average" or attempt == self.max_retries
-                    or len(self.designs) >= self.size):
+            if (
+                entry is None
+                or self.on_repeat == "average"
+                or attempt == self.max_retries
+                or len(self.designs) >= self.size
+            ):
                 break
             if entry[0] > 0:
                 self._backprop(path, entry[2] / float(entry[0]))
@@ -272,7 +309,9 @@ class ReferenceMCTS:
         for i in path:
             self.nodes[i].pending -= 1
         self._backprop(path, reward)
-        self.lo, self.hi = (min(self.lo, reward), max(self.hi, reward)) if self.have else (reward, reward)
+        self.lo, self.hi = (
+            (min(self.lo, reward), max(self.hi, reward)) if self.have else (reward, reward)
+        )
         self.have = True
         entry = self.designs[design]
         entry[0] += 1

@@ -1,6 +1,5 @@
 """MCTS engine (autokd.search.mcts over csrc/engine/mcts) against its Python reference."""
-import itertools
-import math
+
 import pickle
 import random
 import threading
@@ -8,9 +7,9 @@ import threading
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mcts_reference import ReferenceMCTS
 
 from autokd.search.mcts import MCTS
-from mcts_reference import ReferenceMCTS
 
 AUTOKD_LEVELS = [
     {"name": "global_transform", "options": ["original", "attention", "mask"]},
@@ -19,8 +18,16 @@ AUTOKD_LEVELS = [
     {"name": "feature_distance", "options": ["l2", "kl", "gram_l2"]},
     {"name": "feature_weight", "options": ["1", "5", "25", "50"]},
     {"name": "logit_distance", "options": ["none", "kl", "pearson"]},
-    {"name": "tau", "options": ["1", "2", "4", "8"], "requires": {"logit_distance": ["kl", "pearson"]}},
-    {"name": "logit_weight", "options": ["0.1", "0.5", "1", "5"], "requires": {"logit_distance": ["kl", "pearson"]}},
+    {
+        "name": "tau",
+        "options": ["1", "2", "4", "8"],
+        "requires": {"logit_distance": ["kl", "pearson"]},
+    },
+    {
+        "name": "logit_weight",
+        "options": ["0.1", "0.5", "1", "5"],
+        "requires": {"logit_distance": ["kl", "pearson"]},
+    },
 ]
 
 TOY = [
@@ -102,11 +109,19 @@ OPTION_SETS = [
 ]
 
 
-SELECTIONS = [{"selection": "uct"}, {"selection": "thompson"}, {"selection": "thompson", "prior_strength": 0.5}]
+SELECTIONS = [
+    {"selection": "uct"},
+    {"selection": "thompson"},
+    {"selection": "thompson", "prior_strength": 0.5},
+]
 
 
-@pytest.mark.parametrize("sel", SELECTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-@pytest.mark.parametrize("kw", OPTION_SETS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize(
+    "sel", SELECTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
+)
+@pytest.mark.parametrize(
+    "kw", OPTION_SETS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+)
 def test_same_proposals_as_reference(kw, sel):
     kw = {**kw, **sel}
     seed = kw.pop("seed", 7)
@@ -150,15 +165,21 @@ def spaces(draw):
             reqs = {}
             for j in draw(st.sets(st.integers(0, i - 1), min_size=1, max_size=2)):
                 prev = levels[j]["options"]
-                reqs[f"l{j}"] = draw(st.lists(st.sampled_from(prev), min_size=1, max_size=len(prev), unique=True))
+                reqs[f"l{j}"] = draw(
+                    st.lists(st.sampled_from(prev), min_size=1, max_size=len(prev), unique=True)
+                )
             lv["requires"] = reqs
         levels.append(lv)
     return levels
 
 
 @settings(max_examples=25, deadline=None)
-@given(levels=spaces(), seed=st.integers(0, 2**64 - 1), mode=st.sampled_from(["reuse", "average"]),
-       selection=st.sampled_from(["uct", "thompson"]))
+@given(
+    levels=spaces(),
+    seed=st.integers(0, 2**64 - 1),
+    mode=st.sampled_from(["reuse", "average"]),
+    selection=st.sampled_from(["uct", "thompson"]),
+)
 def test_random_spaces_match_reference_and_count(levels, seed, mode, selection):
     eng = MCTS(levels, seed=seed, on_repeat=mode, selection=selection)
     ref = ReferenceMCTS(levels, seed=seed, on_repeat=mode, selection=selection)
@@ -190,10 +211,14 @@ def test_num_designs_is_exact_beyond_64_bits():
 def test_num_designs_of_long_dependency_chains_and_entangled_spaces():
     chain = [{"name": "l0", "options": ["on", "off", "x"]}]
     for i in range(1, 40):  # each level exists only when the previous one is "on"
-        chain.append({"name": f"l{i}", "options": ["on", "off", "x"], "requires": {f"l{i - 1}": ["on"]}})
+        chain.append(
+            {"name": f"l{i}", "options": ["on", "off", "x"], "requires": {f"l{i - 1}": ["on"]}}
+        )
     assert MCTS(chain).num_designs() == len(enumerate_designs(chain)) == 2 * 39 + 3
     knots = [{"name": f"b{i}", "options": ["a", "b"]} for i in range(17)]
-    knots.append({"name": "last", "options": ["z"], "requires": {f"b{i}": ["a"] for i in range(17)}})
+    knots.append(
+        {"name": "last", "options": ["z"], "requires": {f"b{i}": ["a"] for i in range(17)}}
+    )
     eng = MCTS(knots)  # 2^17 dependency states: the size is unknown, the search still works
     with pytest.raises(ValueError, match="too entangled"):
         eng.num_designs()
@@ -213,7 +238,7 @@ def test_finds_known_optimum_within_budget():
     for seed in range(10):
         eng = MCTS(TOY, seed=seed)
         for _ in range(eng.num_designs()):  # the budget: one pass over the space's size
-            (tid, d), = eng.ask()
+            ((tid, d),) = eng.ask()
             eng.tell(tid, toy_reward(d))
         assert eng.best()[1] == optimum
         assert eng.best()[0] == {"a": "3", "b": "3", "c": "2", "d": "2", "e": "4"}
@@ -221,7 +246,10 @@ def test_finds_known_optimum_within_budget():
 
 def test_reaches_target_in_fewer_evaluations_than_random_search():
     designs = enumerate_designs(AUTOKD_LEVELS)
-    rank = {lv["name"]: {o: i / (len(lv["options"]) - 1) for i, o in enumerate(lv["options"])} for lv in AUTOKD_LEVELS}
+    rank = {
+        lv["name"]: {o: i / (len(lv["options"]) - 1) for i, o in enumerate(lv["options"])}
+        for lv in AUTOKD_LEVELS
+    }
 
     def reward(d):  # smooth, with a unique optimum
         return sum(rank[k][v] for k, v in d.items()) / 8.0
@@ -232,7 +260,7 @@ def test_reaches_target_in_fewer_evaluations_than_random_search():
         eng = MCTS(AUTOKD_LEVELS, seed=seed)
 
         def step():
-            (tid, d), = eng.ask()
+            ((tid, d),) = eng.ask()
             r = reward(d)
             eng.tell(tid, r)
             return r
@@ -248,9 +276,13 @@ def test_zero_and_one_iterations():
     eng = MCTS(AUTOKD_LEVELS)
     assert eng.ask(0) == [] and eng.best() is None and eng.num_told == 0
     assert len(eng.tree()) == 1 and eng.tree()[0]["mean_reward"] is None
-    assert all(s["visits"] == 0 and s["mean"] is None for lv in eng.level_stats().values() for s in lv.values())
+    assert all(
+        s["visits"] == 0 and s["mean"] is None
+        for lv in eng.level_stats().values()
+        for s in lv.values()
+    )
     check_invariants(eng)
-    (tid, design), = eng.ask(1)
+    ((tid, design),) = eng.ask(1)
     assert eng.num_pending == 1
     eng.tell(tid, 0.25)
     assert eng.best() == (design, 0.25) and eng.num_told == 1 and eng.num_pending == 0
@@ -290,7 +322,7 @@ def test_normalisation_makes_search_scale_free():
         eng = MCTS(AUTOKD_LEVELS, seed=4, normalize_rewards=normalize, selection=selection)
         log = []
         for _ in range(150):
-            (tid, d), = eng.ask()
+            ((tid, d),) = eng.ask()
             log.append(d)
             eng.tell(tid, toy_reward(d) * scale)
         return log
@@ -315,7 +347,7 @@ def test_level_stats_aggregate_tells():
     eng = MCTS(AUTOKD_LEVELS, seed=9)
     told = []
     for _ in range(60):
-        (tid, d), = eng.ask()
+        ((tid, d),) = eng.ask()
         r = toy_reward(d) + 0.01 * len(told)
         eng.tell(tid, r)
         told.append((d, r))
@@ -333,7 +365,7 @@ def test_average_mode_returns_repeats_and_averages():
     eng = MCTS([{"name": "a", "options": ["x", "y"]}], on_repeat="average")
     seen = []
     for i in range(6):
-        (tid, d), = eng.ask()
+        ((tid, d),) = eng.ask()
         seen.append(d["a"])
         eng.tell(tid, 1.0 if (d["a"] == "x" and i % 2) else 0.5)
     assert len(seen) == 6 and eng.num_told == 6
@@ -345,12 +377,12 @@ def test_reuse_mode_does_not_return_known_designs_before_exhaustion():
     eng = MCTS(TOY, seed=2)
     seen = set()
     for _ in range(eng.num_designs()):
-        (tid, d), = eng.ask()
+        ((tid, d),) = eng.ask()
         key = tuple(sorted(d.items()))
         assert key not in seen
         seen.add(key)
         eng.tell(tid, toy_reward(d))
-    (tid, d), = eng.ask()  # space exhausted: a repeat comes back
+    ((tid, d),) = eng.ask()  # space exhausted: a repeat comes back
     assert tuple(sorted(d.items())) in seen
 
 
@@ -375,7 +407,7 @@ def test_from_history_reproduces_statistics():
         eng = MCTS(AUTOKD_LEVELS, seed=13, on_repeat=mode)
         journal = []
         for _ in range(120):
-            (tid, d), = eng.ask()
+            ((tid, d),) = eng.ask()
             r = toy_reward(d)
             eng.tell(tid, r)
             journal.append((d, r))
@@ -394,11 +426,32 @@ def test_from_history_reproduces_statistics():
         ([], "at least one level"),
         ([{"name": "a", "options": []}], "no options"),
         ([{"name": "a", "options": ["x", "x"]}], "duplicate option 'x'"),
-        ([{"name": "a", "options": ["x"]}, {"name": "a", "options": ["y"]}], "duplicate level name 'a'"),
+        (
+            [{"name": "a", "options": ["x"]}, {"name": "a", "options": ["y"]}],
+            "duplicate level name 'a'",
+        ),
         ([{"name": "a", "options": ["x"], "requires": {"zz": ["x"]}}], "unknown level 'zz'"),
-        ([{"name": "a", "options": ["x"], "requires": {"b": ["y"]}}, {"name": "b", "options": ["y"]}], "not an earlier level"),
-        ([{"name": "a", "options": ["x"]}, {"name": "b", "options": ["y"], "requires": {"a": ["q"]}}], "unknown option 'q'"),
-        ([{"name": "a", "options": ["x"]}, {"name": "b", "options": ["y"], "requires": {"a": []}}], "no allowed options"),
+        (
+            [
+                {"name": "a", "options": ["x"], "requires": {"b": ["y"]}},
+                {"name": "b", "options": ["y"]},
+            ],
+            "not an earlier level",
+        ),
+        (
+            [
+                {"name": "a", "options": ["x"]},
+                {"name": "b", "options": ["y"], "requires": {"a": ["q"]}},
+            ],
+            "unknown option 'q'",
+        ),
+        (
+            [
+                {"name": "a", "options": ["x"]},
+                {"name": "b", "options": ["y"], "requires": {"a": []}},
+            ],
+            "no allowed options",
+        ),
         ([{"name": "a", "options": [1, 2]}], "as strings"),
         ([{"name": "a", "options": ["x"], "weights": [1]}], "unknown keys"),
         ("abc", "list of dicts"),
@@ -475,7 +528,7 @@ def test_ask_tell_arguments():
         pass
 
     m = Mixed(AUTOKD_LEVELS)
-    (tid, design), = m.ask()
+    ((tid, design),) = m.ask()
     m.tell(tid, 0.5)
     assert m.num_told == 1 and design == d0
 
@@ -506,8 +559,16 @@ def test_corrupt_blobs():
     "design, match",
     [
         ({"global_transform": "original"}, "lacks level"),
-        ({**dict.fromkeys(["global_transform", "intra_spatial", "inter_spatial"], "original"), "feature_distance": "l2",
-          "feature_weight": "1", "logit_distance": "none", "tau": "4"}, "does not exist"),
+        (
+            {
+                **dict.fromkeys(["global_transform", "intra_spatial", "inter_spatial"], "original"),
+                "feature_distance": "l2",
+                "feature_weight": "1",
+                "logit_distance": "none",
+                "tau": "4",
+            },
+            "does not exist",
+        ),
         ({"nope": "x"}, "unknown level 'nope'"),
         ({"global_transform": "rotate"}, "unknown option 'rotate'"),
         ("not a dict", "design dict"),
@@ -519,8 +580,14 @@ def test_bad_history(design, match):
 
 
 def test_bad_history_reward():
-    d = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
-         "feature_distance": "l2", "feature_weight": "1", "logit_distance": "none"}
+    d = {
+        "global_transform": "original",
+        "intra_spatial": "original",
+        "inter_spatial": "original",
+        "feature_distance": "l2",
+        "feature_weight": "1",
+        "logit_distance": "none",
+    }
     MCTS.from_history(AUTOKD_LEVELS, [(d, 1.0)])
     with pytest.raises(ValueError, match="finite"):
         MCTS.from_history(AUTOKD_LEVELS, [(d, float("nan"))])

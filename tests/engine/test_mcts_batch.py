@@ -1,12 +1,13 @@
 """Batched MCTS API: ask_many(k) -> (ids, option-index rows), tell_many(ids, rewards), decode."""
+
 import random
 
 import numpy as np
 import pytest
-
-from autokd.search.mcts import MCTS
 from mcts_reference import ReferenceMCTS
 from test_mcts import AUTOKD_LEVELS, TOY, check_invariants, run_threads, toy_reward
+
+from autokd.search.mcts import MCTS
 
 
 def drive_batched(eng, ref, iters, seed=0, max_k=4, max_lag=5):
@@ -34,7 +35,9 @@ def drive_batched(eng, ref, iters, seed=0, max_k=4, max_lag=5):
     eng.tell_many([t for t, _ in pending], [toy_reward(d) for _, d in pending])
 
 
-@pytest.mark.parametrize("kw", [{}, {"on_repeat": "average"}, {"virtual_loss": 0.25, "max_nodes": 40}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"on_repeat": "average"}, {"virtual_loss": 0.25, "max_nodes": 40}]
+)
 def test_batched_api_proposes_the_reference_sequence(kw):
     eng, ref = MCTS(AUTOKD_LEVELS, seed=7, **kw), ReferenceMCTS(AUTOKD_LEVELS, seed=7, **kw)
     drive_batched(eng, ref, 200)
@@ -45,7 +48,10 @@ def test_batched_api_proposes_the_reference_sequence(kw):
 
 def test_batched_on_small_space_past_exhaustion():
     for mode in ("reuse", "average"):
-        eng, ref = MCTS(TOY, seed=8, on_repeat=mode, max_retries=5), ReferenceMCTS(TOY, seed=8, on_repeat=mode, max_retries=5)
+        eng, ref = (
+            MCTS(TOY, seed=8, on_repeat=mode, max_retries=5),
+            ReferenceMCTS(TOY, seed=8, on_repeat=mode, max_retries=5),
+        )
         drive_batched(eng, ref, 60, seed=1, max_k=16, max_lag=40)
         assert eng.num_reused == ref.num_reused and eng.tree()[0]["visits"] == ref.nodes[0].visits
 
@@ -53,7 +59,7 @@ def test_batched_on_small_space_past_exhaustion():
 def test_k1_batches_are_the_serial_algorithm():
     serial, batched = MCTS(AUTOKD_LEVELS, seed=3), MCTS(AUTOKD_LEVELS, seed=3)
     for _ in range(300):
-        (tid, design), = serial.ask(1)
+        ((tid, design),) = serial.ask(1)
         ids, rows = batched.ask_many(1)
         assert int(ids[0]) == tid and batched.decode(rows[0]) == design
         serial.tell(tid, toy_reward(design))
@@ -65,7 +71,12 @@ def test_k1_batches_are_the_serial_algorithm():
 def test_shapes_dtypes_and_absent_levels():
     eng = MCTS(AUTOKD_LEVELS, seed=1)
     ids, rows = eng.ask_many(0)
-    assert ids.shape == (0,) and ids.dtype == np.int64 and rows.shape == (0, 8) and rows.dtype == np.int32
+    assert (
+        ids.shape == (0,)
+        and ids.dtype == np.int64
+        and rows.shape == (0, 8)
+        and rows.dtype == np.int32
+    )
     ids, rows = eng.ask_many(64)
     assert ids.tolist() == list(range(64)) and rows.shape == (64, 8)
     absent = rows[:, 5] == 0  # logit_distance "none": tau and logit_weight do not exist
@@ -139,7 +150,7 @@ def test_bad_tell_many_tells_nothing():
 
 def test_decode():
     eng = MCTS(AUTOKD_LEVELS)
-    (tid, design), = MCTS(AUTOKD_LEVELS).ask(1)
+    ((tid, design),) = MCTS(AUTOKD_LEVELS).ask(1)
     _, rows = eng.ask_many(1)
     assert eng.decode(rows[0]) == design and eng.decode(rows) == [design]
     assert eng.decode(rows[0].tolist()) == design

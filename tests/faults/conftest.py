@@ -6,6 +6,7 @@ data never reaches a student, finished work is never lost, and every refusal is 
 names the problem (no traceback). ``faults`` counts what was injected and what survived; the
 counts are printed at the end of the run (benchmarks/RESULTS.md records them).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,6 +38,7 @@ def digits_teacher(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     data = load_data("digits", val_fraction=0.1, seed=0)
-    load_or_train_teacher(data, "digits_teacher", None, path, epochs=1, log=lambda m: None,
-                          progress=False)
+    load_or_train_teacher(
+        data, "digits_teacher", None, path, epochs=1, log=lambda m: None, progress=False
+    )
     return path

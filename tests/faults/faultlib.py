@@ -1,6 +1,7 @@
 """Helpers of the fault-injection tests: the CLI in-process, the one-line-error check, a
 read-only folder, and the fault counts (imported by name: ``conftest`` is ambiguous when the
 whole suite runs, tests/store has one too)."""
+
 from __future__ import annotations
 
 import collections
@@ -47,8 +48,7 @@ def one_line_error(result, *needles) -> str:
         pytest.fail(f"a traceback reached the user ({type(exc).__name__}):\n{tb}")
     assert result.exit_code != 0, result.output
     # progress bars (tqdm, on stderr) of work done before the failure are not messages
-    lines = [ln for ln in result.stderr.splitlines()
-             if ln.strip() and not _PROGRESS.search(ln)]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not _PROGRESS.search(ln)]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
     line = lines[0]
     assert line.startswith("Error: "), line
@@ -81,7 +81,9 @@ def read_only(path):
         if os.geteuid() != 0:
             os.chmod(path, 0o555)
             how = "chmod"
-        elif subprocess.run(["chattr", "+i", path], capture_output=True, check=False).returncode == 0:
+        elif (
+            subprocess.run(["chattr", "+i", path], capture_output=True, check=False).returncode == 0
+        ):
             how = "chattr"
         if how is None or _writable(path):
             pytest.skip("cannot make a folder read-only here")

@@ -1,5 +1,6 @@
 """Read-only folders, a full disk, SQLite errors, damaged journal rows and NaN teachers: found
 before work starts where they can be, one line naming the file always, finished work kept."""
+
 import errno
 import json
 import os
@@ -19,13 +20,21 @@ from autokd.search.journal import Journal, JournalError
 from autokd.space import load_space
 
 SEED = 14
-DESIGN = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
-          "feature_distance": "l2", "feature_weight": "1", "logit_distance": "kl",
-          "temperature": "4", "logit_weight": "1"}
+DESIGN = {
+    "global_transform": "original",
+    "intra_spatial": "original",
+    "inter_spatial": "original",
+    "feature_distance": "l2",
+    "feature_weight": "1",
+    "logit_distance": "kl",
+    "temperature": "4",
+    "logit_weight": "1",
+}
 
 
 def _no_data_loading(monkeypatch):
     """Fail the test if a command gets as far as reading its data (it must refuse earlier)."""
+
     def refuse(*a, **k):
         raise AssertionError("the command read its data before refusing")
 
@@ -33,13 +42,22 @@ def _no_data_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["distill", "train-teacher", "cache", "search"])
-def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch, digits_teacher,
-                                                             command, faults):
+def test_unwritable_output_folder_is_refused_before_any_work(
+    tmp_path, monkeypatch, digits_teacher, command, faults
+):
     out = tmp_path / "ro"
     out.mkdir()
     _no_data_loading(monkeypatch)
     args = {
-        "distill": ["distill", "--spec", "kd", "--teacher-checkpoint", digits_teacher, "--run-dir", out],
+        "distill": [
+            "distill",
+            "--spec",
+            "kd",
+            "--teacher-checkpoint",
+            digits_teacher,
+            "--run-dir",
+            out,
+        ],
         "train-teacher": ["train-teacher", "--out", out],
         "cache": ["cache", "--out", out],
         "search": ["search", "--out", out, "--budget", "1"],
@@ -115,14 +133,20 @@ def test_a_damaged_journal_row_is_named(tmp_path, faults):
             k = _row_offsets(raw, f'"feature_weight": "{trial + 1}"'.encode())
             start = raw.rfind(b'{"feature_distance"', 0, k)
             lo = start - 12 if how == "zeroed" else start
-            raw[lo:k] = bytes(k - lo) if how == "zeroed" else bytes(rng.randrange(256) for _ in range(k - lo))
+            raw[lo:k] = (
+                bytes(k - lo)
+                if how == "zeroed"
+                else bytes(rng.randrange(256) for _ in range(k - lo))
+            )
             bad = tmp_path / f"bad-{trial}-{how}.sqlite"
             bad.write_bytes(bytes(raw))
             faults.injected(f"journal row {how} inside a page")
             with pytest.raises(JournalError) as e, Journal(str(bad)) as j:
                 j.trials()
             msg = str(e.value)
-            assert "is damaged" in msg and str(bad) in msg and "DELETE FROM trials WHERE id=" in msg, msg
+            assert (
+                "is damaged" in msg and str(bad) in msg and "DELETE FROM trials WHERE id=" in msg
+            ), msg
             faults.survived(f"journal row {how} inside a page")
     r = cli("report", "--out", tmp_path)  # the intact journal still reports
     assert r.exit_code == 0, r.output
@@ -146,11 +170,14 @@ class _FailingDb:
         self._db.close()
 
 
-@pytest.mark.parametrize("message, name, words", [
-    ("database or disk is full", "SQLITE_FULL", "disk is full"),
-    ("disk I/O error", "SQLITE_IOERR_WRITE", "I/O error"),
-    ("database is locked", "SQLITE_BUSY", "locked by another process"),
-])
+@pytest.mark.parametrize(
+    "message, name, words",
+    [
+        ("database or disk is full", "SQLITE_FULL", "disk is full"),
+        ("disk I/O error", "SQLITE_IOERR_WRITE", "I/O error"),
+        ("database is locked", "SQLITE_BUSY", "locked by another process"),
+    ],
+)
 def test_sqlite_errors_are_one_line_naming_the_journal(tmp_path, message, name, words, faults):
     path = str(tmp_path / "journal.sqlite")
     j = Journal(path, {"space": "autokd"})
@@ -185,8 +212,10 @@ def test_disk_full_in_the_report_keeps_the_previous_files(tmp_path, monkeypatch,
     from autokd.search.journal import Trial
 
     space = load_space("autokd")
-    trials = [Trial(i + 1, {**DESIGN, "feature_weight": w}, r, "ok", {"val_acc": r})
-              for i, (w, r) in enumerate([("1", 0.3), ("5", 0.6)])]
+    trials = [
+        Trial(i + 1, {**DESIGN, "feature_weight": w}, r, "ok", {"val_acc": r})
+        for i, (w, r) in enumerate([("1", 0.3), ("5", 0.6)])
+    ]
     report.write_outputs(str(tmp_path), trials, space, log=lambda m: None)
     before = {n: (tmp_path / n).read_bytes() for n in ("best.yaml", "top.yaml", "report.html")}
     trials.append(Trial(3, {**DESIGN, "feature_weight": "25"}, 0.9, "ok", {"val_acc": 0.9}))
@@ -201,11 +230,26 @@ def test_disk_full_in_the_report_keeps_the_previous_files(tmp_path, monkeypatch,
     faults.survived("disk full while writing the report")
 
 
-def test_disk_full_in_distill_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
-                                                                       digits_teacher, faults):
+def test_disk_full_in_distill_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, digits_teacher, faults
+):
     out = tmp_path / "run"
-    args = ["distill", "--spec", "kd", "--teacher-checkpoint", digits_teacher, "--epochs", "2",
-            "--batch-size", "128", "--quiet", "--out", tmp_path, "--run-dir", out]
+    args = [
+        "distill",
+        "--spec",
+        "kd",
+        "--teacher-checkpoint",
+        digits_teacher,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--quiet",
+        "--out",
+        tmp_path,
+        "--run-dir",
+        out,
+    ]
     real = torch.save
     saves = []
 
@@ -246,8 +290,11 @@ def test_disk_full_while_building_the_store(tmp_path, monkeypatch, digits_teache
 
 def _mount_tmpfs(path, size):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
     return r.returncode == 0
 
 
@@ -305,12 +352,28 @@ def test_empty_held_out_split_is_refused_before_the_teacher_trains(tmp_path, fau
     rng = np.random.default_rng(SEED)
     y = np.repeat(np.arange(4), 5)  # 5 images per class: 10% of 5 rounds to 0
     f = tmp_path / "few.npz"
-    np.savez(f, x_train=rng.random((20, 8, 8, 1), dtype=np.float32), y_train=y,
-             x_test=rng.random((8, 8, 8, 1), dtype=np.float32), y_test=y[:8])
+    np.savez(
+        f,
+        x_train=rng.random((20, 8, 8, 1), dtype=np.float32),
+        y_train=y,
+        x_test=rng.random((8, 8, 8, 1), dtype=np.float32),
+        y_test=y[:8],
+    )
     for command in ("search", "train-teacher"):
         faults.injected("empty held-out split")
-        r = cli(command, "--data", f"npz:{f}", "--out", tmp_path / command, "--teacher",
-                "digits_teacher", "--student", "digits_student", "--teacher-epochs", "1")
+        r = cli(
+            command,
+            "--data",
+            f"npz:{f}",
+            "--out",
+            tmp_path / command,
+            "--teacher",
+            "digits_teacher",
+            "--student",
+            "digits_student",
+            "--teacher-epochs",
+            "1",
+        )
         one_line_error(r, "held-out split is empty", "at least 6")
         assert not (tmp_path / command / "teacher.pt").exists()
         faults.survived("empty held-out split")
@@ -320,30 +383,75 @@ def test_a_refused_command_leaves_what_it_found(tmp_path, digits_teacher, faults
     """A store of another teacher or of another --seed, and a run folder of another spec, are
     refused by name and left byte for byte as they were (never rebuilt over)."""
     out = tmp_path / "out"
-    assert cli("cache", "--out", out, "--teacher-checkpoint", digits_teacher, "--views", "1").exit_code == 0
+    assert (
+        cli("cache", "--out", out, "--teacher-checkpoint", digits_teacher, "--views", "1").exit_code
+        == 0
+    )
     run = tmp_path / "run"
-    base = ["distill", "--teacher-checkpoint", digits_teacher, "--epochs", "1", "--quiet",
-            "--out", out, "--run-dir", run]
+    base = [
+        "distill",
+        "--teacher-checkpoint",
+        digits_teacher,
+        "--epochs",
+        "1",
+        "--quiet",
+        "--out",
+        out,
+        "--run-dir",
+        run,
+    ]
     assert cli(*base, "--spec", "kd").exit_code == 0
 
     def snapshot():
-        return {p: (d / p).read_bytes() for d in (out, run) for p in os.listdir(d)
-                if (d / p).is_file()}
+        return {
+            p: (d / p).read_bytes() for d in (out, run) for p in os.listdir(d) if (d / p).is_file()
+        }
 
     before = snapshot()
     other = tmp_path / "other.pt"
     ck = torch.load(digits_teacher, weights_only=True)
-    ck["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    ck["state_dict"] = {
+        k: v + 1 if v.is_floating_point() else v for k, v in ck["state_dict"].items()
+    }
     torch.save(ck, other)
     store = str(out / "teacher_features.akds")
     cases = [
-        (["cache", "--out", out, "--teacher-checkpoint", other, "--views", "1"],
-         (store, "another teacher", "left as it is")),
-        (["cache", "--out", out, "--teacher-checkpoint", digits_teacher, "--views", "1", "--seed", "1"],
-         (store, "another --seed", "left as it is")),
-        (["distill", "--offline", "--spec", "kd", "--out", out, "--teacher-checkpoint", other,
-          "--views", "1", "--run-dir", tmp_path / "run2", "--quiet"],
-         (store, "another teacher", "left as it is")),
+        (
+            ["cache", "--out", out, "--teacher-checkpoint", other, "--views", "1"],
+            (store, "another teacher", "left as it is"),
+        ),
+        (
+            [
+                "cache",
+                "--out",
+                out,
+                "--teacher-checkpoint",
+                digits_teacher,
+                "--views",
+                "1",
+                "--seed",
+                "1",
+            ],
+            (store, "another --seed", "left as it is"),
+        ),
+        (
+            [
+                "distill",
+                "--offline",
+                "--spec",
+                "kd",
+                "--out",
+                out,
+                "--teacher-checkpoint",
+                other,
+                "--views",
+                "1",
+                "--run-dir",
+                tmp_path / "run2",
+                "--quiet",
+            ],
+            (store, "another teacher", "left as it is"),
+        ),
         ([*base, "--spec", "dist"], ("another distill run",)),
     ]
     for args, needles in cases:

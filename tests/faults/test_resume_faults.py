@@ -1,6 +1,7 @@
 """`distill` stopped after epoch k, or killed with SIGKILL at a random point, and resumed trains
 the very student an uninterrupted run trains: bit for bit, also for designs that draw random
 numbers (the random spatial mask of `mask`, MGD's mask and generator)."""
+
 import os
 import random
 import signal
@@ -21,8 +22,14 @@ from autokd.train.loop import TrainConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED = 14
 DESIGNS = {
-    "mask": lambda: DistillerSpec.from_dict({"name": "mask-l2", "global_transform": "mask",
-                                             "feature_distance": "l2", "feature_weight": 5}),
+    "mask": lambda: DistillerSpec.from_dict(
+        {
+            "name": "mask-l2",
+            "global_transform": "mask",
+            "feature_distance": "l2",
+            "feature_weight": 5,
+        }
+    ),
     "mgd": lambda: resolve_spec("mgd"),
 }
 
@@ -30,8 +37,9 @@ DESIGNS = {
 @pytest.fixture(scope="module")
 def setup(digits_teacher):
     data = load_data("digits", val_fraction=0.1, seed=0)
-    teacher = load_or_train_teacher(data, "digits_teacher", digits_teacher, None, epochs=1,
-                                    log=lambda m: None, progress=False)
+    teacher = load_or_train_teacher(
+        data, "digits_teacher", digits_teacher, None, epochs=1, log=lambda m: None, progress=False
+    )
     return data, teacher
 
 
@@ -44,7 +52,9 @@ def _same_student(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("design", sorted(DESIGNS))
-def test_stop_after_epoch_k_and_resume_is_bit_identical(setup, tmp_path, monkeypatch, design, faults):
+def test_stop_after_epoch_k_and_resume_is_bit_identical(
+    setup, tmp_path, monkeypatch, design, faults
+):
     data, teacher = setup
     spec = DESIGNS[design]()
     taps = resolve_taps("digits_student", None)
@@ -52,8 +62,18 @@ def test_stop_after_epoch_k_and_resume_is_bit_identical(setup, tmp_path, monkeyp
     aug = make_augment(data, 0)
 
     def run(out):
-        return run_distill(spec, data, teacher, "digits_student", taps, cfg, str(out), augment=aug,
-                           log=lambda m: None, progress=False)
+        return run_distill(
+            spec,
+            data,
+            teacher,
+            "digits_student",
+            taps,
+            cfg,
+            str(out),
+            augment=aug,
+            log=lambda m: None,
+            progress=False,
+        )
 
     full = run(tmp_path / "full")
     k = random.Random(f"{SEED}:{design}").randrange(1, cfg.run_epochs)  # stop after epoch k
@@ -82,8 +102,20 @@ def test_stop_after_epoch_k_and_resume_is_bit_identical(setup, tmp_path, monkeyp
 def test_distill_killed_with_sigkill_resumes_bit_identical(setup, tmp_path, digits_teacher, faults):
     """The real CLI in a child process, SIGKILL at a random moment after its first checkpoint
     (mid-epoch or mid-write), then the same command again, against an uninterrupted run."""
-    args = ["distill", "--spec", "mgd", "--teacher-checkpoint", digits_teacher, "--epochs", "6",
-            "--batch-size", "64", "--seed", "3", "--quiet"]
+    args = [
+        "distill",
+        "--spec",
+        "mgd",
+        "--teacher-checkpoint",
+        digits_teacher,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "64",
+        "--seed",
+        "3",
+        "--quiet",
+    ]
     from click.testing import CliRunner
 
     from autokd.cli import main
@@ -91,10 +123,17 @@ def test_distill_killed_with_sigkill_resumes_bit_identical(setup, tmp_path, digi
     full = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "full")])
     assert full.exit_code == 0, full.output
     out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "autokd.cli", *args, "--out", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autokd.cli", *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = out / "distill-mgd-3" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:

@@ -1,5 +1,6 @@
 """Feature store: flipped bits and truncations never reach a student; `cache --verify` reports;
 `cache` rebuilds a damaged store but never one of another teacher."""
+
 import random
 import re
 
@@ -18,13 +19,18 @@ DAMAGE = ("header checksum", "truncated file", "file size")
 def store_file(tmp_path_factory):
     """A store with many small chunks (4 KiB), so random flips land in different chunks."""
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                  torch.nn.Linear(8, 10))
+    teacher = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
     data = torch.utils.data.TensorDataset(torch.randn(96, 3, 8, 8), torch.randint(0, 10, (96,)))
     path = tmp_path_factory.mktemp("store") / "good.akds"
-    s = FeatureStore.build(path, teacher, data, taps=["0"], views=2, progress=False,
-                           chunk_bytes=4096)
+    s = FeatureStore.build(
+        path, teacher, data, taps=["0"], views=2, progress=False, chunk_bytes=4096
+    )
     reader = s._get_reader()
     return path, path.read_bytes(), reader.data_offset, s
 
@@ -62,7 +68,9 @@ def test_bit_flips_in_the_data_never_reach_a_reader(tmp_path, store_file, faults
         # every batch that came back holds exactly the stored bytes
         for v, idx, feats in got:
             want = good_store.gather(idx, v)
-            assert all(torch.equal(feats[k], want[k]) for k in want), f"damaged bytes returned (flip at {pos})"
+            assert all(torch.equal(feats[k], want[k]) for k in want), (
+                f"damaged bytes returned (flip at {pos})"
+            )
         assert err is not None, f"flip at byte {pos} was never reported"
         chunk = (pos - data_offset) // 4096
         msg = str(err)

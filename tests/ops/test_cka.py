@@ -1,13 +1,14 @@
 """autokd::cka against its eager reference, plus the op's contract (opcheck, gradcheck,
 compile, properties, input errors, CUDA precision)."""
+
 import pytest
 import torch
-from helpers import assert_low_precision_close, raises_value_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autokd.ops import cka
 from autokd.reference import cka as ref_cka
+from helpers import assert_low_precision_close, raises_value_error
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-6)}
 
@@ -90,8 +91,9 @@ def test_compile_fullgraph():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(6, 24), st.integers(1, 12), st.integers(1, 12), st.floats(0.05, 20.0),
-       st.booleans())
+@given(
+    st.integers(6, 24), st.integers(1, 12), st.integers(1, 12), st.floats(0.05, 20.0), st.booleans()
+)
 def test_properties(n, dx, dy, scale, debiased):
     x = torch.randn(n, dx, dtype=torch.float64)
     y = torch.randn(n, dy, dtype=torch.float64)
@@ -118,15 +120,25 @@ def test_degenerate_features_give_zero():
 
 def test_bad_inputs():
     x = torch.randn(6, 5)
-    raises_value_error(cka, r"autokd::cka: expected x of shape \[N, Dx\], got \[6, 5, 1\]", x[..., None], x)
+    raises_value_error(
+        cka, r"autokd::cka: expected x of shape \[N, Dx\], got \[6, 5, 1\]", x[..., None], x
+    )
     raises_value_error(cka, r"autokd::cka: expected y of shape \[N, Dy\], got \[6\]", x, x[:, 0])
-    raises_value_error(cka, r"expected y with the same N \(dim 0\) as x \(6\), got \[5, 5\]", x, x[:5])
+    raises_value_error(
+        cka, r"expected y with the same N \(dim 0\) as x \(6\), got \[5, 5\]", x, x[:5]
+    )
     raises_value_error(cka, r"expected x to be non-empty, got shape \[6, 0\]", x[:, :0], x)
     raises_value_error(cka, r"expected y to be non-empty, got shape \[6, 0\]", x, x[:, :0])
-    raises_value_error(cka, r"expected x with N >= 4 samples \(debiased HSIC\), got \[3, 5\]", x[:3], x[:3], True)
+    raises_value_error(
+        cka, r"expected x with N >= 4 samples \(debiased HSIC\), got \[3, 5\]", x[:3], x[:3], True
+    )
     raises_value_error(cka, r"expected x with N >= 2 samples, got \[1, 5\]", x[:1], x[:1], False)
-    raises_value_error(cka, r"expected y of the same dtype as x \(Float\), got Double", x, x.double())
-    raises_value_error(cka, r"expected x to be a floating-point tensor .*, got Int", x.int(), x.int())
+    raises_value_error(
+        cka, r"expected y of the same dtype as x \(Float\), got Double", x, x.double()
+    )
+    raises_value_error(
+        cka, r"expected x to be a floating-point tensor .*, got Int", x.int(), x.int()
+    )
     raises_value_error(cka, r"autokd::cka: expected debiased to be a bool, got 'yes'", x, x, "yes")
 
 

@@ -1,13 +1,14 @@
 """autokd::gram_l2 against its eager reference, plus the op's contract (opcheck, gradcheck,
 compile, properties, input errors, CUDA precision)."""
+
 import pytest
 import torch
-from helpers import assert_low_precision_close, raises_value_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autokd.ops import gram_l2
 from autokd.reference import gram_l2 as ref_gram_l2
+from helpers import assert_low_precision_close, raises_value_error
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=1e-6)}
 
@@ -115,21 +116,61 @@ def test_properties(dims, mode, scale):
 
 def test_bad_inputs():
     f = torch.randn(4, 5)
-    raises_value_error(gram_l2, r"autokd::gram_l2: expected mode one of 'sample', 'channel', got 'pixel'", f, f, "pixel")
-    raises_value_error(gram_l2, r"expected student of shape \[N, D\] \(mode 'sample'\), got \[4, 5, 1\]",
-         f[..., None], f, "sample")
-    raises_value_error(gram_l2, r"expected teacher of shape \[N, C, L\] \(mode 'channel'\), got \[4, 5\]",
-         f[..., None], f, "channel")
-    raises_value_error(gram_l2, r"expected teacher with the same N \(dim 0\) as student \(4\), got \[3, 5\]",
-         f, f[:3], "sample")
-    raises_value_error(gram_l2, r"expected teacher with the same C \(dim 1\) as student \(5\), got \[4, 2, 3\]",
-         f[..., None], torch.randn(4, 2, 3), "channel")
-    raises_value_error(gram_l2, r"expected student to be non-empty, got shape \[0, 5\]", f[:0], f[:0], "sample")
-    raises_value_error(gram_l2, r"expected teacher to be non-empty, got shape \[4, 0\]", f, f[:, :0], "sample")
-    raises_value_error(gram_l2, r"expected teacher of the same dtype as student \(Float\), got Double", f, f.double(),
-         "sample")
-    raises_value_error(gram_l2, r"expected student to be a floating-point tensor .*, got Long", f.long(), f.long(),
-         "sample")
+    raises_value_error(
+        gram_l2,
+        r"autokd::gram_l2: expected mode one of 'sample', 'channel', got 'pixel'",
+        f,
+        f,
+        "pixel",
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected student of shape \[N, D\] \(mode 'sample'\), got \[4, 5, 1\]",
+        f[..., None],
+        f,
+        "sample",
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected teacher of shape \[N, C, L\] \(mode 'channel'\), got \[4, 5\]",
+        f[..., None],
+        f,
+        "channel",
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected teacher with the same N \(dim 0\) as student \(4\), got \[3, 5\]",
+        f,
+        f[:3],
+        "sample",
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected teacher with the same C \(dim 1\) as student \(5\), got \[4, 2, 3\]",
+        f[..., None],
+        torch.randn(4, 2, 3),
+        "channel",
+    )
+    raises_value_error(
+        gram_l2, r"expected student to be non-empty, got shape \[0, 5\]", f[:0], f[:0], "sample"
+    )
+    raises_value_error(
+        gram_l2, r"expected teacher to be non-empty, got shape \[4, 0\]", f, f[:, :0], "sample"
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected teacher of the same dtype as student \(Float\), got Double",
+        f,
+        f.double(),
+        "sample",
+    )
+    raises_value_error(
+        gram_l2,
+        r"expected student to be a floating-point tensor .*, got Long",
+        f.long(),
+        f.long(),
+        "sample",
+    )
     raises_value_error(gram_l2, r"expected mode one of 'sample', 'channel', got 3", f, f, 3)
 
 
@@ -183,7 +224,8 @@ def test_cuda_opcheck():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
-    "mode,s_shape,t_shape", [("sample", (64, 4096), (64, 2048)), ("channel", (8, 64, 196), (8, 64, 49))]
+    "mode,s_shape,t_shape",
+    [("sample", (64, 4096), (64, 2048)), ("channel", (8, 64, 196), (8, 64, 49))],
 )
 def test_cuda_low_precision(mode, s_shape, t_shape, dtype):
     # Scaled so that the half-precision reference's squared Gram sums stay finite in float16.

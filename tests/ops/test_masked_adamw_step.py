@@ -1,11 +1,12 @@
 """autokd::masked_adamw_step: parity with its eager reference and with torch.optim.AdamW, exact
 zeros under the mask, opcheck, torch.compile, and input errors."""
+
 import pytest
 import torch
-from helpers import assert_low_precision_close, clone_all
 
 import autokd
 from autokd.reference import masked_adamw_step as ref_step
+from helpers import assert_low_precision_close, clone_all
 
 op = torch.ops.autokd.masked_adamw_step.default
 
@@ -65,8 +66,13 @@ def test_all_ones_mask_equals_torch_adamw_over_many_steps(cfg, dtype):
     masks = [torch.ones(s, dtype=torch.bool) for s in shapes]
     m1 = [torch.zeros_like(p) for p in ours]
     m2 = [torch.zeros_like(p) for p in ours]
-    opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                            weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(
+        theirs,
+        lr=1e-2,
+        betas=(cfg["beta1"], cfg["beta2"]),
+        eps=cfg["eps"],
+        weight_decay=cfg["weight_decay"],
+    )
     for step in range(1, 101):
         grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
         for p, gr in zip(theirs, grads):

@@ -1,11 +1,12 @@
 """autokd::masked_sgd_step: parity with its eager reference and with torch.optim.SGD, exact zeros
 under the mask, opcheck, torch.compile, and input errors."""
+
 import pytest
 import torch
-from helpers import assert_low_precision_close, clone_all, raises_value_error
 
 import autokd
 from autokd.reference import masked_sgd_step as ref_step
+from helpers import assert_low_precision_close, clone_all, raises_value_error
 
 op = torch.ops.autokd.masked_sgd_step.default
 
@@ -100,8 +101,7 @@ def test_pruned_weights_and_momentum_stay_exactly_zero():
         grads = [torch.randn_like(p) for p in params]
         for gr, m in zip(grads, masks):
             gr[~m] = float("nan") if step % 2 else float("inf")  # ignored, never leaks
-        autokd.ops.masked_sgd_step(params, grads, masks, bufs, 0.1, 0.9, 0.0, 5e-4, True,
-                                   step == 0)
+        autokd.ops.masked_sgd_step(params, grads, masks, bufs, 0.1, 0.9, 0.0, 5e-4, True, step == 0)
         for p, b, m in zip(params, bufs, masks):
             assert torch.all(p[~m] == 0) and torch.all(b[~m] == 0)
             assert torch.isfinite(p).all() and torch.isfinite(b).all()
@@ -151,24 +151,76 @@ def test_errors():
     ok_m = [torch.ones(4, 3, dtype=torch.bool), None]
     h = (0.1, 0.9, 0.0, 0.0, False, False)
     pre = r"autokd::masked_sgd_step: expected "
-    raises_value_error(op, pre + r"masks\[0\] of the same shape as params\[0\] \[4, 3\], got \[3, 4\]",
-         p, g, [torch.ones(3, 4, dtype=torch.bool), None], b, *h)
-    raises_value_error(op, pre + r"masks\[0\] of dtype Bool, got Float", p, g, [torch.ones(4, 3), None], b, *h)
+    raises_value_error(
+        op,
+        pre + r"masks\[0\] of the same shape as params\[0\] \[4, 3\], got \[3, 4\]",
+        p,
+        g,
+        [torch.ones(3, 4, dtype=torch.bool), None],
+        b,
+        *h,
+    )
+    raises_value_error(
+        op, pre + r"masks\[0\] of dtype Bool, got Float", p, g, [torch.ones(4, 3), None], b, *h
+    )
     raises_value_error(op, pre + r"grads of length 2 \(as params\), got 1", p, g[:1], ok_m, b, *h)
     raises_value_error(op, pre + r"masks of length 2 \(as params\), got 1", p, g, ok_m[:1], b, *h)
-    raises_value_error(op, pre + r"momentum_buffers of length 2 \(as params\), got 1", p, g, ok_m, b[:1], *h)
-    raises_value_error(op, pre + r"params\[0\] to be a floating-point tensor .*, got Long",
-         [torch.zeros(4, 3, dtype=torch.long)], [torch.zeros(4, 3, dtype=torch.long)], [None],
-         [torch.zeros(4, 3, dtype=torch.long)], *h)
-    raises_value_error(op, pre + r"params\[1\] of the same dtype as params\[0\] \(Float\), got Double",
-         [p[0], p[1].double()], [g[0], g[1].double()], ok_m, [b[0], b[1].double()], *h)
-    raises_value_error(op, pre + r"grads\[1\] of the same shape as params\[1\] \[5\], got \[6\]",
-         p, [g[0], torch.zeros(6)], ok_m, b, *h)
-    raises_value_error(op, pre + r"params\[0\] to be contiguous", [torch.zeros(3, 4).t()], [torch.zeros(4, 3)],
-         [None], [torch.zeros(4, 3)], *h)
-    raises_value_error(op, pre + r"momentum > 0 and dampening == 0 with nesterov=True",
-         p, g, ok_m, b, 0.1, 0.9, 0.1, 0.0, True, False)
-    raises_value_error(op, pre + r"lr >= 0 and finite, got -1", p, g, ok_m, b, -1.0, 0.9, 0.0, 0.0, False, False)
+    raises_value_error(
+        op, pre + r"momentum_buffers of length 2 \(as params\), got 1", p, g, ok_m, b[:1], *h
+    )
+    raises_value_error(
+        op,
+        pre + r"params\[0\] to be a floating-point tensor .*, got Long",
+        [torch.zeros(4, 3, dtype=torch.long)],
+        [torch.zeros(4, 3, dtype=torch.long)],
+        [None],
+        [torch.zeros(4, 3, dtype=torch.long)],
+        *h,
+    )
+    raises_value_error(
+        op,
+        pre + r"params\[1\] of the same dtype as params\[0\] \(Float\), got Double",
+        [p[0], p[1].double()],
+        [g[0], g[1].double()],
+        ok_m,
+        [b[0], b[1].double()],
+        *h,
+    )
+    raises_value_error(
+        op,
+        pre + r"grads\[1\] of the same shape as params\[1\] \[5\], got \[6\]",
+        p,
+        [g[0], torch.zeros(6)],
+        ok_m,
+        b,
+        *h,
+    )
+    raises_value_error(
+        op,
+        pre + r"params\[0\] to be contiguous",
+        [torch.zeros(3, 4).t()],
+        [torch.zeros(4, 3)],
+        [None],
+        [torch.zeros(4, 3)],
+        *h,
+    )
+    raises_value_error(
+        op,
+        pre + r"momentum > 0 and dampening == 0 with nesterov=True",
+        p,
+        g,
+        ok_m,
+        b,
+        0.1,
+        0.9,
+        0.1,
+        0.0,
+        True,
+        False,
+    )
+    raises_value_error(
+        op, pre + r"lr >= 0 and finite, got -1", p, g, ok_m, b, -1.0, 0.9, 0.0, 0.0, False, False
+    )
 
 
 def test_error_parameters_on_different_devices():
@@ -176,10 +228,24 @@ def test_error_parameters_on_different_devices():
     # the dispatcher would route a list holding a meta tensor to the fake kernel.
     p = [torch.zeros(4), torch.zeros(4, device="meta")]
     ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    with pytest.raises(ValueError, match=r"expected params\[1\] on the same device as "
-                                         r"params\[0\] \(cpu\), got meta"):
-        op.redispatch(ks, p, [torch.zeros(4), torch.zeros(4)], [None, None],
-                      [torch.zeros(4), torch.zeros(4)], 0.1, 0.9, 0.0, 0.0, False, False)
+    with pytest.raises(
+        ValueError,
+        match=r"expected params\[1\] on the same device as "
+        r"params\[0\] \(cpu\), got meta",
+    ):
+        op.redispatch(
+            ks,
+            p,
+            [torch.zeros(4), torch.zeros(4)],
+            [None, None],
+            [torch.zeros(4), torch.zeros(4)],
+            0.1,
+            0.9,
+            0.0,
+            0.0,
+            False,
+            False,
+        )
 
 
 @pytest.mark.cuda
@@ -187,8 +253,9 @@ def test_error_parameters_on_different_devices():
 def test_cuda_matches_cpu(dtype):
     shapes = SHAPES + [(300, 1000)] + [(3, 3)] * 40  # several launches and a straddling tensor
     params, grads, masks, bufs = _make(shapes, dtype)
-    cp, cg, cm, cb = ([None if t is None else t.cuda() for t in ts]
-                      for ts in (params, grads, masks, bufs))
+    cp, cg, cm, cb = (
+        [None if t is None else t.cuda() for t in ts] for ts in (params, grads, masks, bufs)
+    )
     for first in (True, False):
         autokd.ops.masked_sgd_step(params, grads, masks, bufs, 0.1, 0.9, 0.0, 1e-3, True, first)
         autokd.ops.masked_sgd_step(cp, cg, cm, cb, 0.1, 0.9, 0.0, 1e-3, True, first)
@@ -200,6 +267,15 @@ def test_cuda_matches_cpu(dtype):
 @pytest.mark.cuda
 def test_cuda_error_parameters_on_different_devices():
     with pytest.raises(ValueError, match=r"expected params\[1\] on the same device as params"):
-        op([torch.zeros(4, device="cuda"), torch.zeros(4)],
-           [torch.zeros(4, device="cuda"), torch.zeros(4)], [None, None],
-           [torch.zeros(4, device="cuda"), torch.zeros(4)], 0.1, 0.9, 0.0, 0.0, False, False)
+        op(
+            [torch.zeros(4, device="cuda"), torch.zeros(4)],
+            [torch.zeros(4, device="cuda"), torch.zeros(4)],
+            [None, None],
+            [torch.zeros(4, device="cuda"), torch.zeros(4)],
+            0.1,
+            0.9,
+            0.0,
+            0.0,
+            False,
+            False,
+        )

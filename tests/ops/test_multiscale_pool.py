@@ -1,13 +1,13 @@
 """autokd::multiscale_pool against its eager reference (autokd.reference.multiscale_pool)."""
+
 import pytest
 import torch
-from helpers import assert_low_precision_close, escape
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import autokd
 from autokd.ops import multiscale_pool
 from autokd.reference import multiscale_pool as reference
+from helpers import assert_low_precision_close, escape
 
 # (shape, grids): odd sizes whose bins overlap and do not nest, size-1 dims, a nesting case.
 CASES = [

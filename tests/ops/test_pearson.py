@@ -1,14 +1,15 @@
 """autokd::pearson against its eager reference: values, gradients, layouts, errors."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_low_precision_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import autokd
 from autokd.reference import pearson as reference
+from helpers import assert_low_precision_close
 
 op = autokd.ops.pearson
 
@@ -123,8 +124,10 @@ def test_only_one_output_used():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
-                 torch.randn(6, 5, dtype=torch.float64)),
+        lambda: (
+            torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
+            torch.randn(6, 5, dtype=torch.float64),
+        ),
         lambda: (torch.randn(9, 4).t().requires_grad_(), torch.randn(4, 9)),
     ],
     ids=["contiguous", "transposed"],
@@ -183,25 +186,51 @@ def test_property_random_shapes(n, k, transpose, tau, w):
 
 
 BAD = [
-    ("rank 1", lambda: (torch.randn(5), torch.randn(5), 1.0),
-     r"autokd::pearson: expected student of shape \[N, K\], got \[5\]"),
-    ("rank 3", lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4), 1.0),
-     r"autokd::pearson: expected student of shape \[N, K\], got \[2, 3, 4\]"),
-    ("shapes", lambda: (torch.randn(4, 5), torch.randn(5, 4), 1.0),
-     r"autokd::pearson: expected teacher of the same shape as student \[4, 5\], got \[5, 4\]"),
-    ("tau 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), 0.0),
-     r"autokd::pearson: expected tau > 0 and finite, got 0"),
-    ("tau < 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), -1.0),
-     r"expected tau > 0 and finite, got -1"),
-    ("tau inf", lambda: (torch.randn(4, 5), torch.randn(4, 5), math.inf),
-     r"expected tau > 0 and finite, got inf"),
-    ("empty", lambda: (torch.randn(4, 0), torch.randn(4, 0), 1.0),
-     r"autokd::pearson: expected student to be non-empty, got shape \[4, 0\]"),
-    ("dtypes", lambda: (torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5), 1.0),
-     r"autokd::pearson: expected teacher of the same dtype as student \(Double\), got Float"),
-    ("integer", lambda: (torch.ones(4, 5, dtype=torch.int32), torch.ones(4, 5, dtype=torch.int32),
-                         1.0),
-     r"autokd::pearson: expected student to be a floating-point tensor .*, got Int"),
+    (
+        "rank 1",
+        lambda: (torch.randn(5), torch.randn(5), 1.0),
+        r"autokd::pearson: expected student of shape \[N, K\], got \[5\]",
+    ),
+    (
+        "rank 3",
+        lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4), 1.0),
+        r"autokd::pearson: expected student of shape \[N, K\], got \[2, 3, 4\]",
+    ),
+    (
+        "shapes",
+        lambda: (torch.randn(4, 5), torch.randn(5, 4), 1.0),
+        r"autokd::pearson: expected teacher of the same shape as student \[4, 5\], got \[5, 4\]",
+    ),
+    (
+        "tau 0",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), 0.0),
+        r"autokd::pearson: expected tau > 0 and finite, got 0",
+    ),
+    (
+        "tau < 0",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), -1.0),
+        r"expected tau > 0 and finite, got -1",
+    ),
+    (
+        "tau inf",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), math.inf),
+        r"expected tau > 0 and finite, got inf",
+    ),
+    (
+        "empty",
+        lambda: (torch.randn(4, 0), torch.randn(4, 0), 1.0),
+        r"autokd::pearson: expected student to be non-empty, got shape \[4, 0\]",
+    ),
+    (
+        "dtypes",
+        lambda: (torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5), 1.0),
+        r"autokd::pearson: expected teacher of the same dtype as student \(Double\), got Float",
+    ),
+    (
+        "integer",
+        lambda: (torch.ones(4, 5, dtype=torch.int32), torch.ones(4, 5, dtype=torch.int32), 1.0),
+        r"autokd::pearson: expected student to be a floating-point tensor .*, got Int",
+    ),
 ]
 
 
@@ -213,8 +242,11 @@ def test_bad_inputs(args, message):
 
 def test_bad_grads():
     s = torch.randn(4, 5)
-    with pytest.raises(ValueError, match=r"autokd::pearson_backward: expected grad_intra with "
-                                         r"one element, got shape \[3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"autokd::pearson_backward: expected grad_intra with "
+        r"one element, got shape \[3\]",
+    ):
         torch.ops.autokd.pearson_backward(torch.ones(()), torch.ones(3), s, s, 1.0)
 
 
@@ -241,8 +273,7 @@ def test_cuda_matches_reference(shape, dtype):
         for g, w in zip(got, want):
             torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
         scale = want_grad.abs().max()
-        torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=1e-4, atol=1e-5)
     else:
         for g, w, r in zip(got, want, ref_low):
             assert_low_precision_close(g, w, r)
@@ -260,8 +291,11 @@ def test_cuda_float64_strided_and_opcheck():
 
 @pytest.mark.cuda
 def test_cuda_mixed_devices():
-    with pytest.raises(ValueError, match=r"autokd::pearson: expected teacher on the same "
-                                         r"device as student \(cuda:0\), got cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"autokd::pearson: expected teacher on the same "
+        r"device as student \(cuda:0\), got cpu",
+    ):
         op(torch.randn(4, 5, device="cuda"), torch.randn(4, 5), 1.0)
 
 
@@ -294,8 +328,11 @@ def test_float32_fused_rows_confident_class(n):
     fused, fused_grad = run(op, s, t)
     unfused, unfused_grad = run(op, s.t().contiguous().t(), t.t().contiguous().t())
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-7)
-    for got, truth, ref in ((fused, want, ref_out), (fused_grad, want_grad, ref_grad),
-                            (unfused_grad, want_grad, ref_grad)):
+    for got, truth, ref in (
+        (fused, want, ref_out),
+        (fused_grad, want_grad, ref_grad),
+        (unfused_grad, want_grad, ref_grad),
+    ):
         err = (got - truth).abs().max().item()
         ref_err = (ref - truth).abs().max().item()
         # Both passes land a few reference errors from the truth (measured 0.5-3x here); a lost

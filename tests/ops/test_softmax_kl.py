@@ -1,14 +1,15 @@
 """autokd::softmax_kl against its eager reference: values, gradients, views, errors."""
+
 import math
 
 import pytest
 import torch
-from helpers import assert_low_precision_close, torch_threads
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import autokd
 from autokd.reference import softmax_kl as reference
+from helpers import assert_low_precision_close, torch_threads
 
 op = autokd.ops.softmax_kl
 
@@ -25,16 +26,21 @@ VIEWS = {
     "sliced": lambda f, g: (f[:, ::2], g[:, ::2]),
 }
 FEATURE_VIEWS = {
-    "channelwise": lambda f, g: (f.reshape(-1, f.shape[2] * f.shape[3]),
-                                 g.reshape(-1, g.shape[2] * g.shape[3])),
+    "channelwise": lambda f, g: (
+        f.reshape(-1, f.shape[2] * f.shape[3]),
+        g.reshape(-1, g.shape[2] * g.shape[3]),
+    ),
     "samplewise": lambda f, g: (f.reshape(f.shape[0], -1), g.reshape(g.shape[0], -1)),
-    "channel_view": lambda f, g: (f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
-                                  g.view(g.shape[0], g.shape[1], -1).transpose(0, 1)),
+    "channel_view": lambda f, g: (
+        f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
+        g.view(g.shape[0], g.shape[1], -1).transpose(0, 1),
+    ),
     "rank3": lambda f, g: (f.view(f.shape[0], f.shape[1], -1), g.view(g.shape[0], g.shape[1], -1)),
     # student a view, teacher contiguous: the two inputs walk different strides
-    "mixed_strides": lambda f, g: (f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
-                                   g.view(g.shape[0], g.shape[1], -1).transpose(0, 1)
-                                   .contiguous()),
+    "mixed_strides": lambda f, g: (
+        f.view(f.shape[0], f.shape[1], -1).transpose(0, 1),
+        g.view(g.shape[0], g.shape[1], -1).transpose(0, 1).contiguous(),
+    ),
 }
 LOGIT_SHAPES = [(7, 13), (1, 1), (1, 9), (9, 1), (128, 100), (3, 1500)]
 FEATURE_SHAPES = [(4, 3, 5, 6), (1, 1, 1, 1), (2, 5, 1, 7), (3, 2, 23, 29)]
@@ -107,7 +113,7 @@ def test_gradient_output_of_the_op(view, dtype):
     (want,) = torch.autograd.grad(reference(s64, t.double(), 2.0), s64)
     tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-6)
     if dtype == torch.bfloat16:
-        tol = dict(rtol=0, atol=want.abs().max().item() * 2 ** -7)
+        tol = dict(rtol=0, atol=want.abs().max().item() * 2**-7)
     torch.testing.assert_close(grad.double(), want, **tol)
 
 
@@ -168,8 +174,9 @@ def test_long_rows_and_large_logits():
     # Rows longer than one chunk, with maxima in later chunks (the running max must rescale).
     s = torch.linspace(-50, 50, 5000, dtype=torch.float64).repeat(3, 1)
     t = torch.linspace(60, -40, 5000, dtype=torch.float64).repeat(3, 1)
-    torch.testing.assert_close(op(s.float(), t.float(), 1.0).double(), reference(s, t, 1.0),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        op(s.float(), t.float(), 1.0).double(), reference(s, t, 1.0), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_identical_inputs_give_zero():
@@ -198,10 +205,11 @@ def test_teacher_gets_no_gradient():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
-                 torch.randn(6, 5, dtype=torch.float64)),
-        lambda: (torch.randn(4, 6, 5).transpose(0, 1).requires_grad_(),
-                 torch.randn(6, 4, 5)),
+        lambda: (
+            torch.randn(6, 5, dtype=torch.float64, requires_grad=True),
+            torch.randn(6, 5, dtype=torch.float64),
+        ),
+        lambda: (torch.randn(4, 6, 5).transpose(0, 1).requires_grad_(), torch.randn(6, 4, 5)),
     ],
     ids=["logits", "channel_view"],
 )
@@ -262,7 +270,6 @@ def test_property_random_shapes(rows, a, b, rank3, transpose, tau):
     assert op(s, t, tau).item() >= -1e-12  # KL is non-negative
 
 
-
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 9),
@@ -298,32 +305,63 @@ def test_property_float32_channel_views(n, c, hw, teacher_contiguous, tau, seed)
     torch.testing.assert_close(loss.double() / tau**2, want / tau**2, **TOL[torch.float32])
     unit = tau / c
     torch.testing.assert_close(grad.double() / unit, want_grad / unit, **TOL[torch.float32])
-    torch.testing.assert_close(torch.ops.autokd.softmax_kl(s, t, tau, False)[0], loss,
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.ops.autokd.softmax_kl(s, t, tau, False)[0], loss, rtol=1e-6, atol=0
+    )
     assert grad.stride() == s.stride()
 
+
 BAD = [
-    ("rank 1", lambda: (torch.randn(5), torch.randn(5), 1.0),
-     r"autokd::softmax_kl: expected student of shape \[R, L\] or \[R, A, B\], got \[5\]"),
-    ("rank 4", lambda: (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), 1.0),
-     r"expected student of shape \[R, L\] or \[R, A, B\], got \[2, 3, 4, 5\]"),
-    ("shapes", lambda: (torch.randn(4, 5), torch.randn(4, 6), 1.0),
-     r"autokd::softmax_kl: expected teacher of the same shape as student \[4, 5\], got \[4, 6\]"),
-    ("tau 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), 0.0),
-     r"autokd::softmax_kl: expected tau > 0 and finite, got 0"),
-    ("tau < 0", lambda: (torch.randn(4, 5), torch.randn(4, 5), -2.0),
-     r"expected tau > 0 and finite, got -2"),
-    ("tau inf", lambda: (torch.randn(4, 5), torch.randn(4, 5), math.inf),
-     r"expected tau > 0 and finite, got inf"),
-    ("tau nan", lambda: (torch.randn(4, 5), torch.randn(4, 5), math.nan),
-     r"expected tau > 0 and finite, got nan"),
-    ("empty", lambda: (torch.randn(0, 5), torch.randn(0, 5), 1.0),
-     r"autokd::softmax_kl: expected student to be non-empty, got shape \[0, 5\]"),
-    ("dtypes", lambda: (torch.randn(4, 5), torch.randn(4, 5, dtype=torch.float64), 1.0),
-     r"autokd::softmax_kl: expected teacher of the same dtype as student \(Float\), got Double"),
-    ("integer", lambda: (torch.ones(4, 5, dtype=torch.int64),
-                         torch.ones(4, 5, dtype=torch.int64), 1.0),
-     r"autokd::softmax_kl: expected student to be a floating-point tensor .*, got Long"),
+    (
+        "rank 1",
+        lambda: (torch.randn(5), torch.randn(5), 1.0),
+        r"autokd::softmax_kl: expected student of shape \[R, L\] or \[R, A, B\], got \[5\]",
+    ),
+    (
+        "rank 4",
+        lambda: (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), 1.0),
+        r"expected student of shape \[R, L\] or \[R, A, B\], got \[2, 3, 4, 5\]",
+    ),
+    (
+        "shapes",
+        lambda: (torch.randn(4, 5), torch.randn(4, 6), 1.0),
+        r"autokd::softmax_kl: expected teacher of the same shape as student \[4, 5\], got \[4, 6\]",
+    ),
+    (
+        "tau 0",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), 0.0),
+        r"autokd::softmax_kl: expected tau > 0 and finite, got 0",
+    ),
+    (
+        "tau < 0",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), -2.0),
+        r"expected tau > 0 and finite, got -2",
+    ),
+    (
+        "tau inf",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), math.inf),
+        r"expected tau > 0 and finite, got inf",
+    ),
+    (
+        "tau nan",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5), math.nan),
+        r"expected tau > 0 and finite, got nan",
+    ),
+    (
+        "empty",
+        lambda: (torch.randn(0, 5), torch.randn(0, 5), 1.0),
+        r"autokd::softmax_kl: expected student to be non-empty, got shape \[0, 5\]",
+    ),
+    (
+        "dtypes",
+        lambda: (torch.randn(4, 5), torch.randn(4, 5, dtype=torch.float64), 1.0),
+        r"autokd::softmax_kl: expected teacher of the same dtype as student \(Float\), got Double",
+    ),
+    (
+        "integer",
+        lambda: (torch.ones(4, 5, dtype=torch.int64), torch.ones(4, 5, dtype=torch.int64), 1.0),
+        r"autokd::softmax_kl: expected student to be a floating-point tensor .*, got Long",
+    ),
 ]
 
 
@@ -349,8 +387,10 @@ def test_result_does_not_depend_on_thread_count():
     # Rows are split across threads (each with its own scratch); loss and gradient must be
     # bit-identical with one thread and with two.
     f = torch.randn(64, 96, 48)
-    cases = [(torch.randn(256, 1000), torch.randn(256, 1000)),
-             (f.transpose(0, 1), f.flip(-1).transpose(0, 1))]
+    cases = [
+        (torch.randn(256, 1000), torch.randn(256, 1000)),
+        (f.transpose(0, 1), f.flip(-1).transpose(0, 1)),
+    ]
     out = {}
     for threads in (1, 2):
         with torch_threads(threads):
@@ -404,6 +444,9 @@ def test_cuda_float64_and_opcheck():
 
 @pytest.mark.cuda
 def test_cuda_mixed_devices():
-    with pytest.raises(ValueError, match=r"autokd::softmax_kl: expected teacher on the same "
-                                         r"device as student \(cuda:0\), got cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"autokd::softmax_kl: expected teacher on the same "
+        r"device as student \(cuda:0\), got cpu",
+    ):
         op(torch.randn(4, 5, device="cuda"), torch.randn(4, 5), 1.0)

@@ -1,4 +1,5 @@
 """autokd-cli end to end on the embedded digits data, at toy scale."""
+
 import json
 import os
 import signal
@@ -13,7 +14,17 @@ from click.testing import CliRunner
 from autokd.cli import main
 
 # Toy scale: a teacher of 2 epochs, trials of 1 epoch on 20% of the data.
-TOY = ["--teacher-epochs", "2", "--epochs", "5", "--stop-fraction", "0.2", "--views", "2", "--quiet"]
+TOY = [
+    "--teacher-epochs",
+    "2",
+    "--epochs",
+    "5",
+    "--stop-fraction",
+    "0.2",
+    "--views",
+    "2",
+    "--quiet",
+]
 
 
 def _cli(*args):
@@ -39,7 +50,14 @@ def searched(tmp_path_factory):
 def test_search_writes_spec_report_and_journal(searched):
     out, output = searched
     assert "best spec:" in output and "report:" in output
-    for name in ("best.yaml", "top.yaml", "report.html", "journal.sqlite", "teacher.pt", "teacher_features.akds"):
+    for name in (
+        "best.yaml",
+        "top.yaml",
+        "report.html",
+        "journal.sqlite",
+        "teacher.pt",
+        "teacher_features.akds",
+    ):
         assert os.path.exists(os.path.join(out, name)), name
     assert len(_trials(out)) == 4
     html = open(os.path.join(out, "report.html")).read()
@@ -48,8 +66,19 @@ def test_search_writes_spec_report_and_journal(searched):
 
 def test_best_spec_is_ready_for_distill(searched):
     out, _ = searched
-    r = CliRunner().invoke(main, ["distill", "--out", out, "--spec", os.path.join(out, "best.yaml"),
-                                  "--epochs", "1", "--quiet"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--out",
+            out,
+            "--spec",
+            os.path.join(out, "best.yaml"),
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output
     result = json.load(open(os.path.join(out, "distill-best-0", "result.json")))
@@ -117,8 +146,12 @@ def test_search_killed_with_sigkill_resumes_losing_nothing(tmp_path):
     ],
 )
 def test_bad_inputs_get_one_line_messages(tmp_path, args, message):
-    r = CliRunner().invoke(main, [*args, *(["--out", str(tmp_path)] if "--out" not in args else [])]
-                           if args[0] != "report" else args)
+    r = CliRunner().invoke(
+        main,
+        [*args, *(["--out", str(tmp_path)] if "--out" not in args else [])]
+        if args[0] != "report"
+        else args,
+    )
     assert r.exit_code != 0
     assert message in r.output
     assert "Traceback" not in r.output
@@ -138,6 +171,8 @@ def test_store_of_another_teacher_is_refused(searched, tmp_path):
     other.mkdir()
     # The same store file and data, a different teacher (trained for 1 epoch instead of 2).
     os.symlink(os.path.join(out, "teacher_features.akds"), other / "teacher_features.akds")
-    r = CliRunner().invoke(main, ["cache", "--out", str(other), "--teacher-epochs", "1", "--views", "2"])
+    r = CliRunner().invoke(
+        main, ["cache", "--out", str(other), "--teacher-epochs", "1", "--views", "2"]
+    )
     assert r.exit_code != 0
     assert "teacher" in r.output.lower() and "Traceback" not in r.output

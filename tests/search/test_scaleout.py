@@ -3,6 +3,7 @@
 Every parallel run reuses the teacher and the feature store of one serial run (copied into its
 own --out folder), so what is measured is the executor, not the teacher's training.
 """
+
 import json
 import os
 import shutil
@@ -23,23 +24,44 @@ from autokd.search.reward import reward_floor
 from autokd.space import load_space
 from autokd.train.loop import TrainConfig
 
-TOY = ["--teacher-epochs", "1", "--epochs", "5", "--stop-fraction", "0.2", "--views", "2", "--quiet"]
+TOY = [
+    "--teacher-epochs",
+    "1",
+    "--epochs",
+    "5",
+    "--stop-fraction",
+    "0.2",
+    "--views",
+    "2",
+    "--quiet",
+]
 SEED = 0
 
 
 def _cfg(out, budget, **kw):
     # the CLI's digits defaults (data_fraction among them), at the toy schedule of TOY
     accel = {**default_proxy("digits"), "stop_fraction": 0.2}
-    proxy = TrainConfig(epochs=5, batch_size=32, lr=0.1, **accel, offline=True, seed=SEED,
-                        data_fraction=default_training("digits")["data_fraction"])
-    return SearchConfig(out=str(out), budget=budget, teacher_epochs=1, views=2, proxy=proxy, seed=SEED, **kw)
+    proxy = TrainConfig(
+        epochs=5,
+        batch_size=32,
+        lr=0.1,
+        **accel,
+        offline=True,
+        seed=SEED,
+        data_fraction=default_training("digits")["data_fraction"],
+    )
+    return SearchConfig(
+        out=str(out), budget=budget, teacher_epochs=1, views=2, proxy=proxy, seed=SEED, **kw
+    )
 
 
 def _journal(out):
     db = sqlite3.connect(os.path.join(out, "journal.sqlite"))
     try:
         columns = [r[1] for r in db.execute("PRAGMA table_info(trials)")]
-        rows = db.execute("SELECT id, design, reward, status, metrics, seed FROM trials ORDER BY id").fetchall()
+        rows = db.execute(
+            "SELECT id, design, reward, status, metrics, seed FROM trials ORDER BY id"
+        ).fetchall()
         config = json.loads(dict(db.execute("SELECT key, value FROM meta"))["config"])
     finally:
         db.close()
@@ -92,8 +114,10 @@ def test_local_workers_retry_a_killed_trial_then_record_it_failed(serial, tmp_pa
     res = run_search(_cfg(out, 4, workers=2), log=logs.append, progress=False)
     assert res.new_trials == 4
     text = "\n".join(logs)
-    assert "trial 0 (attempt 1): worker process killed by SIGKILL" in text or \
-        "trial 0 (attempt 1): worker process exited with code 137" in text
+    assert (
+        "trial 0 (attempt 1): worker process killed by SIGKILL" in text
+        or "trial 0 (attempt 1): worker process exited with code 137" in text
+    )
     assert "trial 0: retrying (attempt 2 of 2)" in text
     assert "trial 1: failed 2 times" in text
     rows = _assert_same_shape(serial, out, 4)
@@ -137,7 +161,9 @@ def test_ray_cluster_runs_the_search_and_retries_a_killed_task(serial, tmp_path,
     assert all(r[3] != "failed" for r in rows)
 
 
-def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(serial, tmp_path, monkeypatch):
+def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(
+    serial, tmp_path, monkeypatch
+):
     """The serial path (local, 1 worker) shares the retry rule: a CUDA out-of-memory error is a
     failed attempt, not the end of the search; trials that fail again and again stop it."""
     import torch
@@ -158,7 +184,9 @@ def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(se
     monkeypatch.setattr(TrialRunner, "run", run)
     out = _prepared(serial, tmp_path / "oom")
     logs = []
-    with pytest.raises(ValueError, match=r"3 trials in a row failed \(workers died or ran out of memory"):
+    with pytest.raises(
+        ValueError, match=r"3 trials in a row failed \(workers died or ran out of memory"
+    ):
         run_search(_cfg(out, 8), log=logs.append, progress=False)
     assert "trial 0 (attempt 1): out of memory: CUDA out of memory" in "\n".join(logs)
     rows = _journal(out)[1]
@@ -172,8 +200,19 @@ def test_serial_search_retries_out_of_memory_and_stops_when_every_trial_fails(se
 def test_ctrl_c_and_sigkill_leave_no_workers(serial, tmp_path):
     out = _prepared(serial, tmp_path / "kill")
     budget = 40
-    args = [sys.executable, "-m", "autokd.cli", "search", "--out", out, "--budget", str(budget), "--workers", "2",
-            *TOY]
+    args = [
+        sys.executable,
+        "-m",
+        "autokd.cli",
+        "search",
+        "--out",
+        out,
+        "--budget",
+        str(budget),
+        "--workers",
+        "2",
+        *TOY,
+    ]
 
     def start_and_wait_for(rows):
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -242,8 +281,14 @@ def test_local_gpu_workers_are_pinned_round_robin(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    ctx = TrialSetup(cfg=None, teacher_checkpoint="", teacher_hash="", data_identity="", store_path=None,
-                        student_taps=[])
+    ctx = TrialSetup(
+        cfg=None,
+        teacher_checkpoint="",
+        teacher_hash="",
+        data_identity="",
+        store_path=None,
+        student_taps=[],
+    )
     ex = LocalExecutor(ctx, 3, "cuda", log=lambda _m: None)
     try:
         envs = []
@@ -280,7 +325,9 @@ def test_bad_executor_options(tmp_path, args, message):
 
 def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    r = CliRunner().invoke(main, ["search", "--out", str(tmp_path), "--executor", "ray", "--workers", "2"])
+    r = CliRunner().invoke(
+        main, ["search", "--out", str(tmp_path), "--executor", "ray", "--workers", "2"]
+    )
     assert r.exit_code != 0
     assert RAY_MISSING in r.output and "pip install 'autokd[ray]'" in r.output
     assert "Traceback" not in r.output

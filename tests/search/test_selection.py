@@ -2,18 +2,32 @@
 distillers; the search never hands back a design its own evaluation ranks below the best
 classic; every run is journaled and a rerun reuses them. Trained runs are replaced by a
 scripted scorer here (tests/search/test_cli.py runs the stage for real)."""
+
 import pytest
 
 from autokd.errors import PipelineError
 from autokd.search.journal import Journal
-from autokd.search.selection import (SelectionConfig, SelectionResult, candidates, plan,
-                                     run_selection, stage_cost)
+from autokd.search.selection import (
+    SelectionConfig,
+    SelectionResult,
+    candidates,
+    plan,
+    run_selection,
+    stage_cost,
+)
 from autokd.space import load_space
 
 SPACE = load_space("autokd")
-BASE = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
-        "feature_distance": "l2", "feature_weight": "1", "logit_distance": "kl",
-        "temperature": "4", "logit_weight": "1"}
+BASE = {
+    "global_transform": "original",
+    "intra_spatial": "original",
+    "inter_spatial": "original",
+    "feature_distance": "l2",
+    "feature_weight": "1",
+    "logit_distance": "kl",
+    "temperature": "4",
+    "logit_weight": "1",
+}
 
 
 class FakeTrial:
@@ -23,22 +37,32 @@ class FakeTrial:
 
 def _trials():
     weights = ["1", "5", "25", "50"]
-    return [FakeTrial(i, dict(BASE, feature_weight=w, temperature=t), 1.0 - 0.1 * i)
-            for i, (w, t) in enumerate((w, t) for t in ("1", "2", "4") for w in weights)]
+    return [
+        FakeTrial(i, dict(BASE, feature_weight=w, temperature=t), 1.0 - 0.1 * i)
+        for i, (w, t) in enumerate((w, t) for t in ("1", "2", "4") for w in weights)
+    ]
 
 
 def _scorer(scores, calls):
     """run(tasks) that scores each task by its candidate (spec without name), plus the seed's
     noise of +-0.001, and records every call."""
+
     def run(tasks):
         out = []
         for t in tasks:
             calls.append(t)
             key = tuple(sorted((k, str(v)) for k, v in t.spec.items() if k != "name"))
             base = scores.get(key, 0.0)
-            out.append({"status": "ok", "reward": base + 0.001 * (t.seed % 3), "seconds": 0.5,
-                        "metrics": {"val_acc": 0.5, "val_ce": 1.0}})
+            out.append(
+                {
+                    "status": "ok",
+                    "reward": base + 0.001 * (t.seed % 3),
+                    "seconds": 0.5,
+                    "metrics": {"val_acc": 0.5, "val_ce": 1.0},
+                }
+            )
         return out
+
     return run
 
 
@@ -79,8 +103,9 @@ def test_the_best_classic_meets_the_search_in_the_last_round(tmp_path, classic_w
         scores[_key(cands[0].spec)] = 0.65
     calls = []
     with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
-        res = run_selection(SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0,
-                            log=lambda _m: None)
+        res = run_selection(
+            SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0, log=lambda _m: None
+        )
         last = res.rounds[-1]
         assert sorted(last.scores) == sorted(["search #1", "dkd"])
         assert res.best_classic.label == "dkd"
@@ -93,8 +118,9 @@ def test_the_best_classic_meets_the_search_in_the_last_round(tmp_path, classic_w
         assert res.rounds[-1].fidelity == pytest.approx(0.4)
         n_runs = len(calls)
         # a rerun of the same stage trains nothing: every run is found in the journal
-        again = run_selection(SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0,
-                              log=lambda _m: None)
+        again = run_selection(
+            SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0, log=lambda _m: None
+        )
         assert len(calls) == n_runs and again.reused == n_runs
         assert again.winner.label == res.winner.label
         # and the report rebuilds the same result from the journal alone
@@ -109,14 +135,22 @@ def test_a_lead_inside_the_seed_noise_hands_back_the_classic(tmp_path):
     # the searched design leads kd by 0.0005; the two seeds of each differ by 0.001
     scores = {_key(cands[0].spec): 0.7005, _key(cands[1].spec): 0.7}
     with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
-        res = run_selection(SPACE, _trials(), j, _scorer(scores, []), cfg, epochs=60, seed=0,
-                            log=lambda _m: None)
+        res = run_selection(
+            SPACE, _trials(), j, _scorer(scores, []), cfg, epochs=60, seed=0, log=lambda _m: None
+        )
     assert res.rounds[-1].mean("search #1") > res.rounds[-1].mean("kd")
     assert res.winner.label == "kd" and res.best_classic.label == "kd"
 
 
 def test_no_stage_without_budget_or_without_a_working_trial(tmp_path):
     with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
-        assert run_selection(SPACE, _trials(), j, _scorer({}, []), SelectionConfig(fidelity=0),
-                             epochs=60, seed=0) is None
-        assert run_selection(SPACE, [], j, _scorer({}, []), SelectionConfig(), epochs=60, seed=0) is None
+        assert (
+            run_selection(
+                SPACE, _trials(), j, _scorer({}, []), SelectionConfig(fidelity=0), epochs=60, seed=0
+            )
+            is None
+        )
+        assert (
+            run_selection(SPACE, [], j, _scorer({}, []), SelectionConfig(), epochs=60, seed=0)
+            is None
+        )

@@ -1,6 +1,7 @@
 """Search strategies behind one ask/tell interface, the estimate that ranks their designs, and
 their quality on synthetic problems (the figures of benchmarks/studies/search_quality.py at
 toy scale: deterministic, seeded)."""
+
 import builtins
 import statistics
 
@@ -76,8 +77,14 @@ def test_tpe_without_optuna_says_how_to_install_it(monkeypatch):
 
 
 def test_estimate_shrinks_a_lucky_design_toward_what_its_options_say():
-    good = {"global_transform": "original", "intra_spatial": "original", "inter_spatial": "original",
-            "feature_distance": "l2", "feature_weight": "1", "logit_distance": "none"}
+    good = {
+        "global_transform": "original",
+        "intra_spatial": "original",
+        "inter_spatial": "original",
+        "feature_distance": "l2",
+        "feature_weight": "1",
+        "logit_distance": "none",
+    }
     # the same options, observed many times with reward ~1; one other design observed once at 3
     history = [(dict(good, feature_weight=w), 1.0) for w in ("1", "5", "25", "50")] * 3
     lucky = dict(good, global_transform="mask", intra_spatial="local", inter_spatial="channel-wise")

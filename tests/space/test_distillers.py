@@ -1,5 +1,6 @@
 """Each classic distiller in configs/distillers/ against its published formula, written here
 directly (no spec machinery): same loss value and same gradients."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,11 @@ def conv_bn(x, adapter):
 
 
 def test_every_shipped_distiller_is_tested_here():
-    tested = {n[len("test_"):] for n in globals() if n.startswith("test_") and n != "test_every_shipped_distiller_is_tested_here"}
+    tested = {
+        n[len("test_") :]
+        for n in globals()
+        if n.startswith("test_") and n != "test_every_shipped_distiller_is_tested_here"
+    }
     assert set(list_distillers()) <= tested, set(list_distillers()) - tested
 
 
@@ -54,7 +59,11 @@ def test_kd():
     m = DistillLoss(spec)
     ours = m(student_logits=s, teacher_logits=t).loss_kd
     T = 4.0
-    theirs = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="batchmean") * T * T
+    theirs = (
+        F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="batchmean")
+        * T
+        * T
+    )
     check(m, ours, theirs, [s])
 
 
@@ -102,7 +111,7 @@ def test_cwd():
     n, c, h, w = s.shape
     ps = F.log_softmax(s.reshape(-1, h * w) / tau, dim=1)
     pt = F.softmax(t.reshape(-1, h * w) / tau, dim=1)
-    theirs = 3 * (pt * (torch.log(pt) - ps)).sum() * tau ** 2 / (n * c)
+    theirs = 3 * (pt * (torch.log(pt) - ps)).sum() * tau**2 / (n * c)
     ours = m(s, t).loss_kd
     check(m, ours, theirs, [s])
 
@@ -133,8 +142,8 @@ def test_dist():
         return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
 
     ys, yt = F.softmax(s / tau, dim=1), F.softmax(t / tau, dim=1)
-    inter = tau ** 2 * (1 - pearson_rows(ys, yt)).mean()
-    intra = tau ** 2 * (1 - pearson_rows(ys.t(), yt.t())).mean()
+    inter = tau**2 * (1 - pearson_rows(ys, yt)).mean()
+    intra = tau**2 * (1 - pearson_rows(ys.t(), yt.t())).mean()
     theirs = 2 * inter + 2 * intra
     ours = m(student_logits=s, teacher_logits=t).loss_kd
     assert torch.allclose(ours, theirs, rtol=1e-5)
@@ -167,7 +176,12 @@ def test_ls_kd():
     def z(x):
         return (x - x.mean(-1, keepdim=True)) / (1e-7 + x.std(-1, keepdim=True))
 
-    theirs = 9 * F.kl_div(F.log_softmax(z(s) / T, 1), F.softmax(z(t) / T, 1), reduction="batchmean") * T * T
+    theirs = (
+        9
+        * F.kl_div(F.log_softmax(z(s) / T, 1), F.softmax(z(t) / T, 1), reduction="batchmean")
+        * T
+        * T
+    )
     ours = m(student_logits=s, teacher_logits=t).loss_kd
     check(m, ours, theirs, [s])
 
@@ -182,9 +196,12 @@ def _dkd(s, t, y, tau, alpha, beta):
     bs = torch.stack([ps[torch.arange(n), y], ps[keep].view(n, -1).sum(1)], 1)
     bt = torch.stack([pt[torch.arange(n), y], pt[keep].view(n, -1).sum(1)], 1)
     tckd = F.kl_div(bs.log(), bt, reduction="batchmean")
-    nckd = F.kl_div(F.log_softmax(s[keep].view(n, -1) / tau, 1),
-                    F.softmax(t[keep].view(n, -1) / tau, 1), reduction="batchmean")
-    return tau ** 2 * (alpha * tckd + beta * nckd)
+    nckd = F.kl_div(
+        F.log_softmax(s[keep].view(n, -1) / tau, 1),
+        F.softmax(t[keep].view(n, -1) / tau, 1),
+        reduction="batchmean",
+    )
+    return tau**2 * (alpha * tckd + beta * nckd)
 
 
 def test_dkd():

@@ -2,6 +2,7 @@
 against a reference written here from the papers' definitions in float64 (probabilities and
 explicit sums, not the log-space code of autokd.nn.blocks), with gradients, edge cases, and the
 labels that DKD reads travelling through DistillLoss, Distiller and the training loop."""
+
 import math
 
 import pytest
@@ -51,7 +52,7 @@ def dkd_reference(s, t, y, tau, alpha, beta, standardize=False):
         ht = pt[i, others] / (1 - pt[i, c])
         nckd = (ht * torch.log(ht / hs)).sum()
         total = total + alpha * tckd + beta * nckd
-    return tau ** 2 * total / n
+    return tau**2 * total / n
 
 
 def mlkd_reference(s, t, tau, temps, weights=(1.0, 1.0, 1.0), standardize=False):
@@ -63,11 +64,23 @@ def mlkd_reference(s, t, tau, temps, weights=(1.0, 1.0, 1.0), standardize=False)
     total = 0.0
     for temp in [tau] + list(temps):
         ps, pt = torch.softmax(s / temp, 1), torch.softmax(t / temp, 1)
-        inst = sum((pt[i] * torch.log(pt[i] / ps[i])).sum() for i in range(n)) / n * temp ** 2
-        bat = sum((torch.dot(ps[i], ps[j]) - torch.dot(pt[i], pt[j])) ** 2
-                  for i in range(n) for j in range(n)) / n
-        cls = sum((torch.dot(ps[:, a], ps[:, b]) - torch.dot(pt[:, a], pt[:, b])) ** 2
-                  for a in range(k) for b in range(k)) / k
+        inst = sum((pt[i] * torch.log(pt[i] / ps[i])).sum() for i in range(n)) / n * temp**2
+        bat = (
+            sum(
+                (torch.dot(ps[i], ps[j]) - torch.dot(pt[i], pt[j])) ** 2
+                for i in range(n)
+                for j in range(n)
+            )
+            / n
+        )
+        cls = (
+            sum(
+                (torch.dot(ps[:, a], ps[:, b]) - torch.dot(pt[:, a], pt[:, b])) ** 2
+                for a in range(k)
+                for b in range(k)
+            )
+            / k
+        )
         total = total + weights[0] * inst + weights[1] * bat + weights[2] * cls
     return total
 
@@ -88,6 +101,7 @@ def assert_same_value_and_grad(ours, theirs, s):
 
 
 # -- DKD ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 4.0, 8.0])
 @pytest.mark.parametrize("n,k", [(5, 7), (1, 10), (6, 2), (3, 100)])
@@ -119,7 +133,7 @@ def test_dkd_decomposes_kd():
         tckd, nckd = d.parts(s, t, tau, y)
         p_target = torch.softmax(t / tau, 1)[0, y[0]]
         kd = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
-        kd = kd * tau ** 2
+        kd = kd * tau**2
         assert torch.allclose(tckd + (1 - p_target) * nckd, kd, rtol=1e-10)
 
 
@@ -151,15 +165,22 @@ def test_dkd_half_precision_inputs_compute_in_float32():
     assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item()) + 1e-3
 
 
-@pytest.mark.parametrize("labels,match", [
-    (None, r"needs the ground-truth labels; pass labels="),
-    (torch.tensor([0.0, 1.0, 2.0]),
-     r"expected labels as an integer tensor of class indices \[N\], got torch.float32"),
-    (torch.tensor([0, 1]),
-     r"expected labels of shape \[3\] \(one class index per sample\), got \[2\]"),
-    (torch.tensor([0, 1, 7]), r"expected labels in \[0, 6\], got values from 0 to 7"),
-    (torch.tensor([-1, 1, 2]), r"expected labels in \[0, 6\], got values from -1 to 2"),
-])
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (None, r"needs the ground-truth labels; pass labels="),
+        (
+            torch.tensor([0.0, 1.0, 2.0]),
+            r"expected labels as an integer tensor of class indices \[N\], got torch.float32",
+        ),
+        (
+            torch.tensor([0, 1]),
+            r"expected labels of shape \[3\] \(one class index per sample\), got \[2\]",
+        ),
+        (torch.tensor([0, 1, 7]), r"expected labels in \[0, 6\], got values from 0 to 7"),
+        (torch.tensor([-1, 1, 2]), r"expected labels in \[0, 6\], got values from -1 to 2"),
+    ],
+)
 def test_dkd_label_mistakes_are_named(labels, match):
     loss = DistillLoss(load_distiller("dkd"))
     s, t, _ = logits(3, 7)
@@ -191,6 +212,7 @@ def test_only_dkd_needs_labels():
 
 
 # -- DKD's warm-up --------------------------------------------------------------------------
+
 
 def test_dkd_spec_is_the_published_cifar100_setting_with_its_epoch_warm_up():
     spec = load_distiller("dkd")
@@ -225,6 +247,7 @@ def test_ls_dkd_is_the_released_run():
 
 # -- MLKD -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n,k", [(5, 7), (1, 4), (4, 2)])
 def test_mlkd_matches_reference(n, k):
     s, t, _ = logits(n, k, seed=10 + n)
@@ -238,7 +261,8 @@ def test_mlkd_std_and_custom_temperatures_match_reference():
     d = LOGIT_DISTANCES.build({"key": "mlkd_std", "kwargs": {"temperatures": [1.5]}})
     assert_same_value_and_grad(d(s, t, 2.0), mlkd_reference(s, t, 2.0, (1.5,), standardize=True), s)
     spec = DistillerSpec.from_dict(
-        {"logit_distance": {"key": "mlkd", "kwargs": {"temperatures": [2, 3]}}})
+        {"logit_distance": {"key": "mlkd", "kwargs": {"temperatures": [2, 3]}}}
+    )
     assert hash(spec) == hash(DistillerSpec.from_yaml(spec.to_yaml()))  # list kwargs hash
 
 
@@ -250,6 +274,7 @@ def test_mlkd_gradcheck_and_zero_at_match():
 
 
 # -- the labels reach the loss from Distiller and the training loop ---------------------------
+
 
 class Tiny(nn.Module):
     def __init__(self, seed):
@@ -283,8 +308,9 @@ def test_training_loop_feeds_labels_to_dkd():
     from autokd.train.loop import TrainConfig, train_student
 
     g = torch.Generator().manual_seed(0)
-    train = SimpleNamespace(images=torch.randn(24, 1, 8, 8, generator=g),
-                            labels=torch.arange(24) % 5)
+    train = SimpleNamespace(
+        images=torch.randn(24, 1, 8, 8, generator=g), labels=torch.arange(24) % 5
+    )
     s, t = Tiny(0), Tiny(1)
     d = Distiller("dkd", s, teacher=t)
     before = [p.detach().clone() for p in s.parameters()]
@@ -299,8 +325,13 @@ def test_extended_space_holds_the_new_logit_distances():
     options = next(lv.options for lv in space.levels if lv.name == "logit_distance")
     assert {"dkd", "dkd_std", "kl_std", "mlkd", "mlkd_std"} <= set(options)
     for key in ("dkd", "dkd_std", "mlkd", "mlkd_std"):
-        design = {"feature_distance": "none", "logit_distance": key, "temperature": "4",
-                  "logit_weight": "1", "schedule": "warm-up"}
+        design = {
+            "feature_distance": "none",
+            "logit_distance": key,
+            "temperature": "4",
+            "logit_weight": "1",
+            "schedule": "warm-up",
+        }
         spec = space.spec_from_design(design)
         assert space.design_from_spec(spec) == design
         s, t, y = logits(4, 6)

@@ -78,9 +78,13 @@ def test_store_views_pad_crops_as_teacher_training_does_on_non_square_images(tmp
     # (train/teacher.py, default_padding), whichever side of the image is the longer.
     rng = np.random.default_rng(0)
     path = tmp_path / "nonsquare.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (12, *hw, 3), dtype=np.uint8),
-             y_train=np.arange(12) % 2, x_test=rng.integers(0, 256, (4, *hw, 3), dtype=np.uint8),
-             y_test=np.arange(4) % 2)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (12, *hw, 3), dtype=np.uint8),
+        y_train=np.arange(12) % 2,
+        x_test=rng.integers(0, 256, (4, *hw, 3), dtype=np.uint8),
+        y_test=np.arange(4) % 2,
+    )
     data = load_data(f"npz:{path}")
     assert data.image_size == hw
     assert make_augment(data, 0).crop_padding == default_padding(data.image_size) == 2

@@ -12,7 +12,6 @@ from autokd.store import (
     load_batch,
     teacher_hash,
 )
-
 from conftest import TinyTeacher, all_records
 
 TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -200,8 +199,11 @@ def test_teacher_hash_is_stable_and_sensitive():
 
 
 def test_build_argument_errors(tmp_path, teacher, dataset):
-    with pytest.raises(ValueError, match=r"teacher: 'layer_1' names no module of \w+; did you mean "
-                                         r"'layer1'"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher: 'layer_1' names no module of \w+; did you mean "
+        r"'layer1'",
+    ):
         FeatureStore.build(tmp_path / "x.akd", teacher, dataset, taps=["layer_1"], progress=False)
     with pytest.raises(ValueError, match="reserved"):
         FeatureStore.build(tmp_path / "x.akd", teacher, dataset, taps=["logits"], progress=False)

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +16,6 @@ from hypothesis import strategies as st
 
 from autokd import _engine
 from autokd.store import FeatureStore, OfflineDistillDataset, ReplayAugment, StoreError
-
 from conftest import all_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,6 +10,7 @@ feature weight 100 amplifies) the largest difference measured is 3e-6, at most 8
 atol + rtol * |w| with atol 1e-5, rtol 1e-4; per-rank BatchNorm (also run below) exceeds that
 bound ~800-fold (differences 4e-2 to 9e-2), so the test tells the two apart with margin both ways.
 """
+
 import copy
 import json
 import os
@@ -24,7 +25,12 @@ from autokd.cli import main
 from autokd.data import load_data
 from autokd.pipeline import load_or_train_teacher, make_augment, open_or_build_store, resolve_taps
 from autokd.train import final, loop, sparse
-from autokd.train.distributed import DistContext, EpochShardSampler, GlooSyncBatchNorm, convert_sync_batchnorm
+from autokd.train.distributed import (
+    DistContext,
+    EpochShardSampler,
+    GlooSyncBatchNorm,
+    convert_sync_batchnorm,
+)
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig, _epoch_source, stratified_subset
 
@@ -67,24 +73,60 @@ class _CaptureSparsity:
 
 def _distill(teacher_path, out, cfg, spec="fitnet", dist=None):
     data = load_data("digits", val_fraction=0.1, seed=0)
-    teacher = load_or_train_teacher(data, "digits_teacher", teacher_path, None, epochs=1, log=lambda m: None,
-                                    progress=False)
+    teacher = load_or_train_teacher(
+        data, "digits_teacher", teacher_path, None, epochs=1, log=lambda m: None, progress=False
+    )
     store = None
     if cfg.offline:  # built by the fixture beside the teacher
-        store = open_or_build_store(os.path.join(os.path.dirname(teacher_path), "store.akds"), teacher, data,
-                                    make_augment(data, 0), views=2, dtype="fp32", log=lambda m: None,
-                                    progress=False)
+        store = open_or_build_store(
+            os.path.join(os.path.dirname(teacher_path), "store.akds"),
+            teacher,
+            data,
+            make_augment(data, 0),
+            views=2,
+            dtype="fp32",
+            log=lambda m: None,
+            progress=False,
+        )
     logs = []
-    run_distill(resolve_spec(spec), data, teacher, "digits_student", resolve_taps("digits_student", None), cfg,
-                str(out), store=store, augment=make_augment(data, 0), log=logs.append, progress=False, dist=dist)
+    run_distill(
+        resolve_spec(spec),
+        data,
+        teacher,
+        "digits_student",
+        resolve_taps("digits_student", None),
+        cfg,
+        str(out),
+        store=store,
+        augment=make_augment(data, 0),
+        log=logs.append,
+        progress=False,
+        dist=dist,
+    )
     return logs
 
 
 def _cli(out, teacher_path, *extra):
     """``autokd-cli distill`` as torchrun would start rank RANK of it (the caller sets the
     environment); its output."""
-    r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--out", str(out), "--teacher-checkpoint",
-                                  str(teacher_path), "--epochs", "1", "--batch-size", "64", "--quiet", *extra])
+    r = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--spec",
+            "kd",
+            "--out",
+            str(out),
+            "--teacher-checkpoint",
+            str(teacher_path),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--quiet",
+            *extra,
+        ],
+    )
     return r.exit_code, r.output
 
 
@@ -110,7 +152,9 @@ def _worker(rank, port, teacher_path, jobs, report_dir):
         ctx.init()  # the first job creates the group, the others find it
         try:
             with _CaptureSparsity() as cap:
-                report["logs"][name] = _distill(teacher_path, out, _config(**cfg_kw), spec=spec, dist=ctx)
+                report["logs"][name] = _distill(
+                    teacher_path, out, _config(**cfg_kw), spec=spec, dist=ctx
+                )
         finally:
             final.torch.save = real_save
         if cap.managers[0] is not None:
@@ -152,7 +196,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     teacher_path = str(root / "teacher.pt")
     data = load_data("digits", val_fraction=0.1, seed=0)
-    load_or_train_teacher(data, "digits_teacher", None, teacher_path, epochs=1, log=lambda m: None, progress=False)
+    load_or_train_teacher(
+        data, "digits_teacher", None, teacher_path, epochs=1, log=lambda m: None, progress=False
+    )
     assert len(stratified_subset(data.train.labels, BASE["subset"], BASE["seed"])) % 2 == 0
 
     _distill(teacher_path, root / "single", _config())
@@ -248,7 +294,10 @@ def test_cli_under_torchrun(runs):
     root, reports, _ = runs
     (code0, out0), (code1, out1) = reports[0]["cli"], reports[1]["cli"]
     assert code0 == code1 == 0, out0 + out1
-    assert "data parallel: 2 processes (gloo), global batch 64 = 2 x 32, synchronised BatchNorm" in out0
+    assert (
+        "data parallel: 2 processes (gloo), global batch 64 = 2 x 32, synchronised BatchNorm"
+        in out0
+    )
     assert "test accuracy" in out0
     assert out1 == ""
     assert json.load(open(root / "cli" / "distill-kd-0" / "result.json"))["processes"] == 2
@@ -256,15 +305,27 @@ def test_cli_under_torchrun(runs):
 
 # -- no processes needed ----------------------------------------------------------------------
 
+
 def test_global_batch_must_divide_by_the_processes(tmp_path):
     ctx = DistContext(rank=0, world_size=3)
-    with pytest.raises(ValueError, match=r"--batch-size 64 is the global batch and must divide by the 3 "
-                                         r"processes.*use 63 or 66"):
+    with pytest.raises(
+        ValueError,
+        match=r"--batch-size 64 is the global batch and must divide by the 3 "
+        r"processes.*use 63 or 66",
+    ):
         ctx.check_batch(64)
     assert ctx.check_batch(63) == 21
     with pytest.raises(ValueError, match="must divide"):  # before any collective: no group exists
-        run_distill(resolve_spec("kd"), None, None, "digits_student", [], _config(), str(tmp_path),
-                    dist=DistContext(rank=1, world_size=3))
+        run_distill(
+            resolve_spec("kd"),
+            None,
+            None,
+            "digits_student",
+            [],
+            _config(),
+            str(tmp_path),
+            dist=DistContext(rank=1, world_size=3),
+        )
 
 
 @pytest.mark.parametrize("n", [196, 197, 5])
@@ -290,7 +351,9 @@ def test_sampler_follows_the_epoch_order():
     data = load_data("digits", val_fraction=0.1, seed=0)
     cfg = _config()
     idx = stratified_subset(data.train.labels, cfg.subset, cfg.seed)
-    s = EpochShardSampler(lambda e: _epoch_source(data, cfg, idx, e, None, None)[0].tolist(), len(idx), 2, 0)
+    s = EpochShardSampler(
+        lambda e: _epoch_source(data, cfg, idx, e, None, None)[0].tolist(), len(idx), 2, 0
+    )
     s.set_epoch(0)
     e0 = list(s)
     s.set_epoch(1)
@@ -302,7 +365,13 @@ def test_torchrun_environment(monkeypatch):
     for k, v in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
     ctx = DistContext.from_env("cuda")
-    assert (ctx.rank, ctx.world_size, ctx.device, ctx.backend, ctx.is_main) == (1, 4, "cuda:1", "nccl", False)
+    assert (ctx.rank, ctx.world_size, ctx.device, ctx.backend, ctx.is_main) == (
+        1,
+        4,
+        "cuda:1",
+        "nccl",
+        False,
+    )
     assert DistContext.from_env("cpu").backend == "gloo"
     with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
         DistContext.from_env("cuda:2")

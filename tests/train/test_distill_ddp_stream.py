@@ -11,13 +11,13 @@ a BatchNorm running variance of 1.5, so the bound is atol = rtol = 1e-3. The con
 single-process run whose crops come from another augmentation seed (the other views of the
 same samples, what a rank reading the wrong views would train) differs by 0.046, more than ten
 times the bound."""
+
 import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import make_image_folder
 
 from autokd.data import load_data
 from autokd.models import build_model
@@ -27,6 +27,7 @@ from autokd.train.distributed import DistContext
 from autokd.train.final import resolve_spec, run_distill
 from autokd.train.loop import TrainConfig
 from autokd.train.teacher import save_checkpoint
+from helpers import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -53,10 +54,30 @@ def _distill(folder, root, out, dist=None, aug_seed=0):
     data = load_data(_spec(folder), val_fraction=0.1, seed=0)
     teacher = _Teacher(os.path.join(root, "teacher.pt"), data)
     aug = make_augment(data, aug_seed)
-    store = open_or_build_store(os.path.join(root, f"store{aug_seed}.akds"), teacher, data, aug,
-                                views=2, dtype="fp32", log=lambda m: None, progress=False)
-    run_distill(resolve_spec("kd"), data, teacher, "resnet8", ["layer3"], TrainConfig(**CFG),
-                str(out), store=store, augment=aug, log=lambda m: None, progress=False, dist=dist)
+    store = open_or_build_store(
+        os.path.join(root, f"store{aug_seed}.akds"),
+        teacher,
+        data,
+        aug,
+        views=2,
+        dtype="fp32",
+        log=lambda m: None,
+        progress=False,
+    )
+    run_distill(
+        resolve_spec("kd"),
+        data,
+        teacher,
+        "resnet8",
+        ["layer3"],
+        TrainConfig(**CFG),
+        str(out),
+        store=store,
+        augment=aug,
+        log=lambda m: None,
+        progress=False,
+        dist=dist,
+    )
 
 
 def _worker(rank, port, folder, root):
@@ -89,5 +110,7 @@ def test_ddp_distill_on_a_streamed_folder_trains_the_single_process_student(tmp_
         torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=f"student tensor {k}")
     _distill(str(folder), root, tmp_path / "other_views", aug_seed=1)
     other = torch.load(tmp_path / "other_views" / "student.pt", weights_only=True)
-    assert max(float((other[k] - want[k]).abs().max()) for k in want
-               if want[k].is_floating_point()) > 10 * ATOL
+    assert (
+        max(float((other[k] - want[k]).abs().max()) for k in want if want[k].is_floating_point())
+        > 10 * ATOL
+    )

@@ -1,4 +1,5 @@
 """`distill` interrupted between epochs resumes to the same student as an uninterrupted run."""
+
 import pytest
 import torch
 
@@ -13,7 +14,9 @@ from autokd.train.loop import TrainConfig
 def setup(tmp_path_factory):
     data = load_data("digits", val_fraction=0.1, seed=0)
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    teacher = load_or_train_teacher(data, "digits_teacher", None, path, epochs=1, log=lambda m: None)
+    teacher = load_or_train_teacher(
+        data, "digits_teacher", None, path, epochs=1, log=lambda m: None
+    )
     return data, teacher
 
 
@@ -26,8 +29,18 @@ def test_resume_matches_uninterrupted(setup, tmp_path, monkeypatch, sparsity):
     aug = make_augment(data, 0)
 
     def run(out):
-        return run_distill(spec, data, teacher, "digits_student", taps, cfg, str(out), augment=aug,
-                           log=lambda m: None, progress=False)
+        return run_distill(
+            spec,
+            data,
+            teacher,
+            "digits_student",
+            taps,
+            cfg,
+            str(out),
+            augment=aug,
+            log=lambda m: None,
+            progress=False,
+        )
 
     full = run(tmp_path / "full")
     real_save, saves = torch.save, []
@@ -49,5 +62,7 @@ def test_resume_matches_uninterrupted(setup, tmp_path, monkeypatch, sparsity):
         torch.testing.assert_close(a[k], b[k], msg=f"student tensor {k} differs after resume")
     assert resumed.test_accuracy == full.test_accuracy
     if sparsity:
-        zeros = sum(int((v == 0).sum()) for k, v in b.items() if k.endswith("weight") and v.dim() > 1)
+        zeros = sum(
+            int((v == 0).sum()) for k, v in b.items() if k.endswith("weight") and v.dim() > 1
+        )
         assert zeros > 0

@@ -2,12 +2,12 @@
 non-blocking store reads, bf16/fp16 autocast with channels-last on a GPU, streamed folders
 feeding a GPU. Marked ``cuda``: skipped without a GPU (none was lent when these were written,
 so they have not run yet); scripts/gpu-throughput runs them on a lent machine."""
+
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_image_folder
 
 from autokd.data import load_data
 from autokd.distill import Distiller
@@ -22,6 +22,7 @@ from autokd.train.loop import (
     stratified_subset,
     train_student,
 )
+from helpers import make_image_folder
 
 pytestmark = pytest.mark.cuda
 
@@ -30,11 +31,28 @@ pytestmark = pytest.mark.cuda
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_paths")
     data = load_data("digits", val_fraction=0.1, seed=0)
-    teacher = load_or_train_teacher(data, "digits_teacher", None, str(root / "teacher.pt"),
-                                    epochs=2, device="cuda", log=lambda m: None, progress=False)
+    teacher = load_or_train_teacher(
+        data,
+        "digits_teacher",
+        None,
+        str(root / "teacher.pt"),
+        epochs=2,
+        device="cuda",
+        log=lambda m: None,
+        progress=False,
+    )
     aug = make_augment(data, 0)
-    store = open_or_build_store(str(root / "store.akds"), teacher, data, aug, views=2,
-                                dtype="fp16", device="cuda", log=lambda m: None, progress=False)
+    store = open_or_build_store(
+        str(root / "store.akds"),
+        teacher,
+        data,
+        aug,
+        views=2,
+        dtype="fp16",
+        device="cuda",
+        log=lambda m: None,
+        progress=False,
+    )
     return data, teacher, aug, store
 
 
@@ -55,10 +73,14 @@ def test_gpu_batches_are_the_cpu_batches(digits, offline):
         got = {}
         for dev in ("cpu", "cuda"):
             cfg = TrainConfig(epochs=2, batch_size=64, offline=offline, seed=0, device=dev)
-            order, make_batch = _epoch_source(data, cfg, idx, epoch, store if offline else None, aug)
+            order, make_batch = _epoch_source(
+                data, cfg, idx, epoch, store if offline else None, aug
+            )
             got[dev] = (order, make_batch(order[:64]))
         (o_cpu, (x_cpu, y_cpu, tf_cpu, tl_cpu)), (o_gpu, (x_gpu, y_gpu, tf_gpu, tl_gpu)) = (
-            got["cpu"], got["cuda"])
+            got["cpu"],
+            got["cuda"],
+        )
         assert torch.equal(o_cpu, o_gpu)
         assert x_gpu.is_cuda and torch.equal(x_gpu.cpu(), x_cpu)  # a gather: bit for bit
         assert torch.equal(y_gpu.cpu(), y_cpu)
@@ -69,17 +91,30 @@ def test_gpu_batches_are_the_cpu_batches(digits, offline):
             assert all(torch.equal(tf_gpu[k], tf_cpu[k]) for k in tf_cpu)
 
 
-@pytest.mark.parametrize("precision, channels_last", [("fp32", False), ("bf16", True),
-                                                      ("fp16", True)])
+@pytest.mark.parametrize(
+    "precision, channels_last", [("fp32", False), ("bf16", True), ("fp16", True)]
+)
 def test_proxy_trial_on_the_gpu(digits, precision, channels_last):
     data, teacher, aug, store = digits
-    proxy = TrainConfig(epochs=20, batch_size=32, lr=0.1, subset=0.5, stop_fraction=0.5,
-                        sparsity=0.5, offline=True, device="cuda", precision=precision,
-                        channels_last=channels_last)
+    proxy = TrainConfig(
+        epochs=20,
+        batch_size=32,
+        lr=0.1,
+        subset=0.5,
+        stop_fraction=0.5,
+        sparsity=0.5,
+        offline=True,
+        device="cuda",
+        precision=precision,
+        channels_last=channels_last,
+    )
 
     cfg = SimpleNamespace(proxy=proxy, student="digits_student", seed=0)
-    runner = TrialRunner(cfg, Prepared(data, teacher, store, aug,
-                                       resolve_taps("digits_student", None)), device="cuda")
+    runner = TrialRunner(
+        cfg,
+        Prepared(data, teacher, store, aug, resolve_taps("digits_student", None)),
+        device="cuda",
+    )
     out = runner.run(TrialTask(0, None, None, load_distiller("kd").to_dict(), seed=0))
     assert out["status"] == "ok" and math.isfinite(out["reward"])
     assert out["metrics"]["val_acc"] > 0.3
@@ -100,7 +135,18 @@ def test_streamed_folder_feeds_the_gpu(tmp_path):
     torch.manual_seed(0)
     student = build_model("resnet8", num_classes=5, in_channels=3)
     d = Distiller("none", student).to("cuda")
-    res = train_student(d, student, data, TrainConfig(epochs=1, batch_size=32, offline=False,
-                                                      device="cuda", precision="bf16",
-                                                      channels_last=True), augment=aug)
+    res = train_student(
+        d,
+        student,
+        data,
+        TrainConfig(
+            epochs=1,
+            batch_size=32,
+            offline=False,
+            device="cuda",
+            precision="bf16",
+            channels_last=True,
+        ),
+        augment=aug,
+    )
     assert math.isfinite(res.final_loss)

@@ -3,6 +3,7 @@
 bf16 and fp16 autocast run on CPU in this torch (fp16 with a CPU GradScaler), so every path is
 tested here; on a GPU the same code runs with device "cuda" (unmeasured in these tests).
 """
+
 import math
 from types import SimpleNamespace
 
@@ -29,18 +30,29 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 def setup(tmp_path_factory):
     data = load_data("digits", val_fraction=0.1, seed=0)
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    teacher = load_or_train_teacher(data, "digits_teacher", None, path, epochs=3,
-                                    log=lambda m: None, progress=False)
+    teacher = load_or_train_teacher(
+        data, "digits_teacher", None, path, epochs=3, log=lambda m: None, progress=False
+    )
     return data, teacher
 
 
 def _distill(setup, out, spec="kd", **kw):
     data, teacher = setup
-    cfg = TrainConfig(**{"epochs": 8, "batch_size": 64, "lr": 0.1, "offline": False, "seed": 0,
-                         **kw})
-    return run_distill(resolve_spec(spec), data, teacher, "digits_student",
-                       resolve_taps("digits_student", None), cfg, str(out),
-                       augment=make_augment(data, 0), log=lambda m: None, progress=False)
+    cfg = TrainConfig(
+        **{"epochs": 8, "batch_size": 64, "lr": 0.1, "offline": False, "seed": 0, **kw}
+    )
+    return run_distill(
+        resolve_spec(spec),
+        data,
+        teacher,
+        "digits_student",
+        resolve_taps("digits_student", None),
+        cfg,
+        str(out),
+        augment=make_augment(data, 0),
+        log=lambda m: None,
+        progress=False,
+    )
 
 
 def test_bf16_autocast_trains_a_digits_student_as_well_as_fp32(setup, tmp_path):
@@ -86,8 +98,9 @@ def test_fp16_skipped_steps_do_not_move_weights_or_masks():
 
 def _cifar_like(n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(images=torch.randn(n, 3, 16, 16, generator=g),
-                           labels=torch.arange(n) % 10)
+    return SimpleNamespace(
+        images=torch.randn(n, 3, 16, 16, generator=g), labels=torch.arange(n) % 10
+    )
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
@@ -102,12 +115,23 @@ def test_channels_last_trains_the_student_a_contiguous_run_trains(sparsity):
         student = build_model("resnet8", num_classes=10, in_channels=3)
         torch.manual_seed(1)
         teacher = build_model("resnet14", num_classes=10, in_channels=3).eval()
-        d = Distiller("cwd", student, ["layer3"], ["layer3"], teacher=teacher,
-                      example_input=train.images[:2])
-        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, offline=False, seed=0,
-                          sparsity=sparsity, channels_last=cl)
+        d = Distiller(
+            "cwd", student, ["layer3"], ["layer3"], teacher=teacher, example_input=train.images[:2]
+        )
+        cfg = TrainConfig(
+            epochs=2,
+            batch_size=16,
+            lr=0.05,
+            offline=False,
+            seed=0,
+            sparsity=sparsity,
+            channels_last=cl,
+        )
         res = train_student(d, student, SimpleNamespace(train=train), cfg)
-        results[cl] = (res.final_loss, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        results[cl] = (
+            res.final_loss,
+            {k: v.detach().clone() for k, v in student.state_dict().items()},
+        )
     (loss_a, a), (loss_b, b) = results[False], results[True]
     assert math.isfinite(loss_a) and loss_b == pytest.approx(loss_a, rel=1e-4)
     for k in a:
@@ -120,13 +144,26 @@ def test_distill_loss_is_float32_under_autocast(name):
     # the float32 loss of the same (rounded) inputs, for every design, including those whose
     # eager transforms refuse mixed dtypes.
     specs = {
-        "heavy": {"global_transform": "attention", "intra_spatial": "multi-scale",
-                  "inter_spatial": "channel-wise", "feature_distance": "kl", "feature_weight": 25,
-                  "logit_distance": "pearson", "temperature": 4, "logit_weight": 1},
-        "gram_mask": {"global_transform": "mask", "intra_spatial": "local",
-                      "inter_spatial": "sample-wise", "feature_distance": "gram_l2",
-                      "feature_weight": 5, "logit_distance": "kl", "temperature": 4,
-                      "logit_weight": 1},
+        "heavy": {
+            "global_transform": "attention",
+            "intra_spatial": "multi-scale",
+            "inter_spatial": "channel-wise",
+            "feature_distance": "kl",
+            "feature_weight": 25,
+            "logit_distance": "pearson",
+            "temperature": 4,
+            "logit_weight": 1,
+        },
+        "gram_mask": {
+            "global_transform": "mask",
+            "intra_spatial": "local",
+            "inter_spatial": "sample-wise",
+            "feature_distance": "gram_l2",
+            "feature_weight": 5,
+            "logit_distance": "kl",
+            "temperature": 4,
+            "logit_weight": 1,
+        },
     }
     spec = DistillerSpec.coerce(specs[name]) if name in specs else load_distiller(name)
     loss = DistillLoss(spec, [(16, 32)])
@@ -144,8 +181,9 @@ def test_distill_loss_is_float32_under_autocast(name):
     torch.testing.assert_close(got.loss_kd, want.loss_kd, rtol=1e-6, atol=1e-6)
     got.loss_kd.backward()
     grads = [t.grad for t in (fs, ls) if t.grad is not None]  # the terms the design has
-    assert grads and all(g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
-                         for g in grads)
+    assert grads and all(
+        g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all() for g in grads
+    )
 
 
 def test_teacher_trains_in_bf16_as_in_fp32(setup):
@@ -157,8 +195,9 @@ def test_teacher_trains_in_bf16_as_in_fp32(setup):
     for p, cl in (("fp32", False), ("bf16", True)):
         torch.manual_seed(0)
         model = build_model("digits_teacher", num_classes=10, in_channels=1)
-        history = train_classifier(model, data, epochs=5, seed=0, progress=False, precision=p,
-                                   channels_last=cl)
+        history = train_classifier(
+            model, data, epochs=5, seed=0, progress=False, precision=p, channels_last=cl
+        )
         assert all(math.isfinite(h["train_loss"]) for h in history)
         accs[p] = history[-1]["val_acc"]
     assert accs["bf16"] > 0.85 and abs(accs["bf16"] - accs["fp32"]) <= 0.05
@@ -166,14 +205,16 @@ def test_teacher_trains_in_bf16_as_in_fp32(setup):
 
 def test_teacher_trains_in_fp16_with_a_scaler():
     g = torch.Generator().manual_seed(0)
-    split = SimpleNamespace(images=torch.randn(40, 1, 8, 8, generator=g),
-                            labels=torch.arange(40) % 4)
+    split = SimpleNamespace(
+        images=torch.randn(40, 1, 8, 8, generator=g), labels=torch.arange(40) % 4
+    )
     data = SimpleNamespace(train=split, val=[], allow_flip=False)  # no held-out split
     torch.manual_seed(0)
     model = build_model("digits_student", num_classes=4, in_channels=1)
     before = [p.detach().clone() for p in model.parameters()]
-    history = train_classifier(model, data, epochs=1, batch_size=20, seed=0, progress=False,
-                               precision="fp16")
+    history = train_classifier(
+        model, data, epochs=1, batch_size=20, seed=0, progress=False, precision="fp16"
+    )
     assert math.isfinite(history[0]["train_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -191,9 +232,24 @@ def test_precision_is_validated_and_pinned():
 
 def test_cli_distill_with_bf16_and_channels_last(tmp_path):
     out = str(tmp_path)
-    r = CliRunner().invoke(main, ["distill", "--spec", "kd", "--epochs", "1", "--teacher-epochs",
-                                  "1", "--quiet", "--out", out, "--precision", "bf16",
-                                  "--channels-last"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--spec",
+            "kd",
+            "--epochs",
+            "1",
+            "--teacher-epochs",
+            "1",
+            "--quiet",
+            "--out",
+            out,
+            "--precision",
+            "bf16",
+            "--channels-last",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ck = torch.load(f"{out}/distill-kd-0/checkpoint.pt", weights_only=True)
     assert ck["pinned"]["config"]["precision"] == "bf16"

@@ -1,5 +1,6 @@
 """autokd.train.sparse: masked optimizers vs torch.optim, SparsityManager masks, schedule,
 exactness after every update, determinism, checkpoints and errors."""
+
 import copy
 import math
 
@@ -72,13 +73,19 @@ def test_masked_adamw_all_ones_equals_torch_adamw():
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_optimizer_state_dict_round_trip(kind):
     a = small_net()
-    opt_a, man_a = make_optimizer(a, kind, lr=0.01, sparsity=0.5, momentum=0.9) if kind == "sgd" \
+    opt_a, man_a = (
+        make_optimizer(a, kind, lr=0.01, sparsity=0.5, momentum=0.9)
+        if kind == "sgd"
         else make_optimizer(a, kind, lr=0.01, sparsity=0.5)
+    )
     train(a, opt_a, man_a, 5)
     # Resume order: build model, optimizer and manager, then load the three states.
     b = small_net()
-    opt_b, man_b = make_optimizer(b, kind, lr=0.01, sparsity=0.5, momentum=0.9) if kind == "sgd" \
+    opt_b, man_b = (
+        make_optimizer(b, kind, lr=0.01, sparsity=0.5, momentum=0.9)
+        if kind == "sgd"
         else make_optimizer(b, kind, lr=0.01, sparsity=0.5)
+    )
     b.load_state_dict(a.state_dict())
     man_b.load_state_dict(man_a.state_dict())
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from torch.load
@@ -144,10 +151,22 @@ def test_erk_total_is_exact_and_favours_small_layers(sparsity):
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_sparsity_exact_after_every_update_and_pruned_weights_zero(regrow, distribution):
     net = small_net()
-    opt, man = make_optimizer(net, "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                              sparsity=0.7, sparsity_kwargs=dict(
-                                  distribution=distribution, regrow=regrow, update_every=3,
-                                  prune_fraction=0.5, fraction_decay="cosine", end_step=40))
+    opt, man = make_optimizer(
+        net,
+        "sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        sparsity=0.7,
+        sparsity_kwargs=dict(
+            distribution=distribution,
+            regrow=regrow,
+            update_every=3,
+            prune_fraction=0.5,
+            fraction_decay="cosine",
+            end_step=40,
+        ),
+    )
     counts = {n: int(m.sum()) for n, m in man.masks.items()}
     params = dict(net.named_parameters())
     g = torch.Generator().manual_seed(1)
@@ -177,8 +196,14 @@ def test_sparsity_exact_after_every_update_and_pruned_weights_zero(regrow, distr
 def test_prune_removes_smallest_magnitudes_and_regrow_by_gradient():
     lin = nn.Linear(10, 10, bias=False)
     net = nn.Sequential(lin, nn.Linear(10, 2))
-    man = SparsityManager(net, sparsity=0.5, update_every=1, prune_fraction=0.2,
-                          fraction_decay="constant", regrow="gradient")
+    man = SparsityManager(
+        net,
+        sparsity=0.5,
+        update_every=1,
+        prune_fraction=0.2,
+        fraction_decay="constant",
+        regrow="gradient",
+    )
     mask = man.masks["0.weight"].clone()  # the manager updates its own in place
     with torch.no_grad():
         lin.weight.copy_(torch.arange(1, 101, dtype=torch.float32).view(10, 10))
@@ -196,13 +221,15 @@ def test_prune_removes_smallest_magnitudes_and_regrow_by_gradient():
 
 
 def test_fraction_schedule():
-    man = SparsityManager(small_net(), 0.5, prune_fraction=0.4, fraction_decay="cosine",
-                          end_step=100)
+    man = SparsityManager(
+        small_net(), 0.5, prune_fraction=0.4, fraction_decay="cosine", end_step=100
+    )
     assert man.fraction(0) == pytest.approx(0.4)
     assert man.fraction(50) == pytest.approx(0.2)
     assert man.fraction(100) == pytest.approx(0.0, abs=1e-12)
-    lin = SparsityManager(small_net(), 0.5, prune_fraction=0.4, fraction_decay="linear",
-                          end_step=100)
+    lin = SparsityManager(
+        small_net(), 0.5, prune_fraction=0.4, fraction_decay="linear", end_step=100
+    )
     assert lin.fraction(25) == pytest.approx(0.3)
     no_end = SparsityManager(small_net(), 0.5, prune_fraction=0.4)
     assert no_end.fraction(10**6) == pytest.approx(0.4) and no_end.should_update(10**6)
@@ -211,8 +238,14 @@ def test_fraction_schedule():
 def test_deterministic_with_seed():
     def run(seed):
         net = small_net()
-        opt, man = make_optimizer(net, "sgd", lr=0.05, momentum=0.9, sparsity=0.5,
-                                  sparsity_kwargs=dict(update_every=2, seed=seed))
+        opt, man = make_optimizer(
+            net,
+            "sgd",
+            lr=0.05,
+            momentum=0.9,
+            sparsity=0.5,
+            sparsity_kwargs=dict(update_every=2, seed=seed),
+        )
         train(net, opt, man, 8)
         return man.masks, [p.detach().clone() for p in net.parameters()]
 
@@ -226,13 +259,20 @@ def test_deterministic_with_seed():
 
 def test_manager_state_dict_round_trip_continues_identically():
     net = small_net()
-    opt, man = make_optimizer(net, "sgd", lr=0.05, momentum=0.9, sparsity=0.5,
-                              sparsity_kwargs=dict(update_every=2))
+    opt, man = make_optimizer(
+        net, "sgd", lr=0.05, momentum=0.9, sparsity=0.5, sparsity_kwargs=dict(update_every=2)
+    )
     train(net, opt, man, 4)
     state = man.state_dict()
     net2 = small_net()
-    opt2, man2 = make_optimizer(net2, "sgd", lr=0.05, momentum=0.9, sparsity=0.5,
-                                sparsity_kwargs=dict(update_every=2, seed=123))
+    opt2, man2 = make_optimizer(
+        net2,
+        "sgd",
+        lr=0.05,
+        momentum=0.9,
+        sparsity=0.5,
+        sparsity_kwargs=dict(update_every=2, seed=123),
+    )
     net2.load_state_dict(net.state_dict())
     man2.load_state_dict(state)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -241,8 +281,9 @@ def test_manager_state_dict_round_trip_continues_identically():
     man.step(6), man2.step(6)  # random regrow draws from the restored generator
     assert all(torch.equal(man.masks[n], man2.masks[n]) for n in man.masks)
     # masks are restored in place: the optimizer still sees the manager's tensors
-    assert all(opt2._masks[p] is man2.masks[n] for n, p in net2.named_parameters()
-               if n in man2.masks)
+    assert all(
+        opt2._masks[p] is man2.masks[n] for n, p in net2.named_parameters() if n in man2.masks
+    )
 
 
 def test_sparsity_zero_is_dense_and_free():
@@ -261,8 +302,7 @@ def test_report_counts():
     rep = man.sparsity_report()
     total = sum(p.numel() for p in net.parameters())
     assert rep["model_params"] == total
-    assert rep["model_sparsity"] == pytest.approx(
-        (rep["sparse_params"] - rep["kept"]) / total)
+    assert rep["model_sparsity"] == pytest.approx((rep["sparse_params"] - rep["kept"]) / total)
     assert math.isclose(rep["sparsity"], 1 - rep["kept"] / rep["sparse_params"])
 
 
@@ -278,8 +318,11 @@ def test_error_sparsity_range(bad):
 
 
 def test_error_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown distribution 'erk2' \(did you mean 'erk'\?\); "
-                                         r"valid: uniform, erk"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown distribution 'erk2' \(did you mean 'erk'\?\); "
+        r"valid: uniform, erk",
+    ):
         SparsityManager(small_net(), distribution="erk2")
     with pytest.raises(ValueError, match=r"unknown regrow 'rigl'; valid: random, gradient"):
         SparsityManager(small_net(), regrow="rigl")
@@ -289,8 +332,11 @@ def test_error_unknown_names_list_valid_ones():
         SparsityManager.create(small_net(), 0.0, regrow="grad")  # typos caught even when dense
     with pytest.raises(ValueError, match=r"unknown optimizer kind 'adam'"):
         make_optimizer(small_net(), "adam")
-    with pytest.raises(ValueError, match=r"unknown SparsityManager option\(s\) \['update_evry'\]; "
-                                         r"valid: distribution, exclude, update_every"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown SparsityManager option\(s\) \['update_evry'\]; "
+        r"valid: distribution, exclude, update_every",
+    ):
         make_optimizer(small_net(), sparsity=0.0, sparsity_kwargs=dict(update_evry=5))
     with pytest.raises(ValueError, match=r"exclude pattern 'head\.\*' matches no parameter"):
         SparsityManager(small_net(), exclude=("bias", "head.*"))

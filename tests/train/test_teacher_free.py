@@ -1,5 +1,6 @@
 """A design without a teacher term (``--spec none``, the student alone) runs no teacher forward
 and reads no teacher record from the feature store: it costs what a student-alone loop costs."""
+
 import math
 
 import pytest
@@ -18,11 +19,26 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_free")
     data = load_data("digits", val_fraction=0.1, seed=0)
-    teacher = load_or_train_teacher(data, "digits_teacher", None, str(root / "teacher.pt"),
-                                    epochs=1, log=lambda m: None, progress=False)
+    teacher = load_or_train_teacher(
+        data,
+        "digits_teacher",
+        None,
+        str(root / "teacher.pt"),
+        epochs=1,
+        log=lambda m: None,
+        progress=False,
+    )
     aug = make_augment(data, 0)
-    store = open_or_build_store(str(root / "store.akds"), teacher, data, aug, views=2,
-                                dtype="fp16", log=lambda m: None, progress=False)
+    store = open_or_build_store(
+        str(root / "store.akds"),
+        teacher,
+        data,
+        aug,
+        views=2,
+        dtype="fp16",
+        log=lambda m: None,
+        progress=False,
+    )
     return data, teacher, aug, store
 
 
@@ -56,9 +72,19 @@ def test_spec_none_runs_no_teacher_and_reads_no_store(setup, tmp_path, monkeypat
     for spec in ("none", "kd"):
         c = _Counts(teacher, monkeypatch)
         try:
-            res = run_distill(resolve_spec(spec), data, teacher, "digits_student", taps, cfg,
-                              str(tmp_path / spec), store=store if offline else None,
-                              augment=aug, log=lambda m: None, progress=False)
+            res = run_distill(
+                resolve_spec(spec),
+                data,
+                teacher,
+                "digits_student",
+                taps,
+                cfg,
+                str(tmp_path / spec),
+                store=store if offline else None,
+                augment=aug,
+                log=lambda m: None,
+                progress=False,
+            )
         finally:
             c.close()
         assert math.isfinite(res.test_ce)
@@ -80,8 +106,9 @@ def test_spec_none_offline_trains_on_the_stored_views(setup, tmp_path):
         order_a, with_features = _epoch_source(data, cfg, idx, epoch, store, aug)
         order_b, without = _epoch_source(data, cfg, idx, epoch, store, aug, features=False)
         assert torch.equal(order_a, order_b)
-        sb = store.batches(data.train, aug, batch_size=64, indices=idx.numpy(), epoch=epoch,
-                           seed=cfg.seed)
+        sb = store.batches(
+            data.train, aug, batch_size=64, indices=idx.numpy(), epoch=epoch, seed=cfg.seed
+        )
         x_ref, y_ref, feats = sb.batch(order_a[:64].numpy())
         x, y, tf, tl = with_features(order_a[:64])
         x2, y2, tf2, tl2 = without(order_a[:64])
