@@ -3,6 +3,7 @@
 ``autokd-cli train-teacher``, ``cache``, ``search`` and ``distill`` are thin layers over these
 functions, so that the defaults of one command are the defaults of all.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ from autokd.data.augment import default_padding
 from autokd.errors import PipelineError
 from autokd.models import build_model, check_model_fits, default_taps
 from autokd.nn.taps import find_module
-from autokd.store import (FeatureStore, ReplayAugment, ReplayResizedCrop, StoreError, TeacherStores,
-                          teacher_hash)
+from autokd.store import (
+    FeatureStore,
+    ReplayAugment,
+    ReplayResizedCrop,
+    StoreError,
+    TeacherStores,
+    teacher_hash,
+)
 from autokd.train.teacher import evaluate, load_checkpoint, save_checkpoint, train_classifier
 
 Log = Callable[[str], None]
@@ -97,14 +104,28 @@ def load_or_train_teacher(
             raise PipelineError("no teacher checkpoint given and nowhere to train one")
         log(f"{who}: training for {epochs} epochs (first run; saved to {train_to})")
         torch.manual_seed(seed)
-        train_classifier(model, data, epochs=epochs, seed=seed, device=device, progress=progress,
-                         precision=precision, channels_last=channels_last)
+        train_classifier(
+            model,
+            data,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            progress=progress,
+            precision=precision,
+            channels_last=channels_last,
+        )
         acc, _ = evaluate(model, data.test, device=device)
         os.makedirs(os.path.dirname(os.path.abspath(train_to)), exist_ok=True)
         save_checkpoint(
-            train_to, model,
-            {"model": name, "num_classes": data.num_classes, "in_channels": data.channels,
-             "data": data.identity, "accuracy": acc},
+            train_to,
+            model,
+            {
+                "model": name,
+                "num_classes": data.num_classes,
+                "in_channels": data.channels,
+                "data": data.identity,
+                "accuracy": acc,
+            },
         )
         log(f"{who}: test accuracy {acc:.4f}")
         path = train_to
@@ -165,8 +186,9 @@ def teacher_plan(names, checkpoints=None, taps=None) -> List[TeacherEntry]:
     teacher). Lists of different lengths are a PipelineError naming both."""
     listed = _entries(names)
     if not listed or any(not n for n in listed):
-        raise PipelineError(f"--teacher {names!r}: expected model names separated by commas, "
-                            "got an empty entry")
+        raise PipelineError(
+            f"--teacher {names!r}: expected model names separated by commas, got an empty entry"
+        )
     n = len(listed)
     described = f"{n} teacher{'s' if n > 1 else ''}: {', '.join(listed)}"
     cks: List[Optional[str]] = [None] * n
@@ -178,19 +200,23 @@ def teacher_plan(names, checkpoints=None, taps=None) -> List[TeacherEntry]:
             raise PipelineError(
                 f"expected one --teacher-checkpoint per --teacher ({described}), got "
                 f"{len(given)} ({', '.join(repr(c) for c in given)}); leave an entry empty "
-                "(a.pt,) to use or train that teacher in --out")
+                "(a.pt,) to use or train that teacher in --out"
+            )
         cks = [c or None for c in given]
     per_teacher: List[Optional[List[str]]] = [None] * n
     if taps:
         if isinstance(taps, str):
-            raise PipelineError(f"teacher taps: expected a list of module paths (or one list per "
-                                f"teacher), got the string {taps!r}")
+            raise PipelineError(
+                f"teacher taps: expected a list of module paths (or one list per "
+                f"teacher), got the string {taps!r}"
+            )
         if all(t is None or isinstance(t, (list, tuple)) for t in taps):
             if len(taps) != n:
                 raise PipelineError(
                     f"expected one --teacher-taps list per teacher ({described}; lists "
                     f"separated by ';'), or one list shared by all, got {len(taps)} lists: "
-                    + "; ".join(",".join(t or []) or "(default)" for t in taps))
+                    + "; ".join(",".join(t or []) or "(default)" for t in taps)
+                )
             per_teacher = [list(t) if t else None for t in taps]
         else:
             per_teacher = [list(taps)] * n
@@ -222,15 +248,30 @@ def load_or_train_teachers(
 
     def check_pairs(t_taps: List[str], who: str) -> None:
         if student_taps is not None and len(t_taps) != len(student_taps):
-            raise PipelineError(f"{who}expected as many student taps as teacher taps, got "
-                                f"{list(student_taps)} and {t_taps}")
+            raise PipelineError(
+                f"{who}expected as many student taps as teacher taps, got "
+                f"{list(student_taps)} and {t_taps}"
+            )
 
     if len(plan) == 1:
         e = plan[0]
         check_pairs(resolve_taps(e.name, e.taps), "")
-        return [load_or_train_teacher(data, e.name, e.checkpoint, train_to, epochs, seed, device,
-                                      e.taps, log=log, progress=progress, precision=precision,
-                                      channels_last=channels_last)]
+        return [
+            load_or_train_teacher(
+                data,
+                e.name,
+                e.checkpoint,
+                train_to,
+                epochs,
+                seed,
+                device,
+                e.taps,
+                log=log,
+                progress=progress,
+                precision=precision,
+                channels_last=channels_last,
+            )
+        ]
     n = len(plan)
     for j, e in enumerate(plan):
         who = f"teacher {j + 1} of {n} ({e.name})"
@@ -255,15 +296,26 @@ def load_or_train_teachers(
             if held is not None and held != e.name:
                 raise PipelineError(
                     f"{who}: {own} holds a {held} teacher (an earlier run's teacher {j + 1}); "
-                    "give the teachers in that run's order, or use another --out")
+                    "give the teachers in that run's order, or use another --out"
+                )
         if e.checkpoint is None and not own:
             raise PipelineError(f"{who}: no teacher checkpoint given and nowhere to train one")
     return [
-        load_or_train_teacher(data, e.name, e.checkpoint,
-                              teacher_file(train_to, j) if train_to else None, epochs, seed + j,
-                              device, e.taps, log=log, progress=progress,
-                              label=f"teacher {j + 1}/{n} {e.name}", precision=precision,
-                              channels_last=channels_last)
+        load_or_train_teacher(
+            data,
+            e.name,
+            e.checkpoint,
+            teacher_file(train_to, j) if train_to else None,
+            epochs,
+            seed + j,
+            device,
+            e.taps,
+            log=log,
+            progress=progress,
+            label=f"teacher {j + 1}/{n} {e.name}",
+            precision=precision,
+            channels_last=channels_last,
+        )
         for j, e in enumerate(plan)
     ]
 
@@ -274,8 +326,9 @@ def open_store(path: str, teacher: TeacherInfo, data, verify: str = "touch"):
     that says the file is left as it is; damage is the store's own StoreError (it names the
     chunk or header check and says how to rebuild). ``verify``: see FeatureStore.open."""
     try:
-        return FeatureStore.open(path, expect_teacher_hash=teacher.hash,
-                                 expect_dataset_id=data.identity, verify=verify)
+        return FeatureStore.open(
+            path, expect_teacher_hash=teacher.hash, expect_dataset_id=data.identity, verify=verify
+        )
     except StoreError as e:
         check = getattr(e, "check", "")
         if check == "teacher hash":
@@ -300,9 +353,19 @@ def open_stores(path: str, teachers: Sequence[TeacherInfo], data, verify: str = 
     return stores[0] if len(stores) == 1 else TeacherStores(stores)
 
 
-def open_or_build_stores(path: str, teachers: Sequence[TeacherInfo], data, augment, views: int,
-                         dtype: str, batch_size: int = 256, device: str = "cpu", log: Log = print,
-                         progress: bool = True, repair: bool = False):
+def open_or_build_stores(
+    path: str,
+    teachers: Sequence[TeacherInfo],
+    data,
+    augment,
+    views: int,
+    dtype: str,
+    batch_size: int = 256,
+    device: str = "cpu",
+    log: Log = print,
+    progress: bool = True,
+    repair: bool = False,
+):
     """``open_or_build_store`` for every teacher of a run, teacher j's at
     ``teacher_file(path, j)``: a FeatureStore for one teacher, an ``autokd.store.TeacherStores``
     (read as one, ``batch`` giving one feature dict per teacher) for several.
@@ -314,10 +377,22 @@ def open_or_build_stores(path: str, teachers: Sequence[TeacherInfo], data, augme
     new teacher alone instead of rebuilding everything); each is built, checked and repaired
     on its own. Reading costs one more gather per batch and teacher (memory-mapped and GIL-free
     like the first); the images are still augmented once per batch, not once per teacher."""
-    stores = [open_or_build_store(teacher_file(path, j), t, data, augment, views, dtype,
-                                  batch_size=batch_size, device=device, log=log, progress=progress,
-                                  repair=repair)
-              for j, t in enumerate(teachers)]
+    stores = [
+        open_or_build_store(
+            teacher_file(path, j),
+            t,
+            data,
+            augment,
+            views,
+            dtype,
+            batch_size=batch_size,
+            device=device,
+            log=log,
+            progress=progress,
+            repair=repair,
+        )
+        for j, t in enumerate(teachers)
+    ]
     return stores[0] if len(stores) == 1 else TeacherStores(stores)
 
 
@@ -351,27 +426,43 @@ def open_or_build_store(
         except StoreError as e:
             if repair and getattr(e, "check", "").startswith(_STORE_DAMAGE):
                 log(f"feature store: {path} is damaged ({e.check}); rebuilding it")
-                return _build_store(path, teacher, data, augment, views, dtype, batch_size, device,
-                                    log, progress)
+                return _build_store(
+                    path, teacher, data, augment, views, dtype, batch_size, device, log, progress
+                )
             raise
         if store.num_views != views:
             raise PipelineError(
                 f"{path}: feature store has {store.num_views} views, this run asks for {views}; "
                 "remove it or pass the same --views"
             )
-        log(f"feature store: {path} ({store.num_samples} samples x {store.num_views} views"
-            + (", every chunk checked)" if repair else ")"))
+        log(
+            f"feature store: {path} ({store.num_samples} samples x {store.num_views} views"
+            + (", every chunk checked)" if repair else ")")
+        )
         return store
-    return _build_store(path, teacher, data, augment, views, dtype, batch_size, device, log,
-                        progress)
+    return _build_store(
+        path, teacher, data, augment, views, dtype, batch_size, device, log, progress
+    )
 
 
 def _build_store(path, teacher, data, augment, views, dtype, batch_size, device, log, progress):
-    log(f"feature store: caching teacher features of {len(data.train)} samples x {views} views to {path}")
+    log(
+        f"feature store: caching teacher features of {len(data.train)} samples x {views} views "
+        f"to {path}"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return FeatureStore.build(
-        path, teacher.model, data.train, taps=teacher.taps, views=views, dtype=dtype,
-        batch_size=batch_size, augment=augment, dataset_id=data.identity, progress=progress, device=device,
+        path,
+        teacher.model,
+        data.train,
+        taps=teacher.taps,
+        views=views,
+        dtype=dtype,
+        batch_size=batch_size,
+        augment=augment,
+        dataset_id=data.identity,
+        progress=progress,
+        device=device,
     )
 
 
@@ -381,7 +472,8 @@ def make_augment(data, seed: int):
     allow it (not for digits, whose classes are not mirror-symmetric). A streamed folder
     (autokd.data.stream) gets the random-resized crop of its image size instead."""
     if getattr(data.train, "streaming", False):
-        return ReplayResizedCrop(seed=seed, size=data.image_size[0],
-                                 flip=bool(getattr(data, "allow_flip", True)))
+        return ReplayResizedCrop(
+            seed=seed, size=data.image_size[0], flip=bool(getattr(data, "allow_flip", True))
+        )
     pad = default_padding(tuple(data.image_size))
     return ReplayAugment(seed=seed, crop_padding=pad, flip=bool(getattr(data, "allow_flip", True)))

@@ -3,6 +3,7 @@
 Search-space operations (transforms, distances, schedules), models and data sets are all
 registered in a ``Registry`` and picked from configs as ``{key: ..., kwargs: {...}}``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -61,7 +62,8 @@ class Registry(Generic[T]):
             key, kwargs = config["key"], dict(config.get("kwargs") or {})
         else:
             raise TypeError(
-                f"{self.kind} config: expected a name or {{key:, kwargs:}}, got {type(config).__name__}"
+                f"{self.kind} config: expected a name or {{key:, kwargs:}}, "
+                f"got {type(config).__name__}"
             )
         factory: Callable[..., Any] = self.get(key)  # type: ignore[assignment]
         return factory(**kwargs, **extra)

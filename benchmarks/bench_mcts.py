@@ -18,6 +18,7 @@ Targets (issue 3): >= 200,000 it/s single-threaded and >= 50x the reference.
     python benchmarks/bench_mcts.py                       # markdown tables (medians, ratios)
     pytest benchmarks/bench_mcts.py --benchmark-only      # pytest-benchmark
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ BATCHES = (16, 256)
 PROVIDERS = {"engine": MCTS, "reference": ReferenceMCTS}
 LOGIT_DISTANCE = [lv["name"] for lv in AUTOKD_LEVELS].index("logit_distance")
 # trivial_reward by option index of the logit distance (a table: one numpy call per batch)
-REWARD_BY_LOGIT_DISTANCE = np.array([1.0 if o == "kl" else 0.5 for o in AUTOKD_LEVELS[LOGIT_DISTANCE]["options"]])
+REWARD_BY_LOGIT_DISTANCE = np.array(
+    [1.0 if o == "kl" else 0.5 for o in AUTOKD_LEVELS[LOGIT_DISTANCE]["options"]]
+)
 
 
 def trivial_reward(design):
@@ -95,7 +98,9 @@ def threaded(threads, k, api="many", total=ITERS):
             for tid, design in eng.ask(k):
                 eng.tell(tid, trivial_reward(design))
 
-    ws = [threading.Thread(target=work_many if api == "many" else work_dicts) for _ in range(threads)]
+    ws = [
+        threading.Thread(target=work_many if api == "many" else work_dicts) for _ in range(threads)
+    ]
     for w in ws:
         w.start()
     for w in ws:
@@ -118,9 +123,14 @@ def test_serial(benchmark, provider, on_repeat, selection):
     benchmark.group = f"mcts ask(1)+tell x{ITERS}, on_repeat={on_repeat}, selection={selection}"
     benchmark.extra_info["iterations_per_round"] = ITERS
     rounds = 15 if provider == "engine" else 3
-    benchmark.pedantic(serial, args=(PROVIDERS[provider],),
-                       kwargs={"on_repeat": on_repeat, "selection": selection},
-                       rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(
+        serial,
+        args=(PROVIDERS[provider],),
+        kwargs={"on_repeat": on_repeat, "selection": selection},
+        rounds=rounds,
+        warmup_rounds=1,
+        iterations=1,
+    )
 
 
 @pytest.mark.parametrize("k", BATCHES)
@@ -157,15 +167,22 @@ def _row(name, eng, ref):
     it = ITERS / ew, ITERS / ec
     ratio = rw / ew, rc / ec
     verdict = ["yes" if it[i] >= 200_000 and ratio[i] >= 50 else "no" for i in (0, 1)]
-    return (f"| {name} | {it[0]:,.0f} | {it[1]:,.0f} | {ITERS / rw:,.0f} | {ITERS / rc:,.0f} "
-            f"| {ratio[0]:.1f}x | {ratio[1]:.1f}x | {verdict[0]} / {verdict[1]} |")
+    return (
+        f"| {name} | {it[0]:,.0f} | {it[1]:,.0f} | {ITERS / rw:,.0f} | {ITERS / rc:,.0f} "
+        f"| {ratio[0]:.1f}x | {ratio[1]:.1f}x | {verdict[0]} / {verdict[1]} |"
+    )
 
 
 def main():
-    print(f"{ITERS} iterations per round from a fresh engine, Auto-KD space, trivial reward; medians")
+    print(
+        f"{ITERS} iterations per round from a fresh engine, Auto-KD space, trivial reward; medians"
+    )
     print()
-    print("| configuration | engine it/s (wall) | engine it/s (CPU) | reference it/s (wall) "
-          "| reference it/s (CPU) | ratio (wall) | ratio (CPU) | >= 200k it/s and >= 50x (wall / CPU) |")
+    print(
+        "| configuration | engine it/s (wall) | engine it/s (CPU) | reference it/s (wall) "
+        "| reference it/s (CPU) | ratio (wall) | ratio (CPU) "
+        "| >= 200k it/s and >= 50x (wall / CPU) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for on_repeat in ("reuse", "average"):
         ref = _median_seconds(lambda: serial(ReferenceMCTS, on_repeat=on_repeat), 5)
@@ -176,7 +193,10 @@ def main():
         eng = _median_seconds(lambda: batched(k), 21)
         print(_row(f"batched ask_many({k})+tell_many, reuse", eng, ref))
     print()
-    print(f"{ITERS} designs on one engine, split over threads (each: ask k, tell k); designs/s, medians")
+    print(
+        f"{ITERS} designs on one engine, split over threads (each: ask k, tell k); "
+        "designs/s, medians"
+    )
     print()
     print("| API | threads | designs/s (wall) | designs/s (CPU) |")
     print("|---|---|---|---|")

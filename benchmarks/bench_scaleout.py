@@ -20,6 +20,7 @@ and feature store prepared beforehand. Two figures per run:
 Prints a markdown table of medians over ``--repeats`` runs and the ratios to ``local:1`` (the
 serial search) measured in the same invocation.
 """
+
 import argparse
 import os
 import shutil
@@ -53,7 +54,11 @@ def _run(base, out, executor, workers, threads, budget, device):
     trial_seconds = statistics.median(r[0] for r in db.execute("SELECT seconds FROM trials"))
     db.close()
     w = min(workers, budget - 1)
-    steady = (budget - w) / max(created[-1] - created[w - 1], 1e-9) * 3600 if budget > w else float("nan")
+    steady = (
+        (budget - w) / max(created[-1] - created[w - 1], 1e-9) * 3600
+        if budget > w
+        else float("nan")
+    )
     return budget / wall * 3600, steady, wall, trial_seconds
 
 
@@ -81,11 +86,18 @@ def main():
         for executor, workers, threads in settings:
             out = os.path.join(root, f"{executor}{workers}t{threads}-{rep}")
             results[(executor, workers, threads)].append(
-                _run(base, out, executor, workers, threads, args.budget, args.device))
+                _run(base, out, executor, workers, threads, args.budget, args.device)
+            )
     shutil.rmtree(root, ignore_errors=True)
-    print(f"budget {args.budget} trials per run, {args.repeats} runs per setting, device {args.device}, "
-          f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} torch threads by default")
-    print("| executor | workers | driver threads | trials/h end to end | trials/h steady | wall s/run | s/trial in its worker | end-to-end ratio | steady ratio |")
+    print(
+        f"budget {args.budget} trials per run, {args.repeats} runs per setting, "
+        f"device {args.device}, {os.cpu_count()} CPUs visible, "
+        f"{torch.get_num_threads()} torch threads by default"
+    )
+    print(
+        "| executor | workers | driver threads | trials/h end to end | trials/h steady "
+        "| wall s/run | s/trial in its worker | end-to-end ratio | steady ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ref = settings[0]
     ref_e2e = statistics.median(r[0] for r in results[ref])
@@ -95,9 +107,10 @@ def main():
         steady = statistics.median(r[1] for r in results[s])
         wall = statistics.median(r[2] for r in results[s])
         per_trial = statistics.median(r[3] for r in results[s])
-        print(f"| {s[0]} | {s[1]} | {s[2] or 'default'} | {e2e:.0f} | {steady:.0f} | {wall:.1f} | {per_trial:.2f} | "
-              f"{e2e / ref_e2e:.2f} | "
-              f"{steady / ref_steady:.2f} |")
+        print(
+            f"| {s[0]} | {s[1]} | {s[2] or 'default'} | {e2e:.0f} | {steady:.0f} | {wall:.1f} "
+            f"| {per_trial:.2f} | {e2e / ref_e2e:.2f} | {steady / ref_steady:.2f} |"
+        )
 
 
 if __name__ == "__main__":

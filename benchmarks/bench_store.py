@@ -14,7 +14,7 @@ The store's bytes are random: gather speed does not depend on the values, and bu
 many-hundred-MB store with a real teacher would dominate the run on a small CPU.
 
     python benchmarks/bench_store.py [--samples 4096 --views 2 --device cpu|cuda]  # markdown table
-    pytest benchmarks/bench_store.py --benchmark-only                              # pytest-benchmark
+    pytest benchmarks/bench_store.py --benchmark-only  # pytest-benchmark
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run as a script from a checkout
-from common import copy_seconds, median_seconds  # noqa: E402
-
 from autokd import _engine  # noqa: E402
 from autokd.store import FeatureStore  # noqa: E402
+from common import copy_seconds, median_seconds  # noqa: E402
 
 BATCH = 128
 TAPS = {"layer1": [16, 32, 32], "layer2": [32, 16, 16], "layer3": [64, 8, 8], "logits": [100]}
@@ -140,8 +139,7 @@ def measure(path, samples, views, device, threads=4):
         "verify_GBps": b.verify_gbps,
     }
     res["gather_s"] = median_seconds(b.gather, 200, warmup=2)
-    res["copy_s"] = (median_seconds(b.copy, 200, warmup=2) * b.batch_bytes
-                     / (BATCH * b.record_bytes))
+    res["copy_s"] = median_seconds(b.copy, 200, warmup=2) * b.batch_bytes / (BATCH * b.record_bytes)
     res["hot_copy_s"] = copy_seconds(b.batch_bytes, repeats=200)
     res["memmap_s"] = median_seconds(b.memmap, 200, warmup=2)
     res["online_s"] = median_seconds(
@@ -168,18 +166,21 @@ def report(res, args):
         f"Command: `python benchmarks/bench_store.py --samples {args.samples} --views {args.views} "
         f"--device {args.device} --threads {args.threads}`",
         "",
-        f"Batch: {BATCH} random records of {res['record_bytes']} bytes ({res['batch_bytes'] / 1e6:.2f} MB of "
-        f"payload: ResNet-56 layer1-3 + logits, fp16); store {args.samples} samples x {args.views} views, "
-        "warm page cache.",
+        f"Batch: {BATCH} random records of {res['record_bytes']} bytes "
+        f"({res['batch_bytes'] / 1e6:.2f} MB of payload: ResNet-56 layer1-3 + logits, fp16); "
+        f"store {args.samples} samples x {args.views} views, warm page cache.",
         "",
         "| path | median per batch | GB/s | ratio |",
         "|---|---|---|---|",
-        f"| store.gather ({args.threads} threads) | {res['gather_s'] * 1e3:.3f} ms | {gbps(res['gather_s']):.2f} | 1 |",
+        f"| store.gather ({args.threads} threads) | {res['gather_s'] * 1e3:.3f} ms | "
+        f"{gbps(res['gather_s']):.2f} | 1 |",
         f"| plain copy of the same bytes from the mapped file | {res['copy_s'] * 1e3:.3f} ms | "
-        f"{gbps(res['copy_s']):.2f} | gather = {res['copy_s'] / res['gather_s']:.2f} x copy bandwidth (target >= 0.70) |",
+        f"{gbps(res['copy_s']):.2f} | gather = {res['copy_s'] / res['gather_s']:.2f} x "
+        "copy bandwidth (target >= 0.70) |",
         f"| copy between two hot buffers (cache-resident) | {res['hot_copy_s'] * 1e3:.3f} ms | "
         f"{gbps(res['hot_copy_s']):.2f} | gather = {res['hot_copy_s'] / res['gather_s']:.2f} x |",
-        f"| numpy memmap fancy indexing | {res['memmap_s'] * 1e3:.3f} ms | {gbps(res['memmap_s']):.2f} | "
+        f"| numpy memmap fancy indexing | {res['memmap_s'] * 1e3:.3f} ms | "
+        f"{gbps(res['memmap_s']):.2f} | "
         f"gather {res['memmap_s'] / res['gather_s']:.2f}x faster (target > 1) |",
         f"| ResNet-56 online forward ({args.device}) | {res['online_s'] * 1e3:.3f} ms | - | "
         f"gather {res['online_s'] / res['gather_s']:.1f}x faster (target >= 10) |",
@@ -191,7 +192,8 @@ def report(res, args):
             f"{res['online_s'] / res['gather_to_gpu_s']:.1f}x |"
         )
     lines.append(
-        f"\nverify(): {res['verify_GBps']:.2f} GB/s (XXH64 over the whole file, cold-ish first read)."
+        f"\nverify(): {res['verify_GBps']:.2f} GB/s "
+        "(XXH64 over the whole file, cold-ish first read)."
     )
     return "\n".join(lines)
 
@@ -203,8 +205,9 @@ def bench(tmp_path_factory):
 
 
 def test_gather(benchmark, bench):
-    copy = (median_seconds(bench.copy, 50, warmup=2) * bench.batch_bytes
-            / (BATCH * bench.record_bytes))
+    copy = (
+        median_seconds(bench.copy, 50, warmup=2) * bench.batch_bytes / (BATCH * bench.record_bytes)
+    )
     benchmark.extra_info["copy_fraction"] = copy / median_seconds(bench.gather, 50, warmup=2)
     benchmark(bench.gather)
 

@@ -10,9 +10,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import torch_threads
 
 import autokd  # noqa: E402,F401
+from helpers import torch_threads  # noqa: E402 (importable via the sys.path entry above)
 
 HAS_CUDA = torch.cuda.is_available() and autokd.ops.WITH_CUDA
 

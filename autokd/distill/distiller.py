@@ -10,6 +10,7 @@ counts, so every adapter exists before the optimizer is built.
 a design, such as MGD's generator), never a teacher's: teachers are kept outside the module
 tree, in eval mode, run under no_grad; move them to the device yourself.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -77,18 +78,27 @@ class Distiller(nn.Module):
     teachers is the mean of the per-teacher logit distances (``DistillLoss`` says why).
     """
 
-    def __init__(self, spec, student: nn.Module, student_taps: Sequence[str] = (),
-                 teacher_taps: Optional[Sequence] = None,
-                 teacher: Union[None, nn.Module, Sequence[nn.Module]] = None,
-                 example_input: Optional[Tensor] = None,
-                 teacher_shapes: Union[None, Mapping, Sequence[Mapping]] = None):
+    def __init__(
+        self,
+        spec,
+        student: nn.Module,
+        student_taps: Sequence[str] = (),
+        teacher_taps: Optional[Sequence] = None,
+        teacher: Union[None, nn.Module, Sequence[nn.Module]] = None,
+        example_input: Optional[Tensor] = None,
+        teacher_shapes: Union[None, Mapping, Sequence[Mapping]] = None,
+    ):
         super().__init__()
         self.spec = DistillerSpec.coerce(spec)
         self.student = student
         if isinstance(student_taps, str):
             student_taps = [student_taps]
         self.student_taps = list(student_taps)
-        teachers = [] if teacher is None else ([teacher] if isinstance(teacher, nn.Module) else list(teacher))
+        teachers = (
+            []
+            if teacher is None
+            else ([teacher] if isinstance(teacher, nn.Module) else list(teacher))
+        )
         # teachers stay out of the module tree: not in parameters(), not switched by train()
         self.__dict__["teachers"] = teachers
         for t in teachers:
@@ -96,8 +106,11 @@ class Distiller(nn.Module):
             for p in t.parameters():
                 p.requires_grad_(False)
         # with a teacher at hand its own dry run gives the shapes; teacher_shapes is then unused
-        shapes_list = [] if teacher_shapes is None or teachers else (
-            [teacher_shapes] if isinstance(teacher_shapes, Mapping) else list(teacher_shapes))
+        shapes_list = (
+            []
+            if teacher_shapes is None or teachers
+            else ([teacher_shapes] if isinstance(teacher_shapes, Mapping) else list(teacher_shapes))
+        )
         self.num_teachers = len(teachers) or len(shapes_list) or 1
         if teacher_taps is None:
             teacher_taps = self.student_taps
@@ -109,19 +122,27 @@ class Distiller(nn.Module):
         else:
             per_teacher = [list(teacher_taps)] * self.num_teachers
         if len(per_teacher) != self.num_teachers:
-            raise ValueError(f"Distiller: expected {self.num_teachers} teacher tap lists, got {len(per_teacher)}")
+            raise ValueError(
+                f"Distiller: expected {self.num_teachers} teacher tap lists, got {len(per_teacher)}"
+            )
         for taps in per_teacher:
             if len(taps) != len(self.student_taps):
-                raise ValueError(f"Distiller: expected one teacher tap per student tap "
-                                 f"({len(self.student_taps)}), got {taps!r}")
+                raise ValueError(
+                    f"Distiller: expected one teacher tap per student tap "
+                    f"({len(self.student_taps)}), got {taps!r}"
+                )
         self.teacher_taps = per_teacher
         self._student_hooks = FeatureTaps(student, self.student_taps, "Distiller: student")
-        self.__dict__["_teacher_hooks"] = [FeatureTaps(t, taps, f"Distiller: teacher {j}")
-                                          for j, (t, taps) in enumerate(zip(teachers, per_teacher))]
+        self.__dict__["_teacher_hooks"] = [
+            FeatureTaps(t, taps, f"Distiller: teacher {j}")
+            for j, (t, taps) in enumerate(zip(teachers, per_teacher))
+        ]
 
         uses_features = self.spec.feature_distance.key != "none"
         if uses_features and not self.student_taps:
-            raise ValueError(f"Distiller: design {self.spec.label()} distils features; give student_taps")
+            raise ValueError(
+                f"Distiller: design {self.spec.label()} distils features; give student_taps"
+            )
         channels = []
         s_shapes = None
         if example_input is not None and (uses_features or self.spec.logit_distance.key != "none"):
@@ -140,8 +161,10 @@ class Distiller(nn.Module):
             for j, taps in enumerate(per_teacher):
                 for s_tap, t_tap in zip(self.student_taps, taps):
                     if t_tap not in t_shapes[j]:
-                        raise ValueError(f"Distiller: teacher_shapes[{j}] lacks tap {t_tap!r}; has "
-                                         f"{sorted(t_shapes[j])}")
+                        raise ValueError(
+                            f"Distiller: teacher_shapes[{j}] lacks tap {t_tap!r}; has "
+                            f"{sorted(t_shapes[j])}"
+                        )
                     channels.append((int(s_shapes[s_tap][0]), int(tuple(t_shapes[j][t_tap])[0])))
         self.loss = DistillLoss(self.spec, channels if uses_features else None)
 
@@ -166,7 +189,8 @@ class Distiller(nn.Module):
                 f"({self.spec.logit_distance.key!r}), but the student returns "
                 f"{_describe_output(output)}, not class logits [N, K]; a detector or segmenter "
                 "distils through its feature taps: use a design with logit_distance none "
-                "(feature terms only, e.g. 'cwd' or 'fitnet')")
+                "(feature terms only, e.g. 'cwd' or 'fitnet')"
+            )
 
     def _teacher_dry_run(self, j: int, x) -> Dict[str, tuple]:
         with torch.no_grad():
@@ -201,8 +225,15 @@ class Distiller(nn.Module):
             feats.append(hooks.take())
         return feats, logits
 
-    def forward(self, images, *student_args, teacher_features=None, teacher_logits=None,
-                labels: Optional[Tensor] = None, **student_kwargs) -> DistillerOutput:
+    def forward(
+        self,
+        images,
+        *student_args,
+        teacher_features=None,
+        teacher_logits=None,
+        labels: Optional[Tensor] = None,
+        **student_kwargs,
+    ) -> DistillerOutput:
         """The student on ``student(images, *student_args, **student_kwargs)`` (e.g. a
         detector's ``targets`` in train mode), the teachers on ``images`` alone; the KD loss of
         the design on their taps (and logits).
@@ -216,24 +247,45 @@ class Distiller(nn.Module):
         s_feats = self._student_hooks.take()
         self._check_logits(output)
         student_logits = output if isinstance(output, Tensor) else None
-        if teacher_features is None and teacher_logits is None and self.teachers \
-                and self.spec.uses_teacher():
+        if (
+            teacher_features is None
+            and teacher_logits is None
+            and self.teachers
+            and self.spec.uses_teacher()
+        ):
             # a design without a teacher term (the student alone) never runs the teachers
             t_feats, t_logits = self.run_teachers(images)
         else:
-            t_feats = [] if teacher_features is None else (
-                [teacher_features] if isinstance(teacher_features, Mapping) else list(teacher_features))
-            t_logits = [] if teacher_logits is None else (
-                [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits))
+            t_feats = (
+                []
+                if teacher_features is None
+                else (
+                    [teacher_features]
+                    if isinstance(teacher_features, Mapping)
+                    else list(teacher_features)
+                )
+            )
+            t_logits = (
+                []
+                if teacher_logits is None
+                else (
+                    [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits)
+                )
+            )
         fs, ft = [], []
         if self.loss.has_feature:
             if len(t_feats) != self.num_teachers:
-                raise ValueError(f"Distiller: expected teacher features from {self.num_teachers} "
-                                 f"teacher(s), got {len(t_feats)}")
+                raise ValueError(
+                    f"Distiller: expected teacher features from {self.num_teachers} "
+                    f"teacher(s), got {len(t_feats)}"
+                )
             for j, taps in enumerate(self.teacher_taps):
                 for s_tap, t_tap in zip(self.student_taps, taps):
                     if t_tap not in t_feats[j]:
-                        raise ValueError(f"Distiller: teacher features lack tap {t_tap!r}; got {sorted(t_feats[j])}")
+                        raise ValueError(
+                            f"Distiller: teacher features lack tap {t_tap!r}; "
+                            f"got {sorted(t_feats[j])}"
+                        )
                     fs.append(s_feats[s_tap])
                     ft.append(t_feats[j][t_tap])
         if self.loss.has_logit and not t_logits:
@@ -241,12 +293,23 @@ class Distiller(nn.Module):
         if self.loss.has_logit:
             bad = next((t for t in t_logits if not isinstance(t, Tensor)), None)
             if bad is not None:
-                raise ValueError(f"Distiller: design {self.spec.label()} has a logit term, but a "
-                                 f"teacher returns {_describe_output(bad)}, not class logits "
-                                 "[N, K]; use a design with logit_distance none")
+                raise ValueError(
+                    f"Distiller: design {self.spec.label()} has a logit term, but a "
+                    f"teacher returns {_describe_output(bad)}, not class logits "
+                    "[N, K]; use a design with logit_distance none"
+                )
         out = self.loss(fs, ft, student_logits, t_logits if self.loss.has_logit else None, labels)
-        return DistillerOutput(out.loss_kd, out.loss_feature, out.loss_logit, student_logits, s_feats,
-                               t_feats, t_logits, out.mu, output)
+        return DistillerOutput(
+            out.loss_kd,
+            out.loss_feature,
+            out.loss_logit,
+            student_logits,
+            s_feats,
+            t_feats,
+            t_logits,
+            out.mu,
+            output,
+        )
 
     def remove_hooks(self) -> None:
         self._student_hooks.remove()

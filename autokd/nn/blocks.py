@@ -21,13 +21,14 @@ their keys. The primitives with fused kernels go through ``autokd.nn.kernels``. 
 reads a spec's fields and never imports ``autokd.space`` (which sits above it and validates
 specs against these registries).
 """
+
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ def _positive(name, value, kind=float):
 # --------------------------------------------------------------------------------------------
 # Global transforms: (s, t) [N, C, H, W] -> (s, t) [N, C', H, W]
 # --------------------------------------------------------------------------------------------
+
 
 @TRANSFORMS.register("global/original")
 class GlobalOriginal(nn.Module):
@@ -115,10 +117,14 @@ class RandomMask(nn.Module):
         self.generator = None
         if self.generate:
             if not channels:
-                raise ValueError("mask with generate=True: expected the teacher channel count, got none")
+                raise ValueError(
+                    "mask with generate=True: expected the teacher channel count, got none"
+                )
             self.generator = nn.Sequential(
-                nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(channels, channels, 3, padding=1))
+                nn.Conv2d(channels, channels, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(channels, channels, 3, padding=1),
+            )
 
     def forward(self, s: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
         n, _, h, w = s.shape
@@ -153,6 +159,7 @@ class AttentionMap(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Intra-spatial transforms: [N, C, H, W] -> [N', C, L]
 # --------------------------------------------------------------------------------------------
+
 
 @TRANSFORMS.register("intra/original")
 class IntraOriginal(nn.Module):
@@ -207,6 +214,7 @@ class LocalPatches(nn.Module):
 # Inter-spatial transforms: [N', C, L] -> [B, R, D]
 # --------------------------------------------------------------------------------------------
 
+
 @TRANSFORMS.register("inter/original")
 class InterOriginal(nn.Module):
     """Position-wise view [N', L, C]: each position of each sample is a row of C channel values
@@ -240,6 +248,7 @@ class ChannelWise(nn.Module):
 # Feature distances on [B, R, D] views (or [N, C] embeddings)
 # --------------------------------------------------------------------------------------------
 
+
 class FeatureDistance(nn.Module):
     embedding = False  # True: works on pooled [N, C] embeddings, transforms do not apply
 
@@ -252,7 +261,9 @@ class L2Distance(FeatureDistance):
     def __init__(self, reduction: str = "mean"):
         super().__init__()
         if reduction not in ("mean", "batchmean"):
-            raise ValueError(f"l2 reduction: expected one of ['batchmean', 'mean'], got {reduction!r}")
+            raise ValueError(
+                f"l2 reduction: expected one of ['batchmean', 'mean'], got {reduction!r}"
+            )
         self.reduction = reduction
 
     def forward(self, s: Tensor, t: Tensor, batch_size: int) -> Tensor:
@@ -286,9 +297,13 @@ class GramL2Distance(FeatureDistance):
     def __init__(self, normalize: str = "frobenius", divisor: str = "entries"):
         super().__init__()
         if normalize not in ("frobenius", "row"):
-            raise ValueError(f"gram_l2 normalize: expected one of ['frobenius', 'row'], got {normalize!r}")
+            raise ValueError(
+                f"gram_l2 normalize: expected one of ['frobenius', 'row'], got {normalize!r}"
+            )
         if divisor not in ("entries", "rows"):
-            raise ValueError(f"gram_l2 divisor: expected one of ['entries', 'rows'], got {divisor!r}")
+            raise ValueError(
+                f"gram_l2 divisor: expected one of ['entries', 'rows'], got {divisor!r}"
+            )
         self.normalize, self.divisor = normalize, divisor
 
     def forward(self, s: Tensor, t: Tensor, batch_size: int) -> Tensor:
@@ -331,7 +346,9 @@ class RenyiDistance(FeatureDistance):
         super().__init__()
         self.alpha = _positive("renyi alpha", alpha)
         if self.alpha == 1.0:
-            raise ValueError("renyi alpha: expected a positive number other than 1 (alpha=1 is KL), got 1")
+            raise ValueError(
+                "renyi alpha: expected a positive number other than 1 (alpha=1 is KL), got 1"
+            )
         self.tau = _positive("renyi tau", tau)
 
     def _log_similarity(self, e: Tensor) -> Tensor:
@@ -348,6 +365,7 @@ class RenyiDistance(FeatureDistance):
 # --------------------------------------------------------------------------------------------
 # Logit distances on [N, K]
 # --------------------------------------------------------------------------------------------
+
 
 class LogitDistance(nn.Module):
     """A logit distance: ``forward(s [N, K], t [N, K], tau) -> scalar``. A distance that reads
@@ -370,8 +388,12 @@ def _check_eps(eps) -> float:
 
 
 def _non_negative(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-            or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= 0
+        or not math.isfinite(value)
+    ):
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -417,18 +439,27 @@ class LogitStandardKL(LogitDistance):
 
 def _check_labels(labels, s: Tensor, who: str) -> Tensor:
     n, k = s.shape
-    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point \
-            or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if (
+        not isinstance(labels, Tensor)
+        or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
+        or labels.dtype == torch.bool
+    ):
         got = f"{labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(
-            f"{who}: expected labels as an integer tensor of class indices [N], got {got}")
+            f"{who}: expected labels as an integer tensor of class indices [N], got {got}"
+        )
     if labels.shape != (n,):
-        raise ValueError(f"{who}: expected labels of shape [{n}] (one class index per sample), got "
-                         f"{list(labels.shape)}")
+        raise ValueError(
+            f"{who}: expected labels of shape [{n}] (one class index per sample), got "
+            f"{list(labels.shape)}"
+        )
     # one host sync per call; an out-of-range index would otherwise be a device-side assert
     if n and bool((labels.min() < 0) | (labels.max() >= k)):
-        raise ValueError(f"{who}: expected labels in [0, {k - 1}], got values from "
-                         f"{int(labels.min())} to {int(labels.max())}")
+        raise ValueError(
+            f"{who}: expected labels in [0, {k - 1}], got values from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        )
     return labels.to(device=s.device, dtype=torch.long)
 
 
@@ -461,7 +492,8 @@ class LogitDKD(LogitDistance):
         who = f"logit distance {type(self).__name__}"
         if s.dim() != 2 or s.shape[1] < 2:
             raise ValueError(
-                f"{who}: expected logits [N, K] with K >= 2 classes, got {list(s.shape)}")
+                f"{who}: expected logits [N, K] with K >= 2 classes, got {list(s.shape)}"
+            )
         labels = _check_labels(labels, s, who)
         dtype = torch.promote_types(s.dtype, torch.float32)
         zs = self._prepare(s.to(dtype)) / tau  # [N, K]
@@ -479,7 +511,7 @@ class LogitDKD(LogitDistance):
         tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=1).mean()
         log_qs, log_qt = ns - lse_ns[:, None], nt - lse_nt[:, None]
         nckd = (log_qt.exp() * (log_qt - log_qs)).sum(dim=1).mean()
-        return tckd * tau ** 2, nckd * tau ** 2
+        return tckd * tau**2, nckd * tau**2
 
     def forward(self, s: Tensor, t: Tensor, tau: float, labels: Tensor) -> Tensor:
         tckd, nckd = self.parts(s, t, tau, labels)
@@ -519,8 +551,13 @@ class LogitMultiLevel(LogitDistance):
     which caches one view per sample and epoch).
     """
 
-    def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0), instance: float = 1.0,
-                 batch: float = 1.0, klass: float = 1.0):
+    def __init__(
+        self,
+        temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0),
+        instance: float = 1.0,
+        batch: float = 1.0,
+        klass: float = 1.0,
+    ):
         super().__init__()
         if isinstance(temperatures, (int, float)):
             temperatures = [temperatures]
@@ -544,7 +581,7 @@ class LogitMultiLevel(LogitDistance):
         for temp in [float(tau)] + self.temperatures:
             log_ps, log_pt = F.log_softmax(zs / temp, dim=1), F.log_softmax(zt / temp, dim=1)
             ps, pt = log_ps.exp(), log_pt.exp()
-            inst = inst + temp ** 2 * (pt * (log_pt - log_ps)).sum(dim=1).mean()
+            inst = inst + temp**2 * (pt * (log_pt - log_ps)).sum(dim=1).mean()
             bat = bat + (ps @ ps.t() - pt @ pt.t()).pow(2).sum() / n
             cls = cls + (ps.t() @ ps - pt.t() @ pt).pow(2).sum() / k
         return inst, bat, cls
@@ -559,8 +596,14 @@ class LogitStandardMultiLevel(LogitMultiLevel):
     """``mlkd`` on standardised logits (both z-scored per sample, as ``kl_std``), the LS-MLKD
     combination of Sun et al. 2024."""
 
-    def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0), instance: float = 1.0,
-                 batch: float = 1.0, klass: float = 1.0, eps: float = 1e-7):
+    def __init__(
+        self,
+        temperatures: Sequence[float] = (2.0, 3.0, 5.0, 6.0),
+        instance: float = 1.0,
+        batch: float = 1.0,
+        klass: float = 1.0,
+        eps: float = 1e-7,
+    ):
         super().__init__(temperatures, instance, batch, klass)
         self.eps = _check_eps(eps)
 
@@ -571,6 +614,7 @@ class LogitStandardMultiLevel(LogitMultiLevel):
 # --------------------------------------------------------------------------------------------
 # Schedules of the loss weights: training progress in [0, 1] -> factor
 # --------------------------------------------------------------------------------------------
+
 
 @SCHEDULES.register("constant")
 class Constant:
@@ -594,7 +638,8 @@ class WarmUp:
         self.fraction = _positive("warm-up fraction", fraction)
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
             raise ValueError(
-                f"warm-up stages: expected an integer >= 0 (0: continuous), got {stages!r}")
+                f"warm-up stages: expected an integer >= 0 (0: continuous), got {stages!r}"
+            )
         self.stages = stages
 
     def __call__(self, progress: float) -> float:
@@ -619,18 +664,24 @@ class EarlyStop:
 # Losses
 # --------------------------------------------------------------------------------------------
 
+
 def _as_4d(x: Tensor, who: str) -> Tensor:
     if x.dim() == 4:
         return x
     if x.dim() == 2:
         return x[:, :, None, None]
-    raise ValueError(f"{who}: expected a feature tensor [N, C, H, W] or [N, C], got shape {list(x.shape)}")
+    raise ValueError(
+        f"{who}: expected a feature tensor [N, C, H, W] or [N, C], got shape {list(x.shape)}"
+    )
 
 
 def needs_channel_match(spec) -> bool:
     """Whether the design compares student and teacher channel by channel (then a student
     adapter bridges unequal channel counts)."""
-    if spec.feature_distance.key == "none" or FEATURE_DISTANCES.get(spec.feature_distance.key).embedding:
+    if (
+        spec.feature_distance.key == "none"
+        or FEATURE_DISTANCES.get(spec.feature_distance.key).embedding
+    ):
         return False
     g = spec.global_transform
     if g.key == "at_map":
@@ -642,7 +693,10 @@ def needs_channel_match(spec) -> bool:
 
 def needs_size_match(spec) -> bool:
     """Whether the design compares positions (then the larger map is pooled to the smaller)."""
-    if spec.feature_distance.key == "none" or FEATURE_DISTANCES.get(spec.feature_distance.key).embedding:
+    if (
+        spec.feature_distance.key == "none"
+        or FEATURE_DISTANCES.get(spec.feature_distance.key).embedding
+    ):
         return False
     # A global transform that relates the two maps position by position declares it
     # (needs_same_size); then the maps are pooled to one size whatever the later levels.
@@ -671,7 +725,9 @@ class FeatureLoss(nn.Module):
     design needs no adapter.
     """
 
-    def __init__(self, spec, student_channels: Optional[int] = None, teacher_channels: Optional[int] = None):
+    def __init__(
+        self, spec, student_channels: Optional[int] = None, teacher_channels: Optional[int] = None
+    ):
         super().__init__()
         self.spec = spec
         self.match_size = needs_size_match(spec)
@@ -682,21 +738,33 @@ class FeatureLoss(nn.Module):
                 if not student_channels or not teacher_channels:
                     raise ValueError(
                         f"FeatureLoss: design {spec.label()} needs the student and teacher channel "
-                        f"counts to build its adapter, got {student_channels!r} and {teacher_channels!r}")
+                        f"counts to build its adapter, got {student_channels!r} and "
+                        f"{teacher_channels!r}"
+                    )
                 self.adapter = Adapter(student_channels, teacher_channels)
         g = spec.global_transform
-        extra = {"channels": teacher_channels} if g.key == "mask" and g.kwargs.get("generate") else {}
-        self.global_transform = TRANSFORMS.build({"key": "global/" + g.key, "kwargs": g.kwargs}, **extra)
-        self.intra = TRANSFORMS.build({"key": "intra/" + spec.intra_spatial.key, "kwargs": spec.intra_spatial.kwargs})
-        self.inter = TRANSFORMS.build({"key": "inter/" + spec.inter_spatial.key, "kwargs": spec.inter_spatial.kwargs})
+        extra = (
+            {"channels": teacher_channels} if g.key == "mask" and g.kwargs.get("generate") else {}
+        )
+        self.global_transform = TRANSFORMS.build(
+            {"key": "global/" + g.key, "kwargs": g.kwargs}, **extra
+        )
+        self.intra = TRANSFORMS.build(
+            {"key": "intra/" + spec.intra_spatial.key, "kwargs": spec.intra_spatial.kwargs}
+        )
+        self.inter = TRANSFORMS.build(
+            {"key": "inter/" + spec.inter_spatial.key, "kwargs": spec.inter_spatial.kwargs}
+        )
         self.distance = FEATURE_DISTANCES.build(spec.feature_distance.as_config())
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         s = _as_4d(s, "FeatureLoss student")
         t = _as_4d(t, "FeatureLoss teacher").detach()
         if s.shape[0] != t.shape[0]:
-            raise ValueError(f"FeatureLoss: expected equal batch sizes, got student {list(s.shape)} "
-                             f"and teacher {list(t.shape)}")
+            raise ValueError(
+                f"FeatureLoss: expected equal batch sizes, got student {list(s.shape)} "
+                f"and teacher {list(t.shape)}"
+            )
         batch = s.shape[0]
         if self.distance.embedding:
             return self.distance(s.mean(dim=(2, 3)), t.mean(dim=(2, 3)), batch)
@@ -711,7 +779,8 @@ class FeatureLoss(nn.Module):
         if vs.shape[-1] != vt.shape[-1] and not isinstance(self.distance, GramL2Distance):
             raise ValueError(
                 f"FeatureLoss: design {self.spec.label()} compares views of different widths "
-                f"{list(vs.shape)} and {list(vt.shape)}; use adapter 'auto' or 'always'")
+                f"{list(vs.shape)} and {list(vt.shape)}; use adapter 'auto' or 'always'"
+            )
         return self.distance(vs, vt, batch)
 
 
@@ -732,15 +801,18 @@ class LogitLoss(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if s.dim() != 2 or s.shape != t.shape:
-            raise ValueError(f"LogitLoss: expected student and teacher logits of one shape [N, K], "
-                             f"got {list(s.shape)} and {list(t.shape)}")
+            raise ValueError(
+                f"LogitLoss: expected student and teacher logits of one shape [N, K], "
+                f"got {list(s.shape)} and {list(t.shape)}"
+            )
         if not self.distance.needs_labels:
             return self.distance(s, t.detach(), self.tau)
         if labels is None:
             raise ValueError(
                 f"LogitLoss: design {self.spec.label()} uses the logit distance "
                 f"{self.spec.logit_distance.key!r}, which needs the ground-truth labels; pass "
-                f"labels= (class indices [N]) with the logits")
+                f"labels= (class indices [N]) with the logits"
+            )
         return self.distance(s, t.detach(), self.tau, labels)
 
 
@@ -811,7 +883,9 @@ def train_free_factors(students: Sequence[Tensor], teachers: Sequence[Tensor]) -
             if s.shape[0] < 2:
                 sim = torch.ones((), device=t.device)
             else:
-                sim = kernels.cka(s.reshape(s.shape[0], -1).float(), t.reshape(t.shape[0], -1).float(), False)
+                sim = kernels.cka(
+                    s.reshape(s.shape[0], -1).float(), t.reshape(t.shape[0], -1).float(), False
+                )
                 sim = torch.nan_to_num(sim, nan=0.0).clamp(0.0, 1.0)
             mus.append(ent.float() * sim.float())
         mu = torch.stack(mus)
@@ -840,7 +914,9 @@ class DistillLoss(nn.Module):
     class correlations), where averaging probabilities first has no meaning of its own.
     """
 
-    def __init__(self, spec, channels: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None):
+    def __init__(
+        self, spec, channels: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None
+    ):
         super().__init__()
         if isinstance(spec, (str, os.PathLike, Mapping)):
             # autokd.nn sits below autokd.space and never imports it: a name, a mapping or YAML
@@ -848,7 +924,8 @@ class DistillLoss(nn.Module):
             raise TypeError(
                 f"DistillLoss: expected a DistillerSpec, got {type(spec).__name__} {spec!r}; "
                 "build one with autokd.space.DistillerSpec.coerce(...) (a classic distiller's "
-                "name, a mapping, YAML text or a path)")
+                "name, a mapping, YAML text or a path)"
+            )
         self.spec = spec
         if channels is None:
             channels = [(None, None)]
@@ -857,7 +934,8 @@ class DistillLoss(nn.Module):
         self.has_feature = spec.feature_distance.key != "none"
         self.has_logit = spec.logit_distance.key != "none"
         self.pairs = nn.ModuleList(
-            [FeatureLoss(spec, cs, ct) for cs, ct in channels] if self.has_feature else [])
+            [FeatureLoss(spec, cs, ct) for cs, ct in channels] if self.has_feature else []
+        )
         self.logit = LogitLoss(spec) if self.has_logit else None
         self.schedule = SCHEDULES.build(spec.schedule.as_config())
         self.progress = 0.0
@@ -874,8 +952,14 @@ class DistillLoss(nn.Module):
         """Whether ``forward`` needs ``labels`` (the design's logit distance reads them)."""
         return self.logit is not None and self.logit.needs_labels
 
-    def forward(self, student_features=None, teacher_features=None, student_logits=None,
-                teacher_logits=None, labels=None) -> LossOutput:
+    def forward(
+        self,
+        student_features=None,
+        teacher_features=None,
+        student_logits=None,
+        teacher_logits=None,
+        labels=None,
+    ) -> LossOutput:
         """``labels`` [N]: ground-truth class indices, read only by distances that need them
         (DKD); None is fine for every other design.
 
@@ -890,28 +974,53 @@ class DistillLoss(nn.Module):
         targets lose their low bits too), and some eager transforms (the random mask) refuse
         mixed dtypes. The loss is a small share of a step: float32 it is."""
         if _low_precision(student_features, teacher_features, student_logits, teacher_logits):
-            device_type = next(x.device.type for x in _tensors(
-                student_features, teacher_features, student_logits, teacher_logits))
+            device_type = next(
+                x.device.type
+                for x in _tensors(
+                    student_features, teacher_features, student_logits, teacher_logits
+                )
+            )
             with torch.autocast(device_type, enabled=False):
-                return self._forward(_to_float(student_features), _to_float(teacher_features),
-                                     _to_float(student_logits), _to_float(teacher_logits), labels)
-        return self._forward(student_features, teacher_features, student_logits, teacher_logits,
-                             labels)
+                return self._forward(
+                    _to_float(student_features),
+                    _to_float(teacher_features),
+                    _to_float(student_logits),
+                    _to_float(teacher_logits),
+                    labels,
+                )
+        return self._forward(
+            student_features, teacher_features, student_logits, teacher_logits, labels
+        )
 
-    def _forward(self, student_features, teacher_features, student_logits, teacher_logits,
-                 labels) -> LossOutput:
+    def _forward(
+        self, student_features, teacher_features, student_logits, teacher_logits, labels
+    ) -> LossOutput:
         factor = self.weight_factor()
-        candidates = [student_features] if isinstance(student_features, Tensor) else list(student_features or [])
+        candidates = (
+            [student_features]
+            if isinstance(student_features, Tensor)
+            else list(student_features or [])
+        )
         ref = next((x for x in candidates + [student_logits] if isinstance(x, Tensor)), None)
         device = ref.device if ref is not None else None
         zero = torch.zeros((), device=device)
         loss_f, mu, pair_losses = zero, torch.ones(0, device=device), []
         if self.has_feature:
-            fs = [student_features] if isinstance(student_features, Tensor) else list(student_features or [])
-            ft = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features or [])
+            fs = (
+                [student_features]
+                if isinstance(student_features, Tensor)
+                else list(student_features or [])
+            )
+            ft = (
+                [teacher_features]
+                if isinstance(teacher_features, Tensor)
+                else list(teacher_features or [])
+            )
             if len(fs) != len(self.pairs) or len(ft) != len(self.pairs):
-                raise ValueError(f"DistillLoss: expected {len(self.pairs)} student and teacher feature "
-                                 f"tensors, got {len(fs)} and {len(ft)}")
+                raise ValueError(
+                    f"DistillLoss: expected {len(self.pairs)} student and teacher feature "
+                    f"tensors, got {len(fs)} and {len(ft)}"
+                )
             pair_losses = [pair(s, t) for pair, s, t in zip(self.pairs, fs, ft)]
             q = len(pair_losses)
             mode = self.spec.layer_weighting
@@ -923,23 +1032,28 @@ class DistillLoss(nn.Module):
                 mu = torch.full((q,), 1.0 / q, device=device)
             else:
                 mu = torch.ones(q, device=device)
-            weighted = sum(m.to(l.dtype) * l for m, l in zip(mu, pair_losses))
+            weighted = sum(m.to(pl.dtype) * pl for m, pl in zip(mu, pair_losses))
             loss_f = (self.spec.feature_weight * factor) * weighted
         loss_p = zero
         if self.has_logit:
             if student_logits is None or teacher_logits is None:
-                raise ValueError(f"DistillLoss: design {self.spec.label()} has a logit distance and "
-                                 "needs student and teacher logits")
+                raise ValueError(
+                    f"DistillLoss: design {self.spec.label()} has a logit distance and "
+                    "needs student and teacher logits"
+                )
             tl = [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits)
             if not tl:
-                raise ValueError(f"DistillLoss: design {self.spec.label()} has a logit distance; "
-                                 "expected the logits of 1 or more teachers, got an empty list")
+                raise ValueError(
+                    f"DistillLoss: design {self.spec.label()} has a logit distance; "
+                    "expected the logits of 1 or more teachers, got an empty list"
+                )
             for j, t in enumerate(tl):
                 if not isinstance(t, Tensor) or t.shape != student_logits.shape:
                     got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise ValueError(
                         f"DistillLoss: expected teacher {j}'s logits of the student's shape "
-                        f"{list(student_logits.shape)}, got {got}")
+                        f"{list(student_logits.shape)}, got {got}"
+                    )
             d = sum(self.logit(student_logits, t, labels) for t in tl) / len(tl)
             loss_p = (self.spec.logit_weight * factor) * d
         return LossOutput(loss_f + loss_p, loss_f, loss_p, mu, pair_losses)

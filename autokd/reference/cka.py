@@ -2,6 +2,7 @@
 
 The spec the kernels are tested against (see csrc/ops/cka.h for the math and gradient).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,18 +12,18 @@ from torch import Tensor
 CKA_EPS = 1e-12
 
 
-def _hsic_biased(k: Tensor, l: Tensor) -> Tensor:
+def _hsic_biased(k: Tensor, lg: Tensor) -> Tensor:
     n = k.shape[0]
     kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
-    lc = l - l.mean(0, keepdim=True) - l.mean(1, keepdim=True) + l.mean()
+    lc = lg - lg.mean(0, keepdim=True) - lg.mean(1, keepdim=True) + lg.mean()
     return (kc * lc).sum() / (n - 1) ** 2
 
 
-def _hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
+def _hsic_unbiased(k: Tensor, lg: Tensor) -> Tensor:
     # Song et al. 2012, eq. (5), on the Grams with zeroed diagonals.
     n = k.shape[0]
     kt = k - torch.diag_embed(torch.diagonal(k))
-    lt = l - torch.diag_embed(torch.diagonal(l))
+    lt = lg - torch.diag_embed(torch.diagonal(lg))
     trace = (kt * lt).sum()
     term2 = kt.sum() * lt.sum() / ((n - 1) * (n - 2))
     term3 = 2.0 / (n - 2) * (kt.sum(0) @ lt.sum(0))
@@ -40,7 +41,7 @@ def cka(x: Tensor, y: Tensor, debiased: bool = False) -> Tensor:
     if n < (4 if debiased else 2):
         raise ValueError(f"cka: expected N >= {4 if debiased else 2}, got {n}")
     k = x @ x.T  # [N, N]
-    l = y @ y.T  # [N, N]
+    lg = y @ y.T  # [N, N]
     hsic = _hsic_unbiased if debiased else _hsic_biased
-    kl, kk, ll = hsic(k, l), hsic(k, k), hsic(l, l)
+    kl, kk, ll = hsic(k, lg), hsic(k, k), hsic(lg, lg)
     return kl / (kk.clamp_min(CKA_EPS).sqrt() * ll.clamp_min(CKA_EPS).sqrt())

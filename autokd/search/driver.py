@@ -23,6 +23,7 @@ worker is not proposed again and again. When ``max(3, workers)`` trials in a row
 workers are dying whatever the design and the search stops with an error (the finished trials
 stay in the journal).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,36 +94,44 @@ class SearchConfig:
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
-            raise PipelineError(f"search: expected executor one of {', '.join(EXECUTORS)}, "
-                                f"got {self.executor!r}")
+            raise PipelineError(
+                f"search: expected executor one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
         if self.workers is None and self.workers_per_gpu is None:
             raise PipelineError("search: expected workers, or workers_per_gpu to set them")
-        if self.workers is not None and (isinstance(self.workers, bool)
-                                         or not isinstance(self.workers, int) or self.workers < 1):
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
             raise PipelineError(f"search: expected workers an integer >= 1, got {self.workers!r}")
         if self.workers_per_gpu is not None and (
-                isinstance(self.workers_per_gpu, bool) or not isinstance(self.workers_per_gpu, int)
-                or self.workers_per_gpu < 1):
-            raise PipelineError(f"search: expected workers_per_gpu an integer >= 1, got "
-                                f"{self.workers_per_gpu!r}")
+            isinstance(self.workers_per_gpu, bool)
+            or not isinstance(self.workers_per_gpu, int)
+            or self.workers_per_gpu < 1
+        ):
+            raise PipelineError(
+                f"search: expected workers_per_gpu an integer >= 1, got {self.workers_per_gpu!r}"
+            )
         if self.ray_address is not None and self.executor != "ray":
             raise PipelineError(
                 f"search: a Ray address ({self.ray_address}) needs executor 'ray', "
                 f"got {self.executor!r}"
             )
         if self.strategy not in STRATEGIES:
-            raise PipelineError(f"search: expected strategy one of {', '.join(STRATEGIES)}, "
-                                f"got {self.strategy!r}")
+            raise PipelineError(
+                f"search: expected strategy one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
         if self.budget < 0:
             raise PipelineError(f"search: expected budget >= 0, got {self.budget}")
         if self.views < 1:
             raise PipelineError(f"search: expected views >= 1, got {self.views}")
         if self.proxy is None:
-            self.proxy = TrainConfig(**default_training(self.data), **default_proxy(self.data),
-                                     offline=True)
+            self.proxy = TrainConfig(
+                **default_training(self.data), **default_proxy(self.data), offline=True
+            )
         if self.workers_per_gpu is not None and not self.proxy.device.startswith("cuda"):
-            raise PipelineError(f"search: workers_per_gpu needs device cuda, got "
-                                f"{self.proxy.device!r}")
+            raise PipelineError(
+                f"search: workers_per_gpu needs device cuda, got {self.proxy.device!r}"
+            )
         teacher, student = default_models(self.data)
         self.teacher = self.teacher or teacher
         self.student = self.student or student
@@ -189,11 +198,16 @@ class SearchCost:
         return (self.trial_seconds + self.selection_seconds) / self.full_training_seconds
 
     def summary(self) -> str:
-        text = (f"cost: {self.work:.2f} full trainings of work (trials {self.trial_work:.2f} + "
-                f"selection {self.selection_work:.2f}); {self.trial_seconds + self.selection_seconds:.0f} s")
+        text = (
+            f"cost: {self.work:.2f} full trainings of work (trials {self.trial_work:.2f} + "
+            f"selection {self.selection_work:.2f}); "
+            f"{self.trial_seconds + self.selection_seconds:.0f} s"
+        )
         if self.time is not None:
-            text += (f", {self.time:.2f} full trainings of time (one full training ~"
-                     f"{self.full_training_seconds:.1f} s)")
+            text += (
+                f", {self.time:.2f} full trainings of time (one full training ~"
+                f"{self.full_training_seconds:.1f} s)"
+            )
         return text
 
 
@@ -204,16 +218,27 @@ def make_executor(cfg: SearchConfig, prepared: Prepared, log: Log):
         return executors.InlineExecutor(TrialRunner(cfg, prepared))
     setup = TrialSetup.of(cfg, prepared)
     if cfg.executor == "local":
-        ex = executors.LocalExecutor(setup, cfg.workers, cfg.proxy.device, log=log,
-                                     workers_per_gpu=cfg.workers_per_gpu)
+        ex = executors.LocalExecutor(
+            setup, cfg.workers, cfg.proxy.device, log=log, workers_per_gpu=cfg.workers_per_gpu
+        )
         log(f"local executor: {ex.slots} worker processes on {cfg.proxy.device}")
         return ex
-    return executors.RayExecutor(setup, cfg.workers, cfg.proxy.device, address=cfg.ray_address,
-                                 log=log, workers_per_gpu=cfg.workers_per_gpu)
+    return executors.RayExecutor(
+        setup,
+        cfg.workers,
+        cfg.proxy.device,
+        address=cfg.ray_address,
+        log=log,
+        workers_per_gpu=cfg.workers_per_gpu,
+    )
 
 
-def run_tasks(executor, propose: Callable[[int], List[TrialTask]],
-              record: Callable[[TrialTask, Dict[str, Any]], None], log: Log) -> None:
+def run_tasks(
+    executor,
+    propose: Callable[[int], List[TrialTask]],
+    record: Callable[[TrialTask, Dict[str, Any]], None],
+    log: Log,
+) -> None:
     """Keep ``executor``'s slots busy with ``propose(room)`` until it proposes nothing and no
     task is in flight; ``record(task, result)`` gets each finished task's result (status
     ``failed`` after MAX_ATTEMPTS deaths). The retry and failure-streak policy of every stage."""
@@ -232,14 +257,21 @@ def run_tasks(executor, propose: Callable[[int], List[TrialTask]],
             if out.result is None:
                 log(f"trial {task.index} (attempt {task.attempt}): {out.died}")
                 if task.attempt < MAX_ATTEMPTS:
-                    log(f"trial {task.index}: retrying (attempt {task.attempt + 1} of {MAX_ATTEMPTS})")
+                    log(
+                        f"trial {task.index}: retrying "
+                        f"(attempt {task.attempt + 1} of {MAX_ATTEMPTS})"
+                    )
                     retry = dataclasses.replace(task, attempt=task.attempt + 1)
                     in_flight[task.index] = retry
                     executor.submit(retry)
                     continue
                 log(f"trial {task.index}: failed {MAX_ATTEMPTS} times, recorded as failed")
-                result = {"status": "failed", "reward": None, "seconds": out.seconds,
-                          "metrics": {"error": out.died, "attempts": task.attempt}}
+                result = {
+                    "status": "failed",
+                    "reward": None,
+                    "seconds": out.seconds,
+                    "metrics": {"error": out.died, "attempts": task.attempt},
+                }
                 failed_in_a_row += 1
             else:
                 result = out.result
@@ -270,8 +302,17 @@ def run_batch(executor, tasks: List[TrialTask], log: Log) -> List[Dict[str, Any]
     return [results[t.index] for t in tasks]
 
 
-def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal, executor,
-                  floor: float, deadline: Optional[float], log: Log, bar) -> int:
+def _search_stage(
+    cfg: SearchConfig,
+    space,
+    strategy: Strategy,
+    journal: Journal,
+    executor,
+    floor: float,
+    deadline: Optional[float],
+    log: Log,
+    bar,
+) -> int:
     """The budget of proxy trials; returns how many were run by this invocation."""
     launched = len(journal)  # launch order of the next trial: its seed
     done = journal.trials()
@@ -280,8 +321,13 @@ def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal
         if t.status == "ok":
             break
         diverged += t.status == "diverged"
-    state = {"new": 0, "stopping": False, "in_flight": 0, "diverged": diverged,
-             "best": max((t.reward for t in done), default=None)}
+    state = {
+        "new": 0,
+        "stopping": False,
+        "in_flight": 0,
+        "diverged": diverged,
+        "best": max((t.reward for t in done), default=None),
+    }
 
     def propose(room: int) -> List[TrialTask]:
         nonlocal launched
@@ -295,8 +341,9 @@ def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal
         tasks = []
         for p in strategy.ask(room):
             spec = space.spec_from_design(p.design).to_dict()
-            tasks.append(TrialTask(launched, p.trial_id, p.design, spec,
-                                   cfg.seed * 100_003 + launched))
+            tasks.append(
+                TrialTask(launched, p.trial_id, p.design, spec, cfg.seed * 100_003 + launched)
+            )
             launched += 1
         state["in_flight"] += len(tasks)
         return tasks
@@ -305,8 +352,15 @@ def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal
         state["in_flight"] -= 1
         reward = result["reward"] if result["reward"] is not None else floor
         strategy.tell(Proposal(task.trial_id, task.design), reward)
-        trial = journal.add(task.design, reward, result["status"], result["metrics"],
-                            result["seconds"], task.seed, cfg.strategy)
+        trial = journal.add(
+            task.design,
+            reward,
+            result["status"],
+            result["metrics"],
+            result["seconds"],
+            task.seed,
+            cfg.strategy,
+        )
         state["new"] += 1
         state["best"] = reward if state["best"] is None else max(state["best"], reward)
         if bar is not None:
@@ -316,9 +370,10 @@ def _search_stage(cfg: SearchConfig, space, strategy: Strategy, journal: Journal
         if state["diverged"] >= MAX_DIVERGED_IN_A_ROW:
             raise PipelineError(
                 f"{state['diverged']} trials in a row diverged (the loss became NaN or Inf; last: "
-                f"{result['metrics'].get('error', '?')}): that many designs do not all fail on their "
-                f"own. Lower --lr (now {cfg.proxy.lr:g}) or check the teacher, then run the same "
-                "command to resume (finished trials are kept)")
+                f"{result['metrics'].get('error', '?')}): that many designs do not all fail "
+                f"on their own. Lower --lr (now {cfg.proxy.lr:g}) or check the teacher, then run "
+                "the same command to resume (finished trials are kept)"
+            )
 
     run_tasks(executor, propose, record, log)
     return state["new"]
@@ -337,11 +392,14 @@ class RunFolderLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = (
+                os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            )
             os.close(self._fd)
             raise PipelineError(
                 f"{out} is in use by {holder}; wait for it to finish, or use another --out "
-                f"(the lock {self.path} is released when that process ends)") from None
+                f"(the lock {self.path} is released when that process ends)"
+            ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{what} (pid {os.getpid()})".encode(), 0)
 
@@ -362,27 +420,37 @@ def run_search(cfg: SearchConfig, log: Log = print, progress: bool = True) -> Se
         return _run_search(cfg, log, progress)
 
 
-def _cost(cfg: SearchConfig, trials: List[Trial], selection: Optional[SelectionResult]) -> SearchCost:
+def _cost(
+    cfg: SearchConfig, trials: List[Trial], selection: Optional[SelectionResult]
+) -> SearchCost:
     proxy = cfg.proxy
     full = None
     if selection is not None:
         # seconds per run = fixed cost + per-epoch cost x fidelity, fitted over the stage's
         # rounds (their fidelities differ); a full training is fidelity 1. One fidelity only:
         # the per-run ratio, which counts the fixed cost too often (an upper bound).
-        points = [(r.fidelity, r.seconds / max(sum(len(v) for v in r.scores.values()), 1))
-                  for r in selection.rounds if r.seconds > 0]
+        points = [
+            (r.fidelity, r.seconds / max(sum(len(v) for v in r.scores.values()), 1))
+            for r in selection.rounds
+            if r.seconds > 0
+        ]
         xs = {x for x, _ in points}
         if len(xs) >= 2:
             mx = statistics.mean(x for x, _ in points)
             my = statistics.mean(y for _, y in points)
-            slope = (sum((x - mx) * (y - my) for x, y in points)
-                     / sum((x - mx) ** 2 for x, _ in points))
+            slope = sum((x - mx) * (y - my) for x, y in points) / sum(
+                (x - mx) ** 2 for x, _ in points
+            )
             full = (my - slope * mx) + slope if slope > 0 else None
         if full is None and points:
             full = statistics.median(y / x for x, y in points)
-    return SearchCost(len(trials) * proxy.subset * proxy.run_epochs / proxy.epochs,
-                      selection.work if selection else 0.0, sum(t.seconds for t in trials),
-                      selection.seconds if selection else 0.0, full)
+    return SearchCost(
+        len(trials) * proxy.subset * proxy.run_epochs / proxy.epochs,
+        selection.work if selection else 0.0,
+        sum(t.seconds for t in trials),
+        selection.seconds if selection else 0.0,
+        full,
+    )
 
 
 def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
@@ -395,14 +463,21 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
     journal_path = os.path.join(cfg.out, "journal.sqlite")
     if os.path.exists(journal_path) and not os.access(journal_path, os.W_OK):
         # found now, not after the teacher has trained and the store is built
-        raise PipelineError(f"{journal_path}: the journal is read-only; fix its permissions or "
-                            "copy the folder somewhere writable (the journal is not damaged)")
+        raise PipelineError(
+            f"{journal_path}: the journal is read-only; fix its permissions or "
+            "copy the folder somewhere writable (the journal is not damaged)"
+        )
     prepared = prepare(cfg, log=log, progress=progress)
-    data, teacher = prepared.data, prepared.teacher
+    data = prepared.data
     journal = Journal(journal_path, cfg.pinned(data.identity, prepared.teacher_hash, space))
     done = journal.trials()
-    strategy = make_strategy(cfg.strategy, space, cfg.seed, [(t.design, t.reward) for t in done],
-                             **({"exploration": cfg.exploration} if cfg.strategy == "mcts" else {}))
+    strategy = make_strategy(
+        cfg.strategy,
+        space,
+        cfg.seed,
+        [(t.design, t.reward) for t in done],
+        **({"exploration": cfg.exploration} if cfg.strategy == "mcts" else {}),
+    )
     if done:
         log(f"resuming: {len(done)} finished trials replayed from {journal.path}")
     executor = make_executor(cfg, prepared, log)
@@ -410,39 +485,75 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
     if progress:
         from tqdm import tqdm  # progress bars only when asked for
 
-        bar = tqdm(total=cfg.budget, initial=min(len(done), cfg.budget), desc="trials", unit="trial")
+        bar = tqdm(
+            total=cfg.budget, initial=min(len(done), cfg.budget), desc="trials", unit="trial"
+        )
     deadline = None if cfg.time_limit is None else t_start + cfg.time_limit
     selection = None
     try:
         try:
-            new = _search_stage(cfg, space, strategy, journal, executor,
-                                reward_floor(data.num_classes), deadline, log, bar)
+            new = _search_stage(
+                cfg,
+                space,
+                strategy,
+                journal,
+                executor,
+                reward_floor(data.num_classes),
+                deadline,
+                log,
+                bar,
+            )
         finally:
             if bar is not None:
                 bar.close()
         trials = journal.trials()
         finished = len(trials) >= cfg.budget
         if finished and any(t.status == "ok" for t in trials):
-            selection = run_selection(space, trials, journal,
-                                      lambda tasks: run_batch(executor, tasks, log), cfg.selection,
-                                      epochs=cfg.proxy.epochs, seed=cfg.seed, log=log)
+            selection = run_selection(
+                space,
+                trials,
+                journal,
+                lambda tasks: run_batch(executor, tasks, log),
+                cfg.selection,
+                epochs=cfg.proxy.epochs,
+                seed=cfg.seed,
+                log=log,
+            )
         elif not finished and cfg.selection.fidelity > 0:
-            log(f"selection stage: waits for the budget of {cfg.budget} trials ({len(trials)} done)")
+            log(
+                f"selection stage: waits for the budget of {cfg.budget} trials ({len(trials)} done)"
+            )
     finally:
         executor.close()
     trials = journal.trials()
     evaluations = journal.evaluations()
     journal.close()
     cost = _cost(cfg, trials, selection)
-    outputs = write_outputs(cfg.out, trials, space, strategy.engine, log=log,
-                            config=journal.config, selection=selection, evaluations=evaluations,
-                            cost=cost)
+    outputs = write_outputs(
+        cfg.out,
+        trials,
+        space,
+        strategy.engine,
+        log=log,
+        config=journal.config,
+        selection=selection,
+        evaluations=evaluations,
+        cost=cost,
+    )
     if trials and not any(t.status == "ok" for t in trials):
         counts = {s: sum(t.status == s for t in trials) for s in ("diverged", "failed")}
         raise PipelineError(
             f"no trial worked: {counts['diverged']} diverged, {counts['failed']} failed (see "
-            f"{outputs.get('report')}); lower --lr (now {cfg.proxy.lr:g}) or check the teacher")
+            f"{outputs.get('report')}); lower --lr (now {cfg.proxy.lr:g}) or check the teacher"
+        )
     return SearchResult(
-        cfg.out, trials, outputs.get("best"), outputs.get("best_spec"), outputs.get("report"), new,
-        time.perf_counter() - t_start, selection, cost,
+        cfg.out,
+        trials,
+        outputs.get("best"),
+        outputs.get("best_spec"),
+        outputs.get("report"),
+        new,
+        time.perf_counter() - t_start,
+        selection,
+        cost,
     )

@@ -27,6 +27,7 @@ trial that runs out of GPU memory is one failed *attempt*: the driver retries th
 (same design, same seed) and then records it as ``failed``. Any other exception inside a trial
 is a bug or a wrong input, not bad luck, and stops the search as it does in a serial run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from autokd.errors import PipelineError
-from autokd.search.trial import (TrialError, TrialOutcome, TrialRunner, TrialSetup, TrialTask,
-                                 execute, forget_worker_runner, is_out_of_memory, worker_runner)
+from autokd.search.trial import (
+    TrialError,
+    TrialOutcome,
+    TrialRunner,
+    TrialSetup,
+    TrialTask,
+    execute,
+    forget_worker_runner,
+    is_out_of_memory,
+    worker_runner,
+)
 
 RAY_MISSING = (
     "--executor ray needs Ray, which is not installed: pip install 'autokd[ray]' "
@@ -182,7 +192,8 @@ def place_workers(workers: Optional[int], gpus: List[str], per_gpu: Optional[int
             raise PipelineError(
                 f"--workers {workers} with --workers-per-gpu {per_gpu}: at most {per_gpu} x "
                 f"{len(gpus)} visible GPUs = {per_gpu * len(gpus)} workers; expected --workers "
-                f"<= {per_gpu * len(gpus)} (or leave --workers out)")
+                f"<= {per_gpu * len(gpus)} (or leave --workers out)"
+            )
     if workers is None:
         raise PipelineError("expected --workers or --workers-per-gpu")
     return [gpus[i % len(gpus)] for i in range(workers)]
@@ -215,8 +226,14 @@ class LocalExecutor:
 
     _env_lock = threading.Lock()
 
-    def __init__(self, setup: TrialSetup, workers: Optional[int], device: str,
-                 log: Callable[[str], None] = print, workers_per_gpu: Optional[int] = None):
+    def __init__(
+        self,
+        setup: TrialSetup,
+        workers: Optional[int],
+        device: str,
+        log: Callable[[str], None] = print,
+        workers_per_gpu: Optional[int] = None,
+    ):
         self._setup = setup
         self._mp = mp.get_context("spawn")
         self._device = device
@@ -233,7 +250,11 @@ class LocalExecutor:
                 raise PipelineError("expected --workers")
             self._gpus = [None] * workers
         self.slots = workers
-        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ncpu = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
         self._threads = max(1, ncpu // workers)
         self._workers: List[Optional[_Worker]] = [None] * workers
         self._closed = False
@@ -252,8 +273,10 @@ class LocalExecutor:
         # stops every worker in close() (run_search calls it in a finally), and a worker whose
         # driver died leaves by itself (_watch_parent).
         proc = self._mp.Process(
-            target=_local_worker_main, name=f"autokd-trial-worker-{slot}",
-            args=(child, self._setup, self._device, self._threads, os.getpid()), daemon=False,
+            target=_local_worker_main,
+            name=f"autokd-trial-worker-{slot}",
+            args=(child, self._setup, self._device, self._threads, os.getpid()),
+            daemon=False,
         )
         # A spawned child takes the environment of the moment it starts: pin its GPU there, so
         # that it never initialises CUDA on the other GPUs.
@@ -323,10 +346,11 @@ class LocalExecutor:
                 w.proc.join(timeout=5)
                 if not w.ready:
                     raise PipelineError(
-                        f"a trial worker process could not start ({_describe_exit(w.proc.exitcode)}); its "
-                        "error is printed above. Worker processes are spawned and import the main module: "
-                        "a script that runs a search with several local workers must guard its entry point "
-                        "with `if __name__ == \"__main__\":`"
+                        "a trial worker process could not start "
+                        f"({_describe_exit(w.proc.exitcode)}); its error is printed above. "
+                        "Worker processes are spawned and import the main module: a script "
+                        "that runs a search with several local workers must guard its entry "
+                        'point with `if __name__ == "__main__":`'
                     )
                 where = f"GPU {w.gpu}, " if w.gpu is not None else ""
                 why = f"{_describe_exit(w.proc.exitcode)} ({where}pid {w.proc.pid})"
@@ -382,9 +406,16 @@ def _ray_trial(setup: TrialSetup, task: TrialTask, device: str, threads: int):
 class RayExecutor:
     """One Ray task per trial (1 GPU, or ``cpus_per_trial`` CPUs), at most ``workers`` in flight."""
 
-    def __init__(self, setup: TrialSetup, workers: Optional[int], device: str,
-                 address: Optional[str] = None, cpus_per_trial: int = 1,
-                 log: Callable[[str], None] = print, workers_per_gpu: Optional[int] = None):
+    def __init__(
+        self,
+        setup: TrialSetup,
+        workers: Optional[int],
+        device: str,
+        address: Optional[str] = None,
+        cpus_per_trial: int = 1,
+        log: Callable[[str], None] = print,
+        workers_per_gpu: Optional[int] = None,
+    ):
         ray = self._ray = require_ray()
         self.slots = workers
         self._owns = False
@@ -403,13 +434,20 @@ class RayExecutor:
             gpu = device.startswith("cuda")
             if gpu and resources.get("GPU", 0) < 1:
                 if self._owns and address is None and not os.environ.get("RAY_ADDRESS"):
-                    raise PipelineError(f"--executor ray --device {device}: this machine has no GPU for Ray "
-                                        f"(resources: {_fmt_resources(resources)})")
+                    raise PipelineError(
+                        f"--executor ray --device {device}: this machine has no GPU for Ray "
+                        f"(resources: {_fmt_resources(resources)})"
+                    )
                 # An autoscaling cluster may add GPU nodes once tasks ask for them.
-                log(f"ray: the cluster has no GPU now ({_fmt_resources(resources)}); trials wait for one")
+                log(
+                    f"ray: the cluster has no GPU now ({_fmt_resources(resources)}); "
+                    "trials wait for one"
+                )
             if not gpu and resources.get("CPU", 0) < cpus_per_trial:
-                raise PipelineError(f"the Ray cluster has fewer than {cpus_per_trial} CPUs "
-                                    f"(resources: {_fmt_resources(resources)})")
+                raise PipelineError(
+                    f"the Ray cluster has fewer than {cpus_per_trial} CPUs "
+                    f"(resources: {_fmt_resources(resources)})"
+                )
             if workers_per_gpu is not None and not gpu:
                 raise PipelineError(f"--workers-per-gpu needs --device cuda, got {device!r}")
             if workers is None:  # K tasks on every GPU the cluster has now
@@ -419,15 +457,18 @@ class RayExecutor:
             # Ray pins each task to its GPU through CUDA_VISIBLE_DEVICES: "cuda" is that GPU (a
             # fractional GPU is shared by the tasks Ray packs on it).
             self._device = "cuda" if gpu else device
-            opts = ({"num_gpus": 1.0 / (workers_per_gpu or 1)} if gpu
-                    else {"num_cpus": cpus_per_trial})
+            opts = (
+                {"num_gpus": 1.0 / (workers_per_gpu or 1)} if gpu else {"num_cpus": cpus_per_trial}
+            )
             # Retries are the driver's (one, then the trial is recorded as failed), not Ray's.
             self._remote = ray.remote(max_retries=0, **opts)(_ray_trial)
             self._threads = 1 if gpu else cpus_per_trial
             self._setup_ref = ray.put(setup)  # shipped once, not with every task
             share = f"1/{workers_per_gpu} GPU" if workers_per_gpu else "1 GPU"
-            log(f"ray: {_fmt_resources(resources)}; up to {self.slots} trials at once, each on "
-                f"{share if gpu else f'{cpus_per_trial} CPU'}")
+            log(
+                f"ray: {_fmt_resources(resources)}; up to {self.slots} trials at once, each on "
+                f"{share if gpu else f'{cpus_per_trial} CPU'}"
+            )
         except BaseException:
             self.close()
             raise

@@ -6,6 +6,7 @@ into the engine and never reruns them. The journal also pins the search's config
 teacher, student, space, seed, proxy settings): resuming with a different configuration is an
 error rather than a silent mix of two searches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,28 +37,45 @@ def _sqlite_error(path: str, e: sqlite3.Error, doing: str) -> JournalError:
     name = getattr(e, "sqlite_errorname", "") or ""
     base = os.path.basename(path)
     if name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB":
-        return JournalError(f"{path}: corrupt journal while {doing} ({e}); move it away to start "
-                            "afresh, or restore it from a copy")
+        return JournalError(
+            f"{path}: corrupt journal while {doing} ({e}); move it away to start "
+            "afresh, or restore it from a copy"
+        )
     if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
         return JournalError(
             f"{path}: the journal cannot be written while {doing} ({e}): the file or its folder "
             f"is read-only (SQLite also writes {base}-wal and {base}-shm beside it). The journal "
-            "is not damaged: fix the permissions, or copy the folder somewhere writable")
+            "is not damaged: fix the permissions, or copy the folder somewhere writable"
+        )
     if name == "SQLITE_FULL":
-        return JournalError(f"{path}: the disk is full while {doing} ({e}); free some space and "
-                            "run the same command again (the finished trials are kept)")
+        return JournalError(
+            f"{path}: the disk is full while {doing} ({e}); free some space and "
+            "run the same command again (the finished trials are kept)"
+        )
     if name.startswith("SQLITE_IOERR"):
-        return JournalError(f"{path}: I/O error while {doing} ({name}: {e}); the disk or file "
-                            "system failed: check it, then run the same command again")
+        return JournalError(
+            f"{path}: I/O error while {doing} ({name}: {e}); the disk or file "
+            "system failed: check it, then run the same command again"
+        )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return JournalError(f"{path}: locked by another process while {doing} ({e}); is another "
-                            "search running on this --out?")
+        return JournalError(
+            f"{path}: locked by another process while {doing} ({e}); is another "
+            "search running on this --out?"
+        )
     return JournalError(f"{path}: SQLite error while {doing} ({name or type(e).__name__}: {e})")
 
 
 # SQLite errors that come from the file system or other processes, not from the file's bytes.
-_ENVIRONMENT = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_FULL",
-                "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED")
+_ENVIRONMENT = (
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_PERM",
+    "SQLITE_AUTH",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+)
 
 
 def _row_problem(row) -> Optional[str]:
@@ -72,8 +90,9 @@ def _row_problem(row) -> Optional[str]:
             return f"column {col}: expected JSON text, found {value!r:.60} ({e})"
         if not isinstance(parsed, dict):
             return f"column {col}: expected a JSON object, found {value!r:.60}"
-        if col == "design" and not all(isinstance(k, str) and isinstance(v, str)
-                                       for k, v in parsed.items()):
+        if col == "design" and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+        ):
             return f"column design: expected level -> option strings, found {value!r:.60}"
     for col, value in (("reward", reward), ("seconds", seconds), ("created", created)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -124,11 +143,13 @@ class Evaluation:
         return json.dumps([spec, int(seed), fidelity, metric], sort_keys=True)
 
 
-_EVALUATIONS = ("CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, key TEXT NOT NULL,"
-                " label TEXT NOT NULL, design TEXT NOT NULL, spec TEXT NOT NULL, seed INTEGER NOT NULL,"
-                " fidelity TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,"
-                " score REAL NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,"
-                " created REAL NOT NULL)")
+_EVALUATIONS = (
+    "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, key TEXT NOT NULL,"
+    " label TEXT NOT NULL, design TEXT NOT NULL, spec TEXT NOT NULL, seed INTEGER NOT NULL,"
+    " fidelity TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,"
+    " score REAL NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,"
+    " created REAL NOT NULL)"
+)
 
 
 class Journal:
@@ -176,14 +197,17 @@ class Journal:
             db.execute("BEGIN")
             db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             db.execute(
-                "CREATE TABLE trials (id INTEGER PRIMARY KEY, design TEXT NOT NULL, reward REAL NOT NULL,"
-                " status TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,"
-                " seed INTEGER NOT NULL, strategy TEXT NOT NULL, created REAL NOT NULL)"
+                "CREATE TABLE trials (id INTEGER PRIMARY KEY, design TEXT NOT NULL,"
+                " reward REAL NOT NULL, status TEXT NOT NULL, metrics TEXT NOT NULL,"
+                " seconds REAL NOT NULL, seed INTEGER NOT NULL, strategy TEXT NOT NULL,"
+                " created REAL NOT NULL)"
             )
             db.execute(_EVALUATIONS)
             db.execute("INSERT INTO meta VALUES ('magic', ?)", (_MAGIC,))
             db.execute("INSERT INTO meta VALUES ('version', ?)", (str(SCHEMA_VERSION),))
-            db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(config or {}, sort_keys=True),))
+            db.execute(
+                "INSERT INTO meta VALUES ('config', ?)", (json.dumps(config or {}, sort_keys=True),)
+            )
             db.execute("COMMIT")
             return
         if not {"meta", "trials"} <= tables:
@@ -193,16 +217,22 @@ class Journal:
             raise JournalError(f"{self.path}: not an autokd journal (magic {meta.get('magic')!r})")
         if meta.get("version") != str(SCHEMA_VERSION):
             raise JournalError(
-                f"{self.path}: journal format version {meta.get('version')}, expected {SCHEMA_VERSION}"
+                f"{self.path}: journal format version {meta.get('version')}, "
+                f"expected {SCHEMA_VERSION}"
             )
         try:
             self.config = json.loads(meta.get("config", "{}"))
         except json.JSONDecodeError as e:
             raise JournalError(f"{self.path}: corrupt journal configuration ({e})") from e
         if config is not None:
-            diff = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
+            diff = sorted(
+                k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k)
+            )
             if diff:
-                parts = [f"{k}: journal has {self.config.get(k)!r}, this run has {config.get(k)!r}" for k in diff]
+                parts = [
+                    f"{k}: journal has {self.config.get(k)!r}, this run has {config.get(k)!r}"
+                    for k in diff
+                ]
                 raise JournalError(
                     f"{self.path}: the journal belongs to a search with another configuration "
                     f"({'; '.join(parts)}); use another --out folder or the same options"
@@ -223,12 +253,15 @@ class Journal:
         with self._sql("reading the configuration"):
             return json.loads(dict(self._db.execute("SELECT key, value FROM meta"))["config"])
 
-    def add(self, design, reward, status, metrics=None, seconds=0.0, seed=0, strategy="mcts") -> Trial:
+    def add(
+        self, design, reward, status, metrics=None, seconds=0.0, seed=0, strategy="mcts"
+    ) -> Trial:
         """Append one finished trial; durable when this returns."""
         now = time.time()
         with self._sql("recording a trial"):
             cur = self._db.execute(
-                "INSERT INTO trials (design, reward, status, metrics, seconds, seed, strategy, created)"
+                "INSERT INTO trials"
+                " (design, reward, status, metrics, seconds, seed, strategy, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     json.dumps(design, sort_keys=True),
@@ -241,40 +274,82 @@ class Journal:
                     now,
                 ),
             )
-        return Trial(cur.lastrowid, dict(design), float(reward), status, dict(metrics or {}),
-                     float(seconds), int(seed), strategy, now)
+        return Trial(
+            cur.lastrowid,
+            dict(design),
+            float(reward),
+            status,
+            dict(metrics or {}),
+            float(seconds),
+            int(seed),
+            strategy,
+            now,
+        )
 
-    _EVAL_COLUMNS = "id, key, label, design, spec, seed, fidelity, round, status, score, metrics, seconds"
+    _EVAL_COLUMNS = (
+        "id, key, label, design, spec, seed, fidelity, round, status, score, metrics, seconds"
+    )
 
-    def add_evaluation(self, key, label, design, spec, seed, fidelity, round_, status, score,
-                       metrics, seconds) -> None:
+    def add_evaluation(
+        self, key, label, design, spec, seed, fidelity, round_, status, score, metrics, seconds
+    ) -> None:
         """Append one finished run of the selection stage; durable when this returns."""
         with self._sql("recording a selection run"):
             self._db.execute(
                 "INSERT INTO evaluations (key, label, design, spec, seed, fidelity, round, status,"
                 " score, metrics, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, label, json.dumps(design, sort_keys=True), json.dumps(spec, sort_keys=True),
-                 int(seed), json.dumps(fidelity, sort_keys=True), int(round_), status, float(score),
-                 json.dumps(metrics or {}, sort_keys=True), float(seconds), time.time()))
+                (
+                    key,
+                    label,
+                    json.dumps(design, sort_keys=True),
+                    json.dumps(spec, sort_keys=True),
+                    int(seed),
+                    json.dumps(fidelity, sort_keys=True),
+                    int(round_),
+                    status,
+                    float(score),
+                    json.dumps(metrics or {}, sort_keys=True),
+                    float(seconds),
+                    time.time(),
+                ),
+            )
 
     def evaluations(self) -> List[Evaluation]:
         """Every run of the selection stage, in order (none for journals without the table)."""
         with self._sql("reading the selection runs"):
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {
+                r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
             if "evaluations" not in tables:
                 return []
             rows = self._db.execute(
-                f"SELECT {self._EVAL_COLUMNS} FROM evaluations ORDER BY id").fetchall()
+                f"SELECT {self._EVAL_COLUMNS} FROM evaluations ORDER BY id"
+            ).fetchall()
         out = []
         for r in rows:
             try:
-                out.append(Evaluation(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), int(r[5]),
-                                      json.loads(r[6]), int(r[7]), r[8], float(r[9]),
-                                      json.loads(r[10]), float(r[11])))
+                out.append(
+                    Evaluation(
+                        r[0],
+                        r[1],
+                        r[2],
+                        json.loads(r[3]),
+                        json.loads(r[4]),
+                        int(r[5]),
+                        json.loads(r[6]),
+                        int(r[7]),
+                        r[8],
+                        float(r[9]),
+                        json.loads(r[10]),
+                        float(r[11]),
+                    )
+                )
             except (TypeError, ValueError) as e:
                 raise JournalError(
-                    f"{self.path}: selection run row {r[0]} is damaged ({e}); delete it to rerun that "
-                    f"run (sqlite3 {self.path} 'DELETE FROM evaluations WHERE id={r[0]}')") from None
+                    f"{self.path}: selection run row {r[0]} is damaged ({e}); "
+                    "delete it to rerun that run "
+                    f"(sqlite3 {self.path} 'DELETE FROM evaluations WHERE id={r[0]}')"
+                ) from None
         return out
 
     def evaluation(self, key: str) -> Optional[Evaluation]:
@@ -299,14 +374,28 @@ class Journal:
             problem = _row_problem(r)
             if problem is not None:
                 raise self._damaged(r[0], problem, len(rows))
-        return [Trial(r[0], json.loads(r[1]), float(r[2]), r[3], json.loads(r[4]), float(r[5]),
-                      int(r[6]), r[7], float(r[8])) for r in rows]
+        return [
+            Trial(
+                r[0],
+                json.loads(r[1]),
+                float(r[2]),
+                r[3],
+                json.loads(r[4]),
+                float(r[5]),
+                int(r[6]),
+                r[7],
+                float(r[8]),
+            )
+            for r in rows
+        ]
 
     def _damaged(self, row_id, problem: str, total) -> JournalError:
         return JournalError(
             f"{self.path}: trial row {row_id} of {total} is damaged ({problem}); the journal "
             f"cannot be resumed as it is. Delete that row to go on without it (sqlite3 "
-            f"{self.path} 'DELETE FROM trials WHERE id={row_id}') or restore the journal from a copy")
+            f"{self.path} 'DELETE FROM trials WHERE id={row_id}') "
+            "or restore the journal from a copy"
+        )
 
     def _find_damaged_row(self, cause: sqlite3.DatabaseError) -> JournalError:
         """SQLite refused the whole table: read the rows one at a time (their ids live in the
@@ -317,8 +406,9 @@ class Journal:
             return _sqlite_error(self.path, cause, "reading the trials")
         for row_id in ids:
             try:
-                row = self._db.execute(f"SELECT {self._COLUMNS} FROM trials WHERE id = ?",
-                                       (row_id,)).fetchone()
+                row = self._db.execute(
+                    f"SELECT {self._COLUMNS} FROM trials WHERE id = ?", (row_id,)
+                ).fetchone()
             except sqlite3.DatabaseError as e:
                 return self._damaged(row_id, f"SQLite: {e}", len(ids))
             problem = _row_problem(row)

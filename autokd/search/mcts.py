@@ -55,6 +55,7 @@ Reproducibility: the engine draws from its own splitmix64 stream, so the same se
 sequence of calls give the same proposals; ``tests/engine/mcts_reference.py`` is the pure-Python
 specification it is tested against, proposal for proposal.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,7 +86,9 @@ def _parse_levels(levels: Any) -> list:
             raise ValueError(f"MCTS: expected level {i} as a dict, got {type(lv).__name__}")
         unknown = sorted(set(lv) - set(_LEVEL_KEYS))
         if unknown:
-            raise ValueError(f"MCTS: level {i} has unknown keys {unknown}; valid keys: {list(_LEVEL_KEYS)}")
+            raise ValueError(
+                f"MCTS: level {i} has unknown keys {unknown}; valid keys: {list(_LEVEL_KEYS)}"
+            )
         if "name" not in lv or "options" not in lv:
             raise ValueError(f"MCTS: level {i} needs 'name' and 'options', got keys {sorted(lv)}")
         name = lv["name"]
@@ -93,14 +96,19 @@ def _parse_levels(levels: Any) -> list:
             raise ValueError(f"MCTS: expected level {i} name as a string, got {name!r}")
         options = lv["options"]
         if isinstance(options, (str, bytes)) or not isinstance(options, Iterable):
-            raise ValueError(f"MCTS: expected options of level '{name}' as a list of strings, got {options!r}")
+            raise ValueError(
+                f"MCTS: expected options of level '{name}' as a list of strings, got {options!r}"
+            )
         options = list(options)
         for o in options:
             if not isinstance(o, str):
                 raise ValueError(f"MCTS: expected options of level '{name}' as strings, got {o!r}")
         req = lv.get("requires") or {}
         if not isinstance(req, Mapping):
-            raise ValueError(f"MCTS: expected requires of level '{name}' as a dict {{level: [options]}}, got {req!r}")
+            raise ValueError(
+                f"MCTS: expected requires of level '{name}' as a dict {{level: [options]}}, "
+                f"got {req!r}"
+            )
         reqs = []
         for other, allowed in req.items():
             if isinstance(allowed, str):
@@ -109,7 +117,10 @@ def _parse_levels(levels: Any) -> list:
                 raise ValueError(f"MCTS: bad requirement {other!r}: {allowed!r} on level '{name}'")
             allowed = list(allowed)
             if not all(isinstance(a, str) for a in allowed):
-                raise ValueError(f"MCTS: expected allowed options of '{other}' (required by '{name}') as strings, got {allowed!r}")
+                raise ValueError(
+                    f"MCTS: expected allowed options of '{other}' (required by '{name}') "
+                    f"as strings, got {allowed!r}"
+                )
             reqs.append((other, allowed))
         out.append((name, options, reqs))
     return out
@@ -170,8 +181,11 @@ class MCTS(_engine.MCTS):
             raise ValueError(f"MCTS: expected selection 'uct' or 'thompson', got {selection!r}")
         if on_repeat not in ("reuse", "average"):
             raise ValueError(f"MCTS: expected on_repeat 'reuse' or 'average', got {on_repeat!r}")
-        for name, v in (("exploration", exploration), ("virtual_loss", virtual_loss),
-                        ("prior_strength", prior_strength)):
+        for name, v in (
+            ("exploration", exploration),
+            ("virtual_loss", virtual_loss),
+            ("prior_strength", prior_strength),
+        ):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"MCTS: expected {name} a number, got {v!r}")
         if not isinstance(normalize_rewards, bool):
@@ -211,7 +225,10 @@ class MCTS(_engine.MCTS):
 
     @classmethod
     def from_history(
-        cls, levels: Sequence[Mapping[str, Any]], history: Iterable[Tuple[Mapping[str, str], float]], **options
+        cls,
+        levels: Sequence[Mapping[str, Any]],
+        history: Iterable[Tuple[Mapping[str, str], float]],
+        **options,
     ) -> "MCTS":
         """An engine with the given (design, reward) pairs told in order, e.g. from a journal.
 
@@ -226,10 +243,14 @@ class MCTS(_engine.MCTS):
         items = []
         for i, item in enumerate(history):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"MCTS.from_history: entry {i}: expected (design, reward), got {item!r}")
+                raise ValueError(
+                    f"MCTS.from_history: entry {i}: expected (design, reward), got {item!r}"
+                )
             design, reward = item
             if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-                raise ValueError(f"MCTS.from_history: entry {i}: expected a numeric reward, got {reward!r}")
+                raise ValueError(
+                    f"MCTS.from_history: entry {i}: expected a numeric reward, got {reward!r}"
+                )
             items.append((dict(design) if isinstance(design, Mapping) else design, float(reward)))
         eng._tell_history(items)
         return eng

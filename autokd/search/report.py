@@ -5,6 +5,7 @@ from a finished or interrupted search without the engine. The tree view counts, 
 prefix of a design (in level order), how many trials went through it: exactly the visit counts
 MCTS backpropagates.
 """
+
 from __future__ import annotations
 
 import base64
@@ -74,7 +75,7 @@ def plot_by_option(trials: Sequence[Trial], level_names: Sequence[str]) -> str:
     cols = 3
     rows = max(1, (len(levels) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(levels):]:
+    for ax in axes.flat[len(levels) :]:
         ax.axis("off")
     for ax, level in zip(axes.flat, levels):
         groups: Dict[str, List[float]] = defaultdict(list)
@@ -129,42 +130,66 @@ def plot_tree(trials: Sequence[Trial], level_names: Sequence[str], depth: int = 
     def draw(prefix, x0, width, d):
         if d >= depth:
             return
-        children = sorted((p for p in counts if len(p) == len(prefix) + 1 and p[: len(prefix)] == prefix),
-                          key=lambda p: p[-1][1])
+        children = sorted(
+            (p for p in counts if len(p) == len(prefix) + 1 and p[: len(prefix)] == prefix),
+            key=lambda p: p[-1][1],
+        )
         x = x0
         for child in children:
             n, m, _ = counts[child]
             w = width * n / counts[prefix][0]
             ax.add_patch(plt.Rectangle((x, -d - 1), w, 0.95, color=cmap(norm(m)), ec="white"))
             if w > 0.055:
-                ax.text(x + w / 2, -d - 0.52, f"{child[-1][1]}\n{n}", ha="center", va="center", fontsize=6.5,
-                        color="white" if norm(m) < 0.6 else "black")
+                ax.text(
+                    x + w / 2,
+                    -d - 0.52,
+                    f"{child[-1][1]}\n{n}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if norm(m) < 0.6 else "black",
+                )
             draw(child, x, w, d + 1)
             x += w
 
     draw((), 0.0, 1.0, 0)
-    shown = sorted({p[len(p) - 1][0] for p in counts if 0 < len(p) <= depth},
-                   key=lambda name: list(level_names).index(name))
+    shown = sorted(
+        {p[len(p) - 1][0] for p in counts if 0 < len(p) <= depth},
+        key=lambda name: list(level_names).index(name),
+    )
     ax.set_yticks([-i - 0.52 for i in range(len(shown))])
     ax.set_yticklabels(shown, fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(-depth - 0.1, 0.05)
     ax.set_xticks([])
-    ax.set_title(f"search tree, first {depth} levels: width = visits ({total} trials), colour = mean reward", fontsize=9)
+    ax.set_title(
+        f"search tree, first {depth} levels: width = visits ({total} trials), colour = mean reward",
+        fontsize=9,
+    )
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01)
     return _png(fig)
 
 
-def _table(trials: Sequence[Trial], level_names: Sequence[str],
-           estimates: Optional[Dict[int, float]] = None) -> str:
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in
-                   ["#", "estimate", "reward", "val acc", "CKA", "s", *level_names])
+def _table(
+    trials: Sequence[Trial],
+    level_names: Sequence[str],
+    estimates: Optional[Dict[int, float]] = None,
+) -> str:
+    head = "".join(
+        f"<th>{html.escape(n)}</th>"
+        for n in ["#", "estimate", "reward", "val acc", "CKA", "s", *level_names]
+    )
     rows = []
     for t in trials:
         est = (estimates or {}).get(t.id)
-        cells = [str(t.id), "" if est is None else f"{est:.4f}", f"{t.reward:.4f}",
-                 f"{t.metrics.get('val_acc', float('nan')):.3f}",
-                 f"{t.metrics.get('val_cka', float('nan')):.3f}", f"{t.seconds:.1f}"]
+        cells = [
+            str(t.id),
+            "" if est is None else f"{est:.4f}",
+            f"{t.reward:.4f}",
+            f"{t.metrics.get('val_acc', float('nan')):.3f}",
+            f"{t.metrics.get('val_cka', float('nan')):.3f}",
+            f"{t.seconds:.1f}",
+        ]
         cells += [t.design.get(n, "") for n in level_names]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
@@ -173,19 +198,27 @@ def _table(trials: Sequence[Trial], level_names: Sequence[str],
 def _selection_html(sel) -> str:
     """The selection stage: one table, a row per candidate, a column per round."""
     higher = METRICS[sel.metric][1]
-    parts = [f"<p>Every candidate trained on the whole training split, dense; score: held-out "
-             f"<code>{html.escape(sel.metric)}</code> ({'higher' if higher else 'lower'} is better), "
-             f"mean +- std over seeds. Successive halving: each round keeps the better half (the "
-             f"best classic always goes on) at twice the fidelity. {sel.work:.2f} full trainings "
-             f"of work, {sel.seconds:.0f} s.</p>"]
+    parts = [
+        f"<p>Every candidate trained on the whole training split, dense; score: held-out "
+        f"<code>{html.escape(sel.metric)}</code> ({'higher' if higher else 'lower'} is better), "
+        f"mean +- std over seeds. Successive halving: each round keeps the better half (the "
+        f"best classic always goes on) at twice the fidelity. {sel.work:.2f} full trainings "
+        f"of work, {sel.seconds:.0f} s.</p>"
+    ]
     head = "<th>candidate</th><th>design</th>" + "".join(
         f"<th>round {r.index + 1}<br>{r.fidelity:.3g} of the schedule x {len(r.seeds)}</th>"
-        for r in sel.rounds)
+        for r in sel.rounds
+    )
     rows = []
     for c in sel.candidates:
-        cells = [html.escape(c.label + (" (chosen)" if c.label == sel.winner.label else "")),
-                 html.escape(", ".join(f"{k}={v}" for k, v in c.design.items()) if c.design
-                             else "classic distiller")]
+        cells = [
+            html.escape(c.label + (" (chosen)" if c.label == sel.winner.label else "")),
+            html.escape(
+                ", ".join(f"{k}={v}" for k, v in c.design.items())
+                if c.design
+                else "classic distiller"
+            ),
+        ]
         for r in sel.rounds:
             xs = r.scores.get(c.label)
             if not xs:
@@ -211,16 +244,29 @@ def _compare_html(out: str) -> str:
         return "<p>compare.json is unreadable; run <code>autokd-cli compare</code> again.</p>"
     head = "<th>spec</th><th>test accuracy (mean +- std)</th><th>seeds</th><th>per seed</th>"
     body = "".join(
-        f"<tr><td>{html.escape(r['spec'])}</td><td>{100 * r['mean']:.2f} +- {100 * r['std']:.2f}%</td>"
+        f"<tr><td>{html.escape(r['spec'])}</td>"
+        f"<td>{100 * r['mean']:.2f} +- {100 * r['std']:.2f}%</td>"
         f"<td>{len(r['accuracies'])}</td><td>"
-        + ", ".join(f"{100 * a:.2f}" for a in r["accuracies"]) + "</td></tr>" for r in rows)
-    return ("<h2>Full training: what the search was worth (autokd-cli compare)</h2>"
-            f"<table><tr>{head}</tr>{body}</table>")
+        + ", ".join(f"{100 * a:.2f}" for a in r["accuracies"])
+        + "</td></tr>"
+        for r in rows
+    )
+    return (
+        "<h2>Full training: what the search was worth (autokd-cli compare)</h2>"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
 
 
-def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: str,
-                  config: Optional[dict] = None, estimates=None, selection=None, cost=None,
-                  out: Optional[str] = None) -> str:
+def render_report(
+    trials: Sequence[Trial],
+    level_names: Sequence[str],
+    title: str,
+    config: Optional[dict] = None,
+    estimates=None,
+    selection=None,
+    cost=None,
+    out: Optional[str] = None,
+) -> str:
     est_by_id = {}
     if estimates:
         first_of = {}
@@ -245,34 +291,53 @@ def render_report(trials: Sequence[Trial], level_names: Sequence[str], title: st
     if cost is not None:
         parts.append(f"<p>{html.escape(cost.summary())}.</p>")
     if selection is not None:
-        parts += ["<h2>Selection stage: the search's best against the classic distillers</h2>",
-                  f"<p>Handed back (best.yaml): <b>{html.escape(selection.winner.label)}</b>.</p>",
-                  _selection_html(selection)]
+        parts += [
+            "<h2>Selection stage: the search's best against the classic distillers</h2>",
+            f"<p>Handed back (best.yaml): <b>{html.escape(selection.winner.label)}</b>.</p>",
+            _selection_html(selection),
+        ]
     if out:
         parts.append(_compare_html(out))
     if ranked:
         best = ranked[0]
-        parts.append(f"<h2>The search's best design (estimate "
-                     f"{est_by_id.get(best.id, best.reward):.4f}, reward {best.reward:.4f})</h2>"
-                     f"<pre>{html.escape(yaml.safe_dump(best.design, sort_keys=False))}</pre>"
-                     "<p>Estimate: the design's reward shrunk toward what every trial says about "
-                     "its options (autokd.search.estimate), the ranking the search recommends by.</p>")
+        parts.append(
+            f"<h2>The search's best design (estimate "
+            f"{est_by_id.get(best.id, best.reward):.4f}, reward {best.reward:.4f})</h2>"
+            f"<pre>{html.escape(yaml.safe_dump(best.design, sort_keys=False))}</pre>"
+            "<p>Estimate: the design's reward shrunk toward what every trial says about "
+            "its options (autokd.search.estimate), the ranking the search recommends by.</p>"
+        )
     if trials:
         parts += [
-            "<h2>Reward per trial</h2>", f"<img src='data:image/png;base64,{plot_rewards(trials)}'>",
+            "<h2>Reward per trial</h2>",
+            f"<img src='data:image/png;base64,{plot_rewards(trials)}'>",
             "<h2>Reward by option at each level</h2>",
             f"<img src='data:image/png;base64,{plot_by_option(trials, level_names)}'>",
-            "<h2>Search tree</h2>", f"<img src='data:image/png;base64,{plot_tree(trials, level_names)}'>",
-            f"<h2>Top {min(TOP_K, len(ranked))} designs</h2>", _table(ranked[:TOP_K], level_names, est_by_id),
+            "<h2>Search tree</h2>",
+            f"<img src='data:image/png;base64,{plot_tree(trials, level_names)}'>",
+            f"<h2>Top {min(TOP_K, len(ranked))} designs</h2>",
+            _table(ranked[:TOP_K], level_names, est_by_id),
         ]
     if config:
-        parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2, sort_keys=True))}</pre>")
+        parts.append(
+            "<h2>Configuration</h2>"
+            f"<pre>{html.escape(json.dumps(config, indent=2, sort_keys=True))}</pre>"
+        )
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def write_outputs(out: str, trials: Sequence[Trial], space, engine=None, log: Callable[[str], None] = print,
-                  config: Optional[dict] = None, selection=None, evaluations=None, cost=None) -> dict:
+def write_outputs(
+    out: str,
+    trials: Sequence[Trial],
+    space,
+    engine=None,
+    log: Callable[[str], None] = print,
+    config: Optional[dict] = None,
+    selection=None,
+    evaluations=None,
+    cost=None,
+) -> dict:
     """best.yaml, top.yaml and report.html in ``out``; prints the summary table.
 
     best.yaml is the selection stage's choice when there was one (a searched design, or the
@@ -287,40 +352,73 @@ def write_outputs(out: str, trials: Sequence[Trial], space, engine=None, log: Ca
     first_of: Dict[tuple, Trial] = {}
     for t in ok:
         first_of.setdefault(tuple(sorted(t.design.items())), t)
-    result: dict = {"best": first_of[tuple(sorted(estimates[0].design.items()))] if estimates else None,
-                    "selection": selection}
+    result: dict = {
+        "best": first_of[tuple(sorted(estimates[0].design.items()))] if estimates else None,
+        "selection": selection,
+    }
     path = os.path.join(out, "best.yaml")
     if selection is not None:
         w = selection.winner
         spec = DistillerSpec.from_dict(w.spec)
         classic = selection.best_classic.label if selection.best_classic else "none measured"
-        kind = ("a classic distiller: the search did not beat it" if w.is_anchor
-                else "a searched design")
-        head = (f"# chosen by the selection stage: {w.label} ({kind}); best classic: {classic}; "
-                f"held-out {selection.metric}; see report.html\n")
+        kind = (
+            "a classic distiller: the search did not beat it"
+            if w.is_anchor
+            else "a searched design"
+        )
+        head = (
+            f"# chosen by the selection stage: {w.label} ({kind}); best classic: {classic}; "
+            f"held-out {selection.metric}; see report.html\n"
+        )
         atomic_write_text(path, head + spec.to_yaml())
         result["best_spec"] = path
     elif estimates:
         best = estimates[0]
         spec = space.spec_from_design(best.design)
-        atomic_write_text(path, f"# best design of {len(trials)} trials by estimate {best.estimate:.6f} "
-                                f"(mean reward {best.mean:.6f} over {best.count} trial(s))\n" + spec.to_yaml())
+        atomic_write_text(
+            path,
+            f"# best design of {len(trials)} trials by estimate {best.estimate:.6f} "
+            f"(mean reward {best.mean:.6f} over {best.count} trial(s))\n" + spec.to_yaml(),
+        )
         result["best_spec"] = path
-    atomic_write_text(os.path.join(out, "top.yaml"), yaml.safe_dump(
-        [{"trial": first_of[tuple(sorted(e.design.items()))].id, "estimate": round(e.estimate, 6),
-          "reward": round(e.mean, 6), "trials": e.count,
-          "metrics": first_of[tuple(sorted(e.design.items()))].metrics, "design": e.design}
-         for e in estimates[:TOP_K]],
-        sort_keys=False,
-    ))
+    atomic_write_text(
+        os.path.join(out, "top.yaml"),
+        yaml.safe_dump(
+            [
+                {
+                    "trial": first_of[tuple(sorted(e.design.items()))].id,
+                    "estimate": round(e.estimate, 6),
+                    "reward": round(e.mean, 6),
+                    "trials": e.count,
+                    "metrics": first_of[tuple(sorted(e.design.items()))].metrics,
+                    "design": e.design,
+                }
+                for e in estimates[:TOP_K]
+            ],
+            sort_keys=False,
+        ),
+    )
     report = os.path.join(out, "report.html")
-    atomic_write_text(report, render_report(
-        trials, level_names, f"autokd search: {os.path.basename(os.path.abspath(out))}", config,
-        estimates, selection, cost, out))
+    atomic_write_text(
+        report,
+        render_report(
+            trials,
+            level_names,
+            f"autokd search: {os.path.basename(os.path.abspath(out))}",
+            config,
+            estimates,
+            selection,
+            cost,
+            out,
+        ),
+    )
     result["report"] = report
     if estimates:
-        log(summary_table([first_of[tuple(sorted(e.design.items()))] for e in estimates[:5]],
-                          level_names))
+        log(
+            summary_table(
+                [first_of[tuple(sorted(e.design.items()))] for e in estimates[:5]], level_names
+            )
+        )
     if selection is not None:
         log(selection.summary())
     if cost is not None:
@@ -332,6 +430,8 @@ def summary_table(trials: Sequence[Trial], level_names: Sequence[str]) -> str:
     lines = [f"{'trial':>5}  {'reward':>8}  {'acc':>6}  {'CKA':>6}  design"]
     for t in trials:
         design = ", ".join(f"{k}={t.design[k]}" for k in level_names if k in t.design)
-        lines.append(f"{t.id:>5}  {t.reward:>8.4f}  {t.metrics.get('val_acc', float('nan')):>6.3f}  "
-                     f"{t.metrics.get('val_cka', float('nan')):>6.3f}  {design}")
+        lines.append(
+            f"{t.id:>5}  {t.reward:>8.4f}  {t.metrics.get('val_acc', float('nan')):>6.3f}  "
+            f"{t.metrics.get('val_cka', float('nan')):>6.3f}  {design}"
+        )
     return "\n".join(lines)

@@ -18,6 +18,7 @@ Out of memory: ``execute`` is the single place that turns a GPU out-of-memory er
 failed attempt (the driver's retry policy decides what happens next); any other exception is
 a bug or a wrong input and propagates.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,26 +103,48 @@ def prepare(cfg, log: Log = print, progress: bool = True) -> Prepared:
     """The driver's set-up: data, teacher (trained on the first run), feature store (built on
     the first run), each checked against the configuration."""
     data = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    log(f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} "
-        f"test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
+    log(
+        f"data {data.name}: {len(data.train)} train / {len(data.val)} held-out / {len(data.test)} "
+        f"test, {data.num_classes} classes, "
+        f"{data.channels}x{data.image_size[0]}x{data.image_size[1]}"
+    )
     # A wrong student name or tap, or images too small for the student, fail now, not after
     # the teacher has been trained.
-    check_model_fits(build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels),
-                     cfg.student, data, "student")
+    check_model_fits(
+        build_model(cfg.student, num_classes=data.num_classes, in_channels=data.channels),
+        cfg.student,
+        data,
+        "student",
+    )
     student_taps = resolve_taps(cfg.student, cfg.student_taps)
     # several teachers: cfg.teacher "a,b" (autokd.pipeline.teacher_plan), each with its file
     teachers = load_or_train_teachers(
-        data, cfg.teacher, cfg.teacher_checkpoint, os.path.join(cfg.out, "teacher.pt"),
-        epochs=cfg.teacher_epochs, seed=cfg.seed, device=cfg.proxy.device, taps=cfg.teacher_taps,
-        log=log, progress=progress, student_taps=student_taps, precision=cfg.proxy.precision,
+        data,
+        cfg.teacher,
+        cfg.teacher_checkpoint,
+        os.path.join(cfg.out, "teacher.pt"),
+        epochs=cfg.teacher_epochs,
+        seed=cfg.seed,
+        device=cfg.proxy.device,
+        taps=cfg.teacher_taps,
+        log=log,
+        progress=progress,
+        student_taps=student_taps,
+        precision=cfg.proxy.precision,
         channels_last=cfg.proxy.channels_last,
     )
     augment = make_augment(data, cfg.seed)
     store = None
     if cfg.proxy.offline:
         store = open_or_build_stores(
-            cfg.store or os.path.join(cfg.out, "teacher_features.akds"), teachers, data, augment,
-            views=cfg.views, dtype=cfg.store_dtype, device=cfg.proxy.device, log=log,
+            cfg.store or os.path.join(cfg.out, "teacher_features.akds"),
+            teachers,
+            data,
+            augment,
+            views=cfg.views,
+            dtype=cfg.store_dtype,
+            device=cfg.proxy.device,
+            log=log,
             progress=progress,
         )
     return Prepared(data, teachers[0], store, augment, student_taps, teachers)
@@ -147,15 +170,28 @@ class TrialSetup:
         store_path = None
         if store is not None:
             store_path = os.path.abspath(store.path if len(paths) == 1 else store.paths[0])
-        return cls(cfg, paths[0] if len(paths) == 1 else paths, prepared.teacher_hash,
-                   prepared.data.identity, store_path, list(prepared.student_taps))
+        return cls(
+            cfg,
+            paths[0] if len(paths) == 1 else paths,
+            prepared.teacher_hash,
+            prepared.data.identity,
+            store_path,
+            list(prepared.student_taps),
+        )
 
     def key(self) -> str:
         blob = json.dumps(
-            [self.cfg.pinned(self.data_identity, self.teacher_hash), self.cfg.data,
-             self.cfg.teacher, self.cfg.val_fraction, self.teacher_checkpoint, self.store_path,
-             self.student_taps],
-            sort_keys=True, default=str,
+            [
+                self.cfg.pinned(self.data_identity, self.teacher_hash),
+                self.cfg.data,
+                self.cfg.teacher,
+                self.cfg.val_fraction,
+                self.teacher_checkpoint,
+                self.store_path,
+                self.student_taps,
+            ],
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -180,8 +216,16 @@ class TrialSetup:
                     "--out must be on a file system shared by all nodes"
                 )
         teachers = load_or_train_teachers(
-            data, cfg.teacher, checkpoints, None, cfg.teacher_epochs, cfg.seed, device,
-            cfg.teacher_taps, log=lambda _m: None, progress=False,
+            data,
+            cfg.teacher,
+            checkpoints,
+            None,
+            cfg.teacher_epochs,
+            cfg.seed,
+            device,
+            cfg.teacher_taps,
+            log=lambda _m: None,
+            progress=False,
         )
         for path, teacher, expected in zip(checkpoints, teachers, hashes):
             if teacher.hash != expected:
@@ -199,8 +243,14 @@ class TrialSetup:
                         "be on a file system shared by all nodes"
                     )
             store = open_stores(self.store_path, teachers, data)
-        return Prepared(data, teachers[0], store, make_augment(data, cfg.seed),
-                        list(self.student_taps), teachers)
+        return Prepared(
+            data,
+            teachers[0],
+            store,
+            make_augment(data, cfg.seed),
+            list(self.student_taps),
+            teachers,
+        )
 
 
 class TrialRunner:
@@ -228,40 +278,69 @@ class TrialRunner:
         """The proxy settings of ``task``: the search's, with the task's overrides, its seed,
         the search's subset seed (every trial of a stage sees the same data) and this device."""
         overrides = dict(task.proxy or {})
-        return dataclasses.replace(self.cfg.proxy, **overrides, seed=task.seed,
-                                   subset_seed=self.cfg.seed, device=self.device)
+        return dataclasses.replace(
+            self.cfg.proxy,
+            **overrides,
+            seed=task.seed,
+            subset_seed=self.cfg.seed,
+            device=self.device,
+        )
 
     def run(self, task: TrialTask) -> Dict[str, Any]:
         """One trial: train the student with the task's spec, score it on the held-out split."""
         cfg = self.train_config(task)
         spec = DistillerSpec.from_dict(task.spec)
         torch.manual_seed(task.seed)
-        student = build_model(self.cfg.student, num_classes=self.data.num_classes,
-                              in_channels=self.data.channels)
+        student = build_model(
+            self.cfg.student, num_classes=self.data.num_classes, in_channels=self.data.channels
+        )
         offline = cfg.offline and self.store is not None
         # one teacher or several alike: lists of one are the one-teacher Distiller
         distiller = Distiller(
-            spec, student, student_taps=self.student_taps,
+            spec,
+            student,
+            student_taps=self.student_taps,
             teacher_taps=[t.taps for t in self.teachers],
             teacher=None if offline else [t.model for t in self.teachers],
-            example_input=self.data.train.images[:2], teacher_shapes=self.all_shapes,
+            example_input=self.data.train.images[:2],
+            teacher_shapes=self.all_shapes,
         ).to(cfg.device)
         t0 = time.perf_counter()
         try:
-            result = train_student(distiller, student, self.data, cfg,
-                                   store=self.store if offline else None, augment=self.augment)
+            result = train_student(
+                distiller,
+                student,
+                self.data,
+                cfg,
+                store=self.store if offline else None,
+                augment=self.augment,
+            )
         except Diverged as e:
-            return {"status": "diverged", "reward": None, "metrics": {"error": str(e)},
-                    "seconds": time.perf_counter() - t0}
+            return {
+                "status": "diverged",
+                "reward": None,
+                "metrics": {"error": str(e)},
+                "seconds": time.perf_counter() - t0,
+            }
         reward, metrics = proxy_reward(
-            student, self.data.val.images, self.data.val.labels, self.student_taps,
-            self.all_val_features, [t.taps for t in self.teachers], device=cfg.device,
+            student,
+            self.data.val.images,
+            self.data.val.labels,
+            self.student_taps,
+            self.all_val_features,
+            [t.taps for t in self.teachers],
+            device=cfg.device,
         )
-        metrics.update(train_seconds=result.seconds, final_loss=result.final_loss,
-                       epochs=result.epochs_run)
+        metrics.update(
+            train_seconds=result.seconds, final_loss=result.final_loss, epochs=result.epochs_run
+        )
         status = "ok" if math.isfinite(reward) else "diverged"
-        return {"status": status, "reward": reward if status == "ok" else None, "metrics": metrics,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "status": status,
+            "reward": reward if status == "ok" else None,
+            "metrics": metrics,
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 def is_out_of_memory(e: BaseException) -> bool:

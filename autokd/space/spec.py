@@ -15,6 +15,7 @@ Fields not given take their defaults (no feature or logit term, constant schedul
 fields, unknown keys, unknown kwargs and bad values are errors that name the field, the bad
 value and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,15 +28,27 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import yaml
 
-from autokd.nn.registry import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORM_STAGES,
-                                TRANSFORMS, stage_options)
+from autokd.nn.registry import (
+    FEATURE_DISTANCES,
+    LOGIT_DISTANCES,
+    SCHEDULES,
+    TRANSFORM_STAGES,
+    TRANSFORMS,
+    stage_options,
+)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 ADAPTER_MODES = ("auto", "always", "never")
 LAYER_WEIGHTINGS = ("tf", "mean", "sum")
-OP_FIELDS = ("global_transform", "intra_spatial", "inter_spatial", "feature_distance",
-             "logit_distance", "schedule")
+OP_FIELDS = (
+    "global_transform",
+    "intra_spatial",
+    "inter_spatial",
+    "feature_distance",
+    "logit_distance",
+    "schedule",
+)
 NUMBER_FIELDS = ("feature_weight", "temperature", "logit_weight")
 CHOICE_FIELDS = {"adapter": ADAPTER_MODES, "layer_weighting": LAYER_WEIGHTINGS}
 
@@ -101,8 +114,11 @@ def allowed_options(field_name: str):
 def _factory(field_name: str, key: str):
     if field_name in TRANSFORM_STAGES:
         return TRANSFORMS.get(f"{TRANSFORM_STAGES[field_name]}/{key}")
-    reg = {"feature_distance": FEATURE_DISTANCES, "logit_distance": LOGIT_DISTANCES,
-           "schedule": SCHEDULES}[field_name]
+    reg = {
+        "feature_distance": FEATURE_DISTANCES,
+        "logit_distance": LOGIT_DISTANCES,
+        "schedule": SCHEDULES,
+    }[field_name]
     return reg.get(key)
 
 
@@ -113,7 +129,14 @@ def _parse_op(field_name: str, value: Any) -> OpChoice:
     # plain names are validated once per (field, name, registry size): specs are built by the
     # thousand during a search
     if isinstance(value, str):
-        ck = (field_name, value, len(TRANSFORMS), len(FEATURE_DISTANCES), len(LOGIT_DISTANCES), len(SCHEDULES))
+        ck = (
+            field_name,
+            value,
+            len(TRANSFORMS),
+            len(FEATURE_DISTANCES),
+            len(LOGIT_DISTANCES),
+            len(SCHEDULES),
+        )
         hit = _PLAIN_CACHE.get(ck)
         if hit is None:
             hit = _PLAIN_CACHE[ck] = _parse_op_uncached(field_name, value)
@@ -129,30 +152,45 @@ def _parse_op_uncached(field_name: str, value: Any) -> OpChoice:
     elif isinstance(value, Mapping):
         unknown = set(value) - {"key", "kwargs"}
         if unknown or "key" not in value:
-            raise SpecError(f"spec field {field_name!r}: expected a name or {{key: ..., kwargs: {{...}}}}, "
-                            f"got keys {sorted(map(str, value))}")
+            raise SpecError(
+                f"spec field {field_name!r}: expected a name or {{key: ..., kwargs: {{...}}}}, "
+                f"got keys {sorted(map(str, value))}"
+            )
         key, kwargs = value["key"], value.get("kwargs") or {}
         if not isinstance(kwargs, Mapping):
-            raise SpecError(f"spec field {field_name!r}: expected kwargs to be a mapping, got {kwargs!r}")
+            raise SpecError(
+                f"spec field {field_name!r}: expected kwargs to be a mapping, got {kwargs!r}"
+            )
         kwargs = dict(kwargs)
     else:
-        raise SpecError(f"spec field {field_name!r}: expected a name or {{key: ..., kwargs: {{...}}}}, "
-                        f"got {value!r}")
+        raise SpecError(
+            f"spec field {field_name!r}: expected a name or {{key: ..., kwargs: {{...}}}}, "
+            f"got {value!r}"
+        )
     allowed = allowed_options(field_name)
     if key not in allowed:
-        raise SpecError(f"spec field {field_name!r}: invalid value {key!r}; allowed: {', '.join(allowed)}")
+        raise SpecError(
+            f"spec field {field_name!r}: invalid value {key!r}; allowed: {', '.join(allowed)}"
+        )
     if key == "none":
         if kwargs:
-            raise SpecError(f"spec field {field_name!r}: 'none' takes no kwargs, got {sorted(kwargs)}")
+            raise SpecError(
+                f"spec field {field_name!r}: 'none' takes no kwargs, got {sorted(kwargs)}"
+            )
         return OpChoice("none")
     factory = _factory(field_name, key)
     params = [p for p in inspect.signature(factory).parameters if p not in ("self", "channels")]
     bad = sorted(set(kwargs) - set(params))
     if bad:
-        raise SpecError(f"spec field {field_name!r}: unknown kwargs {bad} for {key!r}; valid: "
-                        f"{', '.join(params) or '(none)'}")
+        raise SpecError(
+            f"spec field {field_name!r}: unknown kwargs {bad} for {key!r}; valid: "
+            f"{', '.join(params) or '(none)'}"
+        )
     try:  # the constructors check the kwargs' values
-        factory(**kwargs, **({"channels": 1} if "channels" in inspect.signature(factory).parameters else {}))
+        factory(
+            **kwargs,
+            **({"channels": 1} if "channels" in inspect.signature(factory).parameters else {}),
+        )
     except (ValueError, TypeError) as e:
         raise SpecError(f"spec field {field_name!r}: {e}") from None
     return OpChoice(key, kwargs)
@@ -164,8 +202,15 @@ def _parse_number(field_name: str, value: Any) -> float:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise SpecError(f"spec field {field_name!r}: invalid value {value!r}; allowed: a finite number > 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise SpecError(
+            f"spec field {field_name!r}: invalid value {value!r}; allowed: a finite number > 0"
+        )
     return float(value)
 
 
@@ -206,11 +251,15 @@ class DistillerSpec:
         if isinstance(data, DistillerSpec):
             return data
         if not isinstance(data, Mapping):
-            raise SpecError(f"distiller spec: expected a mapping of fields, got {type(data).__name__}")
+            raise SpecError(
+                f"distiller spec: expected a mapping of fields, got {type(data).__name__}"
+            )
         valid = cls.field_names()
         unknown = sorted(set(map(str, data)) - set(valid))
         if unknown:
-            raise SpecError(f"distiller spec: unknown field(s) {unknown}; valid fields: {', '.join(valid)}")
+            raise SpecError(
+                f"distiller spec: unknown field(s) {unknown}; valid fields: {', '.join(valid)}"
+            )
         values: Dict[str, Any] = {}
         for k, v in data.items():
             if k == "name":
@@ -223,7 +272,10 @@ class DistillerSpec:
                 values[k] = _parse_number(k, v)
             else:
                 if v not in CHOICE_FIELDS[k]:
-                    raise SpecError(f"spec field {k!r}: invalid value {v!r}; allowed: {', '.join(CHOICE_FIELDS[k])}")
+                    raise SpecError(
+                        f"spec field {k!r}: invalid value {v!r}; "
+                        f"allowed: {', '.join(CHOICE_FIELDS[k])}"
+                    )
                 values[k] = v
         spec = cls(**values)
         spec._check_coherence()
@@ -235,8 +287,10 @@ class DistillerSpec:
             for f in TRANSFORM_STAGES:
                 if getattr(self, f).key != "original":
                     raise SpecError(
-                        f"spec field {f!r}: invalid value {getattr(self, f).key!r} with the embedding "
-                        f"distance {fd!r} (it pools features to [N, C]); allowed: original")
+                        f"spec field {f!r}: invalid value {getattr(self, f).key!r} "
+                        f"with the embedding distance {fd!r} (it pools features to [N, C]); "
+                        "allowed: original"
+                    )
 
     @classmethod
     def from_yaml(cls, source: Union[str, os.PathLike]) -> "DistillerSpec":
@@ -244,7 +298,8 @@ class DistillerSpec:
         is the explicit ``none`` spec (``feature_distance: none``, ``logit_distance: none``)."""
         where = "distiller spec"
         if isinstance(source, os.PathLike) or (
-                isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+            isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
+        ):
             path = pathlib.Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"distiller spec: no such file {str(path)!r}")
@@ -252,19 +307,23 @@ class DistillerSpec:
             source = path.read_text()
         data = load_yaml(source, where, SpecError)
         if data is None:
-            raise SpecError(f"{where}: empty, expected a mapping of spec fields (valid: "
-                            f"{', '.join(cls.field_names())}); for the student alone use the "
-                            "spec 'none'")
+            raise SpecError(
+                f"{where}: empty, expected a mapping of spec fields (valid: "
+                f"{', '.join(cls.field_names())}); for the student alone use the "
+                "spec 'none'"
+            )
         if not isinstance(data, Mapping):
-            raise SpecError(f"{where}: expected a mapping of spec fields, got "
-                            f"{type(data).__name__} {data!r:.60}")
+            raise SpecError(
+                f"{where}: expected a mapping of spec fields, got "
+                f"{type(data).__name__} {data!r:.60}"
+            )
         if where == "distiller spec":
             return cls.from_dict(data)
         try:
             return cls.from_dict(data)
         except SpecError as e:  # name the file the bad field is in
             msg = str(e)
-            msg = msg[len("distiller spec: "):] if msg.startswith("distiller spec: ") else msg
+            msg = msg[len("distiller spec: ") :] if msg.startswith("distiller spec: ") else msg
             raise SpecError(f"{where}: {msg}") from None
 
     @classmethod
@@ -274,8 +333,12 @@ class DistillerSpec:
             return value
         if isinstance(value, Mapping):
             return cls.from_dict(value)
-        if isinstance(value, str) and "\n" not in value and ":" not in value \
-                and not value.endswith((".yaml", ".yml")):
+        if (
+            isinstance(value, str)
+            and "\n" not in value
+            and ":" not in value
+            and not value.endswith((".yaml", ".yml"))
+        ):
             return load_distiller(value)
         return cls.from_yaml(value)
 
@@ -308,10 +371,14 @@ class DistillerSpec:
             return repr(self.name)
         parts = []
         if self.feature_distance.key != "none":
-            parts.append("/".join(getattr(self, f).key for f in TRANSFORM_STAGES) +
-                         f"/{self.feature_distance.key}x{self.feature_weight:g}")
+            parts.append(
+                "/".join(getattr(self, f).key for f in TRANSFORM_STAGES)
+                + f"/{self.feature_distance.key}x{self.feature_weight:g}"
+            )
         if self.logit_distance.key != "none":
-            parts.append(f"{self.logit_distance.key}(tau={self.temperature:g})x{self.logit_weight:g}")
+            parts.append(
+                f"{self.logit_distance.key}(tau={self.temperature:g})x{self.logit_weight:g}"
+            )
         return "[" + " + ".join(parts or ["no KD"]) + "]"
 
 

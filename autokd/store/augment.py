@@ -30,6 +30,7 @@ from autokd.data.augment import splitmix64 as _mix
 
 __all__ = ["AugParams", "CropParams", "ReplayAugment", "ReplayResizedCrop"]
 
+
 class AugParams(NamedTuple):
     dy: int  # row of the crop window in the padded image, in [0, 2p]
     dx: int  # column of the crop window, in [0, 2p]
@@ -48,7 +49,8 @@ class ReplayAugment:
             )
         if not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:
             raise ValueError(
-                f"autokd.store.ReplayAugment: expected crop_padding an int >= 0, got {crop_padding!r}"
+                "autokd.store.ReplayAugment: expected crop_padding an int >= 0, "
+                f"got {crop_padding!r}"
             )
         self.seed = int(seed)
         self.crop_padding = int(crop_padding)
@@ -91,23 +93,29 @@ class ReplayAugment:
     def apply(self, img: torch.Tensor, params: AugParams) -> torch.Tensor:
         """img [C, H, W] -> augmented [C, H, W] (a new tensor)."""
         if img.dim() != 3:
-            raise ValueError(f"autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], got {list(img.shape)}")
+            raise ValueError(
+                "autokd.store.ReplayAugment.apply: expected img of shape [C, H, W], "
+                f"got {list(img.shape)}"
+            )
         offsets = torch.tensor([[params.dy, params.dx]])
-        return apply_augmentation(img[None], offsets, torch.tensor([bool(params.flip)]), self.crop_padding)[0]
+        return apply_augmentation(
+            img[None], offsets, torch.tensor([bool(params.flip)]), self.crop_padding
+        )[0]
 
     def apply_batch(self, imgs: torch.Tensor, indices, views) -> torch.Tensor:
         """imgs [B, C, H, W] (sample indices[b]) -> the same images as apply() per item, in one
         gather (autokd.data.augment.apply_augmentation: the crop-flip every trainer uses)."""
         if imgs.dim() != 4:
             raise ValueError(
-                f"autokd.store.ReplayAugment.apply_batch: expected imgs of shape [B, C, H, W], got {list(imgs.shape)}"
+                "autokd.store.ReplayAugment.apply_batch: expected imgs of shape [B, C, H, W], "
+                f"got {list(imgs.shape)}"
             )
         b = imgs.shape[0]
         dy, dx, flip = self.params_batch(indices, views)
         if dy.size != b:
             raise ValueError(
-                f"autokd.store.ReplayAugment.apply_batch: expected {b} indices (one per image), got {dy.size}"
+                f"autokd.store.ReplayAugment.apply_batch: expected {b} indices (one per image), "
+                f"got {dy.size}"
             )
         offsets = torch.from_numpy(np.stack([dy, dx], axis=1))
         return apply_augmentation(imgs, offsets, torch.from_numpy(flip), self.crop_padding)
-

@@ -235,7 +235,7 @@ class FeatureStore:
 
     # -- reading ---------------------------------------------------------------------------
     def empty_batch(self, batch_size: int, pin_memory: bool = False) -> Dict[str, torch.Tensor]:
-        """Output tensors for gather(out=...): reuse them across batches (pinned for CUDA copies)."""
+        """Output tensors for gather(out=...), to reuse across batches (pinned for CUDA copies)."""
         return {
             name: torch.empty((batch_size, *shape), dtype=_TORCH_DTYPES[dt], pin_memory=pin_memory)
             for name, dt, shape in self.schema
@@ -282,8 +282,9 @@ class FeatureStore:
                     or not t.is_contiguous()
                 ):
                     raise ValueError(
-                        f"autokd store gather: expected out[{name!r}] a contiguous CPU {want} tensor of shape "
-                        f"[>={n}, {', '.join(map(str, shape))}], got {t.device} {t.dtype} {list(t.shape)}"
+                        f"autokd store gather: expected out[{name!r}] a contiguous CPU {want} "
+                        f"tensor of shape [>={n}, {', '.join(map(str, shape))}], "
+                        f"got {t.device} {t.dtype} {list(t.shape)}"
                     )
                 t = t[:n]
             result[name] = t
@@ -327,11 +328,13 @@ class FeatureStore:
         """The student must see the augmentation and samples the teacher saw."""
         if aug.identity() != self.augment_id:
             raise ValueError(
-                f"autokd store {self.path}: augmentation: expected {self.augment_id!r}, got {aug.identity()!r}"
+                f"autokd store {self.path}: augmentation: expected {self.augment_id!r}, "
+                f"got {aug.identity()!r}"
             )
         if dataset is not None and len(dataset) != self.num_samples:
             raise ValueError(
-                f"autokd store {self.path}: data set size: expected {self.num_samples}, got {len(dataset)}"
+                f"autokd store {self.path}: data set size: expected {self.num_samples}, "
+                f"got {len(dataset)}"
             )
 
     # -- building --------------------------------------------------------------------------
@@ -413,12 +416,16 @@ class FeatureStore:
             )
             # a streamed folder (autokd.data.stream) decodes and crops in DataLoader workers,
             # exactly as its training loader does
-            stream = (dataset.loader(augment, device=device)
-                      if getattr(dataset, "streaming", False) else None)
+            stream = (
+                dataset.loader(augment, device=device)
+                if getattr(dataset, "streaming", False)
+                else None
+            )
             with torch.no_grad():
                 for v in range(views):
-                    for idx, x in _augmented_batches(dataset, augment, n, batch_size, v, device,
-                                                     stream):
+                    for idx, x in _augmented_batches(
+                        dataset, augment, n, batch_size, v, device, stream
+                    ):
                         hooks.take()
                         logits = teacher(x)
                         if not isinstance(logits, torch.Tensor):
@@ -469,8 +476,9 @@ class FeatureStore:
 
 def _augmented_batches(dataset, augment, n: int, batch_size: int, view: int, device, stream):
     """(sample ids, images of view ``view`` on ``device``) for every batch of the data set."""
-    batches = [np.arange(s, min(n, s + batch_size), dtype=np.int64)
-               for s in range(0, n, batch_size)]
+    batches = [
+        np.arange(s, min(n, s + batch_size), dtype=np.int64) for s in range(0, n, batch_size)
+    ]
     if stream is not None:
         for idx, (x, _) in zip(batches, stream.batches(batches, view)):
             yield idx, x
@@ -547,7 +555,9 @@ class StoreBatches:
         """The sample ids of this epoch in the order the batches take them."""
         if not self.shuffle:
             return self.indices
-        return self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(self.indices.size)]
+        return self.indices[
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.indices.size)
+        ]
 
     def batch(self, idx) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """(imgs_aug, labels, feats) of the samples ``idx`` in this epoch's view (a data-parallel

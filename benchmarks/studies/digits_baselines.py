@@ -3,8 +3,10 @@
     python benchmarks/studies/digits_baselines.py [--seeds 3] [--threads 1]
 
 Prints a markdown table: model, epochs, parameters, test accuracy (mean and std over seeds),
-wall and CPU seconds per training run (CPU time is the steadier figure on a shared machine). Plain supervised training with autokd.train.teacher.train_classifier.
+wall and CPU seconds per training run (CPU time is the steadier figure on a shared machine).
+Plain supervised training with autokd.train.teacher.train_classifier.
 """
+
 import argparse
 import statistics
 import time
@@ -20,8 +22,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", default="digits_teacher=10,digits_teacher=20,"
-                                      "digits_student=20,digits_student=40")
+    ap.add_argument(
+        "--runs", default="digits_teacher=10,digits_teacher=20,digits_student=20,digits_student=40"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data("digits")
@@ -40,9 +43,12 @@ def main():
             cpu.append(time.process_time() - c0)
             accs.append(evaluate(model, data.test)[0])
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {name} | {epochs} | {count_parameters(model):,} | "
-              f"{100 * statistics.mean(accs):.2f} ± {100 * std:.2f} | "
-              f"{statistics.mean(secs):.1f} | {statistics.mean(cpu):.1f} |", flush=True)
+        print(
+            f"| {name} | {epochs} | {count_parameters(model):,} | "
+            f"{100 * statistics.mean(accs):.2f} ± {100 * std:.2f} | "
+            f"{statistics.mean(secs):.1f} | {statistics.mean(cpu):.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

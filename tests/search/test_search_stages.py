@@ -1,5 +1,6 @@
 """A search from the CLI at toy scale: the selection stage's hand-back, compare, the run-folder
 lock, and searches in which trials diverge."""
+
 import json
 import os
 import shutil
@@ -18,8 +19,10 @@ TOY = ["--teacher-epochs", "1", "--epochs", "4", "--views", "2", "--quiet"]
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("stages"))
-    r = CliRunner().invoke(main, ["search", "--out", out, "--budget", "6", "--finalists", "2",
-                                  "--anchors", "kd,none", *TOY])
+    r = CliRunner().invoke(
+        main,
+        ["search", "--out", out, "--budget", "6", "--finalists", "2", "--anchors", "kd,none", *TOY],
+    )
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -49,14 +52,29 @@ def test_a_resumed_search_reruns_no_selection_run(searched, tmp_path):
     out, _ = searched
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
-    r = CliRunner().invoke(main, ["search", "--out", copy, "--budget", "6", "--finalists", "2",
-                                  "--anchors", "kd,none", *TOY])
+    r = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "--out",
+            copy,
+            "--budget",
+            "6",
+            "--finalists",
+            "2",
+            "--anchors",
+            "kd,none",
+            *TOY,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "0 new" in r.output
     import sqlite3
 
-    rows = lambda p: sqlite3.connect(os.path.join(p, "journal.sqlite")).execute(  # noqa: E731
-        "SELECT COUNT(*) FROM evaluations").fetchone()[0]
+    def rows(p):
+        db = sqlite3.connect(os.path.join(p, "journal.sqlite"))
+        return db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+
     assert rows(copy) == rows(out)
 
 
@@ -99,8 +117,10 @@ def test_a_second_search_on_a_busy_folder_is_refused_by_name(searched, tmp_path)
 def test_a_search_where_no_trial_works_exits_non_zero(searched, tmp_path):
     out, _ = searched
     run = _copy_teacher(out, tmp_path / "nan")
-    r = CliRunner().invoke(main, ["search", "--out", run, "--budget", "3", "--lr", "1e12",
-                                  "--select-fidelity", "0", *TOY])
+    r = CliRunner().invoke(
+        main,
+        ["search", "--out", run, "--budget", "3", "--lr", "1e12", "--select-fidelity", "0", *TOY],
+    )
     assert r.exit_code != 0
     assert "no trial worked: 3 diverged" in r.output and "--lr" in r.output
 
@@ -108,12 +128,17 @@ def test_a_search_where_no_trial_works_exits_non_zero(searched, tmp_path):
 def test_a_run_of_diverged_trials_stops_the_search(searched, tmp_path):
     out, _ = searched
     run = _copy_teacher(out, tmp_path / "streak")
-    r = CliRunner().invoke(main, ["search", "--out", run, "--budget", str(MAX_DIVERGED_IN_A_ROW + 5),
-                                  "--lr", "1e12", *TOY])
+    r = CliRunner().invoke(
+        main,
+        ["search", "--out", run, "--budget", str(MAX_DIVERGED_IN_A_ROW + 5), "--lr", "1e12", *TOY],
+    )
     assert r.exit_code != 0
     assert f"{MAX_DIVERGED_IN_A_ROW} trials in a row diverged" in r.output
     import sqlite3
 
-    n = sqlite3.connect(os.path.join(run, "journal.sqlite")).execute(
-        "SELECT COUNT(*) FROM trials").fetchone()[0]
+    n = (
+        sqlite3.connect(os.path.join(run, "journal.sqlite"))
+        .execute("SELECT COUNT(*) FROM trials")
+        .fetchone()[0]
+    )
     assert n == MAX_DIVERGED_IN_A_ROW  # the finished trials are kept; resuming goes on

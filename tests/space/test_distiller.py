@@ -1,5 +1,6 @@
 """Distiller on real (tiny) models: hooks, adapters, online and offline teachers, multi-layer
 and multi-teacher train-free weights against a hand computation."""
+
 import copy
 import math
 
@@ -38,10 +39,18 @@ def images(n=4):
     return torch.randn(n, 3, 8, 8)
 
 
-SPEC = DistillerSpec.from_dict({"global_transform": "attention", "intra_spatial": "multi-scale",
-                                "inter_spatial": "channel-wise", "feature_distance": "kl",
-                                "feature_weight": 5, "logit_distance": "pearson", "temperature": 4,
-                                "logit_weight": 0.5})
+SPEC = DistillerSpec.from_dict(
+    {
+        "global_transform": "attention",
+        "intra_spatial": "multi-scale",
+        "inter_spatial": "channel-wise",
+        "feature_distance": "kl",
+        "feature_weight": 5,
+        "logit_distance": "pearson",
+        "temperature": 4,
+        "logit_weight": 0.5,
+    }
+)
 
 
 def test_online_builds_adapters_and_trains_student_and_adapters_only():
@@ -68,7 +77,9 @@ def test_offline_equals_online():
     x = images()
     online = Distiller(SPEC, s, ["layer2"], teacher=t, example_input=x[:2])
     shapes = {"layer2": (10, 8, 8), "logits": (5,)}
-    offline = Distiller(SPEC, copy.deepcopy(s), ["layer2"], teacher_shapes=shapes, example_input=x[:2])
+    offline = Distiller(
+        SPEC, copy.deepcopy(s), ["layer2"], teacher_shapes=shapes, example_input=x[:2]
+    )
     offline.load_state_dict(online.state_dict())
     with torch.no_grad():
         t_logits = t(x)
@@ -112,11 +123,11 @@ def hand_cka(a, b):
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
 
-    def hsic(k, l):
-        return np.trace(k @ h @ l @ h) / (n - 1) ** 2
+    def hsic(k, lg):
+        return np.trace(k @ h @ lg @ h) / (n - 1) ** 2
 
-    k, l = x @ x.T, y @ y.T
-    return hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+    k, lg = x @ x.T, y @ y.T
+    return hsic(k, lg) / math.sqrt(hsic(k, k) * hsic(lg, lg))
 
 
 def hand_gram_l2(a, b):
@@ -126,8 +137,9 @@ def hand_gram_l2(a, b):
     return float(((gx / np.linalg.norm(gx) - gy / np.linalg.norm(gy)) ** 2).sum())
 
 
-SP_SPEC = DistillerSpec.from_dict({"inter_spatial": "sample-wise", "feature_distance": "gram_l2",
-                                   "feature_weight": 25})
+SP_SPEC = DistillerSpec.from_dict(
+    {"inter_spatial": "sample-wise", "feature_distance": "gram_l2", "feature_weight": 25}
+)
 
 
 def test_multi_layer_train_free_weights_match_hand_computation():
@@ -139,7 +151,9 @@ def test_multi_layer_train_free_weights_match_hand_computation():
     raw = [hand_entropy(tf[k]) * hand_cka(sf[k].detach(), tf[k]) for k in ("layer1", "layer2")]
     mu = np.array(raw) / sum(raw)
     assert np.allclose(out.mu.numpy(), mu, rtol=1e-4)
-    expect = 25 * sum(m * hand_gram_l2(sf[k].detach(), tf[k]) for m, k in zip(mu, ("layer1", "layer2")))
+    expect = 25 * sum(
+        m * hand_gram_l2(sf[k].detach(), tf[k]) for m, k in zip(mu, ("layer1", "layer2"))
+    )
     assert math.isclose(out.loss_feature.item(), expect, rel_tol=1e-4)
 
 
@@ -148,8 +162,14 @@ def test_multi_teacher_weights_and_logits_match_hand_computation():
     teachers = [teacher(1), teacher(2, c1=5, c2=7)]
     x = images(6)
     spec = SP_SPEC.replace(logit_distance="kl", temperature=2, logit_weight=0.5)
-    d = Distiller(spec, s, ["layer2"], teacher_taps=[["layer2"], ["layer1"]], teacher=teachers,
-                  example_input=x[:2])
+    d = Distiller(
+        spec,
+        s,
+        ["layer2"],
+        teacher_taps=[["layer2"], ["layer1"]],
+        teacher=teachers,
+        example_input=x[:2],
+    )
     out = d(x)
     f = out.student_features["layer2"].detach()
     tfs = [out.teacher_features[0]["layer2"], out.teacher_features[1]["layer1"]]
@@ -166,8 +186,14 @@ def test_multi_teacher_weights_and_logits_match_hand_computation():
     assert math.isclose(out.loss_logit.item(), 0.5 * sum(kls) / 2, rel_tol=1e-5)
     # offline: a list of feature dicts and a list of logits, shapes from the store schema
     shapes = [{"layer2": (10, 8, 8), "logits": (5,)}, {"layer1": (5, 8, 8), "logits": (5,)}]
-    off = Distiller(spec, copy.deepcopy(s), ["layer2"], teacher_taps=[["layer2"], ["layer1"]],
-                    teacher_shapes=shapes, example_input=x[:2])
+    off = Distiller(
+        spec,
+        copy.deepcopy(s),
+        ["layer2"],
+        teacher_taps=[["layer2"], ["layer1"]],
+        teacher_shapes=shapes,
+        example_input=x[:2],
+    )
     off.load_state_dict(d.state_dict())
     b = off(x, teacher_features=out.teacher_features, teacher_logits=out.teacher_logits)
     assert torch.allclose(b.loss_kd, out.loss_kd, rtol=1e-6)
@@ -178,8 +204,13 @@ def test_mean_and_sum_layer_weighting():
     x = images()
     outs = {}
     for mode in ("mean", "sum"):
-        d = Distiller(SP_SPEC.replace(layer_weighting=mode), s, ["layer1", "layer2"], teacher=t,
-                      example_input=x[:2])
+        d = Distiller(
+            SP_SPEC.replace(layer_weighting=mode),
+            s,
+            ["layer1", "layer2"],
+            teacher=t,
+            example_input=x[:2],
+        )
         outs[mode] = d(x)
     assert torch.allclose(outs["mean"].mu, torch.tensor([0.5, 0.5]))
     assert torch.allclose(outs["sum"].loss_feature, 2 * outs["mean"].loss_feature)
@@ -188,7 +219,9 @@ def test_mean_and_sum_layer_weighting():
 def test_set_progress_reaches_the_schedule():
     s, t = student(), teacher()
     x = images()
-    d = Distiller(SPEC.replace(schedule="early-stop"), s, ["layer2"], teacher=t, example_input=x[:2])
+    d = Distiller(
+        SPEC.replace(schedule="early-stop"), s, ["layer2"], teacher=t, example_input=x[:2]
+    )
     assert d(x).loss_kd.item() != 0
     d.set_progress(0.9)
     assert d(x).loss_kd.item() == 0
@@ -197,8 +230,11 @@ def test_set_progress_reaches_the_schedule():
 def test_errors():
     s, t = student(), teacher()
     x = images()
-    with pytest.raises(ValueError, match=r"student: 'layer3' names no module of Net; did you mean "
-                                         r"'layer2', 'layer1'.*Module paths: layer1, layer2, fc"):
+    with pytest.raises(
+        ValueError,
+        match=r"student: 'layer3' names no module of Net; did you mean "
+        r"'layer2', 'layer1'.*Module paths: layer1, layer2, fc",
+    ):
         Distiller(SPEC, s, ["layer3"], teacher=t, example_input=x[:2])
     with pytest.raises(ValueError, match="example_input is needed"):
         Distiller(SPEC, s, ["layer2"], teacher=t)

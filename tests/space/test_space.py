@@ -1,18 +1,28 @@
 """The search space: every design builds a finite, differentiable loss; registries, specs and
 spaces validate their input; YAML round trips."""
+
 import random
 
 import pytest
 import torch
 
-from autokd import Registry
 from autokd.errors import PipelineError
 from autokd.nn import DistillLoss
 from autokd.nn.blocks import needs_size_match
 from autokd.search.mcts import MCTS
-from autokd.space import (FEATURE_DISTANCES, LOGIT_DISTANCES, SCHEDULES, TRANSFORMS, DistillerSpec,
-                          SearchSpace, SpecError, list_distillers, list_spaces, load_distiller,
-                          load_space)
+from autokd.space import (
+    FEATURE_DISTANCES,
+    LOGIT_DISTANCES,
+    SCHEDULES,
+    TRANSFORMS,
+    DistillerSpec,
+    SearchSpace,
+    SpecError,
+    list_distillers,
+    list_spaces,
+    load_distiller,
+    load_space,
+)
 from autokd.train.final import resolve_spec
 
 FEATURE_LEVELS = ("global_transform", "intra_spatial", "inter_spatial", "feature_distance")
@@ -64,17 +74,28 @@ def test_paper_space_size_and_engine_levels():
     assert MCTS(space.engine_levels()).num_designs() == 10692
     levels = space.engine_levels()
     assert [lv["name"] for lv in levels] == [
-        "global_transform", "intra_spatial", "inter_spatial", "feature_distance", "feature_weight",
-        "logit_distance", "temperature", "logit_weight"]
-    assert levels[6] == {"name": "temperature", "options": ["1", "2", "4", "8"],
-                         "requires": {"logit_distance": ["kl", "pearson"]}}
+        "global_transform",
+        "intra_spatial",
+        "inter_spatial",
+        "feature_distance",
+        "feature_weight",
+        "logit_distance",
+        "temperature",
+        "logit_weight",
+    ]
+    assert levels[6] == {
+        "name": "temperature",
+        "options": ["1", "2", "4", "8"],
+        "requires": {"logit_distance": ["kl", "pearson"]},
+    }
     assert all(isinstance(o, str) for lv in levels for o in lv["options"])
 
 
 def test_every_paper_design_builds_a_finite_differentiable_loss():
     """Exhaustive over the 10,692 designs. A design's loss is W_f * D_f + W_p * D_p, so each of
-    the 81 feature parts (4 weights each) and 9 logit parts is built and differentiated once (reused), and every
-    design is checked to build, to round trip, and to combine exactly those parts."""
+    the 81 feature parts (4 weights each) and 9 logit parts is built and differentiated once
+    (reused), and every design is checked to build, to round trip, and to combine exactly those
+    parts."""
     space = load_space("autokd")
     inputs = tiny_inputs()
     fs, ft, ls, lt = inputs
@@ -105,7 +126,9 @@ def test_every_paper_design_builds_a_finite_differentiable_loss():
         out = DistillLoss(spec, (6, 4))(fs, ft, ls, lt)
         expect = spec.feature_weight * feature_part[tuple(design[k] for k in FEATURE_LEVELS)]
         if spec.logit_distance.key != "none":
-            expect = expect + spec.logit_weight * logit_part[tuple(design.get(k) for k in LOGIT_LEVELS)]
+            expect = (
+                expect + spec.logit_weight * logit_part[tuple(design.get(k) for k in LOGIT_LEVELS)]
+            )
         assert torch.allclose(out.loss_kd.detach(), expect, rtol=1e-5, atol=1e-6)
 
 
@@ -119,18 +142,33 @@ def test_random_extended_designs_build_finite_differentiable_losses():
         design = space.sample(rng)
         spec = space.spec_from_design(design)
         assert space.design_from_spec(spec) == design
-        loss = assert_finite_differentiable(spec, inputs)
+        assert_finite_differentiable(spec, inputs)
         seen.add(spec.feature_distance.key)
     assert {"renyi", "gram_l2_embed", "none"} <= seen
 
 
-@pytest.mark.parametrize("schedule,progress,factor", [
-    ("constant", 0.9, 1.0), ("warm-up", 0.1, 0.5), ("warm-up", 0.5, 1.0),
-    ("early-stop", 0.5, 1.0), ("early-stop", 0.8, 0.0)])
+@pytest.mark.parametrize(
+    "schedule,progress,factor",
+    [
+        ("constant", 0.9, 1.0),
+        ("warm-up", 0.1, 0.5),
+        ("warm-up", 0.5, 1.0),
+        ("early-stop", 0.5, 1.0),
+        ("early-stop", 0.8, 0.0),
+    ],
+)
 def test_schedules_scale_both_terms(schedule, progress, factor):
     fs, ft, ls, lt = tiny_inputs()
-    spec = DistillerSpec.from_dict({"feature_distance": "l2", "logit_distance": "kl", "schedule": schedule,
-                                    "feature_weight": 5, "logit_weight": 0.5, "temperature": 2})
+    spec = DistillerSpec.from_dict(
+        {
+            "feature_distance": "l2",
+            "logit_distance": "kl",
+            "schedule": schedule,
+            "feature_weight": 5,
+            "logit_weight": 0.5,
+            "temperature": 2,
+        }
+    )
     m = DistillLoss(spec, (6, 4))
     base = DistillLoss(spec.replace(schedule="constant"), (6, 4))
     base.load_state_dict(m.state_dict())
@@ -142,10 +180,19 @@ def test_schedules_scale_both_terms(schedule, progress, factor):
 
 # -- registries -------------------------------------------------------------------------------
 
+
 def test_registries_hold_every_option():
     assert set(TRANSFORMS.keys()) >= {
-        "global/original", "global/attention", "global/mask", "intra/original", "intra/multi-scale",
-        "intra/local", "inter/original", "inter/sample-wise", "inter/channel-wise"}
+        "global/original",
+        "global/attention",
+        "global/mask",
+        "intra/original",
+        "intra/multi-scale",
+        "intra/local",
+        "inter/original",
+        "inter/sample-wise",
+        "inter/channel-wise",
+    }
     assert set(FEATURE_DISTANCES.keys()) >= {"l2", "kl", "gram_l2", "renyi", "gram_l2_embed"}
     assert set(LOGIT_DISTANCES.keys()) >= {"kl", "pearson", "kl_std"}
     assert set(SCHEDULES.keys()) == {"constant", "warm-up", "early-stop"}
@@ -164,19 +211,48 @@ def test_registry_errors():
 
 # -- specs --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data,pattern", [
-    ({"feature_distanse": "l2"}, r"unknown field\(s\) \['feature_distanse'\]; valid fields: name, global_transform"),
-    ({"feature_distance": "l3"}, r"'feature_distance': invalid value 'l3'; allowed: none, gram_l2, gram_l2_embed, kl, l2, renyi"),
-    ({"inter_spatial": "row-wise"}, r"'inter_spatial': invalid value 'row-wise'; allowed: .*channel-wise"),
-    ({"temperature": 0}, r"'temperature': invalid value 0; allowed: a finite number > 0"),
-    ({"logit_weight": "heavy"}, r"'logit_weight': invalid value 'heavy'"),
-    ({"adapter": "sometimes"}, r"'adapter': invalid value 'sometimes'; allowed: auto, always, never"),
-    ({"feature_distance": {"key": "kl", "kwargs": {"tauu": 2}}}, r"unknown kwargs \['tauu'\] for 'kl'; valid: tau"),
-    ({"feature_distance": {"key": "kl", "kwargs": {"tau": -1}}}, r"'feature_distance': kl tau: expected a positive number, got -1"),
-    ({"feature_distance": {"kee": "kl"}}, r"expected a name or \{key: ..., kwargs"),
-    ({"feature_distance": "renyi", "global_transform": "attention"}, r"'global_transform': invalid value 'attention' with the embedding distance 'renyi'"),
-    ({"global_transform": {"key": "mask", "kwargs": {"ratio": 1.5}}}, r"mask ratio: expected a number in \[0, 1\), got 1.5"),
-])
+
+@pytest.mark.parametrize(
+    "data,pattern",
+    [
+        (
+            {"feature_distanse": "l2"},
+            r"unknown field\(s\) \['feature_distanse'\]; valid fields: name, global_transform",
+        ),
+        (
+            {"feature_distance": "l3"},
+            r"'feature_distance': invalid value 'l3'; "
+            r"allowed: none, gram_l2, gram_l2_embed, kl, l2, renyi",
+        ),
+        (
+            {"inter_spatial": "row-wise"},
+            r"'inter_spatial': invalid value 'row-wise'; allowed: .*channel-wise",
+        ),
+        ({"temperature": 0}, r"'temperature': invalid value 0; allowed: a finite number > 0"),
+        ({"logit_weight": "heavy"}, r"'logit_weight': invalid value 'heavy'"),
+        (
+            {"adapter": "sometimes"},
+            r"'adapter': invalid value 'sometimes'; allowed: auto, always, never",
+        ),
+        (
+            {"feature_distance": {"key": "kl", "kwargs": {"tauu": 2}}},
+            r"unknown kwargs \['tauu'\] for 'kl'; valid: tau",
+        ),
+        (
+            {"feature_distance": {"key": "kl", "kwargs": {"tau": -1}}},
+            r"'feature_distance': kl tau: expected a positive number, got -1",
+        ),
+        ({"feature_distance": {"kee": "kl"}}, r"expected a name or \{key: ..., kwargs"),
+        (
+            {"feature_distance": "renyi", "global_transform": "attention"},
+            r"'global_transform': invalid value 'attention' with the embedding distance 'renyi'",
+        ),
+        (
+            {"global_transform": {"key": "mask", "kwargs": {"ratio": 1.5}}},
+            r"mask ratio: expected a number in \[0, 1\), got 1.5",
+        ),
+    ],
+)
 def test_spec_validation_errors(data, pattern):
     with pytest.raises(SpecError, match=pattern):
         DistillerSpec.from_dict(data)
@@ -195,9 +271,13 @@ def test_spec_yaml_round_trip(tmp_path):
         path = tmp_path / "s.yaml"
         path.write_text(spec.to_yaml())
         assert DistillerSpec.from_yaml(path) == spec == DistillerSpec.from_yaml(str(path))
-    spec = DistillerSpec.from_yaml("feature_distance: {key: kl, kwargs: {tau: 4}}\nlogit_distance: kl\n")
+    spec = DistillerSpec.from_yaml(
+        "feature_distance: {key: kl, kwargs: {tau: 4}}\nlogit_distance: kl\n"
+    )
     assert spec.feature_distance.kwargs == {"tau": 4} and spec.to_dict()["feature_distance"] == {
-        "key": "kl", "kwargs": {"tau": 4}}
+        "key": "kl",
+        "kwargs": {"tau": 4},
+    }
     with pytest.raises(FileNotFoundError):
         DistillerSpec.from_yaml("missing.yaml")
 
@@ -206,13 +286,22 @@ def test_design_from_spec_rejects_specs_outside_the_space():
     space = load_space("autokd")
     with pytest.raises(ValueError, match=r"field 'feature_distance' is 'none'"):
         space.design_from_spec(load_distiller("kd"))
-    with pytest.raises(ValueError, match=r"field 'feature_distance' is \{'key': 'kl', 'kwargs': \{'tau': 4.0\}\}"):
+    with pytest.raises(
+        ValueError, match=r"field 'feature_distance' is \{'key': 'kl', 'kwargs': \{'tau': 4.0\}\}"
+    ):
         space.design_from_spec(load_distiller("cwd"))
-    with pytest.raises(ValueError, match=r"field 'feature_weight' is 3.0; the space allows 1, 5, 25, 50"):
+    with pytest.raises(
+        ValueError, match=r"field 'feature_weight' is 3.0; the space allows 1, 5, 25, 50"
+    ):
         space.design_from_spec(load_distiller("cwd").replace(feature_distance="kl"))
     ok = load_distiller("cwd").replace(feature_distance="kl", feature_weight=5, name=None)
     assert space.design_from_spec(ok)["inter_spatial"] == "channel-wise"
-    assert load_space("extended").design_from_spec(load_distiller("kd").replace(logit_weight=1))["logit_distance"] == "kl"
+    assert (
+        load_space("extended").design_from_spec(load_distiller("kd").replace(logit_weight=1))[
+            "logit_distance"
+        ]
+        == "kl"
+    )
 
 
 def test_design_errors():
@@ -221,27 +310,56 @@ def test_design_errors():
     with pytest.raises(ValueError, match="missing level 'feature_weight'"):
         space.spec_from_design({k: v for k, v in design.items() if k != "feature_weight"})
     bad = dict(design, intra_spatial="multiscale")
-    with pytest.raises(ValueError, match=r"invalid option 'multiscale' \(did you mean 'multi-scale'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"invalid option 'multiscale' \(did you mean 'multi-scale'\?\)"
+    ):
         space.spec_from_design(bad)
-    no_logit = dict({k: v for k, v in design.items() if k not in ("temperature", "logit_weight")},
-                    logit_distance="none")
+    no_logit = dict(
+        {k: v for k, v in design.items() if k not in ("temperature", "logit_weight")},
+        logit_distance="none",
+    )
     space.spec_from_design(no_logit)
-    with pytest.raises(ValueError, match=r"level\(s\) \['temperature'\] are not part of this design"):
+    with pytest.raises(
+        ValueError, match=r"level\(s\) \['temperature'\] are not part of this design"
+    ):
         space.spec_from_design(dict(no_logit, temperature="4"))
 
 
-@pytest.mark.parametrize("levels,pattern", [
-    ([{"name": "feature_distanse", "options": ["l2"]}], "unknown level name"),
-    ([{"name": "feature_distance", "options": []}], "expected at least one option"),
-    ([{"name": "feature_distance", "options": ["l2", "l2"]}], r"duplicate options \['l2'\]"),
-    ([{"name": "feature_distance", "options": ["l2", "l7"]}], "invalid option 'l7'"),
-    ([{"name": "temperature", "options": [1, 2], "requires": {"logit_distance": ["kl"]}},
-      {"name": "logit_distance", "options": ["kl"]}], "requires 'logit_distance', which is not an earlier level"),
-    ([{"name": "logit_distance", "options": ["kl"]},
-      {"name": "temperature", "options": [1], "requires": {"logit_distance": ["pearson"]}}], "has options"),
-    ([{"name": "logit_distance", "options": ["kl"]}, {"name": "logit_distance", "options": ["kl"]}], "duplicate level"),
-    ([{"name": "feature_weight", "options": [0]}], "invalid option '0'"),
-])
+@pytest.mark.parametrize(
+    "levels,pattern",
+    [
+        ([{"name": "feature_distanse", "options": ["l2"]}], "unknown level name"),
+        ([{"name": "feature_distance", "options": []}], "expected at least one option"),
+        ([{"name": "feature_distance", "options": ["l2", "l2"]}], r"duplicate options \['l2'\]"),
+        ([{"name": "feature_distance", "options": ["l2", "l7"]}], "invalid option 'l7'"),
+        (
+            [
+                {"name": "temperature", "options": [1, 2], "requires": {"logit_distance": ["kl"]}},
+                {"name": "logit_distance", "options": ["kl"]},
+            ],
+            "requires 'logit_distance', which is not an earlier level",
+        ),
+        (
+            [
+                {"name": "logit_distance", "options": ["kl"]},
+                {
+                    "name": "temperature",
+                    "options": [1],
+                    "requires": {"logit_distance": ["pearson"]},
+                },
+            ],
+            "has options",
+        ),
+        (
+            [
+                {"name": "logit_distance", "options": ["kl"]},
+                {"name": "logit_distance", "options": ["kl"]},
+            ],
+            "duplicate level",
+        ),
+        ([{"name": "feature_weight", "options": [0]}], "invalid option '0'"),
+    ],
+)
 def test_space_validation_errors(levels, pattern):
     with pytest.raises(ValueError, match=pattern):
         SearchSpace.from_dict({"name": "t", "levels": levels})
@@ -249,8 +367,10 @@ def test_space_validation_errors(levels, pattern):
 
 def test_space_from_yaml_path(tmp_path):
     path = tmp_path / "mini.yaml"
-    path.write_text("levels:\n  - {name: logit_distance, options: [none, kl]}\n"
-                    "  - {name: temperature, options: [1, 4], requires: {logit_distance: kl}}\n")
+    path.write_text(
+        "levels:\n  - {name: logit_distance, options: [none, kl]}\n"
+        "  - {name: temperature, options: [1, 4], requires: {logit_distance: kl}}\n"
+    )
     space = load_space(path)
     assert space.name == "mini" and MCTS(space.engine_levels()).num_designs() == 3
     assert space.spec_from_design({"logit_distance": "kl", "temperature": "4"}).temperature == 4.0
@@ -269,7 +389,9 @@ def test_distill_loss_on_several_feature_levels_like_fpn():
     assert torch.allclose(out.mu.sum(), torch.tensor(1.0))
     out.loss_kd.backward()
     assert all(torch.isfinite(f.grad).all() for f in fs)
-    with pytest.raises(ValueError, match="expected 3 student and teacher feature tensors, got 2 and 3"):
+    with pytest.raises(
+        ValueError, match="expected 3 student and teacher feature tensors, got 2 and 3"
+    ):
         loss(fs[:2], ft)
 
 
@@ -282,7 +404,9 @@ def test_classic_distillers_are_looked_up_in_one_place(tmp_path):
     with pytest.raises(KeyError) as via_space:
         load_distiller("cdw")
     assert via_cli.value.args == via_space.value.args
-    assert "did you mean 'cwd'" in via_cli.value.args[0] and "Known: at, cwd" in via_cli.value.args[0]
+    assert (
+        "did you mean 'cwd'" in via_cli.value.args[0] and "Known: at, cwd" in via_cli.value.args[0]
+    )
     path = tmp_path / "mine.yaml"
     path.write_text(load_distiller("kd").replace(temperature=8.0).to_yaml())
     assert resolve_spec(str(path)).temperature == 8.0
@@ -294,8 +418,13 @@ def test_classic_distillers_are_looked_up_in_one_place(tmp_path):
 def test_global_transforms_that_relate_positions_get_maps_of_one_size(key):
     # A global transform declares needs_same_size; the feature loss honours it even where the
     # later levels would not compare positions (a sample-wise Gram compares samples only).
-    spec = DistillerSpec.from_dict({"global_transform": key.split("/", 1)[1],
-                                    "inter_spatial": "sample-wise", "feature_distance": "gram_l2"})
+    spec = DistillerSpec.from_dict(
+        {
+            "global_transform": key.split("/", 1)[1],
+            "inter_spatial": "sample-wise",
+            "feature_distance": "gram_l2",
+        }
+    )
     assert needs_size_match(spec) == TRANSFORMS.get(key).needs_same_size
     loss = DistillLoss(spec, [(4, 4)])
     s = torch.randn(2, 4, 6, 6, requires_grad=True)
