@@ -99,9 +99,13 @@ def test_stop_after_epoch_k_and_resume_is_bit_identical(
     faults.survived(f"distill: stopped after epoch k ({design})")
 
 
-def test_distill_killed_with_sigkill_resumes_bit_identical(setup, tmp_path, digits_teacher, faults):
+def test_distill_killed_with_sigkill_resumes_bit_identical(
+    setup, tmp_path, digits_teacher, faults, one_thread
+):
     """The real CLI in a child process, SIGKILL at a random moment after its first checkpoint
-    (mid-epoch or mid-write), then the same command again, against an uninterrupted run."""
+    (mid-epoch or mid-write), then the same command again, against an uninterrupted run. Every
+    run on one thread (the child's OMP_NUM_THREADS=1 and the test's in-process runs): float
+    sums over two threads may round otherwise, and bit identity is what is tested."""
     args = [
         "distill",
         "--spec",
