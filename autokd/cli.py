@@ -476,7 +476,13 @@ def cache_cmd(
     type=click.FloatRange(0, 1, min_open=True),
     default=None,
     help="Early stop: fraction of --epochs trained per trial "
-    f"{_default_help('proxy_stop_fraction')}.",
+    f"{_default_help('proxy_stop_fraction')}; ViT and timm students: "
+    + "; ".join(
+        f"{DATASETS.get(k).transformer_proxy_stop_fraction} on {k}"
+        for k in DATASETS
+        if DATASETS.get(k).transformer_proxy_stop_fraction is not None
+    )
+    + ".",
 )
 @click.option(
     "--sparsity",
@@ -628,7 +634,8 @@ def search_cmd(
     _writable(out, "--out")
     sched = _schedule(data, epochs, batch_size, lr, student, data_fraction)
     given = {"subset": subset, "stop_fraction": stop_fraction, "sparsity": sparsity}
-    accel = {k: (v if v is not None else default_proxy(data)[k]) for k, v in given.items()}
+    defaults = default_proxy(data, student)
+    accel = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
     proxy = TrainConfig(
         **sched,
         **accel,

@@ -15,7 +15,7 @@ import torch
 from autokd.data import data_kind
 from autokd.data.augment import default_padding
 from autokd.errors import PipelineError
-from autokd.models import build_model, check_model_fits, default_taps
+from autokd.models import build_model, check_model_fits, default_taps, is_transformer
 from autokd.nn.taps import find_module
 from autokd.store import (
     FeatureStore,
@@ -54,10 +54,12 @@ def default_training(data_name: str) -> dict:
     return data_kind(data_name).training()
 
 
-def default_proxy(data_name: str) -> dict:
-    """A search's proxy-trial settings on a data set (subset, stop_fraction, sparsity): its
-    kind's entry in the data-set registry."""
-    return data_kind(data_name).proxy()
+def default_proxy(data_name: str, student: Optional[str] = None) -> dict:
+    """A search's proxy-trial settings on a data set (subset, stop_fraction, sparsity) for a
+    student (None: the data set's default student): its kind's entry in the data-set registry,
+    which may give transformer students a longer trial."""
+    student = student or default_models(data_name)[1]
+    return data_kind(data_name).proxy(transformer=is_transformer(student))
 
 
 def resolve_taps(model_name: str, taps: Optional[Sequence[str]]) -> List[str]:

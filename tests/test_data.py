@@ -349,6 +349,15 @@ def test_each_data_kind_carries_the_defaults_of_a_run_on_it():
         "data_fraction": 0.2,
     }
     assert default_proxy("digits") == {"subset": 1.0, "stop_fraction": 0.1, "sparsity": 0.0}
+    # a ViT from scratch learns nothing in 10% of the digits epochs: a third of them per trial
+    for vit in ("vit_compact", "vit_tiny?depth=2", "timm:vit_tiny_patch16_224"):
+        assert default_proxy("digits", vit) == {
+            "subset": 1.0,
+            "stop_fraction": 0.33,
+            "sparsity": 0.0,
+        }
+    assert default_proxy("digits", "digits_student") == default_proxy("digits")
+    assert default_proxy("cifar10:/data", "vit_compact") == default_proxy("cifar10:/data")
     for spec in ("cifar10:/data", "cifar100:/data", "folder:/data", "npz:/data/x.npz"):
         assert default_models(spec) == ("resnet56", "resnet20")
         assert default_training(spec) == {

@@ -44,6 +44,7 @@ __all__ = [
     "check_model_fits",
     "count_parameters",
     "default_taps",
+    "is_transformer",
     "list_models",
     "split_name",
     "training_defaults",
@@ -200,13 +201,20 @@ def split_name(name: str) -> Tuple[str, Dict[str, object]]:
     return base, options
 
 
+def is_transformer(name: str) -> bool:
+    """Whether a model name trains with the transformer recipe (the zoo's ViTs, every
+    ``timm:`` model): AdamW with warm-up, and on small data a longer proxy trial
+    (autokd.pipeline.default_proxy)."""
+    base, _ = split_name(name)
+    return base in _TRANSFORMERS or base.startswith("timm:")
+
+
 def training_defaults(name: str, epochs: Optional[int] = None) -> Dict[str, object]:
     """TrainConfig fields a model trains with unless the user sets them: {} (the data set's SGD
     schedule) for CNNs; AdamW, lr 1e-3, weight decay 0.05 and a warm-up of 5 epochs (at most
     a tenth of ``epochs`` when given) for the zoo's ViTs and every ``timm:`` model (timm's
     recipes train its models with AdamW)."""
-    base, _ = split_name(name)
-    if base in _TRANSFORMERS or base.startswith("timm:"):
+    if is_transformer(name):
         out = dict(TRANSFORMER_TRAINING)
         if epochs is not None:
             out["warmup_epochs"] = min(out["warmup_epochs"], 0.1 * epochs)

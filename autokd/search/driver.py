@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from autokd.errors import PipelineError
+from autokd.models import training_defaults
 from autokd.pipeline import default_models, default_proxy, default_training, teacher_plan
 from autokd.search import executors
 from autokd.search.journal import Journal, Trial
@@ -125,9 +126,12 @@ class SearchConfig:
         if self.views < 1:
             raise PipelineError(f"search: expected views >= 1, got {self.views}")
         if self.proxy is None:
-            self.proxy = TrainConfig(
-                **default_training(self.data), **default_proxy(self.data), offline=True
-            )
+            student = self.student or default_models(self.data)[1]
+            sched = default_training(self.data)
+            # the student's optimizer defaults (ViTs: AdamW, lr 1e-3, warm-up) over the
+            # data set's schedule, as the CLI applies them
+            sched.update(training_defaults(student, sched["epochs"]))
+            self.proxy = TrainConfig(**sched, **default_proxy(self.data, student), offline=True)
         if self.workers_per_gpu is not None and not self.proxy.device.startswith("cuda"):
             raise PipelineError(
                 f"search: workers_per_gpu needs device cuda, got {self.proxy.device!r}"

@@ -341,3 +341,17 @@ def test_search_config_checks_executor_settings():
         _cfg("x", 1, executor="dask")
     with pytest.raises(ValueError, match="needs executor 'ray'"):
         _cfg("x", 1, ray_address="auto")
+
+
+def test_search_config_default_proxy_follows_the_student():
+    # From Python as from the CLI: a ViT student gets its optimizer (AdamW, warm-up) and, on
+    # digits, its longer proxy trial; the CNN student the data set's SGD proxy.
+    vit = SearchConfig(student="vit_compact").proxy
+    assert (vit.optimizer, vit.lr, vit.warmup_epochs, vit.stop_fraction) == (
+        "adamw",
+        1e-3,
+        5.0,
+        0.33,
+    )
+    cnn = SearchConfig().proxy
+    assert (cnn.optimizer, cnn.lr, cnn.stop_fraction) == ("sgd", 0.1, 0.1)
