@@ -53,7 +53,7 @@ class _Ctx:
 _USER_ERRORS = (ValueError, KeyError, OSError)
 # Names for the search's options.
 DEFAULT_ANCHORS = ("none", "kd", "dkd", "dist", "ls_kd")
-SELECT_METRICS = ("reward", "val_acc", "val_ce")
+SELECT_METRICS = ("reward", "val_acc", "val_ce", "val_ce_ts")
 
 
 def _fail(e: Exception):
@@ -567,9 +567,11 @@ def cache_cmd(
 @click.option(
     "--select-metric",
     type=click.Choice(list(SELECT_METRICS)),
-    default="reward",
+    default="val_ce_ts",
     show_default=True,
-    help="Selection stage: held-out score to rank by.",
+    help="Selection stage: held-out score to rank by: val_ce_ts, the cross-entropy after "
+    "temperature scaling (blind to the logits' scale, which DIST-like losses leave "
+    "under-confident); reward, the proxy's 1 - (CE + 1 - CKA); val_acc; val_ce.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_precision_options
@@ -950,9 +952,10 @@ def compare_cmd(
 ):
     """Full training of several specs with several seeds: what the search was worth.
 
-    Each (spec, seed) is a distill run in <out>/compare/<spec>-<seed> (resumable; finished runs
-    are never rerun). The table (mean +- std and per seed) goes to <out>/compare.md and
-    compare.json, and into report.html when <out> holds a search.
+    Each (spec, seed) is a distill run in <out>/compare/<spec>-<hash>-<seed> (resumable;
+    finished runs are never rerun; a changed best.yaml gets new runs). The table (mean +- std
+    and per seed) goes to <out>/compare.md and compare.json, and into report.html when <out>
+    holds a search.
     """
     _writable(out, "--out")
     names = _taps(specs) or default_specs(out)

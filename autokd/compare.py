@@ -3,14 +3,15 @@ data and models, ending in a table. This is how a user learns what a search was 
 their own problem: the searched design against the classic distillers and the student alone,
 each trained the way ``autokd-cli distill`` trains, with the spread over seeds.
 
-Every (spec, seed) is one ``distill`` run in ``<out>/compare/<spec>-<seed>/``, resumable
-like any distill run (an interrupted compare loses at most the epoch that was running;
-finished runs are read back from their result.json, never rerun). The table goes to
+Every (spec, seed) is one ``distill`` run in ``<out>/compare/<spec>-<hash>-<seed>/`` (the hash
+of the spec's content), resumable like any distill run (an interrupted compare loses at most
+the epoch that was running; finished runs are read back, never rerun). The table goes to
 ``<out>/compare.md`` and ``<out>/compare.json`` and into the search's report.html.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -74,10 +75,13 @@ def run_compare(
     total = len(specs) * len(seeds)
     done = 0
     for name, label, spec in zip(specs, labels, resolved):
+        # the folder names the spec's content too: a search rerun that rewrites best.yaml gets
+        # new runs, and the runs of the earlier best.yaml stay as they were
+        tag = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
         accs = []
         for seed in seeds:
             done += 1
-            run_dir = os.path.join(out, "compare", f"{label}-{seed}")
+            run_dir = os.path.join(out, "compare", f"{label}-{tag}-{seed}")
             log(f"compare [{done}/{total}]: {label}, seed {seed}")
             res = run_distill(
                 spec,

@@ -36,6 +36,42 @@ def reward_floor(num_classes: int) -> float:
     return 1.0 - (2.0 * math.log(max(num_classes, 2)) + 1.0)
 
 
+def calibrated_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy after temperature scaling: min over s >= 0 of CE(s * logits, labels), the
+    held-out NLL with the one scale that suits it best (Guo et al., 2017, fit on the same
+    split). It ranks students by how well their logits order the classes, not by their scale:
+    losses that are invariant to the logits' scale (DIST's and Pearson's correlations) leave
+    under-confident students whose plain CE is high at a good accuracy (measured on the digits
+    ViT task: DIST 0.76 held-out accuracy at CE 1.43, a searched design 0.73 at 1.03).
+
+    CE(s * z) is convex in s (a log-sum-exp of lines minus a line), so a golden-section search
+    on a bracket found by doubling finds the minimum; s = 0 is uniform guessing (ln K)."""
+    z = logits.detach().double()
+    y = labels.detach()
+
+    def f(scale: float) -> float:
+        return float(F.cross_entropy(z * scale, y))
+
+    lo, hi = 0.0, 1.0
+    while f(2 * hi) < f(hi) and hi < 1e6:  # the minimum lies below 2 * hi
+        lo, hi = hi, 2 * hi
+    hi = 2 * hi
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(60):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return min(fc, fd, f(0.0))
+
+
 @torch.no_grad()
 def proxy_reward(
     student,
@@ -61,4 +97,7 @@ def proxy_reward(
     cka = sum(ckas) / len(ckas)
     raw = 1.0 - (ce + (1.0 - cka))
     reward = max(raw, reward_floor(logits.shape[1])) if math.isfinite(raw) else raw
-    return reward, {"val_ce": ce, "val_cka": cka, "val_acc": acc, "raw_reward": raw}
+    metrics = {"val_ce": ce, "val_cka": cka, "val_acc": acc, "raw_reward": raw}
+    if math.isfinite(ce):
+        metrics["val_ce_ts"] = calibrated_ce(logits, labels)
+    return reward, metrics

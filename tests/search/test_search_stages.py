@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from autokd.cli import main
@@ -101,8 +102,23 @@ def test_compare_defaults_to_the_search_hand_back_and_updates_its_report(searche
     r = CliRunner().invoke(main, ["compare", "--out", copy, "--seeds", "1", *TOY])
     assert r.exit_code == 0, r.output
     specs = [row["spec"] for row in json.load(open(os.path.join(copy, "compare.json")))["rows"]]
-    assert specs[0] == os.path.join(copy, "best.yaml") and "none" in specs
+    # best.yaml first, then every classic a user would try by hand but the one it may be
+    chosen = yaml.safe_load(open(os.path.join(copy, "best.yaml"))).get("name")
+    assert specs[0] == os.path.join(copy, "best.yaml")
+    assert specs[1:] == [c for c in ("kd", "dkd", "dist", "none") if c != chosen]
     assert "autokd-cli compare" in open(os.path.join(copy, "report.html")).read()
+    # a search rerun that rewrites best.yaml: compare trains the new design, not an error
+    # about the old runs, and keeps the runs of the earlier one
+    before = sorted(os.listdir(os.path.join(copy, "compare")))
+    best = os.path.join(copy, "best.yaml")
+    spec = yaml.safe_load(open(best))
+    spec["temperature"] = float(spec.get("temperature") or 4.0) + 1.0
+    with open(best, "w") as f:
+        yaml.safe_dump(spec, f)
+    r = CliRunner().invoke(main, ["compare", "--out", copy, "--seeds", "1", *TOY])
+    assert r.exit_code == 0, r.output
+    after = sorted(os.listdir(os.path.join(copy, "compare")))
+    assert set(before) < set(after) and len(after) == len(before) + 1
 
 
 def test_a_second_search_on_a_busy_folder_is_refused_by_name(searched, tmp_path):

@@ -3,6 +3,8 @@ distillers; the search never hands back a design its own evaluation ranks below 
 classic; every run is journaled and a rerun reuses them. Trained runs are replaced by a
 scripted scorer here (tests/search/test_cli.py runs the stage for real)."""
 
+import math
+
 import pytest
 
 from autokd.errors import PipelineError
@@ -52,13 +54,15 @@ def _scorer(scores, calls):
         for t in tasks:
             calls.append(t)
             key = tuple(sorted((k, str(v)) for k, v in t.spec.items() if k != "name"))
-            base = scores.get(key, 0.0)
+            score = scores.get(key, 0.0) + 0.001 * (t.seed % 3)
             out.append(
                 {
                     "status": "ok",
-                    "reward": base + 0.001 * (t.seed % 3),
+                    "reward": score,
                     "seconds": 0.5,
-                    "metrics": {"val_acc": 0.5, "val_ce": 1.0},
+                    # the default metric (CE after temperature scaling, lower is better)
+                    # orders candidates as the reward does
+                    "metrics": {"val_acc": 0.5, "val_ce": 1.0, "val_ce_ts": 2.0 - score},
                 }
             )
         return out
@@ -70,17 +74,20 @@ def _key(spec):
     return tuple(sorted((k, str(v)) for k, v in spec.items() if k != "name"))
 
 
-def test_plan_halves_to_two_ending_at_the_fidelity_asked():
+def test_plan_halves_the_finalists_to_one_and_the_anchors_meet_it_at_the_fidelity_asked():
     cfg = SelectionConfig(fidelity=0.5, seeds=2)
-    assert plan(8, cfg) == [(8, 1, 0.125), (4, 2, 0.25), (2, 2, 0.5)]
-    assert plan(2, cfg) == [(2, 2, 0.5)]  # the deciding round has every seed
-    assert stage_cost(8, cfg) == pytest.approx(10 * 0.5)
+    # the default: 3 finalists, 5 anchors
+    assert plan(3, 5, cfg) == [(3, 1, 0.25), (6, 2, 0.5)]
+    assert stage_cost(3, 5, cfg) == pytest.approx(13.5 * 0.5)
+    assert plan(8, 2, cfg) == [(8, 1, 0.0625), (4, 2, 0.125), (2, 2, 0.25), (3, 2, 0.5)]
+    assert plan(1, 5, cfg) == [(6, 2, 0.5)]  # the deciding round has every seed
+    assert plan(2, 0, cfg) == [(2, 1, 0.25), (1, 2, 0.5)]
 
 
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(PipelineError, match="unknown anchor.*'kdd'.*known classic distillers"):
         SelectionConfig(anchors=("kdd",))
-    with pytest.raises(PipelineError, match="metric one of reward, val_acc, val_ce"):
+    with pytest.raises(PipelineError, match="metric one of reward, val_acc, val_ce, val_ce_ts"):
         SelectionConfig(metric="acc")
     with pytest.raises(PipelineError, match=r"fidelity in \[0, 1\]"):
         SelectionConfig(fidelity=1.5)
@@ -106,15 +113,17 @@ def test_the_best_classic_meets_the_search_in_the_last_round(tmp_path, classic_w
         res = run_selection(
             SPACE, _trials(), j, _scorer(scores, calls), cfg, epochs=60, seed=0, log=lambda _m: None
         )
+        # the finalists halve alone; every classic meets the search's best in the last round
+        assert sorted(res.rounds[0].scores) == ["search #1", "search #2", "search #3"]
         last = res.rounds[-1]
-        assert sorted(last.scores) == sorted(["search #1", "dkd"])
+        assert sorted(last.scores) == sorted(["search #1", "kd", "dkd", "none"])
         assert res.best_classic.label == "dkd"
         assert res.winner.label == ("dkd" if classic_wins else "search #1")
         assert res.winner.is_anchor == classic_wins
         # fidelity doubles per round, later rounds have two seeds, the same for every candidate
-        assert [len(r.seeds) for r in res.rounds] == [1, 2, 2]
+        assert [len(r.seeds) for r in res.rounds] == [1, 2]
         assert res.rounds[1].fidelity == pytest.approx(2 * res.rounds[0].fidelity)
-        assert res.work == pytest.approx(stage_cost(6, cfg))
+        assert res.work == pytest.approx(stage_cost(3, 3, cfg))
         assert res.rounds[-1].fidelity == pytest.approx(0.4)
         n_runs = len(calls)
         # a rerun of the same stage trains nothing: every run is found in the journal
@@ -138,7 +147,7 @@ def test_a_lead_inside_the_seed_noise_hands_back_the_classic(tmp_path):
         res = run_selection(
             SPACE, _trials(), j, _scorer(scores, []), cfg, epochs=60, seed=0, log=lambda _m: None
         )
-    assert res.rounds[-1].mean("search #1") > res.rounds[-1].mean("kd")
+    assert res.rounds[-1].mean("search #1") < res.rounds[-1].mean("kd")  # lower CE: ahead
     assert res.winner.label == "kd" and res.best_classic.label == "kd"
 
 
@@ -154,3 +163,34 @@ def test_no_stage_without_budget_or_without_a_working_trial(tmp_path):
             run_selection(SPACE, [], j, _scorer({}, []), SelectionConfig(), epochs=60, seed=0)
             is None
         )
+
+
+def test_calibrated_ce_is_the_ce_at_the_best_temperature_and_ignores_the_logits_scale():
+    import torch
+    import torch.nn.functional as F
+
+    from autokd.search.reward import calibrated_ce
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (300,), generator=g)
+    z = torch.randn(300, 10, generator=g)
+    z[torch.arange(300), y] += 2.0
+    # the truth by brute force over the scale
+    grid = torch.linspace(0.0, 4.0, 8001, dtype=torch.float64)
+    best = min(float(F.cross_entropy(z.double() * s, y)) for s in grid)
+    for scale in (0.05, 1.0, 30.0):  # under-, well- and over-confident copies of one student
+        got = calibrated_ce(z * scale, y)
+        assert got == pytest.approx(best, abs=1e-6)
+        assert got <= float(F.cross_entropy(z * scale, y)) + 1e-9
+    # logits that carry nothing: the best scale is 0, uniform guessing
+    assert calibrated_ce(torch.zeros(50, 10), y[:50]) == pytest.approx(math.log(10))
+    # a student whose ranking is wrong scores worse at every scale
+    assert calibrated_ce(-z, y) > calibrated_ce(z, y)
+
+
+def test_the_cli_offers_the_selection_metrics_and_anchors_the_stage_knows():
+    from autokd import cli
+    from autokd.search import selection
+
+    assert cli.SELECT_METRICS == tuple(selection.METRICS)
+    assert cli.DEFAULT_ANCHORS == selection.DEFAULT_ANCHORS
