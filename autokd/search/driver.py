@@ -290,8 +290,14 @@ def run_tasks(
                 )
 
 
-def run_batch(executor, tasks: List[TrialTask], log: Log) -> List[Dict[str, Any]]:
-    """Train ``tasks`` (indices 0..n-1) through ``executor``; their results in order."""
+def run_batch(
+    executor,
+    tasks: List[TrialTask],
+    log: Log,
+    on_result: Optional[Callable[[TrialTask, Dict[str, Any]], None]] = None,
+) -> List[Dict[str, Any]]:
+    """Train ``tasks`` (indices 0..n-1) through ``executor``; their results in order.
+    ``on_result(task, result)`` is called as each one finishes (to journal it at once)."""
     queue, results = list(tasks), {}
 
     def propose(room: int) -> List[TrialTask]:
@@ -301,6 +307,8 @@ def run_batch(executor, tasks: List[TrialTask], log: Log) -> List[Dict[str, Any]
 
     def record(task: TrialTask, result: Dict[str, Any]) -> None:
         results[task.index] = result
+        if on_result is not None:
+            on_result(task, result)
 
     run_tasks(executor, propose, record, log)
     return [results[t.index] for t in tasks]
@@ -517,7 +525,7 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
                 space,
                 trials,
                 journal,
-                lambda tasks: run_batch(executor, tasks, log),
+                lambda tasks, on_result: run_batch(executor, tasks, log, on_result),
                 cfg.selection,
                 epochs=cfg.proxy.epochs,
                 seed=cfg.seed,

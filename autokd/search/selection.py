@@ -264,15 +264,15 @@ def run_selection(
     space,
     trials,
     journal: Journal,
-    run: Callable[[List[TrialTask]], List[Dict]],
+    run: Callable[[List[TrialTask], Callable[[TrialTask, Dict[str, Any]], None]], Any],
     cfg: SelectionConfig,
     epochs: int,
     seed: int,
     log: Log = print,
 ) -> Optional[SelectionResult]:
-    """The stage (see the module docstring); ``run(tasks)`` trains tasks (through the search's
-    executor) and returns their results in order. None when the budget is 0 or the search
-    found nothing."""
+    """The stage (see the module docstring); ``run(tasks, on_result)`` trains tasks (through
+    the search's executor) and calls ``on_result(task, result)`` as each one finishes. None
+    when the budget is 0 or the search found nothing."""
     if cfg.fidelity <= 0:
         return None
     cands = candidates(space, trials, cfg)
@@ -304,8 +304,9 @@ def run_selection(
                 task = TrialTask(len(todo), None, c.design, c.spec, s, proxy=proxy)
                 index[task.index] = (label, key)
                 todo.append(task)
-        results = run(todo) if todo else []
-        for task, res in zip(todo, results):
+
+        def save(task: TrialTask, res: Dict[str, Any]) -> None:
+            # journaled as each run finishes: an interrupted round keeps its finished runs
             label, key = index[task.index]
             score = _score(res, cfg.metric)
             journal.add_evaluation(
@@ -323,6 +324,9 @@ def run_selection(
             )
             rnd.scores.setdefault(label, []).append(score)
             rnd.seconds += res["seconds"]
+
+        if todo:
+            run(todo, save)
         work += fidelity * len(alive) * len(seeds)
         seconds += rnd.seconds
         rounds.append(rnd)

@@ -49,13 +49,13 @@ def _scorer(scores, calls):
     """run(tasks) that scores each task by its candidate (spec without name), plus the seed's
     noise of +-0.001, and records every call."""
 
-    def run(tasks):
-        out = []
+    def run(tasks, on_result):
         for t in tasks:
             calls.append(t)
             key = tuple(sorted((k, str(v)) for k, v in t.spec.items() if k != "name"))
             score = scores.get(key, 0.0) + 0.001 * (t.seed % 3)
-            out.append(
+            on_result(
+                t,
                 {
                     "status": "ok",
                     "reward": score,
@@ -63,9 +63,8 @@ def _scorer(scores, calls):
                     # the default metric (CE after temperature scaling, lower is better)
                     # orders candidates as the reward does
                     "metrics": {"val_acc": 0.5, "val_ce": 1.0, "val_ce_ts": 2.0 - score},
-                }
+                },
             )
-        return out
 
     return run
 
@@ -194,3 +193,27 @@ def test_the_cli_offers_the_selection_metrics_and_anchors_the_stage_knows():
 
     assert cli.SELECT_METRICS == tuple(selection.METRICS)
     assert cli.DEFAULT_ANCHORS == selection.DEFAULT_ANCHORS
+
+
+def test_an_interrupted_round_keeps_the_runs_it_finished(tmp_path):
+    cfg = SelectionConfig(finalists=2, anchors=("kd", "none"), fidelity=0.5, seeds=2)
+    calls = []
+    scorer = _scorer({}, calls)
+
+    def dies_after_three(tasks, on_result):
+        if len(calls) + len(tasks) > 3:  # the machine goes down during a round
+            scorer(tasks[: 3 - len(calls)], on_result)
+            raise KeyboardInterrupt
+        scorer(tasks, on_result)
+
+    with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
+        with pytest.raises(KeyboardInterrupt):
+            run_selection(SPACE, _trials(), j, dies_after_three, cfg, 60, 0, lambda _m: None)
+        assert len(j.evaluations()) == 3  # journaled as they finished
+        done = len(calls)
+        res = run_selection(SPACE, _trials(), j, scorer, cfg, 60, 0, lambda _m: None)
+    assert res.reused == 3 and len(calls) - done == stage_runs(res) - 3
+
+
+def stage_runs(res):
+    return sum(len(r.seeds) * len(r.scores) for r in res.rounds)
