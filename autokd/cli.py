@@ -1013,6 +1013,7 @@ def compare_cmd(
 def _rebuild_report(out: str) -> None:
     with Journal(os.path.join(out, "journal.sqlite")) as j:
         trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
+        record = j.selection()
     write_outputs(
         out,
         trials,
@@ -1020,6 +1021,7 @@ def _rebuild_report(out: str) -> None:
         log=lambda _m: None,
         config=config,
         evaluations=evaluations,
+        selection_record=record,
     )
 
 
@@ -1041,8 +1043,17 @@ def report_cmd(out, space):
         raise PipelineError(f"{path} does not exist: is {out} the --out folder of a search?")
     with Journal(path) as j:
         trials, config, evaluations = j.trials(), j.stored_config, j.evaluations()
+        record = j.selection()
     sp = load_space(space or config.get("space", "autokd"))
-    res = write_outputs(out, trials, sp, log=click.echo, config=config, evaluations=evaluations)
+    res = write_outputs(
+        out,
+        trials,
+        sp,
+        log=click.echo,
+        config=config,
+        evaluations=evaluations,
+        selection_record=record,
+    )
     click.echo(f"report: {res['report']}")
 
 

@@ -539,6 +539,7 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
         executor.close()
     trials = journal.trials()
     evaluations = journal.evaluations()
+    record = journal.selection()
     journal.close()
     cost = _cost(cfg, trials, selection)
     outputs = write_outputs(
@@ -551,6 +552,7 @@ def _run_search(cfg: SearchConfig, log: Log, progress: bool) -> SearchResult:
         selection=selection,
         evaluations=evaluations,
         cost=cost,
+        selection_record=record,
     )
     if trials and not any(t.status == "ok" for t in trials):
         counts = {s: sum(t.status == s for t in trials) for s in ("diverged", "failed")}

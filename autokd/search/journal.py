@@ -314,6 +314,31 @@ class Journal:
                 ),
             )
 
+    def set_selection(self, record: Dict[str, Any]) -> None:
+        """Record the finished selection stage: which runs (evaluation keys) made each of its
+        rounds, so a report rebuilds exactly that stage, reused runs of earlier stages
+        included; replaces the record of an earlier stage."""
+        with self._sql("recording the selection stage"):
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('selection', ?)",
+                (json.dumps(record, sort_keys=True),),
+            )
+
+    def selection(self) -> Optional[Dict[str, Any]]:
+        """The last finished selection stage's record (set_selection), or None."""
+        with self._sql("reading the selection stage"):
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'selection'").fetchone()
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0])
+        except ValueError as e:
+            raise JournalError(
+                f"{self.path}: the selection stage's record is damaged ({e}); delete it and "
+                f"run the search again to redo the stage from its journaled runs (sqlite3 "
+                f"{self.path} \"DELETE FROM meta WHERE key='selection'\")"
+            ) from None
+
     def evaluations(self) -> List[Evaluation]:
         """Every run of the selection stage, in order (none for journals without the table)."""
         with self._sql("reading the selection runs"):

@@ -337,6 +337,7 @@ def write_outputs(
     selection=None,
     evaluations=None,
     cost=None,
+    selection_record=None,
 ) -> dict:
     """best.yaml, top.yaml and report.html in ``out``; prints the summary table.
 
@@ -348,7 +349,7 @@ def write_outputs(
     ok = [t for t in trials if t.status == "ok"]
     estimates = rank(space, [(t.design, t.reward) for t in ok])
     if selection is None and evaluations:
-        selection = SelectionResult.from_evaluations(evaluations)
+        selection = SelectionResult.from_evaluations(evaluations, selection_record)
     first_of: Dict[tuple, Trial] = {}
     for t in ok:
         first_of.setdefault(tuple(sorted(t.design.items())), t)

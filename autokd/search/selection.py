@@ -142,9 +142,15 @@ class SelectionResult:
     reused: int  # runs found in the journal
 
     @classmethod
-    def from_evaluations(cls, evaluations) -> Optional["SelectionResult"]:
+    def from_evaluations(cls, evaluations, record=None) -> Optional["SelectionResult"]:
         """The last selection stage recorded in a journal (``autokd-cli report`` rebuilds the
-        report from the journal alone): its rows grouped by round, the latest of each run."""
+        report from the journal alone). ``record``: the stage's own record
+        (``Journal.selection()``), which names the runs of each round; without one (journals
+        written before it existed) the rows are grouped by round, the latest of each run."""
+        if record:
+            rebuilt = cls._from_record(evaluations, record)
+            if rebuilt is not None:
+                return rebuilt
         rows = [e for e in evaluations if e.status in ("ok", "diverged", "failed")]
         if not rows:
             return None
@@ -181,6 +187,37 @@ class SelectionResult:
             cands[best_classic] if best_classic else None,
             metric,
             work,
+            sum(r.seconds for r in ordered),
+            0,
+        )
+
+    @classmethod
+    def _from_record(cls, evaluations, record) -> Optional["SelectionResult"]:
+        by_key = {e.key: e for e in evaluations}  # the latest run of each key
+        cands: Dict[str, Candidate] = {}
+        ordered: List[Round] = []
+        for r in record["rounds"]:
+            rnd = Round(int(r["index"]), float(r["fidelity"]), list(r["seeds"]))
+            for label, keys in r["members"].items():
+                for key in keys:
+                    e = by_key.get(key)
+                    if e is None:  # a run the journal no longer holds: rebuild from the rows
+                        return None
+                    cands.setdefault(label, Candidate(label, e.spec, e.design))
+                    rnd.scores.setdefault(label, []).append(e.score)
+                    rnd.seconds += e.seconds
+            ordered.append(rnd)
+        if not ordered:
+            return None
+        metric = record["metric"]
+        winner, best_classic = _decide(ordered[-1], cands, metric)
+        return cls(
+            list(cands.values()),
+            ordered,
+            cands[winner],
+            cands[best_classic] if best_classic else None,
+            metric,
+            float(record.get("work", 0.0)),
             sum(r.seconds for r in ordered),
             0,
         )
@@ -282,6 +319,7 @@ def run_selection(
     searched = [c.label for c in cands if not c.is_anchor]
     anchors = [c.label for c in cands if c.is_anchor]
     rounds_plan = plan(len(searched), len(anchors), cfg)
+    record: Dict[str, Any] = {"metric": cfg.metric, "rounds": []}
     alive = searched + (anchors if len(rounds_plan) == 1 else [])
     rounds: List[Round] = []
     work, seconds, reused = 0.0, 0.0, 0
@@ -292,10 +330,15 @@ def run_selection(
         rnd = Round(i, fidelity, seeds)
         proxy = {"subset": 1.0, "stop_fraction": fidelity, "sparsity": 0.0}
         todo, index = [], {}
+        members: Dict[str, List[str]] = {}
+        record["rounds"].append(
+            {"index": i, "fidelity": fidelity, "seeds": seeds, "members": members}
+        )
         for label in alive:
             for s in seeds:
                 c = by_label[label]
                 key = Evaluation.key_of(c.spec, s, proxy, cfg.metric)
+                members.setdefault(label, []).append(key)
                 found = journal.evaluation(key)
                 if found is not None and found.status == "ok":
                     rnd.scores.setdefault(label, []).append(found.score)
@@ -337,6 +380,7 @@ def run_selection(
         elif i + 2 == len(rounds_plan):  # the last round: the search's best meets the anchors
             alive = ranked[:1] + anchors
     winner, best_classic = _decide(rounds[-1], by_label, cfg.metric)
+    journal.set_selection({**record, "work": work})
     return SelectionResult(
         cands,
         rounds,

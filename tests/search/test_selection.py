@@ -132,7 +132,7 @@ def test_the_best_classic_meets_the_search_in_the_last_round(tmp_path, classic_w
         assert len(calls) == n_runs and again.reused == n_runs
         assert again.winner.label == res.winner.label
         # and the report rebuilds the same result from the journal alone
-        rebuilt = SelectionResult.from_evaluations(j.evaluations())
+        rebuilt = SelectionResult.from_evaluations(j.evaluations(), j.selection())
         assert rebuilt.winner.label == res.winner.label
         assert [sorted(r.scores) for r in rebuilt.rounds] == [sorted(r.scores) for r in res.rounds]
 
@@ -217,3 +217,24 @@ def test_an_interrupted_round_keeps_the_runs_it_finished(tmp_path):
 
 def stage_runs(res):
     return sum(len(r.seeds) * len(r.scores) for r in res.rounds)
+
+
+def test_the_report_rebuilds_the_last_stage_when_the_journal_holds_an_earlier_one(tmp_path):
+    # A stage rerun with other settings reuses the runs that match and adds the rest; the
+    # rebuild (report, compare) must show that stage and its winner, not a mix of both.
+    cands = candidates(SPACE, _trials(), SelectionConfig(finalists=3, anchors=("kd", "none")))
+    scores = {_key(c.spec): s for c, s in zip(cands, [0.9, 0.5, 0.4, 0.95, 0.1])}
+    with Journal(str(tmp_path / "j.sqlite"), {"x": 1}) as j:
+        for fidelity, winner in ((0.5, "kd"), (1.0, "kd")):
+            cfg = SelectionConfig(finalists=3, anchors=("kd", "none"), fidelity=fidelity)
+            res = run_selection(SPACE, _trials(), j, _scorer(scores, []), cfg, 60, 0, print)
+            assert res.winner.label == winner
+            rebuilt = SelectionResult.from_evaluations(j.evaluations(), j.selection())
+            assert rebuilt.winner.label == res.winner.label
+            assert [(r.fidelity, sorted(r.scores)) for r in rebuilt.rounds] == [
+                (r.fidelity, sorted(r.scores)) for r in res.rounds
+            ]
+            assert [r.scores for r in rebuilt.rounds] == [r.scores for r in res.rounds]
+            assert rebuilt.work == pytest.approx(res.work)
+        # the second stage reused the first one's runs at half the schedule
+        assert res.reused > 0
