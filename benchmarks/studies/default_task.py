@@ -2,7 +2,7 @@
 
     python benchmarks/studies/default_task.py            # writes benchmarks/results/default_task.md
     python benchmarks/studies/default_task.py --student vit_compact --search-seeds 3 \\
-        --result benchmarks/results/vit_task.md --out runs/study-vit
+        --result vit_task.md --out runs/study-vit       # another student, 3 MCTS searches
 
 1. ``autokd-cli compare`` of the classic distillers and the student alone (3 seeds): does
    distillation matter on this task, and which classic is best?
