@@ -177,9 +177,13 @@ class SelectionResult:
             r.scores.setdefault(e.label, []).append(e.score)
             r.seconds += e.seconds
         ordered = [rounds[i] for i in sorted(rounds)]
-        last = ordered[-1]
-        winner, best_classic = _decide(last, cands, metric)
         work = sum(r.fidelity * sum(len(v) for v in r.scores.values()) for r in ordered)
+        return cls._decided(cands, ordered, metric, work)
+
+    @classmethod
+    def _decided(cls, cands, ordered, metric, work) -> "SelectionResult":
+        """The result of rebuilt rounds: the last one decides, as in run_selection."""
+        winner, best_classic = _decide(ordered[-1], cands, metric)
         return cls(
             list(cands.values()),
             ordered,
@@ -209,18 +213,7 @@ class SelectionResult:
             ordered.append(rnd)
         if not ordered:
             return None
-        metric = record["metric"]
-        winner, best_classic = _decide(ordered[-1], cands, metric)
-        return cls(
-            list(cands.values()),
-            ordered,
-            cands[winner],
-            cands[best_classic] if best_classic else None,
-            metric,
-            float(record.get("work", 0.0)),
-            sum(r.seconds for r in ordered),
-            0,
-        )
+        return cls._decided(cands, ordered, record["metric"], float(record.get("work", 0.0)))
 
     def summary(self) -> str:
         lines = [
