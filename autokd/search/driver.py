@@ -294,24 +294,18 @@ def run_batch(
     executor,
     tasks: List[TrialTask],
     log: Log,
-    on_result: Optional[Callable[[TrialTask, Dict[str, Any]], None]] = None,
-) -> List[Dict[str, Any]]:
-    """Train ``tasks`` (indices 0..n-1) through ``executor``; their results in order.
-    ``on_result(task, result)`` is called as each one finishes (to journal it at once)."""
-    queue, results = list(tasks), {}
+    on_result: Callable[[TrialTask, Dict[str, Any]], None],
+) -> None:
+    """Train ``tasks`` (indices 0..n-1) through ``executor``; ``on_result(task, result)`` is
+    called as each one finishes (to journal it at once)."""
+    queue = list(tasks)
 
     def propose(room: int) -> List[TrialTask]:
         out = queue[:room]
         del queue[:room]
         return out
 
-    def record(task: TrialTask, result: Dict[str, Any]) -> None:
-        results[task.index] = result
-        if on_result is not None:
-            on_result(task, result)
-
-    run_tasks(executor, propose, record, log)
-    return [results[t.index] for t in tasks]
+    run_tasks(executor, propose, on_result, log)
 
 
 def _search_stage(

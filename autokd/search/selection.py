@@ -177,11 +177,10 @@ class SelectionResult:
             r.scores.setdefault(e.label, []).append(e.score)
             r.seconds += e.seconds
         ordered = [rounds[i] for i in sorted(rounds)]
-        work = sum(r.fidelity * sum(len(v) for v in r.scores.values()) for r in ordered)
-        return cls._decided(cands, ordered, metric, work)
+        return cls._decided(cands, ordered, metric)
 
     @classmethod
-    def _decided(cls, cands, ordered, metric, work) -> "SelectionResult":
+    def _decided(cls, cands, ordered, metric) -> "SelectionResult":
         """The result of rebuilt rounds: the last one decides, as in run_selection."""
         winner, best_classic = _decide(ordered[-1], cands, metric)
         return cls(
@@ -190,7 +189,7 @@ class SelectionResult:
             cands[winner],
             cands[best_classic] if best_classic else None,
             metric,
-            work,
+            _work(ordered),
             sum(r.seconds for r in ordered),
             0,
         )
@@ -213,7 +212,7 @@ class SelectionResult:
             ordered.append(rnd)
         if not ordered:
             return None
-        return cls._decided(cands, ordered, record["metric"], float(record.get("work", 0.0)))
+        return cls._decided(cands, ordered, record["metric"])
 
     def summary(self) -> str:
         lines = [
@@ -294,7 +293,7 @@ def run_selection(
     space,
     trials,
     journal: Journal,
-    run: Callable[[List[TrialTask], Callable[[TrialTask, Dict[str, Any]], None]], Any],
+    run: Callable[[List[TrialTask], Callable[[TrialTask, Dict[str, Any]], None]], None],
     cfg: SelectionConfig,
     epochs: int,
     seed: int,
@@ -315,7 +314,7 @@ def run_selection(
     record: Dict[str, Any] = {"metric": cfg.metric, "rounds": []}
     alive = searched + (anchors if len(rounds_plan) == 1 else [])
     rounds: List[Round] = []
-    work, seconds, reused = 0.0, 0.0, 0
+    seconds, reused = 0.0, 0
     for i, (n, n_seeds, fidelity) in enumerate(rounds_plan):
         # at least one epoch: a shorter run measures the initialisation
         fidelity = max(fidelity, 1.0 / epochs)
@@ -363,7 +362,6 @@ def run_selection(
 
         if todo:
             run(todo, save)
-        work += fidelity * len(alive) * len(seeds)
         seconds += rnd.seconds
         rounds.append(rnd)
         ranked = sorted(alive, key=lambda k: -_signed(cfg.metric, rnd.mean(k)))
@@ -373,17 +371,22 @@ def run_selection(
         elif i + 2 == len(rounds_plan):  # the last round: the search's best meets the anchors
             alive = ranked[:1] + anchors
     winner, best_classic = _decide(rounds[-1], by_label, cfg.metric)
-    journal.set_selection({**record, "work": work})
+    journal.set_selection(record)
     return SelectionResult(
         cands,
         rounds,
         by_label[winner],
         by_label[best_classic] if best_classic else None,
         cfg.metric,
-        work,
+        _work(rounds),
         seconds,
         reused,
     )
+
+
+def _work(rounds: Sequence[Round]) -> float:
+    """Full trainings of work (sample-epochs) of the rounds' runs: each run at fidelity f is f."""
+    return sum(r.fidelity * sum(len(v) for v in r.scores.values()) for r in rounds)
 
 
 def _decide(last: Round, by_label: Dict[str, Candidate], metric: str):
