@@ -566,6 +566,15 @@ def cache_cmd(
     help="Selection stage: seeds per candidate after the first round.",
 )
 @click.option(
+    "--select-max-seeds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Selection stage: when the search's best leads the best classic by less than the "
+    "seed noise in the last round, both get one more seed at a time up to this many (at "
+    "most 2 x (this - --select-seeds) x --select-fidelity more full trainings); equal to "
+    "--select-seeds: off. [default: 5, or --select-seeds when larger]",
+)
+@click.option(
     "--select-metric",
     type=click.Choice(list(SELECT_METRICS)),
     default="val_ce_ts",
@@ -609,6 +618,7 @@ def search_cmd(
     anchors,
     select_fidelity,
     select_seeds,
+    select_max_seeds,
     select_metric,
     quiet,
     precision,
@@ -653,6 +663,7 @@ def search_cmd(
         anchors=_taps(anchors) or (),
         fidelity=select_fidelity,
         seeds=select_seeds,
+        max_seeds=select_max_seeds if select_max_seeds is not None else max(5, select_seeds),
         metric=select_metric,
     )
     cfg = SearchConfig(

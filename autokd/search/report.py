@@ -201,9 +201,10 @@ def _selection_html(sel) -> str:
     parts = [
         f"<p>Every candidate trained on the whole training split, dense; score: held-out "
         f"<code>{html.escape(sel.metric)}</code> ({'higher' if higher else 'lower'} is better), "
-        f"mean +- std over seeds. Successive halving: each round keeps the better half (the "
-        f"best classic always goes on) at twice the fidelity. {sel.work:.2f} full trainings "
-        f"of work, {sel.seconds:.0f} s.</p>"
+        f"mean +- std over seeds. The search's finalists halve round by round at twice the "
+        f"fidelity; every classic meets the search's best in the last round, where a lead "
+        f"inside the seed noise gets more seeds (their count in brackets). {sel.work:.2f} full "
+        f"trainings of work, {sel.seconds:.0f} s.</p>"
     ]
     head = "<th>candidate</th><th>design</th>" + "".join(
         f"<th>round {r.index + 1}<br>{r.fidelity:.3g} of the schedule x {len(r.seeds)}</th>"
@@ -225,7 +226,8 @@ def _selection_html(sel) -> str:
                 cells.append("")
                 continue
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}")
+            more = f" ({len(xs)} seeds)" if len(xs) != len(r.seeds) else ""
+            cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}{more}")
         style = " style='font-weight:bold'" if c.label == sel.winner.label else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
     parts.append(f"<table><tr>{head}</tr>{''.join(rows)}</table>")

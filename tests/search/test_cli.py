@@ -143,6 +143,10 @@ def test_search_killed_with_sigkill_resumes_losing_nothing(tmp_path):
         (["search", "--data", "imagenet21k"], "imagenet21k"),
         (["distill", "--spec", "no_such_distiller"], "unknown distiller 'no_such_distiller'"),
         (["report", "--out", "/nonexistent/run"], "does not exist"),
+        (
+            ["search", "--select-seeds", "3", "--select-max-seeds", "2"],
+            "expected max_seeds an integer >= seeds (3), got 2",
+        ),
     ],
 )
 def test_bad_inputs_get_one_line_messages(tmp_path, args, message):
