@@ -204,8 +204,15 @@ def _selection_html(sel) -> str:
         f"mean +- std over seeds. The search's finalists halve round by round at twice the "
         f"fidelity; every classic meets the search's best in the last round, where a lead "
         f"inside the seed noise gets more seeds (their count in brackets). {sel.work:.2f} full "
-        f"trainings of work, {sel.seconds:.0f} s.</p>"
+        f"trainings of work, {sel.seconds:.0f} s.</p>",
+        f"<p>Chosen: {html.escape(sel.winner.label + sel.verdict())}.</p>",
     ]
+    if sel.from_rows:
+        parts.append(
+            "<p>Rebuilt from the journal's runs: this journal has no record of which runs made "
+            "each round (written before autokd kept one), so a round may miss runs reused from "
+            "an earlier stage; best.yaml is the choice the stage made when it ran.</p>"
+        )
     head = "<th>candidate</th><th>design</th>" + "".join(
         f"<th>round {r.index + 1}<br>{r.fidelity:.3g} of the schedule x {len(r.seeds)}</th>"
         for r in sel.rounds
@@ -360,7 +367,17 @@ def write_outputs(
         "selection": selection,
     }
     path = os.path.join(out, "best.yaml")
-    if selection is not None:
+    if selection is not None and selection.from_rows and os.path.exists(path):
+        # a journal from before stages were recorded: its rows may not hold every run the last
+        # stage reused, so the rebuilt winner can differ from the one the stage chose; the
+        # best.yaml the search wrote is the stage's choice
+        log(
+            f"{path} kept as the search wrote it: this journal has no record of its selection "
+            "stage (written before autokd kept one), so the stage is shown as rebuilt from its "
+            "runs"
+        )
+        result["best_spec"] = path
+    elif selection is not None:
         w = selection.winner
         spec = DistillerSpec.from_dict(w.spec)
         classic = selection.best_classic.label if selection.best_classic else "none measured"

@@ -157,6 +157,10 @@ class SelectionResult:
     work: float  # full trainings of work (sample-epochs) of the stage's runs
     seconds: float
     reused: int  # runs found in the journal
+    # rebuilt by grouping rows (a journal without the stage's record): a stage rerun that reused
+    # an earlier stage's runs is then missing them, so this result may not be the one the stage
+    # decided (report.write_outputs keeps best.yaml as the search wrote it)
+    from_rows: bool = False
 
     @classmethod
     def from_evaluations(cls, evaluations, record=None) -> Optional["SelectionResult"]:
@@ -194,7 +198,9 @@ class SelectionResult:
             r.scores.setdefault(e.label, []).append(e.score)
             r.seconds += e.seconds
         ordered = [rounds[i] for i in sorted(rounds)]
-        return cls._decided(cands, ordered, metric)
+        res = cls._decided(cands, ordered, metric)
+        res.from_rows = True
+        return res
 
     @classmethod
     def _decided(cls, cands, ordered, metric) -> "SelectionResult":
@@ -245,8 +251,30 @@ class SelectionResult:
                 f"  round {r.index + 1} ({r.fidelity:.3g} of the schedule x "
                 f"{len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''}): {cells}"
             )
-        lines.append(f"  chosen: {self.winner.label}")
+        lines.append(f"  chosen: {self.winner.label}{self.verdict()}")
         return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """Why the winner won, in words: the search's best against the best classic in the last
+        round, the lead and the margin it had to beat (empty without a classic)."""
+        last = self.rounds[-1]
+        by_label = {c.label: c for c in self.candidates}
+        searched = [k for k in last.scores if not by_label[k].is_anchor]
+        if self.best_classic is None or not searched:
+            return ""
+        best = max(searched, key=lambda k: _signed(self.metric, last.mean(k)))
+        classic = self.best_classic.label
+        gain = _signed(self.metric, last.mean(best)) - _signed(self.metric, last.mean(classic))
+        margin = _margin(last, best, classic)
+        n = len(last.scores[best])
+        seeds = f"{n} seed{'s' if n > 1 else ''}"
+        if gain > 0:
+            where = "beyond" if gain > margin else "inside"
+            return (
+                f" ({best} ahead of {classic} by {gain:.4f} {self.metric}, {where} the seed "
+                f"noise {margin:.4f}; {seeds})"
+            )
+        return f" ({best} behind {classic} by {-gain:.4f} {self.metric}; {seeds})"
 
 
 def _seeds_note(r: "Round", label: str) -> str:
@@ -447,14 +475,19 @@ def _lead(last: Round, by_label: Dict[str, Candidate], metric: str):
     if not anchors:
         return best, None, 0.0, 0.0
     classic = max(anchors, key=lambda k: _signed(metric, last.mean(k)))
+    gain = _signed(metric, last.mean(best)) - _signed(metric, last.mean(classic))
+    return best, classic, gain, _margin(last, best, classic)
+
+
+def _margin(last: Round, a: str, b: str) -> float:
+    """The uncertainty of the difference of two candidates' means: their standard errors over
+    seeds, combined."""
 
     def se2(k):
         xs = last.scores[k]
         return statistics.variance(xs) / len(xs) if len(xs) > 1 else 0.0
 
-    margin = math.sqrt(se2(best) + se2(classic))
-    gain = _signed(metric, last.mean(best)) - _signed(metric, last.mean(classic))
-    return best, classic, gain, margin
+    return math.sqrt(se2(a) + se2(b))
 
 
 def _decide(last: Round, by_label: Dict[str, Candidate], metric: str):

@@ -286,3 +286,42 @@ def test_the_report_rebuilds_the_last_stage_when_the_journal_holds_an_earlier_on
             assert rebuilt.work == pytest.approx(res.work)
         # the second stage reused the first one's runs at half the schedule
         assert res.reused > 0
+
+
+def test_a_journal_without_the_stage_record_keeps_the_best_yaml_the_search_wrote(tmp_path):
+    # Journals written before the stage was recorded are rebuilt from their rows, which miss
+    # the runs a stage rerun reused: report and compare must not rewrite best.yaml from that.
+    from autokd.search.journal import Trial
+    from autokd.search.report import write_outputs
+
+    cfg = SelectionConfig(finalists=2, anchors=("kd", "none"), fidelity=0.5)
+    cands = candidates(SPACE, _trials(), cfg)
+    scores = {_key(c.spec): s for c, s in zip(cands, [0.9, 0.5, 0.6, 0.1])}
+    trials = [Trial(t.id + 1, t.design, t.reward, "ok", {"val_acc": 0.5}) for t in _trials()]
+    with Journal(str(tmp_path / "journal.sqlite"), {"x": 1}) as j:
+        res = run_selection(SPACE, _trials(), j, _scorer(scores, []), cfg, 60, 0, lambda _m: None)
+        assert res.winner.label == "search #1"
+        evaluations, record = j.evaluations(), j.selection()
+    # with the record, the rebuild writes the stage's choice, its verdict in the header's report
+    write_outputs(
+        str(tmp_path),
+        trials,
+        SPACE,
+        log=lambda _m: None,
+        evaluations=evaluations,
+        selection_record=record,
+    )
+    best = (tmp_path / "best.yaml").read_text()
+    assert "chosen by the selection stage: search #1" in best
+    assert (
+        "search #1 ahead of kd by 0.3000 val_ce_ts, beyond the seed noise"
+        in (tmp_path / "report.html").read_text()
+    )
+    # without it, best.yaml stays as it was and the report says why
+    (tmp_path / "best.yaml").write_text("# the stage's choice\nname: kd\n")
+    lines = []
+    out = write_outputs(str(tmp_path), trials, SPACE, log=lines.append, evaluations=evaluations)
+    assert out["selection"].from_rows
+    assert (tmp_path / "best.yaml").read_text() == "# the stage's choice\nname: kd\n"
+    assert any("kept as the search wrote it" in m for m in lines)
+    assert "Rebuilt from the journal's runs" in (tmp_path / "report.html").read_text()
