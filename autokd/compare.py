@@ -32,6 +32,7 @@ class CompareRow:
     label: str  # the spec's own name
     accuracies: List[float]  # test accuracy per seed, in seed order
     seeds: List[int]
+    digest: str = ""  # of the spec's content: two names of one spec share it
 
     @property
     def mean(self) -> float:
@@ -97,7 +98,7 @@ def run_compare(
                 progress=progress,
             )
             accs.append(res.test_accuracy)
-        rows.append(CompareRow(name, spec.name or label, accs, list(seeds)))
+        rows.append(CompareRow(name, spec.name or label, accs, list(seeds), tag))
     write_table(rows, out)
     return rows
 
@@ -112,7 +113,34 @@ def table_text(rows: Sequence[CompareRow]) -> str:
         )
     best = max(rows, key=lambda r: r.mean)
     lines += ["", f"Best: {best.spec} ({100 * best.mean:.2f}%); seeds {rows[0].seeds}."]
-    return "\n".join(lines)
+    worth = worth_lines(rows)
+    return "\n".join(lines + ([""] + worth if worth else []))
+
+
+def worth_lines(rows: Sequence[CompareRow]) -> List[str]:
+    """What the first spec (after a search: its hand-back, best.yaml) was worth against each
+    other spec: the gain in mean test accuracy, the gain per seed (every spec trains with the
+    same seeds, so these pair up), and whether the gain is beyond the larger of the two
+    standard deviations over seeds, the bar below which a difference is seed noise."""
+    if len(rows) < 2:
+        return []
+    first = rows[0]
+    lines = [f"{first.spec} against each (points of test accuracy, same seeds):"]
+    for r in rows[1:]:
+        if first.digest and r.digest == first.digest:
+            lines.append(f"- {r.spec}: the same spec")
+            continue
+        gain = 100 * (first.mean - r.mean)
+        per = ", ".join(f"{100 * (a - b):+.2f}" for a, b in zip(first.accuracies, r.accuracies))
+        spread = 100 * max(first.std, r.std)
+        if len(first.accuracies) < 2:
+            verdict = "one seed: no spread to judge it by"
+        elif abs(gain) > spread:
+            verdict = f"{'above' if gain > 0 else 'below'} it by more than one std ({spread:.2f})"
+        else:
+            verdict = f"within one std ({spread:.2f}): seed noise"
+        lines.append(f"- {r.spec}: {gain:+.2f} (per seed {per}); {verdict}")
+    return lines
 
 
 def write_table(rows: Sequence[CompareRow], out: str) -> None:
@@ -129,6 +157,7 @@ def write_table(rows: Sequence[CompareRow], out: str) -> None:
                         "std": r.std,
                         "accuracies": r.accuracies,
                         "seeds": r.seeds,
+                        "digest": r.digest,
                     }
                     for r in rows
                 ]

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from autokd.compare import CompareRow, worth_lines
 from autokd.fsutil import atomic_write_text
 from autokd.search.estimate import rank
 from autokd.search.journal import Trial
@@ -249,6 +250,12 @@ def _compare_html(out: str) -> str:
     try:
         with open(path) as f:
             rows = json.load(f)["rows"]
+        worth = worth_lines(
+            [
+                CompareRow(r["spec"], r["label"], r["accuracies"], r["seeds"], r.get("digest", ""))
+                for r in rows
+            ]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "<p>compare.json is unreadable; run <code>autokd-cli compare</code> again.</p>"
     head = "<th>spec</th><th>test accuracy (mean +- std)</th><th>seeds</th><th>per seed</th>"
@@ -260,9 +267,16 @@ def _compare_html(out: str) -> str:
         + "</td></tr>"
         for r in rows
     )
+    verdict = (
+        f"<p>{html.escape(worth[0])}</p><ul>"
+        + "".join(f"<li>{html.escape(w[2:])}</li>" for w in worth[1:])
+        + "</ul>"
+        if worth
+        else ""
+    )
     return (
         "<h2>Full training: what the search was worth (autokd-cli compare)</h2>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        f"<table><tr>{head}</tr>{body}</table>{verdict}"
     )
 
 

@@ -88,7 +88,10 @@ def test_compare_trains_each_spec_with_each_seed_and_writes_the_table(searched, 
     table = json.load(open(os.path.join(run, "compare.json")))["rows"]
     assert [row["spec"] for row in table] == ["kd", "none"]
     assert all(len(row["accuracies"]) == 2 and row["seeds"] == [0, 1] for row in table)
-    assert "| kd |" in open(os.path.join(run, "compare.md")).read()
+    md = open(os.path.join(run, "compare.md")).read()
+    assert "| kd |" in md
+    # and what the first spec was worth against the others, paired by seed
+    assert "kd against each (points of test accuracy, same seeds):\n- none: " in md
     # a rerun trains nothing new: every run is read back, the table is the same
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
@@ -158,3 +161,23 @@ def test_a_run_of_diverged_trials_stops_the_search(searched, tmp_path):
         .fetchone()[0]
     )
     assert n == MAX_DIVERGED_IN_A_ROW  # the finished trials are kept; resuming goes on
+
+
+def test_compare_says_whether_the_first_spec_beats_each_other_beyond_the_seed_spread():
+    from autokd.compare import CompareRow, worth_lines
+
+    best = CompareRow("best.yaml", "searched", [0.78, 0.76, 0.78], [0, 1, 2], "aa")
+    rows = [
+        best,
+        CompareRow("dist", "dist", [0.61, 0.76, 0.52], [0, 1, 2], "bb"),  # far below, noisy
+        CompareRow("kd", "kd", [0.78, 0.76, 0.78], [0, 1, 2], "aa"),  # best.yaml is kd
+        CompareRow("none", "none", [0.77, 0.77, 0.77], [0, 1, 2], "cc"),  # a tie
+        CompareRow("fitnet", "fitnet", [0.90, 0.91, 0.92], [0, 1, 2], "dd"),  # far above
+    ]
+    lines = worth_lines(rows)
+    assert lines[0] == "best.yaml against each (points of test accuracy, same seeds):"
+    assert lines[1].startswith("- dist: +14.33 (per seed +17.00, +0.00, +26.00); above it by")
+    assert lines[2] == "- kd: the same spec"
+    assert lines[3].endswith("seed noise") and lines[3].startswith("- none: +0.33")
+    assert "below it by more than one std" in lines[4]
+    assert worth_lines(rows[:1]) == []
