@@ -556,7 +556,8 @@ def cache_cmd(
     help="Selection stage: the last round's fraction of the full schedule (1: full trainings), "
     "where the search's best meets every classic; earlier rounds halve the finalists at half "
     "the next one's fidelity. The stage costs 13.5x this in full trainings (3 finalists, 5 "
-    "anchors, 2 seeds). 0: no stage; best.yaml is then the search's design of best estimate.",
+    "anchors, 2 seeds), and up to 6x more when a close call is raced (--select-max-seeds). "
+    "0: no stage; best.yaml is then the search's design of best estimate.",
 )
 @click.option(
     "--select-seeds",
