@@ -570,8 +570,8 @@ def cache_cmd(
     "--select-max-seeds",
     type=click.IntRange(min=1),
     default=None,
-    help="Selection stage: when the search's best leads the best classic by less than the "
-    "seed noise in the last round, both get one more seed at a time up to this many (at "
+    help="Selection stage: when the search's best and the best classic are apart by less than "
+    "the seed noise in the last round, both get one more seed at a time up to this many (at "
     "most 2 x (this - --select-seeds) x --select-fidelity more full trainings); equal to "
     "--select-seeds: off. [default: 5, or --select-seeds when larger]",
 )
