@@ -38,11 +38,14 @@ def _copy_teacher(src, dst):
 def test_the_selection_stage_hands_back_its_winner_and_says_what_it_cost(searched):
     out, output = searched
     assert "selection stage" in output and "chosen: " in output and "cost: " in output
-    chosen = output.split("chosen: ", 1)[1].splitlines()[0].strip()
+    line = output.split("chosen: ", 1)[1].splitlines()[0].strip()
+    # the winner, then why: the search's best against the best classic, in the stage's metric
+    chosen, why = line.split(" (", 1)
+    assert " val_ce_ts" in why and "seeds)" in why
     head = open(os.path.join(out, "best.yaml")).readline()
     assert head.startswith(f"# chosen by the selection stage: {chosen} ")
     report = open(os.path.join(out, "report.html")).read()
-    assert "Selection stage" in report and chosen in report
+    assert "Selection stage" in report and f"Chosen: {chosen} (" in report
     # `report` rebuilds the same hand-back from the journal alone
     r = CliRunner().invoke(main, ["report", "--out", out])
     assert r.exit_code == 0, r.output
