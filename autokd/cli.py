@@ -33,6 +33,7 @@ from autokd.pipeline import (
 from autokd.search.driver import RunFolderLock, SearchConfig, run_search
 from autokd.search.journal import Journal
 from autokd.search.report import write_outputs
+from autokd.search.reward import REWARDS
 from autokd.search.selection import SelectionConfig
 from autokd.space import load_space
 from autokd.store import FeatureStore
@@ -505,6 +506,15 @@ def cache_cmd(
 )
 @click.option("--exploration", type=float, default=None, help="UCB exploration constant C.")
 @click.option(
+    "--reward",
+    type=click.Choice(list(REWARDS)),
+    default="paper",
+    show_default=True,
+    help="Each trial's score on the held-out split: paper, 1 - (CE + 1 - CKA); calibrated, "
+    "the same with the CE after temperature scaling (blind to the logits' scale, as the "
+    "selection stage's val_ce_ts is).",
+)
+@click.option(
     "--executor",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -611,6 +621,7 @@ def search_cmd(
     online,
     views,
     exploration,
+    reward,
     executor,
     workers,
     workers_per_gpu,
@@ -683,6 +694,7 @@ def search_cmd(
         out=out,
         views=views,
         exploration=exploration,
+        reward=reward,
         proxy=proxy,
         executor=executor,
         workers=workers,

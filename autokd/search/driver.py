@@ -40,7 +40,7 @@ from autokd.pipeline import default_models, default_proxy, default_training, tea
 from autokd.search import executors
 from autokd.search.journal import Journal, Trial
 from autokd.search.report import write_outputs
-from autokd.search.reward import reward_floor
+from autokd.search.reward import REWARDS, reward_floor
 from autokd.search.selection import SelectionConfig, SelectionResult, run_selection
 from autokd.search.strategies import STRATEGIES, Proposal, Strategy, make_strategy
 from autokd.search.trial import Prepared, TrialRunner, TrialSetup, TrialTask, prepare
@@ -78,6 +78,9 @@ class SearchConfig:
     store_dtype: str = "fp16"
     store: Optional[str] = None  # None: <out>/teacher_features.akds
     exploration: Optional[float] = None  # None: the engine's default
+    # The trial's reward (autokd.search.reward.REWARDS): "paper", 1 - (CE + 1 - CKA) on the
+    # held-out split, or "calibrated", the same with the CE after temperature scaling
+    reward: str = "paper"
     val_fraction: float = 0.1
     # None: the data set's proxy (pipeline.default_proxy: the paper's accelerations, 20% subset,
     # 20% of the epochs, 50% sparse, except on digits) on its schedule, offline.
@@ -116,6 +119,10 @@ class SearchConfig:
             raise PipelineError(
                 f"search: a Ray address ({self.ray_address}) needs executor 'ray', "
                 f"got {self.executor!r}"
+            )
+        if self.reward not in REWARDS:
+            raise PipelineError(
+                f"search: expected reward one of {', '.join(REWARDS)}, got {self.reward!r}"
             )
         if self.strategy not in STRATEGIES:
             raise PipelineError(
@@ -158,6 +165,8 @@ class SearchConfig:
             "views": self.views,
             "proxy": proxy,
         }
+        if self.reward != "paper":  # a journal of paper rewards keeps the keys it always had
+            pinned["reward"] = self.reward
         if not isinstance(teacher_hash, str):  # several teachers: their names too (not for one:
             # a one-teacher journal keeps the keys it always had, so it still resumes)
             pinned["teachers"] = [e.name for e in teacher_plan(self.teacher)]

@@ -31,6 +31,10 @@ def _cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ops.cka(x.double(), y.double(), False)
 
 
+#: The trial rewards ``proxy_reward`` computes (``SearchConfig.reward``, ``--reward``).
+REWARDS = ("paper", "calibrated")
+
+
 def reward_floor(num_classes: int) -> float:
     """The lowest reward a trial is given (see the module docstring)."""
     return 1.0 - (2.0 * math.log(max(num_classes, 2)) + 1.0)
@@ -81,9 +85,14 @@ def proxy_reward(
     teacher_features: Union[Mapping[str, torch.Tensor], List[Mapping[str, torch.Tensor]]],
     teacher_taps: Sequence,
     device: str = "cpu",
+    kind: str = "paper",
 ) -> Tuple[float, Dict[str, float]]:
     """``teacher_features`` {tap: [N, ...]} and ``teacher_taps`` (paired with ``student_taps``)
-    of one teacher, or a list of each, one per teacher."""
+    of one teacher, or a list of each, one per teacher. ``kind``: one of ``REWARDS``: "paper"
+    (the module docstring's R) or "calibrated", R with the CE after temperature scaling
+    (``calibrated_ce``) in place of the plain CE. The metrics hold every term either way."""
+    if kind not in REWARDS:
+        raise ValueError(f"proxy_reward: expected kind one of {', '.join(REWARDS)}, got {kind!r}")
     logits, feats = forward_all(student, images, student_taps, device=device)
     ce = float(F.cross_entropy(logits, labels))
     acc = float((logits.argmax(1) == labels).float().mean())
@@ -95,9 +104,11 @@ def proxy_reward(
         for s, t in zip(student_taps, taps)
     ]
     cka = sum(ckas) / len(ckas)
-    raw = 1.0 - (ce + (1.0 - cka))
-    reward = max(raw, reward_floor(logits.shape[1])) if math.isfinite(raw) else raw
-    metrics = {"val_ce": ce, "val_cka": cka, "val_acc": acc, "raw_reward": raw}
+    metrics = {"val_ce": ce, "val_cka": cka, "val_acc": acc}
     if math.isfinite(ce):
         metrics["val_ce_ts"] = calibrated_ce(logits, labels)
+    term = metrics["val_ce_ts"] if kind == "calibrated" and math.isfinite(ce) else ce
+    raw = 1.0 - (term + (1.0 - cka))
+    metrics["raw_reward"] = raw
+    reward = max(raw, reward_floor(logits.shape[1])) if math.isfinite(raw) else raw
     return reward, metrics

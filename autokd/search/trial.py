@@ -330,6 +330,7 @@ class TrialRunner:
             self.all_val_features,
             [t.taps for t in self.teachers],
             device=cfg.device,
+            kind=self.cfg.reward,
         )
         metrics.update(
             train_seconds=result.seconds, final_loss=result.final_loss, epochs=result.epochs_run

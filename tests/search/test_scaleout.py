@@ -355,3 +355,14 @@ def test_search_config_default_proxy_follows_the_student():
     )
     cnn = SearchConfig().proxy
     assert (cnn.optimizer, cnn.lr, cnn.stop_fraction) == ("sgd", 0.1, 0.1)
+
+
+def test_the_trial_reward_is_pinned_in_the_journal_when_it_is_not_the_papers():
+    # a journal of paper rewards keeps its keys (it still resumes); a calibrated search is
+    # another search, and resuming it with the other reward is refused by the pin
+    paper = SearchConfig().pinned("data", "hash")
+    calibrated = SearchConfig(reward="calibrated").pinned("data", "hash")
+    assert "reward" not in paper and calibrated["reward"] == "calibrated"
+    assert {k: v for k, v in calibrated.items() if k != "reward"} == paper
+    with pytest.raises(ValueError, match="reward one of paper, calibrated, got 'ce'"):
+        SearchConfig(reward="ce")

@@ -334,3 +334,27 @@ def test_a_journal_without_the_stage_record_keeps_the_best_yaml_the_search_wrote
     assert (tmp_path / "best.yaml").read_text() == "# the stage's choice\nname: kd\n"
     assert any("kept as the search wrote it" in m for m in lines)
     assert "Rebuilt from the journal's runs" in (tmp_path / "report.html").read_text()
+
+
+def test_the_calibrated_trial_reward_swaps_the_ce_for_the_ce_after_temperature_scaling():
+    import torch
+
+    from autokd.models import build_model
+    from autokd.search.reward import proxy_reward
+
+    torch.manual_seed(0)
+    student = build_model("digits_student", num_classes=10, in_channels=1).eval()
+    images, labels = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    teacher = {"features": torch.randn(40, 16)}
+    args = (student, images, labels, ["features"], teacher, ["features"])
+    paper, m = proxy_reward(*args)
+    cal, m2 = proxy_reward(*args, kind="calibrated")
+    assert paper == pytest.approx(1 - (m["val_ce"] + 1 - m["val_cka"]))
+    assert cal == pytest.approx(1 - (m2["val_ce_ts"] + 1 - m2["val_cka"]))
+    # the metrics are the same either way; only the score differs, never below the paper's
+    assert {k: v for k, v in m.items() if k != "raw_reward"} == {
+        k: v for k, v in m2.items() if k != "raw_reward"
+    }
+    assert cal >= paper
+    with pytest.raises(ValueError, match="kind one of paper, calibrated"):
+        proxy_reward(*args, kind="calib")
