@@ -102,7 +102,9 @@ def engine_extension():
 setup(
     name="autokd",
     version="0.1.0",
-    description="Automatic search for knowledge-distillation designs (Auto-KD), with fused loss kernels",
+    description=(
+        "Automatic search for knowledge-distillation designs (Auto-KD), with fused loss kernels"
+    ),
     packages=find_packages(include=["autokd", "autokd.*"]),
     package_data={"autokd": ["configs/**/*.yaml"]},
     include_package_data=True,
