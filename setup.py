@@ -14,6 +14,7 @@ Environment knobs (read here, documented in the README):
   nvcc wrapper leads to link failures on these machines.
 - ``AUTOKD_DEBUG=1``: -O0 -g builds.
 """
+
 import glob
 import os
 import sys
