@@ -160,7 +160,8 @@ def write_table(rows: Sequence[CompareRow], out: str) -> None:
                         "digest": r.digest,
                     }
                     for r in rows
-                ]
+                ],
+                "worth": worth_lines(rows),
             },
             indent=2,
         ),

@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
-from autokd.compare import CompareRow, worth_lines
 from autokd.fsutil import atomic_write_text
 from autokd.search.estimate import rank
 from autokd.search.journal import Trial
@@ -249,14 +248,12 @@ def _compare_html(out: str) -> str:
         return ""
     try:
         with open(path) as f:
-            rows = json.load(f)["rows"]
-        worth = worth_lines(
-            [
-                CompareRow(r["spec"], r["label"], r["accuracies"], r["seeds"], r.get("digest", ""))
-                for r in rows
-            ]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+            table = json.load(f)
+        rows = table["rows"]
+        # what the first spec was worth against the others (autokd.compare.worth_lines), as
+        # compare wrote it; absent from tables written before it was
+        worth = [str(w) for w in table.get("worth", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "<p>compare.json is unreadable; run <code>autokd-cli compare</code> again.</p>"
     head = "<th>spec</th><th>test accuracy (mean +- std)</th><th>seeds</th><th>per seed</th>"
     body = "".join(

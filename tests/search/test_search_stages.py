@@ -112,7 +112,11 @@ def test_compare_defaults_to_the_search_hand_back_and_updates_its_report(searche
     chosen = yaml.safe_load(open(os.path.join(copy, "best.yaml"))).get("name")
     assert specs[0] == os.path.join(copy, "best.yaml")
     assert specs[1:] == [c for c in ("kd", "dkd", "dist", "none") if c != chosen]
-    assert "autokd-cli compare" in open(os.path.join(copy, "report.html")).read()
+    report = open(os.path.join(copy, "report.html")).read()
+    assert "autokd-cli compare" in report
+    # and what best.yaml was worth against each classic, as compare wrote it
+    assert "best.yaml against each (points of test accuracy, same seeds):" in report
+    assert "one seed: no spread to judge it by" in report
     # a search rerun that rewrites best.yaml: compare trains the new design, not an error
     # about the old runs, and keeps the runs of the earlier one
     before = sorted(os.listdir(os.path.join(copy, "compare")))
