@@ -244,7 +244,7 @@ class PairBench:
                 precision="bf16" if bf16 else "fp32",
                 channels_last=bf16,
             )
-            cfg = SimpleNamespace(proxy=proxy, student=self.student, seed=0)
+            cfg = SimpleNamespace(proxy=proxy, student=self.student, seed=0, reward="paper")
             prepared = Prepared(self.data, self.teacher, self.store, self.augment, ["layer3"])
             self.runners[provider] = TrialRunner(cfg, prepared, device=self.device)
         return self.runners[provider]

@@ -109,7 +109,7 @@ def test_proxy_trial_on_the_gpu(digits, precision, channels_last):
         channels_last=channels_last,
     )
 
-    cfg = SimpleNamespace(proxy=proxy, student="digits_student", seed=0)
+    cfg = SimpleNamespace(proxy=proxy, student="digits_student", seed=0, reward="paper")
     runner = TrialRunner(
         cfg,
         Prepared(data, teacher, store, aug, resolve_taps("digits_student", None)),
