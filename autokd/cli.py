@@ -675,7 +675,11 @@ def search_cmd(
         anchors=_taps(anchors) or (),
         fidelity=select_fidelity,
         seeds=select_seeds,
-        max_seeds=select_max_seeds if select_max_seeds is not None else max(5, select_seeds),
+        max_seeds=(
+            select_max_seeds
+            if select_max_seeds is not None
+            else max(SelectionConfig.max_seeds, select_seeds)
+        ),
         metric=select_metric,
     )
     cfg = SearchConfig(

@@ -233,8 +233,7 @@ def _selection_html(sel) -> str:
                 cells.append("")
                 continue
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            more = f" ({len(xs)} seeds)" if len(xs) != len(r.seeds) else ""
-            cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}{more}")
+            cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}{r.seeds_note(c.label)}")
         style = " style='font-weight:bold'" if c.label == sel.winner.label else ""
         rows.append(f"<tr{style}>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
     parts.append(f"<table><tr>{head}</tr>{''.join(rows)}</table>")

@@ -147,6 +147,11 @@ class Round:
     def mean(self, label: str) -> float:
         return statistics.mean(self.scores[label])
 
+    def seeds_note(self, label: str) -> str:
+        """ " (n seeds)" for a candidate run with other than the round's seeds (a close call)."""
+        n = len(self.scores[label])
+        return f" ({n} seeds)" if n != len(self.seeds) else ""
+
 
 @dataclass
 class SelectionResult:
@@ -247,7 +252,7 @@ class SelectionResult:
         lines[0] += f"; {self.work:.2f} full trainings of work, {self.seconds:.0f} s):"
         for r in self.rounds:
             ranked = sorted(r.scores, key=lambda k: -_signed(self.metric, r.mean(k)))
-            cells = ", ".join(f"{k} {r.mean(k):.4f}{_seeds_note(r, k)}" for k in ranked)
+            cells = ", ".join(f"{k} {r.mean(k):.4f}{r.seeds_note(k)}" for k in ranked)
             lines.append(
                 f"  round {r.index + 1} ({r.fidelity:.3g} of the schedule x "
                 f"{len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''}): {cells}"
@@ -258,16 +263,12 @@ class SelectionResult:
     def verdict(self) -> str:
         """Why the winner won, in words: the search's best against the best classic in the last
         round, the lead and the margin it had to beat (empty without a classic)."""
-        last = self.rounds[-1]
         by_label = {c.label: c for c in self.candidates}
-        searched = [k for k in last.scores if not by_label[k].is_anchor]
-        if self.best_classic is None or not searched:
+        pair = _searched_vs_classic(self.rounds[-1], by_label, self.metric)
+        if pair is None:
             return ""
-        best = max(searched, key=lambda k: _signed(self.metric, last.mean(k)))
-        classic = self.best_classic.label
-        gain = _signed(self.metric, last.mean(best)) - _signed(self.metric, last.mean(classic))
-        margin = _margin(last, best, classic)
-        n = len(last.scores[best])
+        best, classic, gain, margin = pair
+        n = len(self.rounds[-1].scores[best])
         seeds = f"{n} seed{'s' if n > 1 else ''}"
         if gain > 0:
             where = "beyond" if gain > margin else "inside"
@@ -276,12 +277,6 @@ class SelectionResult:
                 f"noise {margin:.4f}; {seeds})"
             )
         return f" ({best} behind {classic} by {-gain:.4f} {self.metric}; {seeds})"
-
-
-def _seeds_note(r: "Round", label: str) -> str:
-    """ " (n seeds)" for a candidate run with other than the round's seeds (a close call)."""
-    n = len(r.scores[label])
-    return f" ({n} seeds)" if n != len(r.seeds) else ""
 
 
 def _signed(metric: str, value: float) -> float:
@@ -441,7 +436,7 @@ def run_selection(
         ranked = sorted(alive, key=lambda k: -_signed(cfg.metric, rnd.mean(k)))
         log(
             f"selection round {i + 1}: "
-            + ", ".join(f"{k} {rnd.mean(k):.4f}{_seeds_note(rnd, k)}" for k in ranked)
+            + ", ".join(f"{k} {rnd.mean(k):.4f}{rnd.seeds_note(k)}" for k in ranked)
         )
         if i + 2 < len(rounds_plan):
             alive = ranked[: rounds_plan[i + 1][0]]
@@ -502,6 +497,20 @@ def _decide(last: Round, by_label: Dict[str, Candidate], metric: str):
     return (best if gain > margin else classic), classic
 
 
+def _searched_vs_classic(last: Round, by_label: Dict[str, Candidate], metric: str):
+    """(the search's best, the best classic, gain, margin) of a round: the gain of the first
+    over the second in the metric's direction and the uncertainty of that difference; None
+    without a searched design or a classic in the round."""
+    searched = [k for k in last.scores if not by_label[k].is_anchor]
+    anchors = [k for k in last.scores if by_label[k].is_anchor]
+    if not searched or not anchors:
+        return None
+    best = max(searched, key=lambda k: _signed(metric, last.mean(k)))
+    classic = max(anchors, key=lambda k: _signed(metric, last.mean(k)))
+    gain = _signed(metric, last.mean(best)) - _signed(metric, last.mean(classic))
+    return best, classic, gain, _margin(last, best, classic)
+
+
 def _close_call(last: Round, by_label: Dict[str, Candidate], metric: str):
     """(the search's best, the best classic) when the difference between them is inside the
     margin, either way, so that two seeds cannot tell them apart; else None. ``_decide`` then
@@ -511,13 +520,10 @@ def _close_call(last: Round, by_label: Dict[str, Candidate], metric: str):
     over 5 training seeds it reached 77.66 +- 3.87% test accuracy against DIST's 67.41 +- 7.74.
     A difference beyond the margin, or a margin of 0 (one seed, or identical scores), is
     decided as it is."""
-    last_searched = [k for k in last.scores if not by_label[k].is_anchor]
-    _, classic, _, _ = _lead(last, by_label, metric)
-    if classic is None or not last_searched:
+    pair = _searched_vs_classic(last, by_label, metric)
+    if pair is None:
         return None
-    best = max(last_searched, key=lambda k: _signed(metric, last.mean(k)))
-    gain = _signed(metric, last.mean(best)) - _signed(metric, last.mean(classic))
-    margin = _margin(last, best, classic)
+    best, classic, gain, margin = pair
     if margin <= 0 or abs(gain) > margin:
         return None
     return best, classic
